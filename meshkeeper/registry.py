@@ -1,0 +1,265 @@
+"""The ZooKeeper registry layout (DESIGN §3): paths and records.
+
+Records are frozen dataclasses validated once, at decode time. A record that does not validate
+raises :class:`RecordError` with a message that names the field; callers skip the znode, log it
+once and count it. Nothing here touches the network.
+
+Layout under ``/meshkeeper/<ns>``::
+
+    services/<svc>                         persistent  ServiceRecord
+    services/<svc>/instances/<host>:<port> EPHEMERAL   InstanceRecord
+    services/<svc>/overrides/<host>:<port> persistent  Override
+    services/<svc>/policy                  persistent  traffic policy
+    config/<svc>                           persistent  runtime config
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+ROOT = "/meshkeeper"
+DEFAULT_NAMESPACE = "default"
+DEFAULT_WEIGHT = 10
+MAX_WEIGHT = 10_000
+PROTOCOLS = ("http", "tcp", "grpc")
+
+# DNS-label-like names: they end up in xDS resource names and virtual-host domains.
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+_LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+
+
+class RecordError(ValueError):
+    """A znode payload or name that does not follow the registry layout."""
+
+
+def validate_name(kind: str, name: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise RecordError(f"{kind} {name!r}: must be a lowercase DNS label (a-z, 0-9, '-', at most 63)")
+    return name
+
+
+# --------------------------------------------------------------------------- paths
+
+
+@dataclass(frozen=True, slots=True)
+class Paths:
+    """Znode paths of one namespace."""
+
+    namespace: str = DEFAULT_NAMESPACE
+
+    def __post_init__(self) -> None:
+        validate_name("namespace", self.namespace)
+
+    @property
+    def base(self) -> str:
+        return f"{ROOT}/{self.namespace}"
+
+    @property
+    def services(self) -> str:
+        return f"{self.base}/services"
+
+    def service(self, svc: str) -> str:
+        return f"{self.services}/{svc}"
+
+    def instances(self, svc: str) -> str:
+        return f"{self.service(svc)}/instances"
+
+    def instance(self, svc: str, key: str) -> str:
+        return f"{self.instances(svc)}/{key}"
+
+    def overrides(self, svc: str) -> str:
+        return f"{self.service(svc)}/overrides"
+
+    def override(self, svc: str, key: str) -> str:
+        return f"{self.overrides(svc)}/{key}"
+
+    def policy(self, svc: str) -> str:
+        return f"{self.service(svc)}/policy"
+
+    @property
+    def configs(self) -> str:
+        return f"{self.base}/config"
+
+    def config(self, svc: str) -> str:
+        return f"{self.configs}/{svc}"
+
+
+def endpoint_key(address: str, port: int) -> str:
+    """The znode name of an instance or override: ``<host>:<port>``."""
+    return f"{address}:{port}"
+
+
+def parse_endpoint_key(key: str) -> tuple[str, int]:
+    host, sep, port = key.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise RecordError(f"endpoint {key!r}: expected <host>:<port>")
+    return host, int(port)
+
+
+# --------------------------------------------------------------------------- codec helpers
+
+
+def _load(kind: str, data: bytes | str | None) -> dict[str, Any]:
+    if data is None or data == b"" or data == "":
+        return {}
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RecordError(f"{kind}: not valid JSON ({exc})") from None
+    if not isinstance(obj, dict):
+        raise RecordError(f"{kind}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _refuse_unknown(kind: str, obj: Mapping[str, Any], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(obj) - set(known))
+    if unknown:
+        raise RecordError(f"{kind}: unknown field {unknown[0]!r} (known: {', '.join(known)})")
+
+
+def _int(kind: str, fieldname: str, value: Any, lo: int, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RecordError(f"{kind}.{fieldname}: expected an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise RecordError(f"{kind}.{fieldname}: {value} is outside {lo}..{hi}")
+    return value
+
+
+def _protocol(kind: str, value: Any) -> str:
+    if value not in PROTOCOLS:
+        raise RecordError(f"{kind}.protocol: {value!r} is not one of {', '.join(PROTOCOLS)}")
+    return value
+
+
+def _dump(obj: dict[str, Any]) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), sort_keys=True).encode()
+
+
+# --------------------------------------------------------------------------- records
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRecord:
+    """``services/<svc>``: what kind of traffic the service speaks."""
+
+    protocol: str = "http"
+
+    FIELDS = ("protocol",)
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> ServiceRecord:
+        obj = _load("service", data)
+        _refuse_unknown("service", obj, cls.FIELDS)
+        return cls(protocol=_protocol("service", obj.get("protocol", "http")))
+
+    def encode(self) -> bytes:
+        return _dump({"protocol": self.protocol})
+
+
+def _frozen_labels(labels: Mapping[str, str]) -> Mapping[str, str]:
+    return MappingProxyType(dict(sorted(labels.items())))
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRecord:
+    """``instances/<host>:<port>``: one registered instance, written by its sidecar."""
+
+    address: str
+    port: int
+    weight: int = DEFAULT_WEIGHT
+    labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    protocol: str = "http"
+    app_port: int = 0
+
+    FIELDS = ("address", "port", "weight", "labels", "protocol", "app_port")
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.labels, MappingProxyType):
+            object.__setattr__(self, "labels", _frozen_labels(self.labels))
+
+    @property
+    def key(self) -> str:
+        return endpoint_key(self.address, self.port)
+
+    @property
+    def version(self) -> str:
+        return self.labels.get("version", "")
+
+    @property
+    def zone(self) -> str:
+        return self.labels.get("zone", "")
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> InstanceRecord:
+        kind = "instance"
+        obj = _load(kind, data)
+        _refuse_unknown(kind, obj, cls.FIELDS)
+        address = obj.get("address")
+        if not isinstance(address, str) or not address or len(address) > 253 or any(c.isspace() for c in address):
+            raise RecordError(f"{kind}.address: expected a host name or IP, got {address!r}")
+        labels = obj.get("labels", {})
+        if not isinstance(labels, dict):
+            raise RecordError(f"{kind}.labels: expected an object of strings")
+        for k, v in labels.items():
+            if not _LABEL_KEY_RE.match(k) or not isinstance(v, str) or len(v) > 63:
+                raise RecordError(f"{kind}.labels: bad label {k!r}={v!r}")
+        return cls(
+            address=address,
+            port=_int(kind, "port", obj.get("port"), 1, 65535),
+            weight=_int(kind, "weight", obj.get("weight", DEFAULT_WEIGHT), 0, MAX_WEIGHT),
+            labels=labels,
+            protocol=_protocol(kind, obj.get("protocol", "http")),
+            app_port=_int(kind, "app_port", obj.get("app_port", 0), 0, 65535),
+        )
+
+    def encode(self) -> bytes:
+        d = {f: getattr(self, f) for f in self.FIELDS}
+        d["labels"] = dict(self.labels)
+        return _dump(d)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """``overrides/<host>:<port>``: an operator's switch for one endpoint; it outlives the instance.
+
+    ``None`` means "not overridden": the registered weight applies and the endpoint is enabled.
+    """
+
+    weight: int | None = None
+    enabled: bool | None = None
+
+    FIELDS = ("weight", "enabled")
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> Override:
+        kind = "override"
+        obj = _load(kind, data)
+        _refuse_unknown(kind, obj, cls.FIELDS)
+        weight = obj.get("weight")
+        if weight is not None:
+            weight = _int(kind, "weight", weight, 0, MAX_WEIGHT)
+        enabled = obj.get("enabled")
+        if enabled is not None and not isinstance(enabled, bool):
+            raise RecordError(f"{kind}.enabled: expected true or false, got {enabled!r}")
+        return cls(weight=weight, enabled=enabled)
+
+    def encode(self) -> bytes:
+        return _dump({k: v for k, v in (("weight", self.weight), ("enabled", self.enabled)) if v is not None})
+
+
+def effective_weight(instance: InstanceRecord, override: Override | None) -> int:
+    """The weight that balancing uses: the override's when set, else the registered one."""
+    if override is not None and override.weight is not None:
+        return override.weight
+    return instance.weight
+
+
+def is_serving(instance: InstanceRecord, override: Override | None) -> bool:
+    """Whether the endpoint takes new requests: enabled and with a weight above zero."""
+    if override is not None and override.enabled is False:
+        return False
+    return effective_weight(instance, override) > 0

@@ -1,0 +1,129 @@
+"""xDS contracts shared by the control plane and the sidecar (DESIGN §4).
+
+Resource names, type URLs and the node identity a sidecar presents on its ADS stream. The
+control plane builds per-node resources (the inbound listener and cluster) from the node
+metadata below; everything else is shared by all sidecars of a namespace.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from meshkeeper.registry import DEFAULT_NAMESPACE, validate_name
+
+# Type URLs, in the order a client must apply them (CDS before EDS, LDS before RDS).
+LISTENER = "type.googleapis.com/envoy.config.listener.v3.Listener"
+ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
+CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
+ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
+
+SHORT_TYPE = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS", RUNTIME: "RTDS"}
+# Wildcard types: an empty resource_names list means "everything" (SotW, DESIGN §4).
+WILDCARD_TYPES = (LISTENER, CLUSTER)
+
+OUTBOUND_LISTENER = "outbound"
+INBOUND_LISTENER = "inbound"
+OUTBOUND_ROUTE = "outbound"
+INBOUND_ROUTE = "inbound"
+
+
+def outbound_cluster(svc: str, ns: str, subset: str = "") -> str:
+    """``outbound|<svc>.<ns>`` or, for a version subset, ``outbound|<svc>.<ns>|<version>``."""
+    base = f"outbound|{svc}.{ns}"
+    return f"{base}|{subset}" if subset else base
+
+
+def inbound_cluster(app_port: int) -> str:
+    return f"inbound|{app_port}"
+
+
+def parse_outbound_cluster(name: str) -> tuple[str, str, str]:
+    """``outbound|svc.ns[|subset]`` -> (svc, ns, subset); raises ValueError otherwise."""
+    parts = name.split("|")
+    if len(parts) not in (2, 3) or parts[0] != "outbound" or "." not in parts[1]:
+        raise ValueError(f"not an outbound cluster name: {name!r}")
+    svc, _, ns = parts[1].partition(".")
+    return svc, ns, parts[2] if len(parts) == 3 else ""
+
+
+def service_domains(svc: str, ns: str, port: int | None = None) -> list[str]:
+    """Virtual-host domains of a service: ``svc``, ``svc.ns``, and each with ``:port`` when given.
+
+    ``<svc>:*`` is added so that a ``Host: catalog:8080`` header routes whatever port the
+    app used, as with Istio's service domains.
+    """
+    names = [svc, f"{svc}.{ns}"]
+    out = list(names)
+    out += [f"{n}:*" for n in names]
+    if port:
+        out += [f"{n}:{port}" for n in names]
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class NodeInfo:
+    """What a sidecar tells the control plane about itself in ``Node.metadata``.
+
+    ``node.id`` is ``sidecar~<advertise_host>~<service>-<inbound_port>.<namespace>`` and
+    ``node.cluster`` is the service name, as with Envoy's ``--service-cluster``. The ports are
+    the ones actually bound (flags may say 0).
+    """
+
+    node_id: str
+    service: str
+    namespace: str = DEFAULT_NAMESPACE
+    app_port: int = 0
+    inbound_port: int = 0
+    outbound_port: int = 0
+    admin_port: int = 0
+    advertise_host: str = "127.0.0.1"
+    version: str = ""
+    protocol: str = "http"
+    proxyless: bool = False
+
+    META_FIELDS = ("service", "namespace", "app_port", "inbound_port", "outbound_port", "admin_port",
+                   "advertise_host", "version", "protocol")
+
+    @staticmethod
+    def make_id(advertise_host: str, service: str, inbound_port: int, namespace: str) -> str:
+        return f"sidecar~{advertise_host}~{service}-{inbound_port}.{namespace}"
+
+    def metadata(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.META_FIELDS}
+
+    @classmethod
+    def from_node(cls, node_id: str, cluster: str, metadata: Mapping[str, Any]) -> NodeInfo:
+        """Build from a Node's id, cluster and metadata (a dict from ``MessageToDict``).
+
+        Proxies that send no Meshkeeper metadata (proxyless gRPC clients, plain Envoy) are
+        marked ``proxyless`` and get only the shared resources.
+        """
+        if "service" not in metadata:
+            return cls(node_id=node_id, service=cluster or "", proxyless=True)
+        ns = str(metadata.get("namespace") or DEFAULT_NAMESPACE)
+        svc = str(metadata["service"])
+        validate_name("namespace", ns)
+        validate_name("service", svc)
+
+        def port(key: str) -> int:
+            v = metadata.get(key, 0)
+            try:
+                n = int(v)
+            except (TypeError, ValueError):
+                raise ValueError(f"node metadata {key}: expected a port, got {v!r}") from None
+            if not 0 <= n < 65536:
+                raise ValueError(f"node metadata {key}: {n} is not a port")
+            return n
+
+        return cls(
+            node_id=node_id, service=svc, namespace=ns,
+            app_port=port("app_port"), inbound_port=port("inbound_port"),
+            outbound_port=port("outbound_port"), admin_port=port("admin_port"),
+            advertise_host=str(metadata.get("advertise_host") or "127.0.0.1"),
+            version=str(metadata.get("version") or ""),
+            protocol=str(metadata.get("protocol") or "http"),
+        )
