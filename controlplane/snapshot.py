@@ -1,0 +1,240 @@
+"""The control plane's view of the registry: an immutable :class:`RegistrySnapshot`, and the
+mutable :class:`RegistryTree` that the ZooKeeper watch fills in and snapshots are built from.
+
+Only ``controlplane.watch`` mutates a tree, on the event loop. Everything downstream (translation,
+the xDS cache, the admin API) reads published snapshots, which never change once built.
+
+Decoding happens here, once per znode version: a payload that does not validate
+(:class:`meshkeeper.registry.RecordError`) is skipped, logged once per path and ``mzxid``, and
+counted; the path keeps its last good record if it had one, so a bad write never empties a service.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Callable, Mapping
+
+from meshkeeper.registry import (
+    InstanceRecord,
+    Override,
+    RecordError,
+    ServiceRecord,
+    parse_endpoint_key,
+    validate_name,
+)
+
+log = logging.getLogger("meshkeeper.controlplane.registry")
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSnapshot:
+    """One service of one namespace: its record, live instances and operator overrides (by key)."""
+
+    name: str
+    namespace: str
+    record: ServiceRecord
+    instances: Mapping[str, InstanceRecord] = _EMPTY
+    overrides: Mapping[str, Override] = _EMPTY
+
+
+@dataclass(frozen=True, eq=False)
+class RegistrySnapshot:
+    """Namespace -> service -> :class:`ServiceSnapshot`, as published under ``version``.
+
+    Hashed by identity so translation caches can key on it; compare contents with
+    :meth:`same_content`. ``version`` only ever grows within one control-plane process.
+    """
+
+    version: int
+    namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = _EMPTY
+
+    def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
+        return self.namespaces.get(namespace, _EMPTY)
+
+    def same_content(self, other: RegistrySnapshot | None) -> bool:
+        return other is not None and self.namespaces == other.namespaces
+
+    def counts(self) -> tuple[int, int]:
+        """(services, instances) over all namespaces."""
+        svcs = [s for ns in self.namespaces.values() for s in ns.values()]
+        return len(svcs), sum(len(s.instances) for s in svcs)
+
+
+def _freeze(d: dict) -> Mapping:
+    return MappingProxyType(dict(sorted(d.items())))
+
+
+# --------------------------------------------------------------------------- the mutable tree
+
+BadZnodeHook = Callable[[str, str, str], None]  # (kind, path, reason)
+
+
+@dataclass
+class _ServiceNode:
+    record: ServiceRecord | None = None
+    instances: dict[str, InstanceRecord] = field(default_factory=dict)
+    overrides: dict[str, Override] = field(default_factory=dict)
+
+
+class RegistryTree:
+    """What the watch has read so far. Methods take raw znode names and payloads.
+
+    ``last_good`` (path -> record) outlives :meth:`reset`, so that a resync after a reconnect
+    that finds a bad payload still keeps the record served before. ``bad`` holds the paths whose
+    current payload is refused; ``on_bad`` is called once per (path, mzxid).
+    """
+
+    def __init__(self, on_bad: BadZnodeHook | None = None) -> None:
+        self._on_bad = on_bad
+        self._logged: set[tuple[str, int]] = set()
+        self.last_good: dict[str, object] = {}
+        self.bad: set[str] = set()
+        self.namespaces: dict[str, dict[str, _ServiceNode]] = {}
+
+    def reset(self) -> None:
+        """Forget the tree (a full re-read follows); keep last good records and log memory."""
+        self.namespaces = {}
+        self.bad = set()
+
+    # -- refusals
+
+    def _refuse(self, kind: str, path: str, mzxid: int, reason: str) -> None:
+        self.bad.add(path)
+        if (path, mzxid) in self._logged:
+            return
+        self._logged.add((path, mzxid))
+        log.warning("skipping bad %s znode %s (mzxid %#x): %s", kind, path, mzxid, reason)
+        if self._on_bad is not None:
+            self._on_bad(kind, path, reason)
+
+    def _decode(self, kind: str, path: str, data: bytes | None, mzxid: int, decode: Callable):
+        try:
+            rec = decode(data)
+        except RecordError as exc:
+            self._refuse(kind, path, mzxid, str(exc))
+            return self.last_good.get(path)
+        self.bad.discard(path)
+        self.last_good[path] = rec
+        return rec
+
+    def _forget(self, prefix: str) -> None:
+        for p in [p for p in self.last_good if p == prefix or p.startswith(prefix + "/")]:
+            del self.last_good[p]
+        self.bad = {p for p in self.bad if not (p == prefix or p.startswith(prefix + "/"))}
+
+    def _valid_name(self, kind: str, path: str, name: str, check: Callable[[str], object]) -> bool:
+        try:
+            check(name)
+        except RecordError as exc:
+            self._refuse(kind, path, 0, str(exc))
+            return False
+        return True
+
+    # -- namespaces and services (children lists)
+
+    def set_namespaces(self, root: str, names: list[str]) -> list[str]:
+        """Replace the namespace list; returns the names that are new (to be read)."""
+        ok = {n for n in names if self._valid_name("namespace", f"{root}/{n}", n,
+                                                     lambda v: validate_name("namespace", v))}
+        for gone in set(self.namespaces) - ok:
+            del self.namespaces[gone]
+            self._forget(f"{root}/{gone}")
+        new = sorted(ok - set(self.namespaces))
+        for n in new:
+            self.namespaces[n] = {}
+        return new
+
+    def set_services(self, ns: str, services_path: str, names: list[str]) -> list[str]:
+        """Replace the service list of ``ns``; returns the new names (to be read)."""
+        svcs = self.namespaces.get(ns)
+        if svcs is None:
+            return []
+        ok = {n for n in names if self._valid_name("service", f"{services_path}/{n}", n,
+                                                     lambda v: validate_name("service", v))}
+        for gone in set(svcs) - ok:
+            del svcs[gone]
+            self._forget(f"{services_path}/{gone}")
+        new = sorted(ok - set(svcs))
+        for n in new:
+            svcs[n] = _ServiceNode()
+        return new
+
+    def _service(self, ns: str, svc: str) -> _ServiceNode | None:
+        return self.namespaces.get(ns, {}).get(svc)
+
+    def set_service_data(self, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
+        node = self._service(ns, svc)
+        if node is not None:
+            node.record = self._decode("service", path, data, mzxid, ServiceRecord.decode)
+
+    # -- instances and overrides (children lists + payloads)
+
+    def _entries(self, ns: str, svc: str, kind: str) -> dict | None:
+        node = self._service(ns, svc)
+        if node is None:
+            return None
+        return node.instances if kind == "instance" else node.overrides
+
+    def set_keys(self, kind: str, ns: str, svc: str, parent: str, keys: list[str]) -> list[str]:
+        """Replace the instance or override keys of a service; returns the keys to read."""
+        entries = self._entries(ns, svc, kind)
+        if entries is None:
+            return []
+        ok = {k for k in keys if self._valid_name(kind, f"{parent}/{k}", k, parse_endpoint_key)}
+        for gone in set(entries) - ok:
+            del entries[gone]
+        for p in [p for p in list(self.last_good) + list(self.bad) if p.startswith(parent + "/")]:
+            if p.rpartition("/")[2] not in ok:
+                self.last_good.pop(p, None)
+                self.bad.discard(p)
+        return sorted(ok)
+
+    def set_entry(self, kind: str, ns: str, svc: str, key: str, path: str,
+                  data: bytes | None, mzxid: int) -> None:
+        entries = self._entries(ns, svc, kind)
+        if entries is None:
+            return
+        if kind == "instance":
+            rec = self._decode(kind, path, data, mzxid, _instance_decoder(key))
+        else:
+            rec = self._decode(kind, path, data, mzxid, Override.decode)
+        if rec is None:
+            entries.pop(key, None)
+        else:
+            entries[key] = rec
+
+    def remove_entry(self, kind: str, ns: str, svc: str, key: str, path: str) -> None:
+        entries = self._entries(ns, svc, kind)
+        if entries is not None:
+            entries.pop(key, None)
+        self.last_good.pop(path, None)
+        self.bad.discard(path)
+
+    # -- building
+
+    def build(self, version: int) -> RegistrySnapshot:
+        out: dict[str, Mapping[str, ServiceSnapshot]] = {}
+        for ns, svcs in self.namespaces.items():
+            built = {}
+            for name, node in svcs.items():
+                if node.record is None:  # never had a good record: nothing to serve
+                    continue
+                built[name] = ServiceSnapshot(name=name, namespace=ns, record=node.record,
+                                              instances=_freeze(node.instances),
+                                              overrides=_freeze(node.overrides))
+            out[ns] = _freeze(built)
+        return RegistrySnapshot(version=version, namespaces=_freeze(out))
+
+
+def _instance_decoder(key: str) -> Callable[[bytes | None], InstanceRecord]:
+    def decode(data: bytes | None) -> InstanceRecord:
+        rec = InstanceRecord.decode(data)
+        if rec.key != key:
+            raise RecordError(f"instance {key!r}: record says {rec.key!r}; the znode is named by "
+                              "the address and port callers dial")
+        return rec
+    return decode

@@ -1,0 +1,219 @@
+"""``meshkeeper sidecar``: flags, sockets, and the order things start and stop in.
+
+Start: bind the listener sockets (port 0 picks a free port), connect the ADS stream, start
+health-checking the app, serve admin, print the ready line (docs/contracts.md). The instance is
+registered only once the app is healthy *and* the first config is applied.
+
+Stop (SIGTERM/SIGINT): deregister first so that callers stop picking this instance, then stop
+accepting, let in-flight requests finish (bounded by ``--drain-timeout``), then exit.
+
+``--workers N`` runs N-1 extra worker processes sharing the listener ports with SO_REUSEPORT;
+each has its own loop and ADS stream. Registration and the admin port live in worker 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
+from meshkeeper.xds import NodeInfo
+
+log = logging.getLogger("meshkeeper.sidecar")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"meshkeeper sidecar: {message}\n")
+
+
+def _port(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{n} is not a port number (0-65535)")
+    return n
+
+
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return v
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = ArgumentParser(prog="meshkeeper sidecar", description="Run the sidecar beside one service instance.")
+    p.add_argument("--service", required=True, help="the service this instance belongs to")
+    p.add_argument("--app-port", type=_port, required=True, help="the local app's port")
+    p.add_argument("--namespace", "-n", default="default")
+    p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"), help="control plane HOST:PORT")
+    p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK", "127.0.0.1:2181"), help="ZooKeeper hosts")
+    p.add_argument("--version", default="", help="the instance's version label (subsets)")
+    p.add_argument("--zone", default="", help="the instance's zone label (locality)")
+    p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
+    p.add_argument("--protocol", choices=("http", "tcp"), default="http")
+    p.add_argument("--health-path", default="/health")
+    p.add_argument("--health-interval", type=_seconds, default=1.0)
+    p.add_argument("--advertise-host", default="127.0.0.1", help="address callers dial to reach the inbound listener")
+    p.add_argument("--inbound-bind", default="0.0.0.0")
+    p.add_argument("--outbound-port", type=_port, default=15001)
+    p.add_argument("--inbound-port", type=_port, default=15006)
+    p.add_argument("--admin-port", type=_port, default=15000)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--zk-session-timeout", type=_seconds, default=10.0)
+    p.add_argument("--drain-timeout", type=_seconds, default=5.0, help="bound on waiting for in-flight requests")
+    p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
+    p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not 0 <= args.weight <= MAX_WEIGHT:
+        p.error(f"--weight {args.weight} is outside 0..{MAX_WEIGHT}")
+    if not 1 <= args.workers <= 64:
+        p.error("--workers must be between 1 and 64")
+    if args.app_port == 0:
+        p.error("--app-port must name the app's port")
+    try:
+        Paths(args.namespace)
+        from meshkeeper.registry import validate_name
+        validate_name("service", args.service)
+    except RecordError as exc:
+        p.error(str(exc))
+    host, sep, port = args.cp.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        p.error(f"--cp {args.cp!r}: expected HOST:PORT")
+    return args
+
+
+def bind(host: str, port: int, reuseport: bool) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuseport:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(4096)
+    sock.setblocking(False)
+    return sock
+
+
+async def run(args: argparse.Namespace) -> int:
+    from sidecar.admin import AdminServer
+    from sidecar.registration import Registration, check_http, check_tcp
+    from sidecar.runtime import SidecarRuntime
+    from sidecar.xds.client import AdsClient
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    primary = args.worker_index == 0
+    reuse = args.workers > 1 or not primary
+    try:
+        outbound_sock = bind("127.0.0.1", args.outbound_port, reuse)
+        inbound_sock = bind(args.inbound_bind, args.inbound_port, reuse)
+        admin_sock = bind("127.0.0.1", args.admin_port, False) if primary else None
+    except OSError as exc:
+        print(f"meshkeeper sidecar: cannot bind a listener: {exc}", file=sys.stderr)
+        return 1
+    outbound_port = outbound_sock.getsockname()[1]
+    inbound_port = inbound_sock.getsockname()[1]
+    admin_port = admin_sock.getsockname()[1] if admin_sock else 0
+
+    node_id = NodeInfo.make_id(args.advertise_host, args.service, inbound_port, args.namespace)
+    if not primary:
+        node_id += f"~w{args.worker_index}"
+    node = NodeInfo(node_id=node_id, service=args.service, namespace=args.namespace, app_port=args.app_port,
+                    inbound_port=inbound_port, outbound_port=outbound_port, admin_port=admin_port,
+                    advertise_host=args.advertise_host, version=args.version, protocol=args.protocol)
+
+    runtime = SidecarRuntime(node)
+    registration: Registration | None = None
+
+    def changed() -> None:
+        if registration is not None:
+            registration.poke()
+
+    ads = AdsClient(args.cp, node, runtime, on_change=changed)
+    runtime.ads = ads
+    await runtime.start_listeners(outbound_sock, inbound_sock)
+    ads.start()
+
+    workers: list[subprocess.Popen] = []
+    admin = None
+    if primary:
+        labels = {k: v for k, v in (("version", args.version), ("zone", args.zone)) if v}
+        record = InstanceRecord(address=args.advertise_host, port=inbound_port, weight=args.weight,
+                                labels=labels, protocol=args.protocol, app_port=args.app_port)
+        if args.protocol == "tcp":
+            def check():
+                return check_tcp("127.0.0.1", args.app_port)
+        else:
+            def check():
+                return check_http("127.0.0.1", args.app_port, args.health_path)
+        registration = Registration(zk_hosts=args.zk, session_timeout=args.zk_session_timeout,
+                                    paths=Paths(args.namespace), service=args.service, record=record,
+                                    service_record=ServiceRecord(protocol=args.protocol), check=check,
+                                    interval=args.health_interval, gate=lambda: ads.synced)
+        runtime.registration = registration
+        registration.start()
+        admin = AdminServer(runtime)
+        await admin.start(admin_sock)
+        workers = _spawn_workers(args, outbound_port, inbound_port)
+
+    print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
+          f"admin_port={admin_port} node={node_id}", flush=True)
+
+    await stop.wait()
+    log.info("shutting down: deregistering, then draining (at most %.1fs)", args.drain_timeout)
+    runtime.draining = True
+    if registration is not None:
+        await registration.deregister_and_stop()
+    for w in workers:
+        w.send_signal(signal.SIGTERM)
+    await runtime.drain(args.drain_timeout)
+    await ads.stop()
+    if admin is not None:
+        await admin.stop()
+    for w in workers:
+        try:
+            await asyncio.wait_for(loop.run_in_executor(None, w.wait), args.drain_timeout + 2)
+        except TimeoutError:
+            w.kill()
+    log.info("stopped")
+    return 0
+
+
+def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: int) -> list[subprocess.Popen]:
+    procs = []
+    for i in range(1, args.workers):
+        argv = [sys.executable, "-m", "meshkeeper.cli", "sidecar", "--service", args.service,
+                "--app-port", str(args.app_port), "--namespace", args.namespace, "--cp", args.cp,
+                "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
+                "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
+                "--inbound-port", str(inbound_port), "--admin-port", "0", "--drain-timeout", str(args.drain_timeout),
+                "--log-level", args.log_level, "--worker-index", str(i)]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+    return procs
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(list(sys.argv[1:] if argv is None else argv))
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    import uvloop
+
+    try:
+        return uvloop.run(run(args))
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,271 @@
+"""The sidecar's ADS client (State of the World).
+
+One gRPC stream to the control plane carries every type. The client subscribes to all
+listeners and clusters (wildcard), then to the route configurations the listeners name and the
+load assignments of the EDS clusters. Each response is converted and validated as a whole: if
+any resource cannot be honoured, the response is NACKed with an error_detail naming it and the
+previous config stays in force; otherwise the whole set is applied in one swap and ACKed.
+
+When the stream breaks the sidecar keeps routing with its last config and reconnects with
+jittered exponential backoff, presenting the versions it holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import grpc
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import base_pb2
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.protobuf import struct_pb2
+from google.rpc import status_pb2
+
+from meshkeeper import __version__, xds
+from meshkeeper.xds import NodeInfo
+from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
+from sidecar.xds import convert
+
+log = logging.getLogger("meshkeeper.sidecar.xds")
+
+BACKOFF_BASE = 0.5
+BACKOFF_MAX = 15.0
+_INVALID_ARGUMENT = 3
+
+_MESSAGES = {
+    xds.LISTENER: listener_pb2.Listener,
+    xds.ROUTE: route_pb2.RouteConfiguration,
+    xds.CLUSTER: cluster_pb2.Cluster,
+    xds.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+}
+
+
+class ConfigSink(Protocol):
+    """Where accepted config goes. Each call carries the complete, validated set of its type."""
+
+    def apply_clusters(self, clusters: dict[str, ClusterConfig]) -> None: ...
+
+    def apply_endpoints(self, assignments: dict[str, tuple[EndpointConfig, ...]]) -> None: ...
+
+    def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None: ...
+
+    def apply_routes(self, routes: dict[str, RouteConfig]) -> None: ...
+
+
+@dataclass
+class TypeState:
+    """What the client holds of one resource type."""
+
+    version: str = ""  # last accepted
+    nonce: str = ""  # of the last response seen
+    names: tuple[str, ...] = ()  # subscribed (empty = wildcard for LDS/CDS)
+    received: bool = False  # a response was accepted at least once
+    accepted: int = 0
+    rejected: int = 0
+    last_error: str = ""
+    resources: dict[str, Any] = field(default_factory=dict)  # name -> converted config
+    raw: dict[str, Any] = field(default_factory=dict)  # name -> proto, for /config_dump
+    updated_at: float = 0.0
+
+
+def build_node(info: NodeInfo) -> base_pb2.Node:
+    meta = struct_pb2.Struct()
+    meta.update(info.metadata())
+    return base_pb2.Node(id=info.node_id, cluster=info.service, metadata=meta,
+                         user_agent_name="meshkeeper", user_agent_version=__version__)
+
+
+class AdsClient:
+    def __init__(self, target: str, node: NodeInfo, sink: ConfigSink, *,
+                 on_change: Callable[[], None] | None = None, rng: random.Random | None = None,
+                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX) -> None:
+        self.target = target
+        self.node = build_node(node)
+        self.sink = sink
+        self.on_change = on_change or (lambda: None)
+        self.rng = rng or random.Random()
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.state = {t: TypeState() for t in _MESSAGES}
+        self.connected = False
+        self.connects = 0
+        self._queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] | None = None
+        self._task: asyncio.Task | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="ads-client")
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    @property
+    def synced(self) -> bool:
+        """True once LDS and CDS were accepted and every subscribed RDS/EDS name has arrived."""
+        lds, cds, rds, eds = (self.state[t] for t in (xds.LISTENER, xds.CLUSTER, xds.ROUTE, xds.ENDPOINT))
+        if not (lds.received and cds.received):
+            return False
+        return all(n in rds.resources for n in rds.names) and all(n in eds.resources for n in eds.names)
+
+    async def _run(self) -> None:
+        attempt = 0
+        while True:
+            started = time.monotonic()
+            try:
+                await self._stream_once()
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as exc:
+                log.warning("xds stream to %s ended: %s %s", self.target, exc.code().name, exc.details())
+            except Exception:  # a bug must not stop reconnection; the last config keeps routing
+                log.exception("xds stream to %s failed", self.target)
+            self.connected = False
+            self.on_change()
+            # A stream that lived a while resets the backoff: the control plane was just restarted.
+            attempt = 0 if time.monotonic() - started > 30 else attempt + 1
+            delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 10))
+            await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
+
+    async def _stream_once(self) -> None:
+        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        self._queue = queue
+
+        async def requests():
+            while True:
+                req = await queue.get()
+                if req is None:
+                    return
+                yield req
+
+        async with grpc.aio.insecure_channel(self.target) as channel:
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+            call = stub.StreamAggregatedResources(requests())
+            # Initial subscriptions: wildcard LDS and CDS, plus what we already hold (after a reconnect).
+            first = True
+            for type_url in (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE):
+                st = self.state[type_url]
+                if type_url in xds.WILDCARD_TYPES or st.names:
+                    queue.put_nowait(self._request(type_url, nonce="", node=first))
+                    first = False
+            async for resp in call:
+                if not self.connected:
+                    self.connected = True
+                    self.connects += 1
+                    log.info("xds stream to %s established", self.target)
+                self._on_response(resp)
+
+    # ------------------------------------------------------------------ protocol
+
+    def _request(self, type_url: str, nonce: str, error: str = "", node: bool = False) -> discovery_pb2.DiscoveryRequest:
+        st = self.state[type_url]
+        req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=st.version,
+                                             response_nonce=nonce, resource_names=list(st.names))
+        if node:
+            req.node.CopyFrom(self.node)
+        if error:
+            req.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
+        return req
+
+    def _send(self, req: discovery_pb2.DiscoveryRequest) -> None:
+        if self._queue is not None:
+            self._queue.put_nowait(req)
+
+    def _on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
+        type_url = resp.type_url
+        st = self.state.get(type_url)
+        if st is None:
+            log.warning("ignoring xds response of unsupported type %s", type_url)
+            return
+        st.nonce = resp.nonce
+        try:
+            converted, raw = self._convert(type_url, resp)
+            self._apply(type_url, converted)
+        except convert.XdsError as exc:
+            st.rejected += 1
+            st.last_error = str(exc)
+            log.warning("NACK %s version %s: %s", xds.SHORT_TYPE[type_url], resp.version_info, exc)
+            self._send(self._request(type_url, resp.nonce, error=str(exc)))
+            self.on_change()
+            return
+        st.version = resp.version_info
+        st.received = True
+        st.accepted += 1
+        st.last_error = ""
+        st.updated_at = time.time()
+        if type_url in (xds.ROUTE, xds.ENDPOINT):  # named types: merge; a response may be partial
+            st.resources.update(converted)
+            st.raw.update(raw)
+        else:
+            st.resources, st.raw = converted, raw
+        log.info("ACK %s version %s (%d resources)", xds.SHORT_TYPE[type_url], resp.version_info, len(converted))
+        self._send(self._request(type_url, resp.nonce))
+        self._resubscribe(type_url)
+        self.on_change()
+
+    def _convert(self, type_url: str, resp: discovery_pb2.DiscoveryResponse) -> tuple[dict, dict]:
+        cls = _MESSAGES[type_url]
+        converted: dict[str, Any] = {}
+        raw: dict[str, Any] = {}
+        for any_msg in resp.resources:
+            if any_msg.type_url != type_url:
+                raise convert.XdsError(f"resource of type {any_msg.type_url} in a {xds.SHORT_TYPE[type_url]} response")
+            msg = cls()
+            if not any_msg.Unpack(msg):
+                raise convert.XdsError(f"cannot decode a {xds.SHORT_TYPE[type_url]} resource")
+            if type_url == xds.LISTENER:
+                name, value = msg.name, convert.listener(msg)
+            elif type_url == xds.ROUTE:
+                name, value = msg.name, convert.route_configuration(msg)
+            elif type_url == xds.CLUSTER:
+                name, value = msg.name, convert.cluster(msg)
+            else:
+                name, value = msg.cluster_name, convert.endpoints(msg)
+            if not name:
+                raise convert.XdsError(f"a {xds.SHORT_TYPE[type_url]} resource has no name")
+            if name in converted:
+                raise convert.XdsError(f"{xds.SHORT_TYPE[type_url]} resource {name!r} appears twice")
+            converted[name] = value
+            raw[name] = msg
+        return converted, raw
+
+    def _apply(self, type_url: str, converted: dict[str, Any]) -> None:
+        if type_url == xds.CLUSTER:
+            self.sink.apply_clusters(converted)
+        elif type_url == xds.ENDPOINT:
+            self.sink.apply_endpoints(converted)
+        elif type_url == xds.LISTENER:
+            self.sink.apply_listeners(converted)
+        else:
+            self.sink.apply_routes(converted)
+
+    def _resubscribe(self, type_url: str) -> None:
+        """After CDS/LDS, subscribe to the EDS/RDS names they reference (SotW: the full list)."""
+        if type_url == xds.CLUSTER:
+            names = tuple(sorted(n for n, c in self.state[xds.CLUSTER].resources.items() if c.discovery == "EDS"))
+            dep = xds.ENDPOINT
+        elif type_url == xds.LISTENER:
+            names = tuple(sorted({c.rds_name for c in self.state[xds.LISTENER].resources.values() if c.rds_name}))
+            dep = xds.ROUTE
+        else:
+            return
+        st = self.state[dep]
+        if names != st.names:
+            st.names = names
+            # Forget what is no longer subscribed so that `synced` and the dump stay exact.
+            st.resources = {n: v for n, v in st.resources.items() if n in names}
+            st.raw = {n: v for n, v in st.raw.items() if n in names}
+            self._send(self._request(dep, st.nonce))
