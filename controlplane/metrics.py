@@ -10,8 +10,6 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
-from meshkeeper.xds import SHORT_TYPE
-
 ZK_STATES = ("CONNECTED", "SUSPENDED", "LOST")
 
 # Push-to-ACK is dominated by the client's apply time: milliseconds on a LAN, seconds when stuck.
@@ -58,12 +56,12 @@ class Metrics:
             "meshkeeper_registry_bad_znodes_total",
             "Znodes refused (bad name or payload), once per path and mzxid", ["kind"], registry=r)
         self.bad_znodes_current = Gauge(
-            "meshkeeper_registry_bad_znodes", "Znodes whose current payload is refused", registry=r)
+            "meshkeeper_registry_bad_znodes_current", "Znodes whose current payload is refused", registry=r)
         self.snapshot_build = Histogram(
             "meshkeeper_snapshot_build_seconds",
             "Time to build a snapshot: stage=registry (tree to RegistrySnapshot) or xds (shared resources)",
             ["stage"], buckets=_BUILD_BUCKETS, registry=r)
-        for t in SHORT_TYPE.values():
+        for t in ("CDS", "EDS", "LDS", "RDS"):
             for m in (self.pushes, self.acks, self.nacks):
                 m.labels(type=t)
         self.set_zk_state("LOST")

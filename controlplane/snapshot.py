@@ -12,9 +12,9 @@ counted; the path keeps its last good record if it had one, so a bad write never
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Mapping
 
 from meshkeeper.registry import (
     InstanceRecord,
@@ -37,8 +37,8 @@ class ServiceSnapshot:
     name: str
     namespace: str
     record: ServiceRecord
-    instances: Mapping[str, InstanceRecord] = _EMPTY
-    overrides: Mapping[str, Override] = _EMPTY
+    instances: Mapping[str, InstanceRecord] = field(default_factory=lambda: _EMPTY)
+    overrides: Mapping[str, Override] = field(default_factory=lambda: _EMPTY)
 
 
 @dataclass(frozen=True, eq=False)
@@ -50,7 +50,7 @@ class RegistrySnapshot:
     """
 
     version: int
-    namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = _EMPTY
+    namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = field(default_factory=lambda: _EMPTY)
 
     def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
         return self.namespaces.get(namespace, _EMPTY)
@@ -90,7 +90,7 @@ class RegistryTree:
 
     def __init__(self, on_bad: BadZnodeHook | None = None) -> None:
         self._on_bad = on_bad
-        self._logged: set[tuple[str, int]] = set()
+        self._logged: dict[str, int] = {}  # path -> mzxid of the payload last refused
         self.last_good: dict[str, object] = {}
         self.bad: set[str] = set()
         self.namespaces: dict[str, dict[str, _ServiceNode]] = {}
@@ -104,9 +104,9 @@ class RegistryTree:
 
     def _refuse(self, kind: str, path: str, mzxid: int, reason: str) -> None:
         self.bad.add(path)
-        if (path, mzxid) in self._logged:
+        if self._logged.get(path) == mzxid:
             return
-        self._logged.add((path, mzxid))
+        self._logged[path] = mzxid
         log.warning("skipping bad %s znode %s (mzxid %#x): %s", kind, path, mzxid, reason)
         if self._on_bad is not None:
             self._on_bad(kind, path, reason)
@@ -118,13 +118,18 @@ class RegistryTree:
             self._refuse(kind, path, mzxid, str(exc))
             return self.last_good.get(path)
         self.bad.discard(path)
+        self._logged.pop(path, None)
         self.last_good[path] = rec
         return rec
 
-    def _forget(self, prefix: str) -> None:
-        for p in [p for p in self.last_good if p == prefix or p.startswith(prefix + "/")]:
-            del self.last_good[p]
-        self.bad = {p for p in self.bad if not (p == prefix or p.startswith(prefix + "/"))}
+    def _prune(self, parent: str, names: list[str]) -> None:
+        """Forget what was remembered about children of ``parent`` that no longer exist."""
+        present = set(names)
+        for p in [p for p in {*self.last_good, *self.bad, *self._logged} if p.startswith(parent + "/")]:
+            if p[len(parent) + 1:].partition("/")[0] not in present:
+                self.last_good.pop(p, None)
+                self.bad.discard(p)
+                self._logged.pop(p, None)
 
     def _valid_name(self, kind: str, path: str, name: str, check: Callable[[str], object]) -> bool:
         try:
@@ -142,7 +147,7 @@ class RegistryTree:
                                                      lambda v: validate_name("namespace", v))}
         for gone in set(self.namespaces) - ok:
             del self.namespaces[gone]
-            self._forget(f"{root}/{gone}")
+        self._prune(root, names)
         new = sorted(ok - set(self.namespaces))
         for n in new:
             self.namespaces[n] = {}
@@ -157,7 +162,7 @@ class RegistryTree:
                                                      lambda v: validate_name("service", v))}
         for gone in set(svcs) - ok:
             del svcs[gone]
-            self._forget(f"{services_path}/{gone}")
+        self._prune(services_path, names)
         new = sorted(ok - set(svcs))
         for n in new:
             svcs[n] = _ServiceNode()
@@ -180,18 +185,17 @@ class RegistryTree:
         return node.instances if kind == "instance" else node.overrides
 
     def set_keys(self, kind: str, ns: str, svc: str, parent: str, keys: list[str]) -> list[str]:
-        """Replace the instance or override keys of a service; returns the keys to read."""
+        """Replace the instance or override keys of a service; returns the keys to read: new
+        ones (and refused ones that are not in the tree, which costs a harmless re-read)."""
         entries = self._entries(ns, svc, kind)
         if entries is None:
             return []
         ok = {k for k in keys if self._valid_name(kind, f"{parent}/{k}", k, parse_endpoint_key)}
+        new = sorted(ok - set(entries))
         for gone in set(entries) - ok:
             del entries[gone]
-        for p in [p for p in list(self.last_good) + list(self.bad) if p.startswith(parent + "/")]:
-            if p.rpartition("/")[2] not in ok:
-                self.last_good.pop(p, None)
-                self.bad.discard(p)
-        return sorted(ok)
+        self._prune(parent, keys)
+        return new
 
     def set_entry(self, kind: str, ns: str, svc: str, key: str, path: str,
                   data: bytes | None, mzxid: int) -> None:
@@ -213,6 +217,7 @@ class RegistryTree:
             entries.pop(key, None)
         self.last_good.pop(path, None)
         self.bad.discard(path)
+        self._logged.pop(path, None)
 
     # -- building
 

@@ -7,8 +7,9 @@ metadata below; everything else is shared by all sidecars of a namespace.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 from meshkeeper.registry import DEFAULT_NAMESPACE, validate_name
 

@@ -122,13 +122,22 @@ async def run(args: argparse.Namespace) -> int:
     try:
         outbound_sock = bind("127.0.0.1", args.outbound_port, reuse)
         inbound_sock = bind(args.inbound_bind, args.inbound_port, reuse)
-        admin_sock = bind("127.0.0.1", args.admin_port, False) if primary else None
     except OSError as exc:
         print(f"meshkeeper sidecar: cannot bind a listener: {exc}", file=sys.stderr)
         return 1
     outbound_port = outbound_sock.getsockname()[1]
     inbound_port = inbound_sock.getsockname()[1]
-    admin_port = admin_sock.getsockname()[1] if admin_sock else 0
+    admin = None
+    admin_port = 0
+    if primary:
+        from sidecar.admin import AdminServer
+
+        admin = AdminServer(runtime := SidecarRuntime())
+        try:
+            admin_port = await admin.start("127.0.0.1", args.admin_port)
+        except OSError as exc:
+            print(f"meshkeeper sidecar: cannot bind the admin port: {exc}", file=sys.stderr)
+            return 1
 
     node_id = NodeInfo.make_id(args.advertise_host, args.service, inbound_port, args.namespace)
     if not primary:

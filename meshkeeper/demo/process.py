@@ -18,6 +18,7 @@ ship with the package, the tests wrap it with pytest fixtures (tests/harness).
 from __future__ import annotations
 
 import atexit
+import contextlib
 import ctypes
 import os
 import queue
@@ -30,7 +31,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,7 +41,8 @@ READY_TIMEOUT = 30.0
 TERMINATE_GRACE = 10.0
 _PR_SET_PDEATHSIG = 1
 
-_live: weakref.WeakSet[ChildProcess] = weakref.WeakSet()
+# Strong references: a child must be killable at exit even if its owner forgot it.
+_live: set[ChildProcess] = set()
 _libc: Any = None
 try:
     _libc = ctypes.CDLL(None, use_errno=True)
@@ -60,10 +61,8 @@ def free_port(host: str = "127.0.0.1") -> int:
     restarted on the same port (ZooKeeper in the tests) or that is told its port in advance.
     """
     low = 32768
-    try:
+    with contextlib.suppress(OSError, ValueError, IndexError):
         low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        pass
     lo, hi = (10000, low - 1) if low > 11000 else (low, 65535)
     for _ in range(200):
         port = random.randint(lo, hi)
@@ -266,26 +265,18 @@ class ChildProcess:
         """SIGTERM the leader, wait up to ``timeout``, then SIGKILL the whole group. Returns the exit code."""
         if self.popen is None:
             return None
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                pass
-        # Stragglers get a short grace after the leader, then SIGKILL (no-op when all are gone).
-        deadline = time.monotonic() + min(timeout, 2.0)
-        while self.group_pids() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return self.kill()
+        terminate_all([self], timeout)
+        return self.popen.returncode
 
     def kill(self) -> int | None:
         """SIGKILL the whole process group and reap the leader. Returns the exit code."""
         if self.popen is None:
             return None
-        try:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        # The group id is ours while the leader is unreaped or a member lives; after that the
+        # number may belong to someone else, so do not signal it.
+        if self.popen.returncode is None or self.group_pids():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, signal.SIGKILL)
         code = self.popen.wait()
         # Members of the group that the leader forked are reaped by init; wait until they are gone.
         deadline = time.monotonic() + 5.0
@@ -344,9 +335,10 @@ class ManagedProcess(ChildProcess):
                 line = self._lines.get(timeout=min(remaining, 0.2))
             except queue.Empty:
                 continue
-            if line is None:
-                code = self.wait(timeout=5)
-                self.kill()
+            if line is None:  # stdout closed: the process is exiting (or detached from it)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.wait(timeout=5)
+                code = self.kill()
                 raise RuntimeError(self._failure(f"exited with code {code} before its ready line"))
             info = parse_ready_line(line, self.role)
             if info is not None:
@@ -376,6 +368,33 @@ class ManagedProcess(ChildProcess):
             f"{self.name}: {what}\n  command: {' '.join(self.argv)}\n  stderr ({self.stderr_path}):\n"
             + "\n".join("    " + line for line in self.stderr_tail().splitlines())
         )
+
+
+def terminate_all(procs: Sequence[ChildProcess], timeout: float = TERMINATE_GRACE) -> None:
+    """SIGTERM every leader at once, wait up to ``timeout`` for all, then SIGKILL what is left.
+
+    One SIGTERM each (a second one may mean "stop now, skip draining" to some programs), and the
+    graceful shutdowns overlap instead of adding up.
+    """
+    for proc in procs:
+        proc.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        if proc.popen is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.popen.wait(max(0.0, deadline - time.monotonic()))
+    # Workers of leaders that exited get a short grace; a leader still running gets none.
+    exited = [p for p in procs if not p.running()]
+    deadline = time.monotonic() + min(timeout, 2.0)
+    while any(p.group_pids() for p in exited) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for proc in procs:
+        proc.kill()
+
+
+def live_processes() -> list[ChildProcess]:
+    """Child processes started here that are still running."""
+    return [p for p in list(_live) if p.running()]
 
 
 def kill_all() -> None:

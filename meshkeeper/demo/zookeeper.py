@@ -14,6 +14,7 @@ whichever wins (often the no-op one) decides whether there is a log at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -153,7 +154,9 @@ class ZooKeeper:
                 pass
             if time.monotonic() >= deadline:
                 self._proc.kill()
-                raise ZooKeeperError(f"ZooKeeper on {self.hosts} not ready after {timeout:.0f}s\n{self.log_tail()}")
+                raise ZooKeeperError(
+                    f"ZooKeeper on {self.hosts} not ready after {timeout:.0f}s\n{self.log_tail()}"
+                )
             time.sleep(0.05)
 
     def stop(self, timeout: float = 10.0) -> None:
@@ -178,10 +181,8 @@ class ZooKeeper:
     def log_tail(self, lines: int = 30) -> str:
         text = ""
         for path in (self.log_path, self.workdir / "zookeeper.stderr.log"):
-            try:
+            with contextlib.suppress(OSError):
                 text += path.read_text(errors="replace")
-            except OSError:
-                pass
         return "\n".join(text.splitlines()[-lines:])
 
     def __enter__(self) -> ZooKeeper:

@@ -194,7 +194,7 @@ class AdsClient:
         try:
             converted, raw = self._convert(type_url, resp)
             self._apply(type_url, converted)
-        except convert.XdsError as exc:
+        except ValueError as exc:  # XdsError, or a runtime object refusing the config (e.g. a Router)
             st.rejected += 1
             st.last_error = str(exc)
             log.warning("NACK %s version %s: %s", xds.SHORT_TYPE[type_url], resp.version_info, exc)

@@ -1,0 +1,123 @@
+"""``meshkeeper controlplane``: registry watch -> xDS cache -> ADS server, plus the HTTP port.
+
+``meshkeeper.cli`` calls :func:`main` with the arguments after ``controlplane``. Once both ports
+are bound, one ready line goes to stdout (docs/contracts.md); logs go to stderr. SIGTERM and SIGINT
+close the ADS streams, the HTTP port and the ZooKeeper session, then :func:`main` returns 0.
+ZooKeeper being down at start is fine: the session is retried until it comes up, and sidecars get
+nothing until the first complete registry snapshot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+import grpc
+import prometheus_client
+import uvloop
+
+from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
+from controlplane.cache import SnapshotCache
+from controlplane.metrics import Metrics
+from controlplane.proxies import ProxyRegistry
+from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
+from controlplane.web import Web
+from controlplane.zksource import KazooSource
+from meshkeeper.httpd import HttpServer
+
+log = logging.getLogger("meshkeeper.controlplane")
+
+DEFAULT_ZK = "127.0.0.1:2181"
+DEFAULT_XDS_PORT = 15010
+DEFAULT_HTTP_PORT = 15014
+SHUTDOWN_GRACE = 1.0  # seconds for streams to end after close_streams() before they are cancelled
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="meshkeeper controlplane",
+                                description="xDS control plane over the ZooKeeper registry")
+    p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK") or DEFAULT_ZK,
+                   help="ZooKeeper hosts, host:port[,host:port] (env MESHKEEPER_ZK; default %(default)s)")
+    p.add_argument("--xds-port", type=int, default=DEFAULT_XDS_PORT, help="gRPC xDS port (0: pick a free one)")
+    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+                   help="HTTP port for /healthz, /metrics, /api (0: pick a free one)")
+    p.add_argument("--bind", default="0.0.0.0", help="address both ports bind to (default %(default)s)")
+    p.add_argument("--zk-session-timeout", type=float, default=10.0, help="ZooKeeper session timeout, seconds")
+    p.add_argument("--debounce-ms", type=int, default=int(DEFAULT_DEBOUNCE * 1000),
+                   help="wait this long after a registry change before publishing (default %(default)s)")
+    p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = p.parse_args(argv)
+    for flag in ("xds_port", "http_port"):
+        if not 0 <= getattr(args, flag) < 65536:
+            p.error(f"--{flag.replace('_', '-')}: not a port")
+    if args.zk_session_timeout <= 0 or args.debounce_ms < 0:
+        p.error("--zk-session-timeout must be > 0 and --debounce-ms >= 0")
+    return args
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> int:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    metrics = Metrics()
+    cache = SnapshotCache(metrics)
+    proxies = ProxyRegistry(metrics)
+    watch = RegistryWatch(KazooSource(args.zk, args.zk_session_timeout), cache.set_snapshot,
+                          metrics=metrics, debounce=args.debounce_ms / 1000)
+
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    ads = AdsServer(cache, proxies)
+    add_to_server(server, ads)
+    try:
+        xds_port = server.add_insecure_port(_hostport(args.bind, args.xds_port))
+    except RuntimeError as exc:
+        xds_port, why = 0, exc
+    else:
+        why = "address in use or not available"
+    if not xds_port:
+        log.error("cannot bind the xDS port %s: %s", _hostport(args.bind, args.xds_port), why)
+        return 1
+    await server.start()
+    try:
+        web = await HttpServer.start(Web(cache, proxies, metrics, lambda: watch.state), args.bind, args.http_port)
+    except OSError as exc:
+        log.error("cannot bind the HTTP port %s: %s", _hostport(args.bind, args.http_port), exc)
+        await server.stop(None)
+        return 1
+
+    watch.start()
+    print(f"meshkeeper controlplane listening xds_port={xds_port} http_port={web.port}", flush=True)
+    log.info("serving xDS on %s, HTTP on %s; zookeeper %s", xds_port, web.port, args.zk)
+    try:
+        await stop.wait()
+    finally:
+        log.info("shutting down")
+        ads.close_streams()
+        await server.stop(SHUTDOWN_GRACE)
+        await web.close()
+        await watch.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    prometheus_client.disable_created_metrics()  # no *_created series: they only add noise here
+    if args.log_level != "DEBUG":
+        logging.getLogger("kazoo").setLevel(logging.WARNING)
+    return uvloop.run(serve(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The sidecar's admin port (Envoy's admin interface, in JSON).
+
+``/ready``          200 ``LIVE`` once the first config is applied and the instance is registered;
+                    503 with the state (``PRE_INITIALIZING``, ``INITIALIZING``, ``DRAINING``) before.
+``/config_dump``    the applied listeners, routes, clusters and endpoints, with versions and NACKs.
+``/clusters``       every cluster's endpoints: weight, serving, active and total requests.
+``/listeners``      the bound listener ports.
+``/server_info``    node identity, state, uptime, xDS connection.
+``/stats/prometheus`` Prometheus text exposition.
+
+Handlers only read the runtime; nothing here changes routing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import TYPE_CHECKING, Any
+
+from google.protobuf.json_format import MessageToDict
+
+from meshkeeper import xds
+from meshkeeper.httpd import HttpServer
+
+if TYPE_CHECKING:
+    from sidecar.runtime import SidecarRuntime
+
+JSON = "application/json"
+_DUMP_ORDER = ((xds.LISTENER, "listeners"), (xds.ROUTE, "routes"), (xds.CLUSTER, "clusters"),
+               (xds.ENDPOINT, "endpoints"))
+
+
+def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
+    return status, JSON, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+
+
+class AdminServer:
+    def __init__(self, runtime: SidecarRuntime) -> None:
+        self.runtime = runtime
+        self.started = time.time()
+        self._server: HttpServer | None = None
+        self._routes = {
+            "/ready": self.ready,
+            "/config_dump": self.config_dump,
+            "/clusters": self.clusters,
+            "/listeners": self.listeners,
+            "/server_info": self.server_info,
+            "/stats/prometheus": self.prometheus,
+            "/": self.index,
+        }
+
+    async def start(self, host: str, port: int) -> int:
+        """Serve on ``host:port`` (0 picks a free port); returns the bound port."""
+        self._server = await HttpServer.start(self.handle, host, port)
+        return self._server.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.close()
+
+    async def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple[int, str, bytes]:
+        handler = self._routes.get(path)
+        if handler is None:
+            return _json(404, {"error": f"no admin page {path}", "pages": sorted(self._routes)})
+        if method not in ("GET", "HEAD"):
+            return _json(405, {"error": f"{method} is not allowed on {path}"})
+        return handler()
+
+    # ------------------------------------------------------------------ pages
+
+    def state(self) -> str:
+        rt = self.runtime
+        if rt.draining:
+            return "DRAINING"
+        if rt.ads is None or not rt.ads.synced:
+            return "PRE_INITIALIZING"
+        if rt.registration is not None and not rt.registration.registered:
+            return "INITIALIZING"
+        return "LIVE"
+
+    def ready(self) -> tuple[int, str, bytes]:
+        state = self.state()
+        return (200 if state == "LIVE" else 503), "text/plain", (state + "\n").encode()
+
+    def index(self) -> tuple[int, str, bytes]:
+        return _json(200, {"pages": sorted(p for p in self._routes if p != "/")})
+
+    def server_info(self) -> tuple[int, str, bytes]:
+        rt = self.runtime
+        reg = rt.registration
+        return _json(200, {
+            "state": self.state(),
+            "node": rt.node.node_id,
+            "metadata": rt.node.metadata(),
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "control_plane": {"target": rt.ads.target, "connected": rt.ads.connected,
+                              "connects": rt.ads.connects} if rt.ads else None,
+            "registration": None if reg is None else {
+                "path": reg.path, "registered": reg.registered, "app_healthy": reg.healthy,
+                "zookeeper": reg.zk_state, "registrations": reg.registrations,
+                "consecutive_check_failures": reg.failures},
+        })
+
+    def listeners(self) -> tuple[int, str, bytes]:
+        n = self.runtime.node
+        return _json(200, {"outbound": {"address": "127.0.0.1", "port": n.outbound_port},
+                           "inbound": {"address": n.advertise_host, "port": n.inbound_port},
+                           "admin": {"address": "127.0.0.1", "port": n.admin_port}})
+
+    def config_dump(self) -> tuple[int, str, bytes]:
+        ads = self.runtime.ads
+        out: dict[str, Any] = {"node": self.runtime.node.node_id, "configs": {}}
+        for type_url, key in _DUMP_ORDER:
+            st = ads.state[type_url]
+            out["configs"][key] = {
+                "version_info": st.version,
+                "last_updated": st.updated_at or None,
+                "subscribed": list(st.names) if st.names else "*" if type_url in xds.WILDCARD_TYPES else [],
+                "accepted": st.accepted,
+                "rejected": st.rejected,
+                "last_nack": st.last_error or None,
+                "resources": [MessageToDict(m, preserving_proto_field_name=True) for _, m in sorted(st.raw.items())],
+            }
+        return _json(200, out)
+
+    def clusters(self) -> tuple[int, str, bytes]:
+        return _json(200, {"clusters": self.runtime.clusters_view()})
+
+    def prometheus(self) -> tuple[int, str, bytes]:
+        body, ctype = self.runtime.metrics.exposition()
+        return 200, ctype, body

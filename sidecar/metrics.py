@@ -1,0 +1,81 @@
+"""Prometheus exposition of the sidecar (``/stats/prometheus``).
+
+The data path only bumps plain integers (``sidecar.upstream.stats``); this collector reads them
+at scrape time, so the hot path never touches prometheus-client. Names carry the ``meshkeeper_``
+prefix; cluster statistics keep Envoy's names.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshkeeper import xds
+
+if TYPE_CHECKING:
+    from sidecar.runtime import SidecarRuntime
+
+_GAUGES = {"upstream_cx_active", "upstream_rq_active"}
+
+
+class SidecarCollector:
+    def __init__(self, runtime: SidecarRuntime) -> None:
+        self.runtime = runtime
+
+    def collect(self):
+        rt = self.runtime
+        rq = CounterMetricFamily("meshkeeper_upstream_rq", "Upstream requests by cluster and response code class",
+                                 labels=["cluster", "code_class"])
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for cluster in rt.clusters.admin_view():
+            name = cluster["name"]
+            for stat, value in cluster["stats"].items():
+                if stat.startswith("upstream_rq_") and stat[-3:] in ("1xx", "2xx", "3xx", "4xx", "5xx"):
+                    rq.add_metric([name, stat[-3:]], value)
+                    continue
+                fam = families.get(stat)
+                if fam is None:
+                    mname = f"meshkeeper_{stat}"
+                    fam = (GaugeMetricFamily(mname, f"Envoy-style cluster statistic {stat}", labels=["cluster"])
+                           if stat in _GAUGES else
+                           CounterMetricFamily(mname, f"Envoy-style cluster statistic {stat}", labels=["cluster"]))
+                    families[stat] = fam
+                fam.add_metric([name], value)
+        yield rq
+        yield from families.values()
+
+        down = rt.downstream_stats()
+        for key, value in down.items():
+            yield GaugeMetricFamily(f"meshkeeper_downstream_{key}", f"Downstream {key} (all listeners)", value=value)
+
+        ads = rt.ads
+        if ads is not None:
+            updates = CounterMetricFamily("meshkeeper_xds_updates", "xDS responses by type and result",
+                                          labels=["type", "result"])
+            for type_url, st in ads.state.items():
+                updates.add_metric([xds.SHORT_TYPE[type_url], "accepted"], st.accepted)
+                updates.add_metric([xds.SHORT_TYPE[type_url], "rejected"], st.rejected)
+            yield updates
+            yield GaugeMetricFamily("meshkeeper_xds_connected", "1 while the ADS stream is up", value=int(ads.connected))
+            yield GaugeMetricFamily("meshkeeper_xds_synced", "1 once the first full config is applied",
+                                    value=int(ads.synced))
+        reg = rt.registration
+        if reg is not None:
+            yield GaugeMetricFamily("meshkeeper_registration_registered", "1 while the instance znode exists",
+                                    value=int(reg.registered))
+            yield GaugeMetricFamily("meshkeeper_app_healthy", "1 while the local app passes health checks",
+                                    value=int(reg.healthy))
+            yield GaugeMetricFamily("meshkeeper_zookeeper_connected", "1 while the ZooKeeper session is connected",
+                                    value=int(reg.zk.connected))
+
+
+class SidecarMetrics:
+    def __init__(self, runtime: SidecarRuntime) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(SidecarCollector(runtime))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

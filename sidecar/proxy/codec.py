@@ -1,0 +1,70 @@
+"""HTTP/1.1 bytes the proxy writes or looks for, precomputed so the data path only indexes tables.
+
+- ``STATUS_LINES[code]``: the response status line, for every code 100..999 (Envoy also rewrites the
+  reason phrase rather than forwarding the upstream's).
+- ``REQUEST_HEADER_KIND``: request headers the connection manager handles itself instead of
+  forwarding. Hop-by-hop headers (RFC 9110 §7.6.1: Connection and the headers it names,
+  Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) never cross the proxy;
+  framing is re-applied on each side.
+"""
+
+from __future__ import annotations
+
+from http import HTTPStatus
+
+MAX_REQUEST_HEADERS_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default (60 KiB)
+
+# Kinds of request headers with special handling.
+H_HOST = 1
+H_CONNECTION = 2
+H_DROP = 3
+H_TRANSFER_ENCODING = 4
+H_EXPECT = 5
+H_CONTENT_LENGTH = 6
+
+REQUEST_HEADER_KIND: dict[bytes, int] = {
+    b"host": H_HOST,
+    b"connection": H_CONNECTION,
+    b"keep-alive": H_DROP,
+    b"proxy-connection": H_DROP,
+    b"te": H_DROP,
+    b"trailer": H_DROP,
+    b"upgrade": H_DROP,
+    b"transfer-encoding": H_TRANSFER_ENCODING,
+    b"expect": H_EXPECT,
+    b"content-length": H_CONTENT_LENGTH,
+}
+
+# Connection tokens that name no header to strip.
+CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))
+
+IDEMPOTENT_METHODS = frozenset((b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"))
+
+CHUNKED_HEADER = b"transfer-encoding: chunked\r\n"
+CONNECTION_CLOSE = b"connection: close\r\n"
+CONNECTION_KEEP_ALIVE = b"connection: keep-alive\r\n"
+CRLF = b"\r\n"
+LAST_CHUNK = b"0\r\n\r\n"
+
+
+def _status_lines() -> list[bytes]:
+    phrases = {s.value: s.phrase for s in HTTPStatus}
+    return [f"HTTP/1.1 {code} {phrases.get(code, 'Unknown')}\r\n".encode() for code in range(1000)]
+
+
+STATUS_LINES: list[bytes] = _status_lines()
+
+
+def chunk(data: bytes) -> tuple[bytes, bytes, bytes]:
+    """The pieces of one chunk of a chunked body (write them with ``writelines``)."""
+    return b"%x\r\n" % len(data), data, CRLF
+
+
+def strip_connection_named(pieces: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Drop the headers named by a Connection header from a list of (name, ": ", value, CRLF)
+    pieces that follows the 6-piece request line prefix used by the connection manager."""
+    out = pieces[:6]
+    for i in range(6, len(pieces), 4):
+        if pieces[i].lower() not in names:
+            out += pieces[i : i + 4]
+    return out

@@ -1,0 +1,69 @@
+"""Local replies: the responses the proxy generates itself, in Envoy's words.
+
+Each carries the response flag in ``x-meshkeeper-flags`` and a small JSON body
+``{"error": "...", "flags": "..."}``. The bytes of every reply are built once at import, in a
+keep-alive and a ``Connection: close`` variant, so answering an error costs one write.
+
+Also here: :func:`log_once`, so a data-path failure is logged the first time each cause is seen
+and only counted afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from http import HTTPStatus
+
+log = logging.getLogger("meshkeeper.sidecar.proxy")
+
+
+class LocalReply:
+    """A prebuilt error response."""
+
+    __slots__ = ("flag", "status", "message", "keep_alive_bytes", "close_bytes", "always_close")
+
+    def __init__(self, flag: str, status: int, message: str, always_close: bool = False) -> None:
+        self.flag = flag
+        self.status = status
+        self.message = message
+        self.always_close = always_close
+        body = json.dumps({"error": message, "flags": flag}).encode()
+        base = (
+            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
+            f"content-type: application/json\r\n"
+            f"content-length: {len(body)}\r\n"
+            f"x-meshkeeper-flags: {flag}\r\n"
+        ).encode()
+        self.keep_alive_bytes = base + b"\r\n" + body
+        self.close_bytes = base + b"connection: close\r\n\r\n" + body
+
+    def __repr__(self) -> str:
+        return f"LocalReply({self.status} {self.flag})"
+
+
+# Response flags as Envoy's access logs spell them.
+NO_ROUTE = LocalReply("NR", 404, "no route matched")
+NO_CLUSTER = LocalReply("NC", 503, "cluster not found")
+NO_HEALTHY_UPSTREAM = LocalReply("UH", 503, "no healthy upstream")
+CONNECT_FAILURE = LocalReply(
+    "UF", 503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure")
+UPSTREAM_RESET = LocalReply(
+    "UC", 502, "upstream connect error or disconnect/reset before headers. reset reason: connection termination")
+UPSTREAM_PROTOCOL_ERROR = LocalReply("UPE", 502, "upstream sent an invalid HTTP/1.1 response")
+UPSTREAM_TIMEOUT = LocalReply("UT", 504, "upstream request timeout")
+BAD_REQUEST = LocalReply("DPE", 400, "bad request", always_close=True)
+HEADERS_TOO_LARGE = LocalReply("DPE", 431, "request headers too large", always_close=True)
+
+UPSTREAM_RESETS = {"UC": UPSTREAM_RESET, "UPE": UPSTREAM_PROTOCOL_ERROR}
+
+CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+_logged: set[str] = set()
+
+
+def log_once(cause: str, message: str, *args: object, exc_info: BaseException | None = None) -> None:
+    """Log ``message`` the first time ``cause`` is seen in this process; later ones are only counted."""
+    if cause in _logged:
+        return
+    _logged.add(cause)
+    log.warning(message + " (logged once per cause; see stats for counts)", *args, exc_info=exc_info)

@@ -1,0 +1,59 @@
+"""The state of one request/response exchange on a downstream connection.
+
+A plain slotted record owned by the connection manager (``http.HttpConnectionManager``); it has no
+behaviour of its own. One is created per request, so its fields are kept flat and cheap to set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.proxy.router import RouteEntry
+    from sidecar.upstream.cluster import Cluster, Endpoint
+    from sidecar.upstream.pool import UpstreamConnection
+
+
+class Exchange:
+    __slots__ = (
+        # request, as parsed
+        "method", "url", "host", "headers", "keep_alive", "http10", "ka_token", "chunked", "has_body",
+        "expect", "conn_tokens", "headers_done", "complete", "discard", "pending", "pending_size",
+        # routing and upstream
+        "entry", "cluster", "endpoint", "conn", "connecting", "timer", "retried", "failed",
+        # response
+        "started", "resp_chunked", "status", "done",
+    )
+
+    def __init__(self) -> None:
+        self.method = b""
+        self.url = b""
+        self.host = b""
+        # The upstream request head, built in place: [method, " ", path, " HTTP/1.1\r\nhost: ",
+        # host, CRLF] then the forwarded headers as (name, ": ", value, CRLF) pieces.
+        self.headers: list[bytes] = [b"", b" ", b"", b" HTTP/1.1\r\nhost: ", b"", b"\r\n"]
+        self.keep_alive = True
+        self.http10 = False
+        self.ka_token = False  # "Connection: keep-alive" was sent
+        self.chunked = False
+        self.has_body = False
+        self.expect = False  # "Expect: 100-continue" still to be answered
+        self.conn_tokens: set[bytes] | None = None  # header names listed in Connection
+        self.headers_done = False
+        self.complete = False  # the whole request has been parsed
+        self.discard = False  # refused or after "Connection: close": read and dropped
+        self.pending: list[bytes] | None = None  # framed body bytes waiting for an upstream
+        self.pending_size = 0
+        self.entry: RouteEntry | None = None
+        self.cluster: Cluster | None = None
+        self.endpoint: Endpoint | None = None
+        self.conn: UpstreamConnection | None = None
+        self.connecting: asyncio.Task[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.retried = False
+        self.failed = False  # an upstream failure was answered locally (counts as an endpoint error)
+        self.started = False  # the response head has been written downstream
+        self.resp_chunked = False
+        self.status = 0
+        self.done = False

@@ -1,0 +1,159 @@
+"""Route matching: a RouteConfig compiled once into lookups the data path can afford per request.
+
+Virtual hosts are chosen by the request's authority (the Host header, or the authority of an
+absolute-form URI), case-insensitively, in Envoy's order of precedence:
+
+1. an exact domain (``catalog``, ``catalog.default``, ``catalog:8080``);
+2. ``name:*`` — that name with any port (``catalog:*`` matches ``catalog:8080``, not ``catalog``);
+3. ``*`` — the default virtual host.
+
+Within a virtual host the first route whose prefix starts the path (query string included, as
+Envoy's ``prefix`` match) wins. Weighted clusters are split by smooth weighted round robin, so a
+split of 90/10 sends exactly 9 of every 10 requests to the first cluster, and tests are exact.
+
+A Router is immutable after construction except for the positions of its weighted splits; the xDS
+layer builds a new one per RouteConfiguration and swaps it into the listener. Construction raises
+``ValueError`` for configs it cannot honour (turned into a NACK by the caller).
+"""
+
+from __future__ import annotations
+
+from sidecar.config import Route, RouteConfig, VirtualHost
+from sidecar.upstream.lb import SmoothWeightedRoundRobin
+
+AUTHORITY_CACHE_SIZE = 1024
+
+
+class RouteEntry:
+    """A compiled route. ``cluster()`` names the target cluster of one request."""
+
+    __slots__ = ("route", "prefix", "timeout", "_cluster", "_split")
+
+    def __init__(self, route: Route) -> None:
+        self.route = route
+        self.prefix = route.prefix.encode()
+        self.timeout = route.timeout if route.timeout > 0 else 0.0
+        self._split: SmoothWeightedRoundRobin[str] | None = None
+        if route.weighted_clusters:
+            choices = [(wc.name, wc.weight) for wc in route.weighted_clusters]
+            if any(not name for name, _ in choices) or any(w < 0 for _, w in choices):
+                raise ValueError(f"route {route.prefix!r}: weighted cluster without name or with negative weight")
+            if sum(w for _, w in choices) <= 0:
+                raise ValueError(f"route {route.prefix!r}: weighted clusters have a total weight of 0")
+            self._split = SmoothWeightedRoundRobin(choices)
+            self._cluster = ""
+        elif route.cluster:
+            self._cluster = route.cluster
+        else:
+            raise ValueError(f"route {route.prefix!r} names no cluster")
+
+    def cluster(self) -> str:
+        split = self._split
+        if split is None:
+            return self._cluster
+        return split.pick() or ""
+
+    def cluster_names(self) -> list[str]:
+        if self._split is None:
+            return [self._cluster]
+        return [wc.name for wc in self.route.weighted_clusters]
+
+
+class _CompiledVirtualHost:
+    __slots__ = ("vhost", "routes")
+
+    def __init__(self, vhost: VirtualHost) -> None:
+        self.vhost = vhost
+        self.routes = tuple(RouteEntry(r) for r in vhost.routes)
+
+    def match(self, path: bytes) -> RouteEntry | None:
+        for entry in self.routes:
+            if path.startswith(entry.prefix):
+                return entry
+        return None
+
+
+class Router:
+    """Compiled form of one RouteConfig; ``resolve`` is the per-request entry point."""
+
+    __slots__ = ("config", "_exact", "_any_port", "_default", "_cache")
+
+    def __init__(self, config: RouteConfig) -> None:
+        self.config = config
+        self._exact: dict[bytes, _CompiledVirtualHost] = {}
+        self._any_port: dict[bytes, _CompiledVirtualHost] = {}
+        self._default: _CompiledVirtualHost | None = None
+        self._cache: dict[bytes, _CompiledVirtualHost | None] = {}
+        for vhost in config.virtual_hosts:
+            compiled = _CompiledVirtualHost(vhost)
+            for domain in vhost.domains:
+                self._add_domain(domain, compiled)
+
+    def _add_domain(self, domain: str, compiled: _CompiledVirtualHost) -> None:
+        key = domain.strip().lower().encode()
+        if key == b"*":
+            if self._default is not None:
+                raise ValueError("domain '*' appears in more than one virtual host")
+            self._default = compiled
+            return
+        if not key or b"*" in key[:-1] or (key.endswith(b"*") and not key.endswith(b":*")):
+            raise ValueError(f"unsupported domain {domain!r} (exact, 'host:*' and '*' are honoured)")
+        table = self._any_port if key.endswith(b":*") else self._exact
+        name = key[:-2] if key.endswith(b":*") else key
+        if name in table:
+            raise ValueError(f"domain {domain!r} appears more than once")
+        table[name] = compiled
+
+    def cluster_names(self) -> set[str]:
+        """Every cluster any route can send to (for ``validate_clusters``-style checks)."""
+        names: set[str] = set()
+        vhosts = {id(v): v for v in (*self._exact.values(), *self._any_port.values())}
+        if self._default is not None:
+            vhosts[id(self._default)] = self._default
+        for vhost in vhosts.values():
+            for entry in vhost.routes:
+                names.update(entry.cluster_names())
+        return names
+
+    def virtual_host(self, authority: bytes) -> _CompiledVirtualHost | None:
+        cache = self._cache
+        try:
+            return cache[authority]
+        except KeyError:
+            pass
+        host = authority.lower()
+        found = self._exact.get(host)
+        if found is None and self._any_port:
+            name, port = _split_port(host)
+            if port:
+                found = self._any_port.get(name)
+        if found is None:
+            found = self._default
+        if len(cache) >= AUTHORITY_CACHE_SIZE:
+            cache.clear()
+        cache[authority] = found
+        return found
+
+    def resolve(self, authority: bytes, path: bytes) -> RouteEntry | None:
+        """The compiled route for a request, or None (404 NR)."""
+        vhost = self.virtual_host(authority)
+        if vhost is None:
+            return None
+        return vhost.match(path)
+
+    def lookup(self, authority: str | bytes, path: str | bytes) -> Route | None:
+        """The matching Route config, or None: a convenience over :meth:`resolve`."""
+        if isinstance(authority, str):
+            authority = authority.encode()
+        if isinstance(path, str):
+            path = path.encode()
+        entry = self.resolve(authority, path)
+        return entry.route if entry is not None else None
+
+
+def _split_port(host: bytes) -> tuple[bytes, bytes]:
+    """``name:port`` -> (name, port); IPv6 literals keep their brackets."""
+    colon = host.rfind(b":")
+    if colon < 0 or host.endswith(b"]"):
+        return host, b""
+    return host[:colon], host[colon + 1 :]

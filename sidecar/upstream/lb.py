@@ -1,0 +1,74 @@
+"""Smooth weighted round robin (nginx's algorithm), the cluster's ROUND_ROBIN load balancer.
+
+Each pick adds every item's weight to its current value, chooses the item with the largest
+current value (the first one on ties) and subtracts the total weight from it. The sequence is
+deterministic, interleaves heavy and light items instead of bursting, and repeats with a period
+of exactly the total weight: over any window of ``total`` consecutive picks every item is chosen
+exactly ``weight`` times (weights 1, 2, 7 give 1, 2 and 7 picks out of every 10).
+
+Because of that period, the balancer precomputes one whole cycle (after dividing the weights by
+their greatest common divisor) and a pick is an index step. Cycles longer than
+``MAX_PRECOMPUTED_CYCLE`` fall back to running the algorithm live, O(items) per pick.
+
+The balancer is immutable apart from its position: the owner builds a new one whenever the set of
+serving endpoints or their weights change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import reduce
+from math import gcd
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
+
+MAX_PRECOMPUTED_CYCLE = 1 << 16
+
+
+class SmoothWeightedRoundRobin(Generic[T]):
+    """Deterministic smooth WRR over ``(item, weight)`` pairs; weights <= 0 are left out."""
+
+    __slots__ = ("_cycle", "_index", "_items", "_weights", "_current", "_total")
+
+    def __init__(self, choices: Sequence[tuple[T, int]]) -> None:
+        pairs = [(item, int(weight)) for item, weight in choices if weight > 0]
+        self._items: list[T] = [item for item, _ in pairs]
+        divisor = reduce(gcd, (w for _, w in pairs), 0) or 1
+        self._weights: list[int] = [w // divisor for _, w in pairs]
+        self._total = sum(self._weights)
+        self._current: list[int] = [0] * len(pairs)
+        self._index = 0
+        self._cycle: list[T] | None = None
+        if 0 < self._total <= MAX_PRECOMPUTED_CYCLE:
+            self._cycle = [self._step() for _ in range(self._total)]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @property
+    def items(self) -> list[T]:
+        return list(self._items)
+
+    def pick(self) -> T | None:
+        cycle = self._cycle
+        if cycle is not None:
+            i = self._index
+            self._index = i + 1 if i + 1 < self._total else 0
+            return cycle[i]
+        if not self._items:
+            return None
+        return self._step()
+
+    def _step(self) -> T:
+        current = self._current
+        weights = self._weights
+        best = 0
+        best_value = None
+        for i in range(len(current)):
+            value = current[i] + weights[i]
+            current[i] = value
+            if best_value is None or value > best_value:
+                best, best_value = i, value
+        current[best] -= self._total
+        return self._items[best]

@@ -1,0 +1,60 @@
+"""Plain-integer counters of clusters and endpoints, declared in one list each.
+
+The data path only does ``stats.name += 1``; nothing here logs or talks to Prometheus. The admin
+and metrics layers read :meth:`Counters.snapshot` later. Names follow Envoy's cluster statistics
+(``upstream_cx_*`` for connections, ``upstream_rq_*`` for requests).
+"""
+
+from __future__ import annotations
+
+CLUSTER_STATS: tuple[str, ...] = (
+    "upstream_cx_total",  # connections opened
+    "upstream_cx_active",  # connections open now (idle or busy)
+    "upstream_cx_connect_fail",  # connect errors, timeouts included
+    "upstream_cx_connect_timeout",
+    "upstream_cx_destroy_remote_with_active_rq",  # upstream closed while a request was in flight
+    "upstream_cx_protocol_error",  # unparseable response or response headers over the limit
+    "upstream_cx_none_healthy",  # a request found no serving endpoint (503 UH)
+    "upstream_rq_total",
+    "upstream_rq_active",
+    "upstream_rq_1xx",
+    "upstream_rq_2xx",
+    "upstream_rq_3xx",
+    "upstream_rq_4xx",
+    "upstream_rq_5xx",
+    "upstream_rq_timeout",  # route timeout fired (504 UT)
+    "upstream_rq_rx_reset",  # upstream reset before or during the response (502 UC)
+    "upstream_rq_retry_stale",  # request replayed once because a reused connection was dead
+)
+
+
+class Counters:
+    """Base class: subclasses set ``FIELDS``; every field starts at 0."""
+
+    __slots__ = ()
+    FIELDS: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        for name in self.FIELDS:
+            setattr(self, name, 0)
+
+    def snapshot(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.FIELDS}
+
+
+class ClusterStats(Counters):
+    __slots__ = CLUSTER_STATS
+    FIELDS = CLUSTER_STATS
+
+    def count_status(self, status: int) -> None:
+        if status < 300:
+            if status < 200:
+                self.upstream_rq_1xx += 1
+            else:
+                self.upstream_rq_2xx += 1
+        elif status < 400:
+            self.upstream_rq_3xx += 1
+        elif status < 500:
+            self.upstream_rq_4xx += 1
+        else:
+            self.upstream_rq_5xx += 1

@@ -1,0 +1,105 @@
+"""Fixtures shared by every test directory (helpers in tests/harness).
+
+ZooKeeper:
+    zk_server   session-wide ZooKeeper; tests isolate themselves with ``namespace``. Never stop it.
+    zk          a ZooKeeper of the test's own, for tests that stop, kill or restart it.
+    namespace   a registry namespace no other test uses.
+    zk_client   a connected kazoo client on ``zk_server``, closed in teardown.
+Processes:
+    procs       a ProcessGroup: ``procs.controlplane(...)``, ``procs.sidecar(...)``, ``procs.app(...)``,
+                ``procs.meshkeeper(...)``; stopped in teardown, their stderr attached to failures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from meshkeeper.demo.process import kill_all, live_processes
+from tests.harness import ProcessGroup, ZooKeeper, unique_namespace
+
+_BENIGN_ZK_WARNINGS = ("running in standalone mode", "maxCnxns is not configured")
+_GROUP_KEY = pytest.StashKey[ProcessGroup]()
+_ZK_KEY = pytest.StashKey[ZooKeeper]()
+
+
+@pytest.fixture(scope="session")
+def zk_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ZooKeeper]:
+    server = ZooKeeper(tmp_path_factory.mktemp("zk-session"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def zk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ZooKeeper]:
+    server = ZooKeeper(tmp_path / "zk")
+    request.node.stash[_ZK_KEY] = server
+    server.start()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def namespace(request: pytest.FixtureRequest) -> str:
+    return unique_namespace(request.node.name)
+
+
+@pytest.fixture
+def zk_client(zk_server: ZooKeeper) -> Iterator[object]:
+    from kazoo.client import KazooClient
+
+    client = KazooClient(hosts=zk_server.hosts, timeout=5.0)
+    client.start(timeout=10)
+    try:
+        yield client
+    finally:
+        client.stop()
+        client.close()
+
+
+@pytest.fixture
+def procs(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProcessGroup]:
+    group = ProcessGroup(tmp_path / "logs")
+    request.node.stash[_GROUP_KEY] = group
+    try:
+        yield group
+    finally:
+        group.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    report = yield
+    if report.failed and report.when in ("setup", "call"):
+        group = item.stash.get(_GROUP_KEY, None)
+        if group is not None and group.processes:
+            report.sections.append(("meshkeeper processes (stderr tails)", group.logs()))
+        server = item.stash.get(_ZK_KEY, None)
+        if server is not None:
+            problems = [
+                line
+                for line in server.log_tail(400).splitlines()
+                if (" WARN " in line or " ERROR " in line) and not any(b in line for b in _BENIGN_ZK_WARNINGS)
+            ]
+            state = "running" if server.running() else "stopped"
+            text = "\n".join(problems[-15:]) or "(no warnings)"
+            report.sections.append((f"zookeeper {server.hosts}, {state}: warnings in {server.log_path}", text))
+    return report
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    # Fixtures stop what they start; anything still alive here leaked from a test.
+    leaked = [p.describe() for p in live_processes()]
+    kill_all()
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if leaked and reporter is not None:
+        reporter.write_line("processes left running after the tests (now killed):", red=True)
+        for line in leaked:
+            reporter.write_line(f"  {line}", red=True)

@@ -1,0 +1,347 @@
+"""Registry snapshots from watch events, without ZooKeeper (controlplane.snapshot, controlplane.watch).
+
+``FakeZk`` is an in-memory ZooKeeper with one-shot watches that implements the watch's
+``ZkSource``; tests drive its session state and can hold reads back to catch partial publishes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from controlplane.metrics import Metrics
+from controlplane.snapshot import RegistrySnapshot, RegistryTree
+from controlplane.watch import RegistryWatch
+from meshkeeper.registry import Override
+
+DEBOUNCE = 0.01
+SVC = "/meshkeeper/default/services/catalog"
+
+
+class ConnectionLoss(Exception):
+    pass
+
+
+class FakeZk:
+    def __init__(self) -> None:
+        self.nodes: dict[str, tuple[bytes, int]] = {}
+        self.zxid = 0
+        self.child_watches: set[str] = set()
+        self.data_watches: set[str] = set()
+        self.exists_watches: set[str] = set()
+        self.gate: asyncio.Event | None = None  # when set, reads wait for it
+        self.fail = False
+        self.reads = 0
+
+    # -- ZkSource
+
+    def start(self, on_event, on_state) -> None:
+        self.on_event, self.on_state = on_event, on_state
+
+    async def _read(self) -> None:
+        self.reads += 1
+        await asyncio.sleep(0)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail:
+            raise ConnectionLoss()
+
+    async def children(self, path: str) -> list[str] | None:
+        await self._read()
+        if path not in self.nodes:
+            self.exists_watches.add(path)
+            return None
+        self.child_watches.add(path)
+        return sorted(p[len(path) + 1:] for p in self.nodes if p.rpartition("/")[0] == path)
+
+    async def data(self, path: str) -> tuple[bytes, int] | None:
+        await self._read()
+        if path not in self.nodes:
+            return None
+        self.data_watches.add(path)
+        return self.nodes[path]
+
+    async def stop(self) -> None:
+        pass
+
+    # -- test side: writes fire one-shot watches, as ZooKeeper does
+
+    def _fire(self, watches: set[str], path: str) -> None:
+        if path in watches:
+            watches.discard(path)
+            asyncio.get_running_loop().call_soon(self.on_event, path)
+
+    def write(self, path: str, obj: object = None) -> None:
+        data = b"" if obj is None else (obj if isinstance(obj, bytes) else json.dumps(obj).encode())
+        parent = path.rpartition("/")[0]
+        if parent and parent not in self.nodes:
+            self.write(parent)
+        self.zxid += 1
+        created = path not in self.nodes
+        self.nodes[path] = (data, self.zxid)
+        if created:
+            self._fire(self.exists_watches, path)
+            self._fire(self.child_watches, parent)
+        else:
+            self._fire(self.data_watches, path)
+
+    def delete(self, path: str) -> None:
+        for p in sorted([p for p in self.nodes if p == path or p.startswith(path + "/")], reverse=True):
+            del self.nodes[p]
+            for w in (self.data_watches, self.child_watches, self.exists_watches):
+                self._fire(w, p)
+            self._fire(self.child_watches, p.rpartition("/")[0])
+
+
+def instance(host: str, port: int = 15006, **extra) -> dict:
+    return {"address": host, "port": port, **extra}
+
+
+class Harness:
+    def __init__(self) -> None:
+        self.zk = FakeZk()
+        self.metrics = Metrics()
+        self.published: list[RegistrySnapshot] = []
+        self.watch = RegistryWatch(self.zk, self.published.append, metrics=self.metrics, debounce=DEBOUNCE)
+        self.watch.start()
+
+    async def until(self, cond, within: float = 2.0):
+        deadline = asyncio.get_running_loop().time() + within
+        while not (got := cond()):
+            assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+            await asyncio.sleep(0.002)
+        return got
+
+    async def quiet(self) -> None:
+        """Long enough for any debounced publish to have happened (for 'nothing was published')."""
+        await asyncio.sleep(DEBOUNCE * 8)
+
+    async def next_snapshot(self, after: int) -> RegistrySnapshot:
+        await self.until(lambda: len(self.published) > after)
+        return self.published[-1]
+
+    def bad_count(self, kind: str) -> float:
+        return self.metrics.registry.get_sample_value("meshkeeper_registry_bad_znodes_total", {"kind": kind}) or 0
+
+    def instances(self, snap: RegistrySnapshot | None = None, ns: str = "default", svc: str = "catalog"):
+        snap = snap or self.published[-1]
+        return dict(snap.services(ns)[svc].instances)
+
+
+def seed(zk: FakeZk) -> None:
+    zk.write(SVC, {"protocol": "http"})
+    zk.write(f"{SVC}/instances/10.0.0.1:15006", instance("10.0.0.1", labels={"version": "v1"}))
+    zk.write(f"{SVC}/instances/10.0.0.2:15006", instance("10.0.0.2"))
+    zk.write(f"{SVC}/overrides/10.0.0.2:15006", {"weight": 3})
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_initial_snapshot_has_the_whole_tree():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write("/meshkeeper/prod/services/api", {"protocol": "grpc"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert snap.version == 1
+        assert set(snap.namespaces) == {"default", "prod"}
+        assert set(h.instances(snap)) == {"10.0.0.1:15006", "10.0.0.2:15006"}
+        assert h.instances(snap)["10.0.0.1:15006"].version == "v1"
+        assert snap.services("default")["catalog"].overrides["10.0.0.2:15006"] == Override(weight=3)
+        assert snap.services("prod")["api"].record.protocol == "grpc"
+        await h.quiet()
+        assert len(h.published) == 1
+    run(main())
+
+
+def test_empty_registry_publishes_an_empty_snapshot_and_picks_up_later_creation():
+    async def main():
+        h = Harness()
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert dict(snap.namespaces) == {}
+        seed(h.zk)  # /meshkeeper did not exist: its exists-watch fires
+        snap = await h.until(lambda: h.published[-1].services("default").get("catalog") and
+                             len(h.instances()) == 2 and h.published[-1])
+        assert snap.version > 1
+    run(main())
+
+
+def test_nothing_published_until_initial_reads_are_done():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.gate = asyncio.Event()
+        h.zk.on_state("CONNECTED")
+        await h.quiet()
+        assert h.published == []
+        h.zk.gate.set()
+        snap = await h.next_snapshot(0)
+        assert len(h.instances(snap)) == 2
+    run(main())
+
+
+def test_changes_are_debounced_into_one_snapshot():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        for i in range(3, 8):
+            h.zk.write(f"{SVC}/instances/10.0.0.{i}:15006", instance(f"10.0.0.{i}"))
+        h.zk.write(f"{SVC}/overrides/10.0.0.1:15006", {"enabled": False})
+        snap = await h.until(lambda: len(h.published) > 1 and h.published[-1])
+        await h.quiet()
+        assert len(h.published) == 2 and snap.version == 2
+        assert len(h.instances(snap)) == 7
+        assert snap.services("default")["catalog"].overrides["10.0.0.1:15006"].enabled is False
+    run(main())
+
+
+def test_override_update_and_delete_and_instance_removal():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        h.zk.write(f"{SVC}/overrides/10.0.0.2:15006", {"weight": 50})
+        snap = await h.next_snapshot(1)
+        assert snap.services("default")["catalog"].overrides["10.0.0.2:15006"].weight == 50
+        h.zk.delete(f"{SVC}/overrides/10.0.0.2:15006")
+        h.zk.delete(f"{SVC}/instances/10.0.0.1:15006")
+        snap = await h.until(lambda: not h.published[-1].services("default")["catalog"].overrides
+                             and len(h.instances()) == 1 and h.published[-1])
+        assert list(h.instances(snap)) == ["10.0.0.2:15006"]
+        h.zk.delete(SVC)
+        await h.until(lambda: "catalog" not in h.published[-1].services("default"))
+    run(main())
+
+
+def test_bad_znodes_are_skipped_counted_once_and_never_empty_a_service():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(f"{SVC}/instances/10.0.0.3:15006", b"{not json")
+        h.zk.write(f"{SVC}/instances/10.0.0.4:15006", instance("10.0.0.4", colour="red"))  # unknown field
+        h.zk.write(f"{SVC}/instances/10.0.0.5:15006", instance("10.0.0.6"))  # name and record disagree
+        h.zk.write(f"{SVC}/instances/not-an-endpoint", instance("10.0.0.7"))
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert set(h.instances(snap)) == {"10.0.0.1:15006", "10.0.0.2:15006"}
+        assert h.bad_count("instance") == 4
+        # an unrelated change re-reads the children: the same bad payloads are not counted again
+        h.zk.write(f"{SVC}/instances/10.0.0.8:15006", instance("10.0.0.8"))
+        await h.until(lambda: "10.0.0.8:15006" in h.instances())
+        assert h.bad_count("instance") == 4
+        # a good instance turning bad keeps its last good record
+        h.zk.write(f"{SVC}/instances/10.0.0.1:15006", instance("10.0.0.1", weight=-1))
+        await h.until(lambda: h.bad_count("instance") == 5)
+        await h.quiet()
+        assert h.instances()["10.0.0.1:15006"].version == "v1"
+        assert h.metrics.registry.get_sample_value("meshkeeper_registry_bad_znodes_current") == 5
+        # ... and is replaced once fixed
+        h.zk.write(f"{SVC}/instances/10.0.0.1:15006", instance("10.0.0.1", weight=7))
+        await h.until(lambda: h.instances()["10.0.0.1:15006"].weight == 7)
+        # a bad service record with no good one before: the service is left out, others stay
+        h.zk.write("/meshkeeper/default/services/broken", {"protocol": "smtp"})
+        h.zk.write("/meshkeeper/default/services/Bad_Name", {"protocol": "http"})
+        await h.until(lambda: h.bad_count("service") == 2)
+        await h.quiet()
+        assert set(h.published[-1].services("default")) == {"catalog"}
+    run(main())
+
+
+def test_bad_override_keeps_last_good_override():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        h.zk.write(f"{SVC}/overrides/10.0.0.2:15006", {"weight": "heavy"})
+        await h.until(lambda: h.bad_count("override") == 1)
+        await h.quiet()
+        assert h.published[-1].services("default")["catalog"].overrides["10.0.0.2:15006"].weight == 3
+    run(main())
+
+
+def test_suspended_keeps_last_snapshot_and_reconnect_rereads_everything():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        first = await h.next_snapshot(0)
+        h.zk.on_state("SUSPENDED")
+        h.zk.fail = True  # reads in flight or retried fail while the connection is down
+        # while suspended no watch events arrive; the registry changes underneath
+        h.zk.child_watches.clear()
+        h.zk.data_watches.clear()
+        h.zk.delete(f"{SVC}/instances/10.0.0.1:15006")
+        h.zk.write(f"{SVC}/instances/10.0.0.9:15006", instance("10.0.0.9"))
+        await h.quiet()
+        assert h.published == [first]
+        assert h.metrics.registry.get_sample_value("meshkeeper_zookeeper_connected") == 0
+        # reconnect: full re-read, published only once whole
+        h.zk.fail = False
+        h.zk.gate = asyncio.Event()
+        h.zk.on_state("CONNECTED")
+        await h.quiet()
+        assert h.published == [first]
+        h.zk.gate.set()
+        snap = await h.next_snapshot(1)
+        assert set(h.instances(snap)) == {"10.0.0.2:15006", "10.0.0.9:15006"}
+        assert h.metrics.registry.get_sample_value("meshkeeper_zookeeper_resyncs_total") == 2
+    run(main())
+
+
+def test_lost_session_then_unchanged_registry_publishes_nothing_new():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        h.zk.on_state("LOST")
+        h.zk.on_state("CONNECTED")
+        await h.until(lambda: h.watch.state == "CONNECTED")
+        reads = h.zk.reads
+        await h.until(lambda: h.zk.reads >= reads)
+        await h.quiet()
+        assert [s.version for s in h.published] == [1]  # same content: no new version, no push
+        # watches were re-armed by the re-read
+        h.zk.write(f"{SVC}/overrides/10.0.0.1:15006", {"weight": 1})
+        snap = await h.next_snapshot(1)
+        assert snap.version == 2
+    run(main())
+
+
+def test_read_errors_while_connected_are_retried_before_publishing():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.fail = True
+        h.zk.on_state("CONNECTED")
+        await h.quiet()
+        assert h.published == []
+        h.zk.fail = False
+        snap = await h.next_snapshot(0)  # retried after RETRY_DELAY
+        assert len(h.instances(snap)) == 2
+    run(main())
+
+
+def test_tree_reset_keeps_last_good_records():
+    tree = RegistryTree()
+    tree.set_namespaces("/meshkeeper", ["default"])
+    tree.set_services("default", "/meshkeeper/default/services", ["catalog"])
+    tree.set_service_data("default", "catalog", SVC, b'{"protocol":"http"}', 1)
+    tree.reset()
+    tree.set_namespaces("/meshkeeper", ["default"])
+    tree.set_services("default", "/meshkeeper/default/services", ["catalog"])
+    tree.set_service_data("default", "catalog", SVC, b'{"protocol":"nope"}', 2)
+    snap = tree.build(1)
+    assert snap.services("default")["catalog"].record.protocol == "http"
+    assert SVC in tree.bad
