@@ -315,7 +315,8 @@ def report(results: list[Result], direct: Result, args: argparse.Namespace, argv
     lines = [
         "# Benchmark results",
         "",
-        f"Recorded {now} by `{shlex.join(['python', 'bench/run.py', *argv])}` (see bench/run.py).",
+        f"Recorded {now} by `{shlex.join(['.venv/bin/python', 'bench/run.py', *argv])}`"
+        f" (`make bench BENCH_ARGS=...`; see bench/run.py).",
         "",
         f"Upstream: one nginx worker returning 13 bytes. Load generators and upstream pinned to CPU {LOAD_CPU},",
         f"the proxy under test alone on CPU {PROXY_CPU}. Throughput: wrk, 1 thread, {args.connections} keep-alive",

@@ -15,9 +15,10 @@ import collections.abc
 import dataclasses
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes",

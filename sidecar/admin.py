@@ -35,8 +35,8 @@ def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
 
 
 class AdminServer:
-    def __init__(self, runtime: SidecarRuntime) -> None:
-        self.runtime = runtime
+    def __init__(self, runtime: SidecarRuntime | None = None) -> None:
+        self.runtime = runtime  # set once the sidecar's node (with the admin port) is known
         self.started = time.time()
         self._server: HttpServer | None = None
         self._routes = {
@@ -60,6 +60,8 @@ class AdminServer:
 
     async def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple[int, str, bytes]:
         handler = self._routes.get(path)
+        if self.runtime is None:
+            return 503, "text/plain", b"PRE_INITIALIZING\n"
         if handler is None:
             return _json(404, {"error": f"no admin page {path}", "pages": sorted(self._routes)})
         if method not in ("GET", "HEAD"):
@@ -72,7 +74,7 @@ class AdminServer:
         rt = self.runtime
         if rt.draining:
             return "DRAINING"
-        if rt.ads is None or not rt.ads.synced:
+        if rt.ads is None or not rt.ads.initialized:
             return "PRE_INITIALIZING"
         if rt.registration is not None and not rt.registration.registered:
             return "INITIALIZING"

@@ -119,25 +119,16 @@ async def run(args: argparse.Namespace) -> int:
 
     primary = args.worker_index == 0
     reuse = args.workers > 1 or not primary
+    admin = AdminServer() if primary else None
     try:
         outbound_sock = bind("127.0.0.1", args.outbound_port, reuse)
         inbound_sock = bind(args.inbound_bind, args.inbound_port, reuse)
+        admin_port = await admin.start("127.0.0.1", args.admin_port) if admin else 0
     except OSError as exc:
         print(f"meshkeeper sidecar: cannot bind a listener: {exc}", file=sys.stderr)
         return 1
     outbound_port = outbound_sock.getsockname()[1]
     inbound_port = inbound_sock.getsockname()[1]
-    admin = None
-    admin_port = 0
-    if primary:
-        from sidecar.admin import AdminServer
-
-        admin = AdminServer(runtime := SidecarRuntime())
-        try:
-            admin_port = await admin.start("127.0.0.1", args.admin_port)
-        except OSError as exc:
-            print(f"meshkeeper sidecar: cannot bind the admin port: {exc}", file=sys.stderr)
-            return 1
 
     node_id = NodeInfo.make_id(args.advertise_host, args.service, inbound_port, args.namespace)
     if not primary:
@@ -159,7 +150,6 @@ async def run(args: argparse.Namespace) -> int:
     ads.start()
 
     workers: list[subprocess.Popen] = []
-    admin = None
     if primary:
         labels = {k: v for k, v in (("version", args.version), ("zone", args.zone)) if v}
         record = InstanceRecord(address=args.advertise_host, port=inbound_port, weight=args.weight,
@@ -173,11 +163,10 @@ async def run(args: argparse.Namespace) -> int:
         registration = Registration(zk_hosts=args.zk, session_timeout=args.zk_session_timeout,
                                     paths=Paths(args.namespace), service=args.service, record=record,
                                     service_record=ServiceRecord(protocol=args.protocol), check=check,
-                                    interval=args.health_interval, gate=lambda: ads.synced)
+                                    interval=args.health_interval, gate=lambda: ads.initialized)
         runtime.registration = registration
         registration.start()
-        admin = AdminServer(runtime)
-        await admin.start(admin_sock)
+        admin.runtime = runtime
         workers = _spawn_workers(args, outbound_port, inbound_port)
 
     print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
@@ -190,7 +179,9 @@ async def run(args: argparse.Namespace) -> int:
         await registration.deregister_and_stop()
     for w in workers:
         w.send_signal(signal.SIGTERM)
-    await runtime.drain(args.drain_timeout)
+    drained = await runtime.drain(args.drain_timeout)
+    if not drained:
+        log.warning("drain timeout: reset the connections still open")
     await ads.stop()
     if admin is not None:
         await admin.stop()

@@ -18,7 +18,7 @@ from meshkeeper import xds
 if TYPE_CHECKING:
     from sidecar.runtime import SidecarRuntime
 
-_GAUGES = {"upstream_cx_active", "upstream_rq_active"}
+_GAUGES = {"upstream_cx_active", "upstream_rq_active"}  # the rest are counters
 
 
 class SidecarCollector:
@@ -47,9 +47,16 @@ class SidecarCollector:
         yield rq
         yield from families.values()
 
-        down = rt.downstream_stats()
-        for key, value in down.items():
-            yield GaugeMetricFamily(f"meshkeeper_downstream_{key}", f"Downstream {key} (all listeners)", value=value)
+        down: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
+        for listener in rt.listeners_view():
+            for stat, value in listener["stats"].items():
+                fam = down.get(stat)
+                if fam is None:
+                    mname = f"meshkeeper_listener_{stat}"
+                    kind = GaugeMetricFamily if stat.endswith("_active") else CounterMetricFamily
+                    fam = down[stat] = kind(mname, f"Envoy-style listener statistic {stat}", labels=["listener"])
+                fam.add_metric([listener["name"]], value)
+        yield from down.values()
 
         ads = rt.ads
         if ads is not None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import NodeExistsError, NoNodeError
@@ -63,7 +63,7 @@ async def check_tcp(host: str, port: int, timeout: float = CHECK_TIMEOUT) -> boo
 class Registration:
     def __init__(self, *, zk_hosts: str, session_timeout: float, paths: Paths, service: str,
                  record: InstanceRecord, service_record: ServiceRecord,
-                 check: Callable[[], "asyncio.Future[bool]"], interval: float = 1.0,
+                 check: Callable[[], asyncio.Future[bool]], interval: float = 1.0,
                  gate: Callable[[], bool] = lambda: True,
                  on_change: Callable[[], None] | None = None) -> None:
         self.paths = paths
@@ -86,6 +86,7 @@ class Registration:
         self.failures = 0  # consecutive failed checks
         self.last_check_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._deleting = False  # our own delete is in flight: its watch event is expected
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -153,7 +154,7 @@ class Registration:
         self.on_change()
 
     def _node_deleted(self) -> None:
-        if self.registered and not self.draining:
+        if self.registered and not self.draining and not self._deleting:
             log.warning("instance znode %s was deleted; re-creating it", self.path)
             self.registered = False
             self._wake.set()
@@ -178,7 +179,11 @@ class Registration:
                         self.registrations += 1
                         log.info("registered %s", self.path)
                     else:
-                        await loop.run_in_executor(None, self._delete)
+                        self._deleting = True
+                        try:
+                            await loop.run_in_executor(None, self._delete)
+                        finally:
+                            self._deleting = False
                         self.registered = False
                         log.info("deregistered %s (app unhealthy)", self.path)
                     self.on_change()

@@ -93,6 +93,8 @@ class AppServer(ThreadingHTTPServer):
 
 class AppHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle on, the second waits for a delayed ACK (40 ms).
+    disable_nagle_algorithm = True
     server: AppServer
 
     def do_GET(self) -> None:

@@ -16,8 +16,9 @@ import asyncio
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import grpc
 from envoy.config.cluster.v3 import cluster_pb2
@@ -96,6 +97,7 @@ class AdsClient:
         self.backoff_max = backoff_max
         self.state = {t: TypeState() for t in _MESSAGES}
         self.connected = False
+        self._initialized = False
         self.connects = 0
         self._queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] | None = None
         self._task: asyncio.Task | None = None
@@ -114,8 +116,16 @@ class AdsClient:
                 pass
 
     @property
+    def initialized(self) -> bool:
+        """True from the first time the config was complete (Envoy's initial fetch): it never
+        goes back, so that a later update that waits for EDS does not make the sidecar unready."""
+        if not self._initialized and self.synced:
+            self._initialized = True
+        return self._initialized
+
+    @property
     def synced(self) -> bool:
-        """True once LDS and CDS were accepted and every subscribed RDS/EDS name has arrived."""
+        """True while LDS and CDS are accepted and every subscribed RDS/EDS name has arrived."""
         lds, cds, rds, eds = (self.state[t] for t in (xds.LISTENER, xds.CLUSTER, xds.ROUTE, xds.ENDPOINT))
         if not (lds.received and cds.received):
             return False

@@ -221,6 +221,8 @@ def test_control_plane_restart_keeps_routing_and_resyncs(procs, zk_server, zk_cl
     xds_port = free_port()
     mesh = start_mesh(procs, zk_server.hosts, namespace, zk_client, xds_port=xds_port)
     client = Client(mesh.frontend.port("outbound_port"))
+    # Settled: the frontend's own registration has reached its config too.
+    wait_until(lambda: f"outbound|frontend.{namespace}" in mesh.clusters(), 5, message="frontend cluster")
     before = json.loads(http_get(f"{mesh.frontend.admin_url}/config_dump")[2])["configs"]
 
     failures: list = []

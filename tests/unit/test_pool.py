@@ -13,7 +13,14 @@ from typing import Any
 
 import pytest
 
-from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, BODY_LENGTH, BODY_NONE, ConnectFailure, ConnectionPool
+from sidecar.upstream.pool import (
+    BODY_CHUNKED,
+    BODY_EOF,
+    BODY_LENGTH,
+    BODY_NONE,
+    ConnectFailure,
+    ConnectionPool,
+)
 from sidecar.upstream.stats import ClusterStats
 
 

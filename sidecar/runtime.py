@@ -1,0 +1,104 @@
+"""The sidecar's live state, and the one place where accepted xDS config meets the data path.
+
+:class:`SidecarRuntime` is the ADS client's ``ConfigSink``. Each ``apply_*`` call gets the
+complete, converted set of one type; it compiles everything it needs first (routers) and only then
+swaps, so a config that fails to compile raises before anything changed and is NACKed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from typing import TYPE_CHECKING, Any
+
+from meshkeeper import xds
+from meshkeeper.xds import NodeInfo
+from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
+from sidecar.metrics import SidecarMetrics
+from sidecar.proxy.listener import Listener, ListenerRuntime, start_listener
+from sidecar.proxy.router import Router
+from sidecar.upstream.cluster import ClusterManager
+from sidecar.xds.convert import XdsError
+
+if TYPE_CHECKING:
+    from sidecar.registration import Registration
+    from sidecar.xds.client import AdsClient
+
+log = logging.getLogger("meshkeeper.sidecar")
+
+BOUND_LISTENERS = (xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER)
+
+
+class SidecarRuntime:
+    def __init__(self, node: NodeInfo) -> None:
+        self.node = node
+        self.clusters = ClusterManager()
+        self.listener_runtimes = {name: ListenerRuntime(name, self.clusters) for name in BOUND_LISTENERS}
+        self.listeners: list[Listener] = []
+        self.listener_configs: dict[str, ListenerConfig] = {}
+        self.route_configs: dict[str, RouteConfig] = {}
+        self.ads: AdsClient | None = None
+        self.registration: Registration | None = None
+        self.draining = False
+        self.metrics = SidecarMetrics(self)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start_listeners(self, outbound: socket.socket, inbound: socket.socket) -> None:
+        self.listeners = [await start_listener(self.listener_runtimes[xds.OUTBOUND_LISTENER], outbound),
+                          await start_listener(self.listener_runtimes[xds.INBOUND_LISTENER], inbound)]
+
+    async def drain(self, limit: float) -> bool:
+        results = await asyncio.gather(*(lst.drain(limit) for lst in self.listeners))
+        return all(results)
+
+    # ------------------------------------------------------------------ ConfigSink
+
+    def apply_clusters(self, clusters: dict[str, ClusterConfig]) -> None:
+        self.clusters.update_clusters(clusters)
+
+    def apply_endpoints(self, assignments: dict[str, tuple[EndpointConfig, ...]]) -> None:
+        for name, endpoints in assignments.items():
+            self.clusters.update_endpoints(name, endpoints)
+
+    def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None:
+        unknown = sorted(set(listeners) - set(BOUND_LISTENERS))
+        if unknown:
+            raise XdsError(f"listener {unknown[0]!r}: this sidecar binds only {', '.join(BOUND_LISTENERS)}")
+        routers = self._routers(listeners, self.route_configs)
+        self.listener_configs = dict(listeners)
+        self._swap(routers)
+
+    def apply_routes(self, routes: dict[str, RouteConfig]) -> None:
+        merged = {**self.route_configs, **routes}
+        routers = self._routers(self.listener_configs, merged)
+        self.route_configs = merged
+        self._swap(routers)
+
+    def _routers(self, listeners: dict[str, ListenerConfig], routes: dict[str, RouteConfig]) -> dict[str, Router | None]:
+        """Compile the router of every bound listener; raises ValueError before anything changes."""
+        out: dict[str, Router | None] = {}
+        for name in BOUND_LISTENERS:
+            cfg = listeners.get(name)
+            if cfg is None:
+                out[name] = None
+            elif cfg.route_config is not None:
+                out[name] = Router(cfg.route_config)
+            else:
+                rc = routes.get(cfg.rds_name)
+                # Until RDS delivers it, keep the listener's current router (Envoy's warming).
+                out[name] = Router(rc) if rc is not None else self.listener_runtimes[name].router
+        return out
+
+    def _swap(self, routers: dict[str, Router | None]) -> None:
+        for name, router in routers.items():
+            self.listener_runtimes[name].router = router
+
+    # ------------------------------------------------------------------ views
+
+    def clusters_view(self) -> list[dict[str, Any]]:
+        return self.clusters.admin_view()
+
+    def listeners_view(self) -> list[dict[str, Any]]:
+        return [rt.admin_view() for rt in self.listener_runtimes.values()]

@@ -1,0 +1,109 @@
+"""ClusterManager: CDS/EDS updates keep runtime state, picks follow weights over serving endpoints."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+from sidecar.config import ClusterConfig, EndpointConfig
+from sidecar.upstream.cluster import ClusterManager
+from tests.unit.test_pool import FakeConnector, RecordingHandler, async_test, until
+
+
+def ep(port: int, weight: int = 1, serving: bool = True) -> EndpointConfig:
+    return EndpointConfig("127.0.0.1", port, weight=weight, serving=serving)
+
+
+def test_picks_follow_weights_over_serving_endpoints_only() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"c": ClusterConfig("c")})
+    cm.update_endpoints("c", (ep(1, 1), ep(2, 2), ep(3, 7), ep(4, 5, serving=False)))
+    cluster = cm.get("c")
+    picks = Counter(cluster.pick().config.port for _ in range(100))
+    assert picks == {1: 10, 2: 20, 3: 70}
+
+
+def test_no_serving_endpoint_picks_none() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"c": ClusterConfig("c")})
+    assert cm.get("c").pick() is None
+    cm.update_endpoints("c", (ep(1, serving=False),))
+    assert cm.get("c").pick() is None
+    assert cm.get("missing") is None
+
+
+def test_static_cluster_takes_its_static_endpoints() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"inbound|8080": ClusterConfig("inbound|8080", discovery="STATIC",
+                                                     static_endpoints=(ep(8080),))})
+    assert cm.get("inbound|8080").pick().config.port == 8080
+    cm.update_endpoints("inbound|8080", (ep(9999),))  # EDS never overrides a STATIC cluster
+    assert cm.get("inbound|8080").pick().config.port == 8080
+
+
+def test_endpoints_arriving_before_their_cluster_are_kept() -> None:
+    cm = ClusterManager()
+    cm.update_endpoints("c", (ep(1),))
+    cm.update_clusters({"c": ClusterConfig("c")})
+    assert cm.get("c").pick().config.port == 1
+
+
+def test_update_keeps_state_of_unchanged_endpoints() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"c": ClusterConfig("c")})
+    cm.update_endpoints("c", (ep(1), ep(2)))
+    cluster = cm.get("c")
+    first = cluster.endpoints["127.0.0.1:1"]
+    first.total_requests = 5
+    cm.update_endpoints("c", (ep(1, weight=3), ep(3)))
+    kept = cluster.endpoints["127.0.0.1:1"]
+    assert kept is first and kept.total_requests == 5 and kept.config.weight == 3
+    assert set(cluster.endpoints) == {"127.0.0.1:1", "127.0.0.1:3"}
+    assert Counter(cluster.pick().config.port for _ in range(8)) == {1: 6, 3: 2}
+
+
+def test_cds_update_keeps_cluster_stats_and_endpoints_and_removes_missing() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"a": ClusterConfig("a"), "b": ClusterConfig("b")})
+    cm.update_endpoints("a", (ep(1),))
+    a = cm.get("a")
+    a.stats.upstream_rq_total = 7
+    cm.update_clusters({"a": ClusterConfig("a", connect_timeout=0.25)})
+    assert cm.get("a") is a and a.stats.upstream_rq_total == 7
+    assert a.config.connect_timeout == 0.25 and a.endpoints["127.0.0.1:1"].pool.connect_timeout == 0.25
+    assert a.pick() is not None
+    assert cm.get("b") is None and cm.names() == ["a"]
+
+
+@async_test
+async def test_removed_endpoint_closes_idle_connections_and_in_flight_finishes() -> None:
+    connector = FakeConnector()
+    cm = ClusterManager(connector=connector)
+    cm.update_clusters({"c": ClusterConfig("c")})
+    cm.update_endpoints("c", (ep(1),))
+    endpoint = cm.get("c").pick()
+    idle = await endpoint.pool.connect()
+    busy = await endpoint.pool.connect()
+    idle.send_request(RecordingHandler(), [b"GET / HTTP/1.1\r\n\r\n"], False, True)
+    idle.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+    handler = RecordingHandler()
+    busy.send_request(handler, [b"GET / HTTP/1.1\r\n\r\n"], False, True)
+    cm.update_endpoints("c", (ep(2),))
+    assert idle.closed and not busy.closed
+    busy.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert handler.events[-1] == ("complete",) and handler.body == b"ok"
+    assert busy.closed  # not pooled by a removed endpoint
+    await until(lambda: endpoint.pool.cx_active == 0)
+
+
+def test_admin_view_is_json_able() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"b": ClusterConfig("b"), "a": ClusterConfig("a")})
+    cm.update_endpoints("a", (ep(1, 3), ep(2, serving=False)))
+    view = json.loads(json.dumps(cm.admin_view()))
+    assert [c["name"] for c in view] == ["a", "b"]
+    endpoints = view[0]["endpoints"]
+    assert endpoints[0]["weight"] == 3 and endpoints[0]["health_status"] == "HEALTHY"
+    assert endpoints[1]["serving"] is False and endpoints[1]["health_status"] == "DRAINING"
+    assert {"active_requests", "total_requests", "rq_error", "cx_active"} <= endpoints[0].keys()
+    assert view[0]["stats"]["upstream_rq_total"] == 0
