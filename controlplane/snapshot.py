@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from meshkeeper.policy import DEFAULT_POLICY, Policy, PolicyError, decode_policy
 from meshkeeper.registry import (
     InstanceRecord,
     Override,
@@ -39,6 +40,7 @@ class ServiceSnapshot:
     record: ServiceRecord
     instances: Mapping[str, InstanceRecord] = field(default_factory=lambda: _EMPTY)
     overrides: Mapping[str, Override] = field(default_factory=lambda: _EMPTY)
+    policy: Policy = DEFAULT_POLICY
 
 
 @dataclass(frozen=True, eq=False)
@@ -78,6 +80,7 @@ class _ServiceNode:
     record: ServiceRecord | None = None
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     overrides: dict[str, Override] = field(default_factory=dict)
+    policy: Policy | None = None
 
 
 class RegistryTree:
@@ -176,6 +179,20 @@ class RegistryTree:
         if node is not None:
             node.record = self._decode("service", path, data, mzxid, ServiceRecord.decode)
 
+    def set_policy(self, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
+        """The service's traffic policy; None (no znode) means the defaults. An invalid policy
+        is refused, counted and logged once, and the last valid one stays."""
+        node = self._service(ns, svc)
+        if node is None:
+            return
+        if data is None:
+            node.policy = None
+            self.last_good.pop(path, None)
+            self.bad.discard(path)
+            self._logged.pop(path, None)
+            return
+        node.policy = self._decode("policy", path, data, mzxid, _decode_policy)
+
     # -- instances and overrides (children lists + payloads)
 
     def _entries(self, ns: str, svc: str, kind: str) -> dict | None:
@@ -230,7 +247,8 @@ class RegistryTree:
                     continue
                 built[name] = ServiceSnapshot(name=name, namespace=ns, record=node.record,
                                               instances=_freeze(node.instances),
-                                              overrides=_freeze(node.overrides))
+                                              overrides=_freeze(node.overrides),
+                                              policy=node.policy or DEFAULT_POLICY)
             out[ns] = _freeze(built)
         return RegistrySnapshot(version=version, namespaces=_freeze(out))
 
@@ -243,3 +261,10 @@ def _instance_decoder(key: str) -> Callable[[bytes | None], InstanceRecord]:
                               "the address and port callers dial")
         return rec
     return decode
+
+
+def _decode_policy(data: bytes | None) -> Policy:
+    try:
+        return decode_policy(data)
+    except PolicyError as exc:
+        raise RecordError(str(exc)) from None

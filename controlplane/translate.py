@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
+from meshkeeper.policy import DEFAULT_POLICY, Policy
 from meshkeeper.registry import InstanceRecord, effective_weight, is_serving
 from meshkeeper.xds import NodeInfo
 
@@ -84,23 +85,38 @@ def _http_listener(name: str, address: address_pb2.Address, direction: int,
             listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))])])
 
 
-def _route_to(cluster: str) -> route_components_pb2.Route:
+def _route_to(cluster: str, timeout: duration_pb2.Duration | None = None) -> route_components_pb2.Route:
     return route_components_pb2.Route(
         name="default",
         match=route_components_pb2.RouteMatch(prefix="/"),
-        route=route_components_pb2.RouteAction(cluster=cluster, timeout=_seconds(ROUTE_TIMEOUT_S)))
+        route=route_components_pb2.RouteAction(cluster=cluster, timeout=timeout or _seconds(ROUTE_TIMEOUT_S)))
+
+
+def _millis(ms: int) -> duration_pb2.Duration:
+    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+# Policy LB names -> Envoy's Cluster.LbPolicy (DESIGN §3).
+LB_POLICIES = {
+    "round_robin": cluster_pb2.Cluster.ROUND_ROBIN,
+    "least_request": cluster_pb2.Cluster.LEAST_REQUEST,
+    "random": cluster_pb2.Cluster.RANDOM,
+    "ring_hash": cluster_pb2.Cluster.RING_HASH,
+    "maglev": cluster_pb2.Cluster.MAGLEV,
+}
 
 
 # --------------------------------------------------------------------------- outbound (shared)
 
 
-def eds_cluster(name: str) -> cluster_pb2.Cluster:
+def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY) -> cluster_pb2.Cluster:
+    """An outbound EDS cluster; the service's policy sets its LB policy and connect timeout."""
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source(), service_name=name),
-        lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
-        connect_timeout=_seconds(CONNECT_TIMEOUT_S))
+        lb_policy=LB_POLICIES[policy.lb.policy],
+        connect_timeout=_millis(policy.connect_timeout_ms))
 
 
 def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot) -> tuple[endpoint_components_pb2.LbEndpoint, int]:
@@ -150,7 +166,7 @@ def virtual_host(svc: ServiceSnapshot) -> route_components_pb2.VirtualHost:
         domains += [d for d in xds.service_domains(svc.name, svc.namespace, port) if d not in domains]
     return route_components_pb2.VirtualHost(
         name=f"{svc.name}.{svc.namespace}", domains=domains,
-        routes=[_route_to(xds.outbound_cluster(svc.name, svc.namespace))])
+        routes=[_route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(svc.policy.timeout_ms))])
 
 
 @dataclass(frozen=True)
@@ -168,7 +184,7 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
     route = route_pb2.RouteConfiguration(name=xds.OUTBOUND_ROUTE)
     for name, svc in sorted(snapshot.services(namespace).items()):
         main = xds.outbound_cluster(name, namespace)
-        clusters[main] = eds_cluster(main)
+        clusters[main] = eds_cluster(main, svc.policy)
         endpoints[main] = load_assignment(main, svc, svc.instances.values())
         by_version: dict[str, list[InstanceRecord]] = defaultdict(list)
         for inst in svc.instances.values():
@@ -176,7 +192,7 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
                 by_version[inst.version].append(inst)
         for version in sorted(by_version):
             sub = xds.outbound_cluster(name, namespace, version)
-            clusters[sub] = eds_cluster(sub)
+            clusters[sub] = eds_cluster(sub, svc.policy)
             endpoints[sub] = load_assignment(sub, svc, by_version[version])
         if svc.record.protocol in HTTP_PROTOCOLS:
             route.virtual_hosts.append(virtual_host(svc))

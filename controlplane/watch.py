@@ -48,8 +48,9 @@ class ZkSource(Protocol):
     async def children(self, path: str) -> list[str] | None:
         """Child names with a child watch armed, or None (and an exists watch) if absent."""
 
-    async def data(self, path: str) -> tuple[bytes, int] | None:
-        """(payload, mzxid) with a data watch armed, or None if absent."""
+    async def data(self, path: str, watch_absent: bool = False) -> tuple[bytes, int] | None:
+        """(payload, mzxid) with a data watch armed, or None if absent (then with an exists
+        watch armed when ``watch_absent``: for optional nodes such as ``policy``)."""
 
     async def stop(self) -> None: ...
 
@@ -70,6 +71,8 @@ def _classify(path: str) -> tuple | None:
     svc = parts[2]
     if n == 3:
         return ("service", ns, svc)
+    if n == 4 and parts[3] == "policy":
+        return ("policy", ns, svc)
     kinds = {"instances": "instance", "overrides": "override"}
     if parts[3] not in kinds:
         return None
@@ -204,7 +207,7 @@ class RegistryWatch:
             if gen != self._gen:
                 return
             new = tree.set_services(ns, path, names or [])
-            follow = [f"{path}/{s}{sub}" for s in new for sub in ("", "/instances", "/overrides")]
+            follow = [f"{path}/{s}{sub}" for s in new for sub in ("", "/instances", "/overrides", "/policy")]
         elif kind == "service":
             _, ns, svc = what
             got = await self._source.data(path)
@@ -212,6 +215,13 @@ class RegistryWatch:
                 return
             if got is not None:  # a deleted service leaves through its parent's children
                 tree.set_service_data(ns, svc, path, got[0], got[1])
+            follow = []
+        elif kind == "policy":
+            _, ns, svc = what
+            got = await self._source.data(path, watch_absent=True)
+            if gen != self._gen:
+                return
+            tree.set_policy(ns, svc, path, *(got if got is not None else (None, 0)))
             follow = []
         elif kind == "keys":
             _, ekind, ns, svc = what

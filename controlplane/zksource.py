@@ -87,12 +87,16 @@ class KazooSource:
                     return None
         raise RuntimeError(f"{path} keeps appearing and disappearing")
 
-    async def data(self, path: str) -> tuple[bytes, int] | None:
-        try:
-            value, stat = await self._bridge(self.client.get_async(path, watch=self._watch))
-        except NoNodeError:
-            return None
-        return value, stat.mzxid
+    async def data(self, path: str, watch_absent: bool = False) -> tuple[bytes, int] | None:
+        for _ in range(5):  # with watch_absent, the node may come and go between the two calls
+            try:
+                value, stat = await self._bridge(self.client.get_async(path, watch=self._watch))
+            except NoNodeError:
+                if not watch_absent or await self._bridge(self.client.exists_async(path, watch=self._watch)) is None:
+                    return None
+                continue
+            return value, stat.mzxid
+        raise RuntimeError(f"{path} keeps appearing and disappearing")
 
     async def stop(self) -> None:
         self.client.remove_listener(self._listener)

@@ -529,6 +529,8 @@ class HttpConnectionManager(asyncio.Protocol):
         if ex.pending is not None:
             self._buffered -= ex.pending_size
             ex.pending = None
+            if self._read_paused & R_BUFFER and self._buffered <= BUFFER_LIMIT:
+                self._resume(R_BUFFER)  # the rest of that body is read and dropped
         if not ex.discard:
             self._rt.stats.downstream_rq_active -= 1
         endpoint = ex.endpoint

@@ -637,3 +637,17 @@ async def test_drain_closes_idle_now_and_busy_after_their_response() -> None:
     assert busy.transport.closed
     assert await mesh.runtime.wait_idle(1.0)
     assert mesh.runtime.stats.downstream_cx_drain_close == 2
+
+
+@async_test
+async def test_refused_request_with_buffered_body_resumes_reading_to_discard_it() -> None:
+    mesh = Mesh()
+    mesh.connector.fail = ConnectionRefusedError(111, "refused")
+    client = mesh.client()
+    client.send(b"PUT / HTTP/1.1\r\nHost: svc\r\nContent-Length: 200000\r\n\r\n" + b"z" * (BUFFER_LIMIT + 1))
+    assert not client.transport.reading
+    await until(lambda: client.transport.out)
+    assert_local_reply(parse_responses(client.received())[0], 503, "UF")
+    assert client.transport.reading  # the rest of the body is read and dropped...
+    client.send(b"z" * (200000 - BUFFER_LIMIT - 1) + b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
+    assert_local_reply(parse_responses(client.received())[0], 404, "NR")  # ...and the connection lives on

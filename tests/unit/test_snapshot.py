@@ -54,9 +54,11 @@ class FakeZk:
         self.child_watches.add(path)
         return sorted(p[len(path) + 1:] for p in self.nodes if p.rpartition("/")[0] == path)
 
-    async def data(self, path: str) -> tuple[bytes, int] | None:
+    async def data(self, path: str, watch_absent: bool = False) -> tuple[bytes, int] | None:
         await self._read()
         if path not in self.nodes:
+            if watch_absent:
+                self.exists_watches.add(path)
             return None
         self.data_watches.add(path)
         return self.nodes[path]
@@ -345,3 +347,25 @@ def test_tree_reset_keeps_last_good_records():
     snap = tree.build(1)
     assert snap.services("default")["catalog"].record.protocol == "http"
     assert SVC in tree.bad
+
+
+def test_policy_created_later_applies_and_invalid_policy_keeps_the_last_valid_one():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert snap.services("default")["catalog"].policy.lb.policy == "round_robin"  # Envoy's default
+        # The policy znode did not exist: an exists watch must pick up its creation.
+        h.zk.write(f"{SVC}/policy", {"lb": {"policy": "least_request"}, "timeout_ms": 2500})
+        await h.until(lambda: h.published[-1].services("default")["catalog"].policy.lb.policy == "least_request")
+        # A typo is refused, counted, and the last valid policy stays.
+        h.zk.write(f"{SVC}/policy", {"lb": {"polcy": "random"}})
+        await h.until(lambda: h.bad_count("policy") == 1)
+        await h.quiet()
+        policy = h.published[-1].services("default")["catalog"].policy
+        assert (policy.lb.policy, policy.timeout_ms) == ("least_request", 2500)
+        # Deleting the policy returns to the defaults.
+        h.zk.delete(f"{SVC}/policy")
+        await h.until(lambda: h.published[-1].services("default")["catalog"].policy.lb.policy == "round_robin")
+    run(main())

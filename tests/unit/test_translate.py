@@ -211,3 +211,21 @@ def test_translation_is_deterministic():
     for t in a:
         assert {n: m.SerializeToString(deterministic=True) for n, m in a[t].items()} == \
                {n: m.SerializeToString(deterministic=True) for n, m in b[t].items()}
+
+
+def test_policy_sets_lb_policy_connect_timeout_and_route_timeout():
+    from dataclasses import replace
+
+    from meshkeeper.policy import decode_policy
+
+    svc = replace(CATALOG, policy=decode_policy({"lb": {"policy": "maglev"}, "connect_timeout_ms": 250,
+                                                 "timeout_ms": 1500}))
+    res = tr.translate(snapshot(svc), NODE)
+    for name in ("outbound|catalog.default", "outbound|catalog.default|v1"):
+        c = res[xds.CLUSTER][name]
+        assert c.lb_policy == cluster_pb2.Cluster.MAGLEV
+        assert (c.connect_timeout.seconds, c.connect_timeout.nanos) == (0, 250_000_000)
+    route = res[xds.ROUTE]["outbound"].virtual_hosts[0].routes[0].route
+    assert (route.timeout.seconds, route.timeout.nanos) == (1, 500_000_000)
+    default = tr.translate(snapshot(CATALOG), NODE)[xds.CLUSTER]["outbound|catalog.default"]
+    assert default.lb_policy == cluster_pb2.Cluster.ROUND_ROBIN and default.connect_timeout.seconds == 1
