@@ -27,6 +27,7 @@ from controlplane.proxies import ProxyRegistry
 from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
 from controlplane.web import Web
 from controlplane.zksource import KazooSource
+from meshkeeper.cliargs import ArgumentParser, port, seconds
 from meshkeeper.httpd import HttpServer
 
 log = logging.getLogger("meshkeeper.controlplane")
@@ -38,15 +39,15 @@ SHUTDOWN_GRACE = 1.0  # seconds for streams to end after close_streams() before 
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="meshkeeper controlplane",
+    p = ArgumentParser(prog="meshkeeper controlplane",
                                 description="xDS control plane over the ZooKeeper registry")
     p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK") or DEFAULT_ZK,
                    help="ZooKeeper hosts, host:port[,host:port] (env MESHKEEPER_ZK; default %(default)s)")
-    p.add_argument("--xds-port", type=int, default=DEFAULT_XDS_PORT, help="gRPC xDS port (0: pick a free one)")
-    p.add_argument("--http-port", type=int, default=DEFAULT_HTTP_PORT,
+    p.add_argument("--xds-port", type=port, default=DEFAULT_XDS_PORT, help="gRPC xDS port (0: pick a free one)")
+    p.add_argument("--http-port", type=port, default=DEFAULT_HTTP_PORT,
                    help="HTTP port for /healthz, /metrics, /api (0: pick a free one)")
     p.add_argument("--bind", default="0.0.0.0", help="address both ports bind to (default %(default)s)")
-    p.add_argument("--zk-session-timeout", type=float, default=10.0, help="ZooKeeper session timeout, seconds")
+    p.add_argument("--zk-session-timeout", type=seconds, default=10.0, help="ZooKeeper session timeout, seconds")
     p.add_argument("--debounce-ms", type=int, default=int(DEFAULT_DEBOUNCE * 1000),
                    help="wait this long after a registry change before publishing (default %(default)s)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])

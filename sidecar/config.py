@@ -7,9 +7,9 @@ builds new ones and swaps them in whole.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's Cluster.connect_timeout default
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's RouteAction.timeout default

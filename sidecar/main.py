@@ -22,41 +22,17 @@ import socket
 import subprocess
 import sys
 
+from meshkeeper.cliargs import ArgumentParser, port, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
 
 log = logging.getLogger("meshkeeper.sidecar")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, no usage dump
-        self.exit(2, f"meshkeeper sidecar: {message}\n")
-
-
-def _port(text: str) -> int:
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
-    if not 0 <= n <= 65535:
-        raise argparse.ArgumentTypeError(f"{n} is not a port number (0-65535)")
-    return n
-
-
-def _seconds(text: str) -> float:
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return v
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = ArgumentParser(prog="meshkeeper sidecar", description="Run the sidecar beside one service instance.")
     p.add_argument("--service", required=True, help="the service this instance belongs to")
-    p.add_argument("--app-port", type=_port, required=True, help="the local app's port")
+    p.add_argument("--app-port", type=port, required=True, help="the local app's port")
     p.add_argument("--namespace", "-n", default="default")
     p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"), help="control plane HOST:PORT")
     p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK", "127.0.0.1:2181"), help="ZooKeeper hosts")
@@ -65,15 +41,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
     p.add_argument("--protocol", choices=("http", "tcp"), default="http")
     p.add_argument("--health-path", default="/health")
-    p.add_argument("--health-interval", type=_seconds, default=1.0)
+    p.add_argument("--health-interval", type=seconds, default=1.0)
     p.add_argument("--advertise-host", default="127.0.0.1", help="address callers dial to reach the inbound listener")
     p.add_argument("--inbound-bind", default="0.0.0.0")
-    p.add_argument("--outbound-port", type=_port, default=15001)
-    p.add_argument("--inbound-port", type=_port, default=15006)
-    p.add_argument("--admin-port", type=_port, default=15000)
+    p.add_argument("--outbound-port", type=port, default=15001)
+    p.add_argument("--inbound-port", type=port, default=15006)
+    p.add_argument("--admin-port", type=port, default=15000)
     p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--zk-session-timeout", type=_seconds, default=10.0)
-    p.add_argument("--drain-timeout", type=_seconds, default=5.0, help="bound on waiting for in-flight requests")
+    p.add_argument("--zk-session-timeout", type=seconds, default=10.0)
+    p.add_argument("--drain-timeout", type=seconds, default=5.0, help="bound on waiting for in-flight requests")
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -89,8 +65,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         validate_name("service", args.service)
     except RecordError as exc:
         p.error(str(exc))
-    host, sep, port = args.cp.rpartition(":")
-    if not sep or not host or not port.isdigit():
+    cp_host, sep, cp_port = args.cp.rpartition(":")
+    if not sep or not cp_host or not cp_port.isdigit():
         p.error(f"--cp {args.cp!r}: expected HOST:PORT")
     return args
 

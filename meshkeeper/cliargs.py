@@ -1,0 +1,36 @@
+"""Flag parsing shared by the ``meshkeeper`` subcommands: one-line errors, typed values.
+
+A user mistake on the command line gets one line on stderr and exit code 2, never a usage dump
+or a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
+def port(text: str) -> int:
+    """A TCP port; 0 means "pick a free one"."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= n <= 65535:
+        raise argparse.ArgumentTypeError(f"{n} is not a port number (0-65535)")
+    return n
+
+
+def seconds(text: str) -> float:
+    """A positive duration in seconds (DESIGN §9: timeouts are in seconds)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    return v
