@@ -15,7 +15,7 @@ The sidecar gets a ZooKeeper, a control plane, and the upstream registered as se
 port. If any of that fails, the sidecar row says why and the others still run.
 
     make bench BENCH_ARGS="--only haproxy,nginx --duration 5"
-    .venv/bin/python bench/run.py [--duration 10] [--connections 50] [--only haproxy,nginx,sidecar]
+    .venv/bin/python bench/run.py [--duration 10] [--connections 50] [--repeat 1] [--only haproxy,nginx,sidecar]
 
 The table is printed and written to bench/RESULTS.md (``--output``); logs go to bench/out/.
 """
@@ -60,6 +60,7 @@ LATENCY_CLIENTS, LATENCY_RPS_PER_CLIENT = 10, 100
 class Result:
     name: str
     rps: float | None = None
+    rps_runs: list[float] = field(default_factory=list)
     wrk_errors: str = ""
     p50_ms: float | None = None
     p99_ms: float | None = None
@@ -229,8 +230,14 @@ def measure(
         result.rss_idle_kib = group_rss_kib(proc)
     # A short warm-up fills keep-alive pools (and, for the sidecar, warms the Python code paths).
     run_wrk(url, 1, args.connections, workdir, f"{result.name}.warmup")
-    result.rps, result.wrk_errors, cmd = run_wrk(url, args.duration, args.connections, workdir, result.name)
-    result.commands.append(cmd)
+    runs = [
+        run_wrk(url, args.duration, args.connections, workdir, f"{result.name}.{n}")
+        for n in range(args.repeat)
+    ]
+    result.rps = statistics.median(r[0] for r in runs)
+    result.rps_runs = [r[0] for r in runs]
+    result.wrk_errors = "; ".join(r[1] for r in runs if r[1])
+    result.commands.append(runs[0][2])
     result.p50_ms, result.p99_ms, result.latency_errors, cmd = run_h2load(
         url, args.latency_duration, workdir, result.name
     )
@@ -260,6 +267,7 @@ def machine() -> list[tuple[str, str]]:
     commit = tool_version(["git", "-C", str(BENCH_DIR.parent), "rev-parse", "--short", "HEAD"])
     return [
         ("CPUs", f"{os.cpu_count()} x {model}"),
+        ("load average at the end (1/5/15 min)", " / ".join(f"{x:.2f}" for x in os.getloadavg())),
         ("kernel", platform.release()),
         ("Python", platform.python_version()),
         ("HAProxy", tool_version(["haproxy", "-v"])),
@@ -294,15 +302,9 @@ def table(results: list[Result], direct: Result) -> str:
         added = r.p99_ms - direct.p99_ms if (r.p99_ms is not None and direct.p99_ms is not None) else None
         if r is direct:
             added = None
-        notes = "; ".join(
-            x
-            for x in (
-                r.note,
-                r.wrk_errors,
-                f"{r.latency_errors} failed at fixed rate" if r.latency_errors else "",
-            )
-            if x
-        )
+        spread = "runs: " + ", ".join(f"{x / 1000:.1f}k" for x in r.rps_runs) if len(r.rps_runs) > 1 else ""
+        failed = f"{r.latency_errors} failed at fixed rate" if r.latency_errors else ""
+        notes = "; ".join(x for x in (r.note, spread, r.wrk_errors, failed) if x)
         rows.append(
             f"| {r.name} | {_f(r.rps, ',.0f')} | {ratio} | {_f(r.p50_ms, '.2f')} | {_f(r.p99_ms, '.2f')} "
             f"| {_f(added, '+.2f')} | {_mib(r.rss_idle_kib)} | {_mib(r.rss_after_kib)} | {notes} |"
@@ -320,7 +322,7 @@ def report(results: list[Result], direct: Result, args: argparse.Namespace, argv
         "",
         f"Upstream: one nginx worker returning 13 bytes. Load generators and upstream pinned to CPU {LOAD_CPU},",
         f"the proxy under test alone on CPU {PROXY_CPU}. Throughput: wrk, 1 thread, {args.connections} keep-alive",
-        f"connections, {args.duration} s. Latency: h2load --h1, {LATENCY_CLIENTS} connections x "
+        f"connections, {args.duration} s (median of {args.repeat} run(s)). Latency: h2load --h1, {LATENCY_CLIENTS} connections x "
         f"{LATENCY_RPS_PER_CLIENT} req/s = {LATENCY_CLIENTS * LATENCY_RPS_PER_CLIENT} req/s for "
         f'{args.latency_duration} s; "p99 added" is the proxy\'s p99 minus the direct p99.',
         "RSS: VmRSS summed over the proxy's processes, before and after the load.",
@@ -352,6 +354,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     p.add_argument("--connections", type=int, default=50, help="wrk connections (default 50)")
     p.add_argument(
+        "--repeat", type=int, default=1, help="wrk runs per target; req/s is their median (default 1)"
+    )
+    p.add_argument(
         "--only", default=",".join(PROXIES), help="comma-separated subset of: " + ", ".join(PROXIES)
     )
     p.add_argument("--output", type=Path, default=BENCH_DIR / "RESULTS.md")
@@ -359,6 +364,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--workdir", type=Path, default=BENCH_DIR / "out", help="configs and logs (default bench/out)"
     )
     args = p.parse_args(argv)
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
     args.only = [x.strip() for x in args.only.split(",") if x.strip()]
     unknown = sorted(set(args.only) - set(PROXIES))
     if unknown:

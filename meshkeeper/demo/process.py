@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import ctypes
 import os
 import queue
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,15 +39,12 @@ T = TypeVar("T")
 
 READY_TIMEOUT = 30.0
 TERMINATE_GRACE = 10.0
-_PR_SET_PDEATHSIG = 1
 
 # Strong references: a child must be killable at exit even if its owner forgot it.
 _live: set[ChildProcess] = set()
-_libc: Any = None
-try:
-    _libc = ctypes.CDLL(None, use_errno=True)
-except OSError:  # not Linux or no libc symbols: the atexit hook still runs
-    _libc = None
+# util-linux's setpriv sets PR_SET_PDEATHSIG and execs the command (same pid), so no Python code
+# runs between fork and exec (preexec_fn is unsafe with threads: kazoo and our pipe readers).
+_SETPRIV = shutil.which("setpriv")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -185,11 +182,10 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec. The signal fires when the *thread* that spawned
-    # the child exits, so spawn from the main thread (tests, demo and bench all do).
-    if _libc is not None:
-        _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _with_parent_death_signal(argv: list[str]) -> list[str]:
+    # The signal fires when the *thread* that spawned the child exits, so spawn from the main
+    # thread (tests, demo and bench all do).
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *argv] if _SETPRIV else argv
 
 
 # --------------------------------------------------------------------------- processes
@@ -226,14 +222,13 @@ class ChildProcess:
             raise RuntimeError(f"{self.name} is already running (pid {self.popen.pid})")
         with open(self.stderr_path, "ab") as err, open(self.stdout_path, "ab") as out:
             self.popen = subprocess.Popen(
-                self.argv,
+                _with_parent_death_signal(self.argv),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE if self._pipe_stdout else out,
                 stderr=err,
                 env=self._env,
                 cwd=self._cwd,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
             )
         _live.add(self)
         return self.popen

@@ -21,7 +21,7 @@ class Exchange:
         "method", "url", "host", "headers", "keep_alive", "http10", "ka_token", "chunked", "has_body",
         "expect", "conn_tokens", "headers_done", "complete", "discard", "pending", "pending_size",
         # routing and upstream
-        "entry", "cluster", "endpoint", "conn", "connecting", "timer", "retried", "failed",
+        "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed",
         # response
         "started", "resp_chunked", "status", "done",
     )
@@ -50,7 +50,7 @@ class Exchange:
         self.endpoint: Endpoint | None = None
         self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
-        self.timer: asyncio.TimerHandle | None = None
+        self.deadline = 0.0  # loop time the route timeout fires at; 0: none
         self.retried = False
         self.failed = False  # an upstream failure was answered locally (counts as an endpoint error)
         self.started = False  # the response head has been written downstream

@@ -20,7 +20,8 @@ Behaviour, in Envoy's terms:
   end of the upstream response, as Envoy's ``RouteAction.timeout``.
 
 Callbacks never raise: they answer or close, count, and log once per cause. Everything a listener
-shares (router, clusters, stats, drain state) lives in its ``ListenerRuntime``.
+shares (router, clusters, stats, drain state) lives in its ``ListenerRuntime``. The upstream half
+(routing, endpoint, upstream request, response relay, route timeout) is in ``router_filter``.
 """
 
 from __future__ import annotations
@@ -33,22 +34,17 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from sidecar.proxy import codec, errors
 from sidecar.proxy.exchange import Exchange
-from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
+from sidecar.proxy.router_filter import BUFFER_LIMIT, R_BUFFER, R_PIPELINE, R_UPSTREAM, RouterFilter
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ListenerRuntime
-    from sidecar.upstream.cluster import Endpoint
 
-BUFFER_LIMIT = 64 * 1024  # request bytes held per connection while no upstream can take them
 MAX_PIPELINED = 16  # requests parsed ahead of the one being answered
 
-# Reasons to stop reading from the downstream socket (a bit mask: reading resumes when all clear).
-R_BUFFER = 1
-R_UPSTREAM = 2
-R_PIPELINE = 4
+_REQUEST_HEADER_KIND = codec.REQUEST_HEADER_KIND
 
 
-class HttpConnectionManager(asyncio.Protocol):
+class HttpConnectionManager(RouterFilter, asyncio.Protocol):
     """One downstream HTTP/1.1 connection."""
 
     __slots__ = (
@@ -57,7 +53,7 @@ class HttpConnectionManager(asyncio.Protocol):
         # per connection
         "transport", "_parser", "_active", "_queue", "_parsing", "_closing", "_input_closed",
         "_read_paused", "_write_paused", "_buffered", "_batch", "_batching", "_error_after",
-        "_awaiting_head", "_count_raw", "_head_size", "_head_raw",
+        "_awaiting_head", "_count_raw", "_head_size", "_head_raw", "_read_len", "_timer", "_timer_at",
     )
 
     def __init__(self, runtime: ListenerRuntime) -> None:
@@ -76,10 +72,16 @@ class HttpConnectionManager(asyncio.Protocol):
         self._batch: list[bytes] = []
         self._batching = 0
         self._error_after: errors.LocalReply | None = None
+        # Header size limit: exact sizes are only summed when a cheap bound (the bytes of the reads
+        # that carried the head) exceeds the limit.
         self._awaiting_head = True
         self._count_raw = False
-        self._head_size = 0
-        self._head_raw = 0
+        self._head_size = 0  # bytes of headers not forwarded
+        self._head_raw = 0  # bytes of earlier reads that were all head
+        self._read_len = 0
+        # One route-timeout timer per connection, re-armed lazily (see _arm_timeout).
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -96,6 +98,9 @@ class HttpConnectionManager(asyncio.Protocol):
                 self._end(ex)
         self._active = self._parsing = None
         self._queue.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._rt.connection_closed(self)
 
     def eof_received(self) -> bool:
@@ -118,6 +123,7 @@ class HttpConnectionManager(asyncio.Protocol):
             return
         self._batching += 1
         self._count_raw = self._awaiting_head
+        self._read_len = len(data)
         try:
             self._parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -156,19 +162,18 @@ class HttpConnectionManager(asyncio.Protocol):
 
     def on_url(self, url: bytes) -> None:
         ex = self._parsing
-        self._head_size += len(url)
         ex.url = url if not ex.url else ex.url + url
 
     def on_header(self, name: bytes, value: bytes) -> None:
         ex = self._parsing
         if ex.headers_done:
             return  # trailers of a chunked request are dropped
-        self._head_size += len(name) + len(value)
-        lname = name.lower()
-        kind = codec.REQUEST_HEADER_KIND.get(lname)
+        kind = _REQUEST_HEADER_KIND.get(name.lower())
         if kind is None:
             ex.headers += (name, b": ", value, b"\r\n")
-        elif kind == codec.H_HOST:
+            return
+        self._head_size += len(name) + len(value)
+        if kind == codec.H_HOST:
             ex.host = value
         elif kind == codec.H_CONTENT_LENGTH:
             ex.has_body = value.strip() not in (b"0", b"")
@@ -197,7 +202,8 @@ class HttpConnectionManager(asyncio.Protocol):
         self._count_raw = False
         if ex.discard:
             return
-        if self._head_size > codec.MAX_REQUEST_HEADERS_BYTES:
+        if (self._head_raw + self._read_len > codec.MAX_REQUEST_HEADERS_BYTES
+                and self._head_size + len(ex.url) + sum(map(len, ex.headers)) > codec.MAX_REQUEST_HEADERS_BYTES):
             self._reject(errors.HEADERS_TOO_LARGE)
             return
         parser = self._parser
@@ -218,10 +224,12 @@ class HttpConnectionManager(asyncio.Protocol):
             return  # answered already (or refused): the rest of the body is read and dropped
         conn = ex.conn
         if conn is not None:
-            if ex.chunked:
-                conn.transport.writelines(codec.chunk(body))
-            else:
-                conn.transport.write(body)
+            transport = conn.transport
+            if transport is not None:
+                if ex.chunked:
+                    transport.writelines(codec.chunk(body))
+                else:
+                    transport.write(body)
             return
         if ex.pending is None:
             ex.pending = []
@@ -251,183 +259,7 @@ class HttpConnectionManager(asyncio.Protocol):
         if ex.conn is not None:
             ex.conn.request_done = True
         if ex.entry is not None and ex.entry.timeout:
-            ex.timer = self._loop.call_later(ex.entry.timeout, self._on_route_timeout, ex)
-
-    # --- dispatch ------------------------------------------------------------------------------
-
-    def _dispatch(self, ex: Exchange) -> None:
-        rt = self._rt
-        url = ex.url
-        if url[:1] == b"/":
-            path = url
-            authority = ex.host
-        else:
-            authority, path = _absolute_form(url)
-            if authority is None:
-                ex.keep_alive = False
-                self._local_reply(ex, errors.NO_ROUTE if ex.method == b"CONNECT" else errors.BAD_REQUEST)
-                return
-            ex.host = authority
-        router = rt.router
-        entry = router.resolve(authority, path) if router is not None else None
-        if entry is None:
-            rt.stats.no_route += 1
-            self._local_reply(ex, errors.NO_ROUTE)
-            return
-        cluster = rt.clusters.get(entry.cluster())
-        if cluster is None:
-            rt.stats.no_cluster += 1
-            self._local_reply(ex, errors.NO_CLUSTER)
-            return
-        endpoint = cluster.pick()
-        if endpoint is None:
-            cluster.stats.upstream_cx_none_healthy += 1
-            self._local_reply(ex, errors.NO_HEALTHY_UPSTREAM)
-            return
-        ex.entry = entry
-        ex.cluster = cluster
-        ex.endpoint = endpoint
-        cluster.stats.upstream_rq_total += 1
-        cluster.stats.upstream_rq_active += 1
-        endpoint.active_requests += 1
-        endpoint.total_requests += 1
-
-        head = ex.headers
-        if ex.conn_tokens:
-            head = ex.headers = codec.strip_connection_named(head, ex.conn_tokens)
-        head[0] = ex.method
-        head[2] = path
-        head[4] = ex.host or endpoint.key.encode()
-        if ex.chunked:
-            head.append(codec.CHUNKED_HEADER)
-        head.append(codec.CRLF)
-
-        if ex.expect and not ex.complete:
-            ex.expect = False
-            self._write(errors.CONTINUE_100)
-        if ex.complete and entry.timeout:
-            ex.timer = self._loop.call_later(entry.timeout, self._on_route_timeout, ex)
-        conn = endpoint.pool.acquire()
-        if conn is not None:
-            self._attach(ex, conn)
-        else:
-            ex.connecting = self._loop.create_task(self._connect(ex, endpoint))
-
-    def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
-        ex.conn = conn
-        data = ex.headers
-        if ex.pending is not None:
-            data = data + ex.pending
-            ex.pending = None
-            self._buffered -= ex.pending_size
-            ex.pending_size = 0
-        conn.send_request(self, data, ex.method == b"HEAD", ex.complete)
-        if self._write_paused:
-            conn.pause_reading()
-        if self._read_paused & R_BUFFER and self._buffered <= BUFFER_LIMIT:
-            self._resume(R_BUFFER)
-
-    async def _connect(self, ex: Exchange, endpoint: Endpoint) -> None:
-        try:
-            conn = await endpoint.pool.connect()
-        except ConnectFailure as exc:
-            ex.connecting = None
-            if not ex.done and self.transport is not None:
-                ex.failed = True
-                errors.log_once(f"uf:{endpoint.key}", "upstream connect failure: %s", exc)
-                self._local_reply(ex, errors.CONNECT_FAILURE)
-            return
-        except Exception as exc:  # a bug: answer rather than leave the request hanging
-            ex.connecting = None
-            errors.log_once("connect-bug", "unexpected error connecting upstream", exc_info=exc)
-            if not ex.done and self.transport is not None:
-                ex.failed = True
-                self._local_reply(ex, errors.CONNECT_FAILURE)
-            return
-        ex.connecting = None
-        if ex.done or self.transport is None or ex is not self._active:
-            endpoint.pool.release(conn)  # fresh and unused: keep it for the next request
-            return
-        self._attach(ex, conn)
-
-    # --- upstream callbacks (UpstreamHandler) --------------------------------------------------
-
-    def on_upstream_headers(self, conn: UpstreamConnection, status: int, head: list[bytes], body_kind: int) -> None:
-        ex = self._active
-        if ex is None or ex.conn is not conn:
-            conn.abort()
-            return
-        ex.status = status
-        ex.started = True
-        ex.cluster.stats.count_status(status)
-        head[0] = codec.STATUS_LINES[status] if status < 1000 else codec.STATUS_LINES[500]
-        if body_kind in (BODY_CHUNKED, BODY_EOF):
-            if ex.http10:
-                ex.keep_alive = False  # HTTP/1.0 has no chunked: the body ends when we close
-            else:
-                ex.resp_chunked = True
-                head.append(codec.CHUNKED_HEADER)
-        if self._rt.draining:
-            ex.keep_alive = False
-        if not ex.keep_alive:
-            self._closing = True
-            head.append(codec.CONNECTION_CLOSE)
-        elif ex.http10:
-            head.append(codec.CONNECTION_KEEP_ALIVE)
-        head.append(codec.CRLF)
-        if self._batching:
-            self._batch += head
-        elif self.transport is not None:
-            self.transport.writelines(head)
-
-    def on_upstream_body(self, data: bytes) -> None:
-        ex = self._active
-        if ex is None:
-            return
-        if ex.resp_chunked:
-            if self._batching:
-                self._batch += codec.chunk(data)
-            elif self.transport is not None:
-                self.transport.writelines(codec.chunk(data))
-        else:
-            self._write(data)
-
-    def on_upstream_complete(self, conn: UpstreamConnection) -> None:
-        ex = self._active
-        if ex is None or ex.conn is not conn:
-            return
-        ex.conn = None
-        if ex.resp_chunked:
-            self._write(codec.LAST_CHUNK)
-        self._finish(ex)
-
-    def on_upstream_reset(self, conn: UpstreamConnection, flag: str) -> None:
-        ex = self._active
-        if ex is None or ex.conn is not conn:
-            return
-        ex.conn = None
-        stats = ex.cluster.stats
-        stats.upstream_rq_rx_reset += 1
-        ex.failed = True
-        if ex.started:
-            self._abort()
-            return
-        if (flag == "UC" and conn.requests > 0 and not ex.retried and not ex.has_body and ex.complete
-                and ex.method in codec.IDEMPOTENT_METHODS):
-            # The pooled connection was closed by the upstream as we reused it: replay once.
-            ex.retried = True
-            ex.failed = False
-            stats.upstream_rq_retry_stale += 1
-            ex.connecting = self._loop.create_task(self._connect(ex, ex.endpoint))
-            return
-        errors.log_once(f"{flag}:{ex.endpoint.key}", "upstream %s reset the request (%s)", ex.endpoint.key, flag)
-        self._local_reply(ex, errors.UPSTREAM_RESETS[flag])
-
-    def on_upstream_write_paused(self, paused: bool) -> None:
-        if paused:
-            self._pause(R_UPSTREAM)
-        else:
-            self._resume(R_UPSTREAM)
+            self._arm_timeout(ex, ex.entry.timeout)
 
     def batch_begin(self) -> None:
         self._batching += 1
@@ -440,26 +272,13 @@ class HttpConnectionManager(asyncio.Protocol):
         if batch:
             transport = self.transport
             if transport is not None:
-                transport.writelines(batch)
+                # One write: a join is cheaper than writelines for the usual few small pieces.
+                transport.write(batch[0] if len(batch) == 1 else b"".join(batch))
             batch.clear()
         if self._closing and self._active is None and self.transport is not None and not self._queue:
             self._close()
 
     # --- endings ---------------------------------------------------------------------------------
-
-    def _on_route_timeout(self, ex: Exchange) -> None:
-        ex.timer = None
-        if ex.done:
-            return
-        ex.cluster.stats.upstream_rq_timeout += 1
-        ex.failed = True
-        if ex.conn is not None:
-            ex.conn.abort()
-            ex.conn = None
-        if ex.started:
-            self._abort()
-        else:
-            self._local_reply(ex, errors.UPSTREAM_TIMEOUT)
 
     def _local_reply(self, ex: Exchange, reply: errors.LocalReply) -> None:
         if ex.done:
@@ -517,9 +336,6 @@ class HttpConnectionManager(asyncio.Protocol):
         if ex.done:
             return
         ex.done = True
-        if ex.timer is not None:
-            ex.timer.cancel()
-            ex.timer = None
         if ex.connecting is not None:
             ex.connecting.cancel()
             ex.connecting = None
@@ -619,24 +435,3 @@ class HttpConnectionManager(asyncio.Protocol):
     def idle(self) -> bool:
         return self._active is None and self._parsing is None
 
-
-def _absolute_form(url: bytes) -> tuple[bytes | None, bytes]:
-    """``http://authority/path?q`` -> (authority, origin-form path); (None, b"") if unsupported."""
-    if url[:7].lower() != b"http://":
-        return None, b""
-    rest = url[7:]
-    end = len(rest)
-    for sep in (b"/", b"?", b"#"):
-        i = rest.find(sep)
-        if 0 <= i < end:
-            end = i
-    authority = rest[:end]
-    at = authority.rfind(b"@")
-    if at >= 0:
-        authority = authority[at + 1 :]
-    path = rest[end:].split(b"#", 1)[0]
-    if not path.startswith(b"/"):
-        path = b"/" + path
-    if not authority:
-        return None, b""
-    return authority, path

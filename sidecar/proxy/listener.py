@@ -7,6 +7,7 @@ socket the sidecar bound itself (port 0 allowed) and returns a :class:`Listener`
 
     runtime = ListenerRuntime("outbound", clusters)
     runtime.set_route_config(route_config)          # on every RDS update (raises ValueError -> NACK)
+    # or: router = Router(route_config) while validating, then runtime.set_router(router)
     listener = await start_listener(runtime, sock)
     ...
     await listener.drain(drain_time=5.0)                # on SIGTERM: stop accepting, let requests finish
@@ -66,6 +67,10 @@ class ListenerRuntime:
         router = Router(config)
         self.router = router
         return router
+
+    def set_router(self, router: Router | None) -> None:
+        """Swap in a Router compiled earlier (validate every resource first, then swap all)."""
+        self.router = router
 
     # --- called by connections -----------------------------------------------------------
 

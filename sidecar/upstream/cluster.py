@@ -28,11 +28,15 @@ DISCOVERY_STATIC = "STATIC"
 class Endpoint:
     """One upstream host of a cluster, as the data path sees it."""
 
-    __slots__ = ("config", "key", "pool", "active_requests", "total_requests", "rq_error", "rq_success")
+    __slots__ = ("config", "key", "authority", "pool", "active_requests", "total_requests", "rq_error",
+                 "rq_success")
 
     def __init__(self, config: EndpointConfig, pool: ConnectionPool) -> None:
         self.config = config
         self.key = config.key
+        # Host header for requests that came without one (HTTP/1.0).
+        host = f"[{config.address}]" if ":" in config.address else config.address
+        self.authority = f"{host}:{config.port}".encode()
         self.pool = pool
         self.active_requests = 0
         self.total_requests = 0

@@ -27,7 +27,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from sidecar.upstream.stats import ClusterStats
 
-DEFAULT_MAX_IDLE = 256  # idle connections kept per endpoint (and per worker)
+DEFAULT_MAX_IDLE = 1024  # idle connections kept per endpoint and worker (Envoy's max_connections default)
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's upstream idle_timeout default: 1 h
 MAX_RESPONSE_HEADERS_BYTES = 60 * 1024  # Envoy's max_response_headers_kb default
 
@@ -37,11 +37,19 @@ BODY_LENGTH = 1  # Content-Length
 BODY_CHUNKED = 2
 BODY_EOF = 3  # neither: the body ends when the upstream closes
 
-# Response headers never forwarded downstream (hop-by-hop, RFC 9110 §7.6.1, plus the legacy ones).
-# Content-Length is kept; Transfer-Encoding is re-applied by the downstream side as needed.
-_HOP_BY_HOP = frozenset(
-    (b"connection", b"keep-alive", b"proxy-connection", b"te", b"trailer", b"transfer-encoding", b"upgrade")
-)
+# Response headers with special handling: hop-by-hop ones (RFC 9110 §7.6.1, plus the legacy ones)
+# are never forwarded; Transfer-Encoding is re-applied by the downstream side as needed.
+_DROP, _TRANSFER_ENCODING, _CONTENT_LENGTH, _CONNECTION = 1, 2, 3, 4
+_RESPONSE_HEADER_KIND = {
+    b"connection": _CONNECTION,
+    b"keep-alive": _DROP,
+    b"proxy-connection": _DROP,
+    b"te": _DROP,
+    b"trailer": _DROP,
+    b"upgrade": _DROP,
+    b"transfer-encoding": _TRANSFER_ENCODING,
+    b"content-length": _CONTENT_LENGTH,
+}
 
 # ``connector(protocol_factory, host, port)``; ``loop.create_connection`` unless a test injects one.
 Connector = Callable[..., Awaitable[tuple[Any, Any]]]
@@ -83,7 +91,8 @@ class UpstreamConnection(asyncio.Protocol):
 
     __slots__ = (
         "pool", "transport", "handler", "requests", "idle_since", "closed", "request_done",
-        "_parser", "_is_head", "_head", "_head_size", "_head_raw", "_in_head", "_body_kind",
+        "_parser", "_is_head", "_head", "_head_size", "_head_raw", "_read_len", "_in_head", "_body_kind",
+        "_conn_tokens",
         "_interim", "_finished", "_reset_parser", "_read_paused", "write_paused",
     )
 
@@ -99,8 +108,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._parser = HttpResponseParser(self)
         self._is_head = False
         self._head: list[bytes] = [b""]
-        self._head_size = 0
-        self._head_raw = 0
+        self._head_size = 0  # bytes of dropped headers (the forwarded ones are counted on demand)
+        self._head_raw = 0  # bytes of earlier reads that were all head
+        self._read_len = 0
+        self._conn_tokens: set[bytes] | None = None  # headers named by Connection: dropped too
         self._in_head = False
         self._body_kind = BODY_NONE
         self._interim = False
@@ -110,7 +121,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     # --- used by the downstream side -------------------------------------------------------
 
-    def send_request(self, handler: UpstreamHandler, data: list[bytes], is_head: bool, request_done: bool) -> None:
+    def send_request(self, handler: UpstreamHandler, data: bytes, is_head: bool, request_done: bool) -> None:
         """Attach ``handler`` and write the request head (and any buffered body) in one go."""
         self.handler = handler
         self.request_done = request_done
@@ -120,10 +131,11 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_raw = 0
         self._head_size = 0
         self._head = [b""]
+        self._conn_tokens = None
         self._body_kind = BODY_NONE
         transport = self.transport
         if transport is not None:
-            transport.writelines(data)
+            transport.write(data)
 
     def write(self, data: bytes) -> None:
         transport = self.transport
@@ -199,6 +211,7 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()
             return
         counting = self._in_head
+        self._read_len = len(data)
         handler.batch_begin()
         try:
             self._parser.feed_data(data)
@@ -221,15 +234,26 @@ class UpstreamConnection(asyncio.Protocol):
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
             return  # trailers of a chunked response are dropped (HTTP/1 default of Envoy)
-        self._head_size += len(name) + len(value)
-        lname = name.lower()
-        if lname in _HOP_BY_HOP:
-            if lname == b"transfer-encoding" and value.lower().endswith(b"chunked"):
-                self._body_kind = BODY_CHUNKED
+        kind = _RESPONSE_HEADER_KIND.get(name.lower())
+        if kind is None:
+            self._head += (name, b": ", value, b"\r\n")
             return
-        if lname == b"content-length" and self._body_kind != BODY_CHUNKED:
-            self._body_kind = BODY_LENGTH
-        self._head += (name, b": ", value, b"\r\n")
+        if kind == _CONTENT_LENGTH:
+            if self._body_kind != BODY_CHUNKED:
+                self._body_kind = BODY_LENGTH
+            self._head += (name, b": ", value, b"\r\n")
+            return
+        self._head_size += len(name) + len(value)
+        if kind == _TRANSFER_ENCODING:
+            if value.lower().endswith(b"chunked"):
+                self._body_kind = BODY_CHUNKED
+        elif kind == _CONNECTION:
+            for token in value.lower().split(b","):
+                token = token.strip()
+                if token not in (b"close", b"keep-alive", b""):
+                    if self._conn_tokens is None:
+                        self._conn_tokens = set()
+                    self._conn_tokens.add(token)
 
     def on_headers_complete(self) -> None:
         handler = self.handler
@@ -243,12 +267,17 @@ class UpstreamConnection(asyncio.Protocol):
             self._interim = True
             self._in_head = True
             self._head = [b""]
+            self._conn_tokens = None
             self._head_size = 0
             self._body_kind = BODY_NONE
             return
-        if self._head_size > MAX_RESPONSE_HEADERS_BYTES:
+        if (self._head_raw + self._read_len > MAX_RESPONSE_HEADERS_BYTES
+                and self._head_size + sum(map(len, self._head)) > MAX_RESPONSE_HEADERS_BYTES):
             self._protocol_error()
             return
+        if self._conn_tokens is not None:
+            self._head = _strip_named(self._head, self._conn_tokens)
+            self._conn_tokens = None
         kind = self._body_kind
         if self._is_head or status == 204 or status == 304:
             kind = BODY_NONE
@@ -300,6 +329,15 @@ class UpstreamConnection(asyncio.Protocol):
         if handler is not None and not self._finished:
             self._finished = True
             handler.on_upstream_reset(self, "UPE")
+
+
+def _strip_named(head: list[bytes], names: set[bytes]) -> list[bytes]:
+    """Drop (name, ": ", value, CRLF) pieces whose name a Connection header listed."""
+    out = head[:1]
+    for i in range(1, len(head), 4):
+        if head[i].lower() not in names:
+            out += head[i : i + 4]
+    return out
 
 
 class ConnectionPool:

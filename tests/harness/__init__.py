@@ -4,7 +4,21 @@ The fixtures live in tests/conftest.py; this package holds what they (and tests)
 
     from tests.harness import ZooKeeper, MeshProcess, ProcessGroup, free_port, wait_until, http_get
 
-The mechanics are shared with the demo and the benchmark in :mod:`meshkeeper.demo`.
+A test of a small mesh, in a namespace of its own on the session's ZooKeeper::
+
+    def test_catalog_answers(procs, zk_server, namespace):
+        cp = procs.controlplane(zk_server.hosts)                      # info: xds_port, http_port
+        xds = f"127.0.0.1:{cp.port('xds_port')}"
+        app = procs.app("catalog", version="v1")                      # info: port
+        procs.sidecar("catalog", app.port("port"), cp=xds, zk=zk_server.hosts, namespace=namespace)
+        fe = procs.sidecar("frontend", procs.app("frontend").port("port"), cp=xds, zk=zk_server.hosts,
+                           namespace=namespace)                        # waits for GET /ready
+        url = f"http://127.0.0.1:{fe.port('outbound_port')}/"
+        wait_until(lambda: http_get(url, {"Host": "catalog"})[0] == 200, 10, message="catalog routed")
+
+Use the ``zk`` fixture instead of ``zk_server`` to stop, kill or restart ZooKeeper. No sleeps:
+poll with :func:`wait_until`. The mechanics are shared with the demo and the benchmark in
+:mod:`meshkeeper.demo`.
 """
 
 from meshkeeper.demo.process import (

@@ -3,8 +3,8 @@
 :class:`MeshProcess` is ``meshkeeper <args>`` as a child process (see meshkeeper.demo.process for
 the mechanics: own session, logs in files, SIGTERM-then-SIGKILL of the whole process group).
 :class:`ProcessGroup` is what the ``procs`` fixture hands to a test: it starts control planes,
-sidecars and demo apps with port 0, remembers them, and stops them all in teardown, in reverse
-order, whatever the test did.
+sidecars and demo apps with port 0, remembers them, and stops them all in teardown whatever the
+test did: SIGTERM to all at once, then SIGKILL of each process group after a grace period.
 """
 
 from __future__ import annotations

@@ -651,3 +651,41 @@ async def test_refused_request_with_buffered_body_resumes_reading_to_discard_it(
     assert client.transport.reading  # the rest of the body is read and dropped...
     client.send(b"z" * (200000 - BUFFER_LIMIT - 1) + b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n")
     assert_local_reply(parse_responses(client.received())[0], 404, "NR")  # ...and the connection lives on
+
+
+@async_test
+async def test_route_timeout_of_a_later_request_on_the_same_connection() -> None:
+    # The connection's one timer, armed for the first request, is re-armed for the second.
+    mesh = Mesh(timeout=0.05)
+    client = mesh.client()
+    client.send(b"GET /fast HTTP/1.1\r\nHost: svc\r\n\r\n")
+    up = await mesh.upstream()
+    up.received()
+    up.respond(OK)
+    assert parse_responses(client.received())[0]["status"] == 200
+    client.send(b"GET /slow HTTP/1.1\r\nHost: svc\r\n\r\n")
+    assert up.received().startswith(b"GET /slow")
+    await until(lambda: client.transport.out)
+    assert_local_reply(parse_responses(client.received())[0], 504, "UT")
+
+
+@async_test
+async def test_invalid_upstream_response_502_upe() -> None:
+    mesh = Mesh()
+    client = mesh.client()
+    client.send(b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n")
+    up = await mesh.upstream()
+    up.respond(b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * (61 * 1024) + b"\r\n\r\n")
+    assert_local_reply(parse_responses(client.received())[0], 502, "UPE")
+    assert mesh.cluster_stats.upstream_cx_protocol_error == 1
+    assert_quiet(mesh)
+
+
+@async_test
+async def test_http10_request_without_host_gets_the_endpoint_as_host() -> None:
+    mesh = Mesh()
+    mesh.runtime.set_route_config(RouteConfig("r", (VirtualHost("any", ("*",), (Route("/", "svc"),)),)))
+    client = mesh.client()
+    client.send(b"GET / HTTP/1.0\r\n\r\n")
+    up = await mesh.upstream()
+    assert up.received() == b"GET / HTTP/1.1\r\nhost: 10.0.0.1:8080\r\n\r\n"

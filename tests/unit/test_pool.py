@@ -160,7 +160,7 @@ async def new_pool(**kwargs: Any) -> tuple[ConnectionPool, FakeConnector]:
 
 def send(conn: Any, handler: RecordingHandler, head: bytes = b"GET / HTTP/1.1\r\nhost: a\r\n\r\n",
          is_head: bool = False) -> None:
-    conn.send_request(handler, [head], is_head, True)
+    conn.send_request(handler, head, is_head, True)
 
 
 @async_test
@@ -203,7 +203,7 @@ async def test_request_not_fully_sent_is_not_pooled() -> None:
     pool, _ = await new_pool()
     conn = await pool.connect()
     handler = RecordingHandler()
-    conn.send_request(handler, [b"POST / HTTP/1.1\r\ncontent-length: 10\r\n\r\n"], False, False)
+    conn.send_request(handler, b"POST / HTTP/1.1\r\ncontent-length: 10\r\n\r\n", False, False)
     conn.data_received(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
     assert handler.events[-1] == ("complete",)
     assert pool.idle_count == 0 and conn.closed
@@ -424,3 +424,14 @@ async def test_connect_with_real_loop_refused() -> None:
     pool = ConnectionPool("127.0.0.1", port, connect_timeout=1.0)
     with pytest.raises(ConnectFailure):
         await pool.connect()
+
+
+@async_test
+async def test_headers_named_by_connection_are_dropped() -> None:
+    pool, _ = await new_pool()
+    conn = await pool.connect()
+    handler = RecordingHandler()
+    send(conn, handler)
+    conn.data_received(b"HTTP/1.1 200 OK\r\nX-Hop: 1\r\nConnection: keep-alive, X-Hop\r\nX-End: 2\r\n"
+                       b"Content-Length: 0\r\n\r\n")
+    assert handler.events[0] == ("headers", 200, b"X-End: 2\r\nContent-Length: 0\r\n", BODY_LENGTH)
