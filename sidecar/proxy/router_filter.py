@@ -59,6 +59,7 @@ class RouterFilter:
         def _resume(self, reason: int) -> None: ...
 
     def _dispatch(self, ex: Exchange) -> None:
+        """Route the active exchange and send it upstream, or answer it locally."""
         rt = self._rt
         url = ex.url
         if url[:1] == b"/":

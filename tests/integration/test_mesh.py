@@ -11,6 +11,7 @@ import json
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from kazoo.client import KazooClient
@@ -265,3 +266,26 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name) and not line.startswith("#"):
             total += float(line.rsplit(" ", 1)[1])
     return total
+
+
+def test_two_workers_share_the_listeners_and_stop_together(procs, zk_server, zk_client, namespace):
+    mesh = start_mesh(procs, zk_server.hosts, namespace, zk_client)
+    app = procs.app("frontend")
+    sc = procs.sidecar("frontend", app.port("port"), cp=mesh.cp_target, zk=zk_server.hosts, namespace=namespace,
+                       workers=2, name="sidecar-2workers")
+    node = sc.info["node"]
+    wait_until(lambda: {p["node_id"] for p in mesh.proxies()} >= {node, f"{node}~w1"}, 10,
+               message="both workers hold an ADS stream")
+    # Both workers must have their config before the split is exact on each of them.
+    wait_until(lambda: all(t["version_acked"] for p in mesh.proxies() if p["node_id"].startswith(node)
+                           for t in p["types"].values() if t["version_sent"]), 10, message="workers ACKed")
+    statuses = Counter()
+    for _ in range(20):  # new connections land on either worker (SO_REUSEPORT)
+        c = Client(sc.port("outbound_port"))
+        statuses.update(c.split(10)[1])
+        c.conn.close()
+    assert statuses == {200: 200}
+    pids = sc.group_pids()
+    assert len(pids) >= 2
+    assert sc.terminate() == 0
+    assert not [p for p in pids if Path(f"/proc/{p}").exists()]
