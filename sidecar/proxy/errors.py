@@ -52,6 +52,7 @@ UPSTREAM_RESET = LocalReply(
 UPSTREAM_PROTOCOL_ERROR = LocalReply("UPE", 502, "upstream sent an invalid HTTP/1.1 response")
 UPSTREAM_TIMEOUT = LocalReply("UT", 504, "upstream request timeout")
 BAD_REQUEST = LocalReply("DPE", 400, "bad request", always_close=True)
+BAD_HOST = LocalReply("DPE", 400, "an HTTP/1.1 request needs exactly one Host header", always_close=True)
 HEADERS_TOO_LARGE = LocalReply("DPE", 431, "request headers too large", always_close=True)
 
 UPSTREAM_RESETS = {"UC": UPSTREAM_RESET, "UPE": UPSTREAM_PROTOCOL_ERROR}

@@ -174,7 +174,8 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             return
         self._head_size += len(name) + len(value)
         if kind == codec.H_HOST:
-            ex.host = value
+            # A second Host header makes the target ambiguous (RFC 9112 §3.2): refused below.
+            ex.host = value if not ex.host else None
         elif kind == codec.H_CONTENT_LENGTH:
             ex.has_body = value.strip() not in (b"0", b"")
             ex.headers += (name, b": ", value, b"\r\n")
@@ -207,6 +208,9 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             self._reject(errors.HEADERS_TOO_LARGE)
             return
         parser = self._parser
+        if not ex.host and ex.url[:1] == b"/" and parser.get_http_version() != "1.0":
+            self._reject(errors.BAD_HOST)  # missing or repeated (RFC 9112 §3.2)
+            return
         ex.method = parser.get_method()
         ex.keep_alive = keep_alive = parser.should_keep_alive()
         if not keep_alive or ex.ka_token:

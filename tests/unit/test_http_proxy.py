@@ -300,6 +300,21 @@ async def test_route_timeout_after_response_head_resets_downstream() -> None:
 
 
 @async_test
+async def test_http11_request_without_or_with_two_host_headers_is_400() -> None:
+    for head in (b"GET / HTTP/1.1\r\n\r\n", b"GET / HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n"):
+        mesh = Mesh()
+        client = mesh.client()
+        client.send(head)
+        assert_local_reply(parse_responses(client.received())[0], 400, "DPE")
+        assert client.transport.closed
+    # HTTP/1.0 may leave Host out; it then matches only the default virtual host (none here: 404).
+    mesh = Mesh()
+    client = mesh.client()
+    client.send(b"GET / HTTP/1.0\r\n\r\n")
+    assert_local_reply(parse_responses(client.received())[0], 404, "NR")
+
+
+@async_test
 async def test_malformed_request_400_and_close() -> None:
     mesh = Mesh()
     client = mesh.client()
