@@ -117,6 +117,7 @@ class ProxyRegistry:
         if version == st.version_sent and st.version_acked != version:
             self._metrics.push_ack_latency.labels(type=short).observe(self._mono() - st.sent_mono)
         st.version_acked, st.acked_at = version, self._wall()
+        st.nack = None  # a later version was accepted: the refusal is resolved (the counter keeps it)
 
     def nacked(self, p: ProxyStatus, type_url: str, version: str, error: str) -> None:
         st = p.type(type_url)

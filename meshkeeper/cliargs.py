@@ -34,3 +34,14 @@ def seconds(text: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
     return v
+
+
+def non_negative_seconds(text: str) -> float:
+    """A duration in seconds that may be 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
+    return v

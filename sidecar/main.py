@@ -1,10 +1,12 @@
 """``meshkeeper sidecar``: flags, sockets, and the order things start and stop in.
 
 Start: bind the listener sockets (port 0 picks a free port), connect the ADS stream, start
-health-checking the app, serve admin, print the ready line (docs/contracts.md). The instance is
-registered only once the app is healthy *and* the first config is applied.
+health-checking the app, serve admin, print the ready line (docs/contracts.md). The listeners
+listen only once the first full config is applied (as Envoy's before its first LDS), and the
+instance is registered only once the app is healthy and every worker listens.
 
-Stop (SIGTERM/SIGINT): deregister first so that callers stop picking this instance, then stop
+Stop (SIGTERM/SIGINT): deregister first so that callers stop picking this instance, keep accepting
+for ``--drain-delay`` while callers learn of it (answering ``Connection: close``), then stop
 accepting, let in-flight requests finish (bounded by ``--drain-timeout``), then exit.
 
 ``--workers N`` runs N-1 extra worker processes sharing the listener ports with SO_REUSEPORT;
@@ -17,12 +19,13 @@ import argparse
 import asyncio
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 
-from meshkeeper.cliargs import ArgumentParser, port, seconds
+from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
 
@@ -49,6 +52,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--admin-port", type=port, default=15000)
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--zk-session-timeout", type=seconds, default=10.0)
+    p.add_argument("--drain-delay", type=non_negative_seconds, default=2.0,
+                   help="after deregistering, keep accepting (answering Connection: close) this long, "
+                        "so that callers learn of it before the listeners close")
     p.add_argument("--drain-timeout", type=seconds, default=5.0, help="bound on waiting for in-flight requests")
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
@@ -76,8 +82,7 @@ def bind(host: str, port: int, reuseport: bool) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuseport:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(4096)
+    sock.bind((host, port))  # the port is ours now; listen() comes once the config is in
     sock.setblocking(False)
     return sock
 
@@ -115,17 +120,25 @@ async def run(args: argparse.Namespace) -> int:
 
     runtime = SidecarRuntime(node)
     registration: Registration | None = None
+    config_ready = asyncio.Event()
+    workers: list[subprocess.Popen] = []
+    workers_serving = 0
 
     def changed() -> None:
+        if ads.initialized:
+            config_ready.set()
         if registration is not None:
             registration.poke()
 
+    def registrable() -> bool:
+        # Like Envoy before its first LDS: nothing listens (callers get a refused connection, not a
+        # 404) until the first full config is applied, in this process and in every worker.
+        return bool(runtime.listeners) and workers_serving == len(workers)
+
     ads = AdsClient(args.cp, node, runtime, on_change=changed)
     runtime.ads = ads
-    await runtime.start_listeners(outbound_sock, inbound_sock)
     ads.start()
 
-    workers: list[subprocess.Popen] = []
     if primary:
         labels = {k: v for k, v in (("version", args.version), ("zone", args.zone)) if v}
         record = InstanceRecord(address=args.advertise_host, port=inbound_port, weight=args.weight,
@@ -139,7 +152,7 @@ async def run(args: argparse.Namespace) -> int:
         registration = Registration(zk_hosts=args.zk, session_timeout=args.zk_session_timeout,
                                     paths=Paths(args.namespace), service=args.service, record=record,
                                     service_record=ServiceRecord(protocol=args.protocol), check=check,
-                                    interval=args.health_interval, gate=lambda: ads.initialized)
+                                    interval=args.health_interval, gate=registrable)
         runtime.registration = registration
         registration.start()
         admin.runtime = runtime
@@ -148,14 +161,33 @@ async def run(args: argparse.Namespace) -> int:
     print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
           f"admin_port={admin_port} node={node_id}", flush=True)
 
+    async def worker_serving(w: subprocess.Popen) -> None:
+        nonlocal workers_serving
+        while True:
+            line = await loop.run_in_executor(None, w.stdout.readline)
+            if not line:
+                return
+            if line.startswith(b"meshkeeper sidecar serving"):
+                workers_serving += 1
+                changed()
+
+    watchers = [loop.create_task(worker_serving(w)) for w in workers]
+    waits = [loop.create_task(stop.wait()), loop.create_task(config_ready.wait())]
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    if not stop.is_set():
+        await runtime.start_listeners(outbound_sock, inbound_sock)
+        changed()
+        print(f"meshkeeper sidecar serving node={node_id}", flush=True)
     await stop.wait()
-    log.info("shutting down: deregistering, then draining (at most %.1fs)", args.drain_timeout)
-    runtime.draining = True
+    for t in (*waits, *watchers):
+        t.cancel()
+    log.info("shutting down: deregistering, draining for %.1fs, then closing (in-flight requests get %.1fs)",
+             args.drain_delay, args.drain_timeout)
     if registration is not None:
         await registration.deregister_and_stop()
     for w in workers:
         w.send_signal(signal.SIGTERM)
-    drained = await runtime.drain(args.drain_timeout)
+    drained = await runtime.drain(args.drain_delay, args.drain_timeout)
     if not drained:
         log.warning("drain timeout: reset the connections still open")
     await ads.stop()
@@ -178,8 +210,12 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
                 "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
                 "--inbound-port", str(inbound_port), "--admin-port", "0", "--drain-timeout", str(args.drain_timeout),
+                "--drain-delay", str(args.drain_delay),
                 "--log-level", args.log_level, "--worker-index", str(i)]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL))
+        # Workers die with the primary (setpriv's PR_SET_PDEATHSIG; preexec_fn is unsafe beside gRPC's threads).
+        if shutil.which("setpriv"):
+            argv = ["setpriv", "--pdeathsig", "TERM", *argv]
+        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))
     return procs
 
 

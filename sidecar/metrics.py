@@ -36,6 +36,8 @@ class SidecarCollector:
                 if stat.startswith("upstream_rq_") and stat[-3:] in ("1xx", "2xx", "3xx", "4xx", "5xx"):
                     rq.add_metric([name, stat[-3:]], value)
                     continue
+                if stat == "upstream_rq_total":  # the sum of the family above; one name, one family
+                    continue
                 fam = families.get(stat)
                 if fam is None:
                     mname = f"meshkeeper_{stat}"
@@ -67,7 +69,7 @@ class SidecarCollector:
                 updates.add_metric([xds.SHORT_TYPE[type_url], "rejected"], st.rejected)
             yield updates
             yield GaugeMetricFamily("meshkeeper_xds_connected", "1 while the ADS stream is up", value=int(ads.connected))
-            yield GaugeMetricFamily("meshkeeper_xds_synced", "1 once the first full config is applied",
+            yield GaugeMetricFamily("meshkeeper_xds_synced", "1 while every subscribed resource has arrived",
                                     value=int(ads.synced))
         reg = rt.registration
         if reg is not None:

@@ -87,6 +87,8 @@ class Registration:
         self.last_check_at = 0.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._deleting = False  # our own delete is in flight: its watch event is expected
+        self._verify = False  # re-check our znode (after a reconnect)
+        self.conflicts = 0  # times another session held our instance znode
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
 
@@ -144,11 +146,14 @@ class Registration:
         self.zk_state = state
         if state == KazooState.LOST:
             # The session expired: ZooKeeper has deleted our ephemeral znode.
-            if self.registered:
+            if self.registered and not self.draining:
                 log.warning("ZooKeeper session lost; %s will be re-created on reconnect", self.path)
             self.registered = False
         elif state == KazooState.CONNECTED:
             self.zk_state = "CONNECTED"
+            # kazoo drops every watch when the connection is suspended and does not re-arm them:
+            # look at our znode again (and re-arm its watch) on every reconnect.
+            self._verify = True
         log.info("ZooKeeper %s", state)
         self._wake.set()
         self.on_change()
@@ -170,6 +175,18 @@ class Registration:
                 self.last_check_at = time.time()
                 self._record_check(ok)
                 next_check = time.monotonic() + self.interval
+            if self._verify and self.zk.connected:
+                self._verify = False
+                if self.registered:
+                    try:
+                        stat = await loop.run_in_executor(None, self.zk.exists, self.path, self._on_own_node)
+                    except Exception as exc:
+                        log.warning("could not check %s after reconnect: %s", self.path, exc)
+                        self._verify = True
+                    else:
+                        if stat is None:
+                            log.warning("instance znode %s vanished while disconnected; re-creating it", self.path)
+                            self.registered = False
             want = self.healthy and not self.draining and self.gate()
             if self.zk.connected and want != self.registered:
                 try:
@@ -224,14 +241,20 @@ class Registration:
         try:
             self.zk.create(self.path, data, ephemeral=True)
         except NodeExistsError:
-            # A znode left by an earlier session of this same instance (e.g. after SIGKILL, before
-            # its session expired): the name is ours, so replace it.
             _, stat = self.zk.get(self.path)
-            if stat.ephemeralOwner != self.zk.client_id[0]:
+            if stat.ephemeralOwner == self.zk.client_id[0]:
+                self.zk.set(self.path, data)
+            elif self.registrations == 0:
+                # Left by an earlier run of this same instance (SIGKILL, then a restart before its
+                # session expired): the name is ours, so replace it.
                 self.zk.delete(self.path)
                 self.zk.create(self.path, data, ephemeral=True)
             else:
-                self.zk.set(self.path, data)
+                # Another live process registers the same address:port (two hosts both advertising
+                # 127.0.0.1:15006?). Taking it over would start a delete/re-create storm between us.
+                self.conflicts += 1
+                raise RuntimeError(f"{self.path} is held by another ZooKeeper session "  # noqa: B904
+                                   f"({stat.ephemeralOwner:#x}); check --advertise-host/--inbound-port")
         self.zk.exists(self.path, watch=self._on_own_node)
 
     def _delete(self) -> None:

@@ -49,7 +49,19 @@ class SidecarRuntime:
         self.listeners = [await start_listener(self.listener_runtimes[xds.OUTBOUND_LISTENER], outbound),
                           await start_listener(self.listener_runtimes[xds.INBOUND_LISTENER], inbound)]
 
-    async def drain(self, limit: float) -> bool:
+    async def drain(self, delay: float, limit: float) -> bool:
+        """Drain like Istio's terminationDrainDuration, then Envoy's drain.
+
+        For ``delay`` seconds the listeners keep accepting (callers learn of the deregistration
+        only after the registry watch, the snapshot and the EDS push), but every response says
+        ``Connection: close`` and idle connections close; then they stop accepting and in-flight
+        requests get up to ``limit`` seconds before the rest are reset.
+        """
+        self.draining = True
+        for rt in self.listener_runtimes.values():
+            rt.start_draining()
+        if delay > 0:
+            await asyncio.sleep(delay)
         results = await asyncio.gather(*(lst.drain(limit) for lst in self.listeners))
         return all(results)
 

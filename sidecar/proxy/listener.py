@@ -78,8 +78,9 @@ class ListenerRuntime:
         self.connections.add(conn)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
-        if self.draining:
-            conn.start_draining()
+        # A connection accepted while the listener drains is served: its response says
+        # ``Connection: close`` (callers that have not yet learnt that this endpoint is leaving
+        # still get their answer), so it closes after one exchange.
 
     def connection_closed(self, conn: HttpConnectionManager) -> None:
         if conn in self.connections:

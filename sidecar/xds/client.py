@@ -40,7 +40,21 @@ log = logging.getLogger("meshkeeper.sidecar.xds")
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 15.0
 _INVALID_ARGUMENT = 3
+# The ADS stream is idle most of the time: keepalive pings are what tell a half-open stream
+# (control plane host gone, network partition) from a quiet one, so the client reconnects.
+CHANNEL_OPTIONS = (
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+)
 
+_CONVERTERS = {
+    xds.LISTENER: convert.listener,
+    xds.ROUTE: convert.route_configuration,
+    xds.CLUSTER: convert.cluster,
+    xds.ENDPOINT: convert.endpoints,
+}
 _MESSAGES = {
     xds.LISTENER: listener_pb2.Listener,
     xds.ROUTE: route_pb2.RouteConfiguration,
@@ -153,6 +167,8 @@ class AdsClient:
     async def _stream_once(self) -> None:
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
         self._queue = queue
+        for st in self.state.values():
+            st.nonce = ""  # nonces belong to a stream; the server numbers each stream anew
 
         async def requests():
             while True:
@@ -161,7 +177,7 @@ class AdsClient:
                     return
                 yield req
 
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources(requests())
             # Initial subscriptions: wildcard LDS and CDS, plus what we already hold (after a reconnect).
@@ -195,62 +211,100 @@ class AdsClient:
             self._queue.put_nowait(req)
 
     def _on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
+        """Apply what can be honoured, NACK what cannot (Envoy's and gRFC A46's semantics).
+
+        A resource that fails to convert keeps its last accepted value (or stays absent if it is
+        new) while the valid resources of the same response are applied; the response is then
+        NACKed naming every refused resource, and the accepted version does not move. So one
+        service with an unsupported setting never freezes the rest of the mesh. If applying the
+        set fails as a whole (a runtime object refuses it), nothing changes and it is NACKed.
+        """
         type_url = resp.type_url
         st = self.state.get(type_url)
         if st is None:
             log.warning("ignoring xds response of unsupported type %s", type_url)
             return
         st.nonce = resp.nonce
+        short = xds.SHORT_TYPE[type_url]
+        named = type_url in (xds.ROUTE, xds.ENDPOINT)  # a response may carry only some names: merge
+        converted, raw, errors = self._convert(type_url, resp, st)
         try:
-            converted, raw = self._convert(type_url, resp)
-            self._apply(type_url, converted)
-        except ValueError as exc:  # XdsError, or a runtime object refusing the config (e.g. a Router)
+            if converted is not None:
+                self._apply(type_url, converted)
+        except Exception as exc:  # a runtime object refused the set (e.g. a Router); nothing changed
+            if not isinstance(exc, ValueError):
+                log.exception("applying %s version %s failed", short, resp.version_info)
+            errors, converted = [str(exc)], None
+        if converted is not None:
+            if named:
+                st.resources.update(converted)
+                st.raw.update(raw)
+            else:
+                st.resources, st.raw = converted, raw
+            st.received = True
+            st.updated_at = time.time()
+        if errors:
+            detail = "; ".join(errors)
             st.rejected += 1
-            st.last_error = str(exc)
-            log.warning("NACK %s version %s: %s", xds.SHORT_TYPE[type_url], resp.version_info, exc)
-            self._send(self._request(type_url, resp.nonce, error=str(exc)))
-            self.on_change()
-            return
-        st.version = resp.version_info
-        st.received = True
-        st.accepted += 1
-        st.last_error = ""
-        st.updated_at = time.time()
-        if type_url in (xds.ROUTE, xds.ENDPOINT):  # named types: merge; a response may be partial
-            st.resources.update(converted)
-            st.raw.update(raw)
+            st.last_error = detail
+            log.warning("NACK %s version %s: %s", short, resp.version_info, detail)
+            self._send(self._request(type_url, resp.nonce, error=detail))
         else:
-            st.resources, st.raw = converted, raw
-        log.info("ACK %s version %s (%d resources)", xds.SHORT_TYPE[type_url], resp.version_info, len(converted))
-        self._send(self._request(type_url, resp.nonce))
-        self._resubscribe(type_url)
+            st.version = resp.version_info
+            st.accepted += 1
+            st.last_error = ""
+            log.info("ACK %s version %s (%d resources)", short, resp.version_info, len(resp.resources))
+            self._send(self._request(type_url, resp.nonce))
+        if converted is not None:
+            self._resubscribe(type_url)
         self.on_change()
 
-    def _convert(self, type_url: str, resp: discovery_pb2.DiscoveryResponse) -> tuple[dict, dict]:
+    def _convert(self, type_url: str, resp: discovery_pb2.DiscoveryResponse,
+                 st: TypeState) -> tuple[dict | None, dict, list[str]]:
+        """(converted, protos, errors); a refused resource keeps its last accepted value.
+
+        ``converted`` is None when an error cannot be pinned on a named resource (wrong type,
+        undecodable, nameless): then the whole response is refused, since applying the rest of a
+        State-of-the-World set would delete whatever that resource was.
+        """
         cls = _MESSAGES[type_url]
+        short = xds.SHORT_TYPE[type_url]
         converted: dict[str, Any] = {}
         raw: dict[str, Any] = {}
+        errors: list[str] = []
+        whole = False
         for any_msg in resp.resources:
             if any_msg.type_url != type_url:
-                raise convert.XdsError(f"resource of type {any_msg.type_url} in a {xds.SHORT_TYPE[type_url]} response")
+                errors.append(f"resource of type {any_msg.type_url} in a {short} response")
+                whole = True
+                continue
             msg = cls()
-            if not any_msg.Unpack(msg):
-                raise convert.XdsError(f"cannot decode a {xds.SHORT_TYPE[type_url]} resource")
-            if type_url == xds.LISTENER:
-                name, value = msg.name, convert.listener(msg)
-            elif type_url == xds.ROUTE:
-                name, value = msg.name, convert.route_configuration(msg)
-            elif type_url == xds.CLUSTER:
-                name, value = msg.name, convert.cluster(msg)
-            else:
-                name, value = msg.cluster_name, convert.endpoints(msg)
+            try:
+                if not any_msg.Unpack(msg):
+                    raise convert.XdsError("cannot decode it")
+            except Exception as exc:  # DecodeError is not a ValueError
+                errors.append(f"a {short} resource does not decode: {exc}")
+                whole = True
+                continue
+            name = msg.cluster_name if type_url == xds.ENDPOINT else msg.name
             if not name:
-                raise convert.XdsError(f"a {xds.SHORT_TYPE[type_url]} resource has no name")
+                errors.append(f"a {short} resource has no name")
+                whole = True
+                continue
             if name in converted:
-                raise convert.XdsError(f"{xds.SHORT_TYPE[type_url]} resource {name!r} appears twice")
-            converted[name] = value
-            raw[name] = msg
-        return converted, raw
+                errors.append(f"{short} resource {name!r} appears twice")
+                whole = True
+                continue
+            try:
+                converted[name] = _CONVERTERS[type_url](msg)
+                raw[name] = msg
+            except Exception as exc:
+                if not isinstance(exc, ValueError):
+                    log.exception("converting %s %r failed", short, name)
+                errors.append(str(exc))
+                if name in st.resources:  # keep serving the last accepted value
+                    converted[name], raw[name] = st.resources[name], st.raw[name]
+        return (None if whole else converted), raw, errors
 
     def _apply(self, type_url: str, converted: dict[str, Any]) -> None:
         if type_url == xds.CLUSTER:

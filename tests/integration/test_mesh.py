@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import signal
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -177,14 +178,38 @@ def test_unhealthy_app_is_deregistered_and_comes_back(mesh):
     wait_until(lambda: key in mesh.serving(), 10, message="recovered instance registered again")
 
 
-def test_sigterm_deregisters_before_the_process_exits(mesh):
+def test_sigterm_deregisters_first_and_callers_see_no_errors(mesh):
+    """A rolling restart: the instance leaves the registry at once, keeps serving while callers
+    learn of it (--drain-delay), and no caller request fails."""
     _, sc = mesh.catalog[2]
     path = Paths(mesh.ns).instance("catalog", mesh.instance_key(2))
     assert mesh.kz.exists(path)
-    sc.terminate()
-    assert sc.returncode == 0
-    assert not mesh.kz.exists(path)
-    wait_until(lambda: mesh.instance_key(2) not in mesh.serving(), 2, message="endpoint removed")
+    failures: list = []
+    answered = Counter()
+    stop = threading.Event()
+
+    def traffic():
+        c = Client(mesh.frontend.port("outbound_port"))
+        while not stop.is_set():
+            status, headers, _ = c.get()
+            answered[status] += 1
+            if status != 200:
+                failures.append((status, headers.get("x-meshkeeper-flags")))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        sc.signal(signal.SIGTERM)
+        wait_until(lambda: not mesh.kz.exists(path), 1.0, 0.02, message="znode deleted on SIGTERM")
+        assert sc.running()  # still draining
+        wait_until(lambda: mesh.instance_key(2) not in mesh.serving(), 2, message="endpoint removed")
+        assert sc.wait(15) == 0
+        before = sum(answered.values())
+        wait_until(lambda: sum(answered.values()) > before + 50, 5, message="traffic continues")
+    finally:
+        stop.set()
+        t.join()
+    assert failures == []
 
 
 def test_malformed_instance_znode_is_skipped_and_counted(mesh):

@@ -164,3 +164,50 @@ async def test_synced_waits_for_referenced_routes_and_endpoints(ads):
         assert client.synced
     finally:
         await client.stop()
+
+
+async def test_one_bad_cluster_is_refused_alone_and_the_rest_applies(ads):
+    """Envoy / gRFC A46: the valid resources of a NACKed response still apply, so an unsupported
+    setting on one service neither freezes the others nor keeps a new sidecar from starting."""
+    server, target = ads
+    sink = Sink()
+    client = AdsClient(target, node(), sink)
+    client.start()
+    try:
+        await next_request(server, xds.CLUSTER)
+        stream = await server.streams.get()
+        await stream.put(response(xds.CLUSTER, "v1", "n1", eds_cluster("outbound|good.default"),
+                                  eds_cluster("outbound|odd.default", cluster_pb2.Cluster.MAGLEV)))
+        nack = await next_request(server, xds.CLUSTER)
+        assert nack.response_nonce == "n1" and nack.version_info == ""
+        assert "outbound|odd.default" in nack.error_detail.message
+        assert set(sink.clusters) == {"outbound|good.default"}
+        sub = await next_request(server, xds.ENDPOINT)
+        assert list(sub.resource_names) == ["outbound|good.default"]
+        await stream.put(response(xds.LISTENER, "l1", "n2", hcm_listener()))
+        await next_request(server, xds.LISTENER)
+        from envoy.config.route.v3 import route_pb2
+        await stream.put(response(xds.ROUTE, "r1", "n3", route_pb2.RouteConfiguration(name="outbound")))
+        await stream.put(response(xds.ENDPOINT, "e1", "n4", cla("outbound|good.default", ("127.0.0.1", 1, 1, 1))))
+        await next_request(server, xds.ENDPOINT)
+        assert client.initialized  # the refused cluster does not block readiness
+
+        # The odd cluster becomes valid, the good one turns bad: the good one keeps its last value.
+        await stream.put(response(xds.CLUSTER, "v2", "n5",
+                                  eds_cluster("outbound|good.default", cluster_pb2.Cluster.RING_HASH),
+                                  eds_cluster("outbound|odd.default")))
+        nack = await next_request(server, xds.CLUSTER)
+        assert "outbound|good.default" in nack.error_detail.message
+        assert set(sink.clusters) == {"outbound|good.default", "outbound|odd.default"}
+        assert sink.clusters["outbound|good.default"].lb_policy == "round_robin"
+
+        # A resource that does not even decode is NACKed too, and the stream stays up.
+        bad = discovery_pb2.DiscoveryResponse(type_url=xds.CLUSTER, version_info="v3", nonce="n6")
+        bad.resources.add(type_url=xds.CLUSTER, value=b"\xff\xff\xff")
+        await stream.put(bad)
+        nack = await next_request(server, xds.CLUSTER)
+        assert nack.response_nonce == "n6" and "does not decode" in nack.error_detail.message
+        assert set(sink.clusters) == {"outbound|good.default", "outbound|odd.default"}  # nothing deleted
+        assert client.connects == 1
+    finally:
+        await client.stop()
