@@ -35,7 +35,11 @@ from meshkeeper.registry import ROOT
 log = logging.getLogger("meshkeeper.controlplane.watch")
 
 DEFAULT_DEBOUNCE = 0.1
-RETRY_DELAY = 0.5  # a read that failed while connected (rare: e.g. ACLs) is retried after this
+RETRY_DELAY = 0.5  # a read that failed while connected is retried after this
+# A read that fails this many times in a row for a reason other than the connection (an ACL the
+# control plane cannot pass, say) stops holding back snapshots: the znode is counted as bad
+# ("unreadable") and its last good state is served, while reads keep being retried.
+MAX_BLOCKING_RETRIES = 5
 
 
 class ZkSource(Protocol):
@@ -103,6 +107,8 @@ class RegistryWatch:
         self._running: set[str] = set()  # paths being read in this generation
         self._again: set[str] = set()  # paths whose watch fired during their read
         self._retries: dict[str, asyncio.TimerHandle] = {}
+        self._failures: dict[str, int] = {}  # path -> consecutive failed reads
+        self._unreadable: set[str] = set()  # paths retried without holding back snapshots
         self._tasks: set[asyncio.Task] = set()
         self._timer: asyncio.TimerHandle | None = None
         self._dirty = False
@@ -177,9 +183,19 @@ class RegistryWatch:
             raise
         except Exception as exc:  # connection loss, session expiry, ACLs: never crash the watch
             if gen == self._gen and self._connected:
-                log.warning("reading %s failed (%s: %s); retrying", path, type(exc).__name__, exc)
-                self._retries[path] = asyncio.get_running_loop().call_later(
-                    RETRY_DELAY, self._retry, path, gen)
+                n = self._failures[path] = self._failures.get(path, 0) + 1
+                if n == MAX_BLOCKING_RETRIES:
+                    log.warning("reading %s keeps failing (%s: %s); serving its last good state and "
+                                "retrying in the background", path, type(exc).__name__, exc)
+                    self._unreadable.add(path)
+                    self._count_bad("unreadable", path, str(exc))
+                elif n < MAX_BLOCKING_RETRIES:
+                    log.warning("reading %s failed (%s: %s); retrying", path, type(exc).__name__, exc)
+                delay = RETRY_DELAY if n < MAX_BLOCKING_RETRIES else RETRY_DELAY * 10
+                self._retries[path] = asyncio.get_running_loop().call_later(delay, self._retry, path, gen)
+        else:
+            self._failures.pop(path, None)
+            self._unreadable.discard(path)
         finally:
             if gen == self._gen:
                 self._running.discard(path)
@@ -264,7 +280,7 @@ class RegistryWatch:
 
     def _maybe_publish(self) -> None:
         if (not self._dirty or self._timer is not None or not self._connected
-                or self._running or self._retries):
+                or self._running - self._unreadable or set(self._retries) - self._unreadable):
             return
         self._dirty = False
         started = time.perf_counter()

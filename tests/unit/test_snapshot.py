@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import json
 
+from kazoo.exceptions import NoAuthError
+
 from controlplane.metrics import Metrics
 from controlplane.snapshot import RegistrySnapshot, RegistryTree
 from controlplane.watch import RegistryWatch
@@ -31,6 +33,7 @@ class FakeZk:
         self.exists_watches: set[str] = set()
         self.gate: asyncio.Event | None = None  # when set, reads wait for it
         self.fail = False
+        self.fail_paths: set[str] = set()  # reads of these fail as a znode with a foreign ACL does
         self.reads = 0
 
     # -- ZkSource
@@ -56,6 +59,8 @@ class FakeZk:
 
     async def data(self, path: str, watch_absent: bool = False) -> tuple[bytes, int] | None:
         await self._read()
+        if path in self.fail_paths:
+            raise NoAuthError()
         if path not in self.nodes:
             if watch_absent:
                 self.exists_watches.add(path)
@@ -368,4 +373,30 @@ def test_policy_created_later_applies_and_invalid_policy_keeps_the_last_valid_on
         # Deleting the policy returns to the defaults.
         h.zk.delete(f"{SVC}/policy")
         await h.until(lambda: h.published[-1].services("default")["catalog"].policy.lb.policy == "round_robin")
+    run(main())
+
+
+def test_an_unreadable_znode_is_counted_and_does_not_hold_back_snapshots():
+    async def main():
+        from controlplane import watch as w
+
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        old = w.RETRY_DELAY
+        w.RETRY_DELAY = 0.001
+        try:
+            locked = f"{SVC}/instances/10.0.0.9:15006"
+            h.zk.fail_paths.add(locked)
+            h.zk.write(locked, instance("10.0.0.9"))
+            await h.until(lambda: h.bad_count("unreadable") == 1)
+            # Other changes still reach a snapshot while the locked znode is retried.
+            h.zk.write(f"{SVC}/overrides/10.0.0.2:15006", {"weight": 9})
+            await h.until(lambda: h.published[-1].services("default")["catalog"].overrides["10.0.0.2:15006"].weight == 9)
+            assert "10.0.0.9:15006" not in h.instances()
+            h.zk.fail_paths.clear()  # the ACL is fixed: the retry picks it up
+            await h.until(lambda: "10.0.0.9:15006" in h.instances(), within=5)
+        finally:
+            w.RETRY_DELAY = old
     run(main())
