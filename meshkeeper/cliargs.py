@@ -25,23 +25,21 @@ def port(text: str) -> int:
     return n
 
 
-def seconds(text: str) -> float:
-    """A positive duration in seconds (DESIGN §9: timeouts are in seconds)."""
+def _duration(text: str, allow_zero: bool) -> float:
     try:
         v = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be a positive number of seconds")
+    if not (v >= 0 if allow_zero else v > 0):
+        raise argparse.ArgumentTypeError(f"{text!r} must be {'0 or more' if allow_zero else 'a positive number of'} seconds")
     return v
+
+
+def seconds(text: str) -> float:
+    """A positive duration in seconds (DESIGN §9: timeouts are in seconds)."""
+    return _duration(text, allow_zero=False)
 
 
 def non_negative_seconds(text: str) -> float:
     """A duration in seconds that may be 0."""
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not v >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more seconds")
-    return v
+    return _duration(text, allow_zero=True)
