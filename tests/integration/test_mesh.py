@@ -314,3 +314,15 @@ def test_two_workers_share_the_listeners_and_stop_together(procs, zk_server, zk_
     assert len(pids) >= 2
     assert sc.terminate() == 0
     assert not [p for p in pids if Path(f"/proc/{p}").exists()]
+
+
+def test_a_second_sidecar_cannot_join_the_ports_of_one_with_workers(procs, zk_server, namespace):
+    cp = procs.controlplane(zk_server.hosts)
+    app = procs.app("catalog")
+    port = free_port()
+    target = f"127.0.0.1:{cp.port('xds_port')}"
+    procs.sidecar("catalog", app.port("port"), cp=target, zk=zk_server.hosts, namespace=namespace,
+                  workers=2, inbound_port=port)
+    with pytest.raises(Exception, match="cannot bind a listener.*Address already in use"):
+        procs.sidecar("other", app.port("port"), cp=target, zk=zk_server.hosts, namespace=namespace,
+                      workers=2, inbound_port=port, name="sidecar-intruder")
