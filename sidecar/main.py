@@ -195,7 +195,7 @@ async def run(args: argparse.Namespace) -> int:
         await registration.deregister_and_stop()
     for w in workers:
         w.send_signal(signal.SIGTERM)
-    drained = await runtime.drain(args.drain_delay, args.drain_timeout)
+    drained = await runtime.drain(args.drain_delay if runtime.listeners else 0.0, args.drain_timeout)
     if not drained:
         log.warning("drain timeout: reset the connections still open")
     await ads.stop()
