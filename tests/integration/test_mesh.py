@@ -326,3 +326,24 @@ def test_a_second_sidecar_cannot_join_the_ports_of_one_with_workers(procs, zk_se
     with pytest.raises(Exception, match="cannot bind a listener.*Address already in use"):
         procs.sidecar("other", app.port("port"), cp=target, zk=zk_server.hosts, namespace=namespace,
                       workers=2, inbound_port=port, name="sidecar-intruder")
+
+
+def test_session_expiry_reregisters_and_the_mesh_recovers(mesh):
+    """A sidecar frozen past its session timeout (a long GC pause, a VM stall) loses its session:
+    ZooKeeper deletes its ephemeral znode. Once it runs again it must notice the expiry, open a
+    new session and re-create the znode, and callers route to it again."""
+    _, sc = mesh.catalog[0]
+    key = mesh.instance_key(0)
+    path = Paths(mesh.ns).instance("catalog", key)
+    sc.signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: not mesh.kz.exists(path), 10, message="session expired, znode deleted")
+        wait_until(lambda: key not in mesh.serving(), 5, message="endpoint left the cluster")
+    finally:
+        sc.signal(signal.SIGCONT)
+    wait_until(lambda: mesh.kz.exists(path), 10, message="znode re-created with a new session")
+    wait_until(lambda: key in mesh.serving(), 5, message="endpoint back in the cluster")
+    info = json.loads(http_get(f"{sc.admin_url}/server_info")[2])
+    assert info["registration"]["registrations"] == 2 and info["registration"]["registered"]
+    who, codes = Client(mesh.frontend.port("outbound_port")).split(200)
+    assert codes == {200: 200} and who[mesh.app_instance(0)] > 0
