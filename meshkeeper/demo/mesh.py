@@ -182,7 +182,7 @@ class LocalMesh:
         if self.controlplane is not None:
             url = self.cp_http_url
             lines += [
-                f"control plane    xDS {self.cp_address}   dashboard {url}/",
+                f"control plane    xDS {self.cp_address}   HTTP {url}/healthz",
                 f"                 {url}/api/proxies   {url}/metrics",
             ]
         for i in self.instances:
