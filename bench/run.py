@@ -37,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshkeeper.demo.mesh import LocalMesh
 from meshkeeper.demo.process import (
     ChildProcess,
     ManagedProcess,
@@ -47,7 +48,6 @@ from meshkeeper.demo.process import (
     rss_kib,
     wait_until,
 )
-from meshkeeper.demo.zookeeper import ZooKeeper
 
 BENCH_DIR = Path(__file__).resolve().parent
 PROXIES = ("haproxy", "nginx", "sidecar")
@@ -114,26 +114,21 @@ class Sidecar:
     def __init__(self, workdir: Path, upstream_port: int) -> None:
         self.workdir = workdir
         self.upstream_port = upstream_port
-        self.zk: ZooKeeper | None = None
+        self.mesh = LocalMesh(workdir=workdir)  # ZooKeeper and the control plane, as in the demo
         self.kazoo = None
         self.procs: list[ChildProcess] = []
 
     def start(self) -> tuple[ManagedProcess, str]:
-        self.zk = ZooKeeper(self.workdir / "zk").start()
-        cp = ManagedProcess(
-            meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", "0", "--http-port", "0"),
-            role="controlplane",
-            log_dir=self.workdir,
-        )
-        self.procs.append(cp)
-        cp.start()
+        self.mesh.start_registry()
+        cp = self.mesh.controlplane
+        zk_hosts = self.mesh.zk_hosts
         self._register_upstream()
         sidecar = ManagedProcess(
             pinned(
                 PROXY_CPU,
                 meshkeeper_argv(
                     "sidecar", "--service", "bench", "--app-port", str(self.upstream_port),
-                    "--cp", f"127.0.0.1:{cp.port('xds_port')}", "--zk", self.zk.hosts,
+                    "--cp", f"127.0.0.1:{cp.port('xds_port')}", "--zk", zk_hosts,
                     "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--workers", "1",
                 ),
             ),
@@ -155,8 +150,7 @@ class Sidecar:
 
         from meshkeeper.registry import InstanceRecord, Paths, ServiceRecord
 
-        assert self.zk is not None
-        self.kazoo = KazooClient(hosts=self.zk.hosts, timeout=10.0)
+        self.kazoo = KazooClient(hosts=self.mesh.zk_hosts, timeout=10.0)
         self.kazoo.start(timeout=15)
         paths = Paths()
         record = InstanceRecord(
@@ -174,8 +168,7 @@ class Sidecar:
         if self.kazoo is not None:
             self.kazoo.stop()
             self.kazoo.close()
-        if self.zk is not None:
-            self.zk.kill()
+        self.mesh.stop(remove_workdir=False)
 
 
 # --------------------------------------------------------------------------- load generators
