@@ -130,9 +130,7 @@ class RegistryTree:
         present = set(names)
         for p in [p for p in {*self.last_good, *self.bad, *self._logged} if p.startswith(parent + "/")]:
             if p[len(parent) + 1:].partition("/")[0] not in present:
-                self.last_good.pop(p, None)
-                self.bad.discard(p)
-                self._logged.pop(p, None)
+                self._forget(p)
 
     def _valid_name(self, kind: str, path: str, name: str, check: Callable[[str], object]) -> bool:
         try:
@@ -187,9 +185,7 @@ class RegistryTree:
             return
         if data is None:
             node.policy = None
-            self.last_good.pop(path, None)
-            self.bad.discard(path)
-            self._logged.pop(path, None)
+            self._forget(path)
             return
         node.policy = self._decode("policy", path, data, mzxid, _decode_policy)
 
@@ -232,6 +228,10 @@ class RegistryTree:
         entries = self._entries(ns, svc, kind)
         if entries is not None:
             entries.pop(key, None)
+        self._forget(path)
+
+    def _forget(self, path: str) -> None:
+        """A znode is gone: drop its last good record and its refusal memory."""
         self.last_good.pop(path, None)
         self.bad.discard(path)
         self._logged.pop(path, None)

@@ -21,7 +21,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
@@ -77,26 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def bind(host: str, port: int, reuseport: bool, exclusive: bool = False) -> socket.socket:
-    """A bound, not yet listening socket. ``exclusive`` first claims the port without
-    SO_REUSEPORT, so that a port another process already shares (another sidecar started with
-    --workers) is refused instead of being joined, which would mix two services' traffic."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    if exclusive and port:
-        with socket.socket(family, socket.SOCK_STREAM) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            probe.bind((host, port))
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if reuseport:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))  # the port is ours now; listen() comes once the config is in
-    sock.setblocking(False)
-    return sock
-
-
 async def run(args: argparse.Namespace) -> int:
     from sidecar.admin import AdminServer
+    from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.runtime import SidecarRuntime
     from sidecar.xds.client import AdsClient
@@ -110,8 +92,9 @@ async def run(args: argparse.Namespace) -> int:
     reuse = args.workers > 1 or not primary
     admin = AdminServer() if primary else None
     try:
-        outbound_sock = bind("127.0.0.1", args.outbound_port, reuse, exclusive=primary)
-        inbound_sock = bind(args.inbound_bind, args.inbound_port, reuse, exclusive=primary)
+        # Bound now (the ports are ours), listening only once the first config is in.
+        outbound_sock = bind_socket("127.0.0.1", args.outbound_port, reuse_port=reuse, exclusive=primary)
+        inbound_sock = bind_socket(args.inbound_bind, args.inbound_port, reuse_port=reuse, exclusive=primary)
         admin_port = await admin.start("127.0.0.1", args.admin_port) if admin else 0
     except OSError as exc:
         print(f"meshkeeper sidecar: cannot bind a listener: {exc}", file=sys.stderr)

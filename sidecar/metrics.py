@@ -30,9 +30,8 @@ class SidecarCollector:
         rq = CounterMetricFamily("meshkeeper_upstream_rq", "Upstream requests by cluster and response code class",
                                  labels=["cluster", "code_class"])
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
-        for cluster in rt.clusters.admin_view():
-            name = cluster["name"]
-            for stat, value in cluster["stats"].items():
+        for name in sorted(rt.clusters.names()):
+            for stat, value in rt.clusters.get(name).stats.snapshot().items():
                 if stat.startswith("upstream_rq_") and stat[-3:] in ("1xx", "2xx", "3xx", "4xx", "5xx"):
                     rq.add_metric([name, stat[-3:]], value)
                     continue

@@ -150,7 +150,6 @@ class Registration:
                 log.warning("ZooKeeper session lost; %s will be re-created on reconnect", self.path)
             self.registered = False
         elif state == KazooState.CONNECTED:
-            self.zk_state = "CONNECTED"
             # kazoo drops every watch when the connection is suspended and does not re-arm them:
             # look at our znode again (and re-arm its watch) on every reconnect.
             self._verify = True

@@ -161,9 +161,19 @@ async def start_listener(runtime: ListenerRuntime, sock: socket.socket, *, backl
     return Listener(runtime, server, sock)
 
 
-def bind_socket(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False) -> socket.socket:
-    """A bound TCP socket for :func:`start_listener` (tests, tools); the sidecar binds its own."""
+def bind_socket(host: str = "127.0.0.1", port: int = 0, *, reuse_port: bool = False,
+                exclusive: bool = False) -> socket.socket:
+    """A bound, not yet listening TCP socket for :func:`start_listener` (which listens).
+
+    ``exclusive`` first claims the port without SO_REUSEPORT, so that a port another process
+    already shares (another sidecar started with --workers) is refused instead of being joined,
+    which would mix two services' traffic.
+    """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if exclusive and port:
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            probe.bind((host, port))
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if reuse_port:
