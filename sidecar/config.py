@@ -13,7 +13,99 @@ from types import MappingProxyType
 
 DEFAULT_CONNECT_TIMEOUT = 5.0  # Envoy's Cluster.connect_timeout default
 DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's RouteAction.timeout default
+DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's HttpProtocolOptions.idle_timeout default (both directions)
+DEFAULT_PANIC_THRESHOLD = 50.0  # Envoy's common_lb_config.healthy_panic_threshold default, percent
 LB_ROUND_ROBIN = "round_robin"
+
+
+@dataclass(frozen=True, slots=True)
+class OutlierConfig:
+    """``Cluster.outlier_detection``, Envoy's fields and defaults (times in seconds, percents 0..100).
+
+    A detector whose ``enforcing_*`` is 0 still tracks the statistic but never ejects for it.
+    With ``split_external_local_origin_errors`` local-origin failures (connect failure, timeout,
+    reset) count only towards ``consecutive_local_origin_failure``; without it they count as 5xx
+    (a connect failure or reset as 503, a timeout as 504), Envoy's default.
+    """
+
+    consecutive_5xx: int = 5
+    consecutive_gateway_failure: int = 5
+    consecutive_local_origin_failure: int = 5
+    enforcing_consecutive_5xx: int = 100
+    enforcing_consecutive_gateway_failure: int = 0
+    enforcing_consecutive_local_origin_failure: int = 100
+    split_external_local_origin_errors: bool = False
+    interval: float = 10.0
+    base_ejection_time: float = 30.0
+    max_ejection_time: float = 300.0
+    max_ejection_percent: int = 10
+    success_rate_minimum_hosts: int = 5
+    success_rate_request_volume: int = 100
+    success_rate_stdev_factor: int = 1900  # thousandths: 1900 means mean - 1.9 * stdev
+    enforcing_success_rate: int = 100
+    failure_percentage_threshold: int = 85
+    failure_percentage_minimum_hosts: int = 5
+    failure_percentage_request_volume: int = 50
+    enforcing_failure_percentage: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitBreakerConfig:
+    """The DEFAULT-priority ``circuit_breakers.thresholds`` entry, Envoy's defaults.
+
+    With ``retry_budget_percent`` > 0 a retry budget replaces ``max_retries`` (as in Envoy): active
+    retries may be at most that percent of active plus pending requests, but at least
+    ``min_retry_concurrency``.
+    """
+
+    max_connections: int = 1024
+    max_pending_requests: int = 1024
+    max_requests: int = 1024
+    max_retries: int = 3
+    retry_budget_percent: float = 0.0  # 0: no budget, max_retries applies
+    min_retry_concurrency: int = 3
+
+
+DEFAULT_CIRCUIT_BREAKERS = CircuitBreakerConfig()
+
+# retry_on conditions the sidecar honours (Envoy's x-envoy-retry-on names).
+RETRY_ON_SUPPORTED = frozenset({"5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes",
+                                "refused-stream", "retriable-4xx"})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicyConfig:
+    """``RouteAction.retry_policy``: Envoy's defaults (one retry, 25 ms base back-off, 10x cap)."""
+
+    retry_on: frozenset[str] = frozenset()
+    num_retries: int = 1
+    per_try_timeout: float = 0.0  # 0: each try may use what is left of the route timeout
+    base_interval: float = 0.025
+    max_interval: float = 0.25
+    retriable_status_codes: frozenset[int] = frozenset()
+    avoid_previous_hosts: bool = False  # retry_host_predicate envoy.retry_host_predicates.previous_hosts
+    host_selection_retry_max_attempts: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """The route's ``envoy.filters.http.fault`` config: a fixed delay and/or an abort, each with a
+    percentage of requests (0..100, fractional allowed) it applies to."""
+
+    delay: float = 0.0
+    delay_percent: float = 0.0
+    abort_status: int = 0
+    abort_percent: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitConfig:
+    """``envoy.filters.http.local_ratelimit``'s token bucket: ``max_tokens`` is the burst; the
+    bucket gains ``tokens_per_fill`` every ``fill_interval`` seconds."""
+
+    max_tokens: int
+    tokens_per_fill: int
+    fill_interval: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +134,10 @@ class ClusterConfig:
     discovery: str = "EDS"  # "EDS" or "STATIC"
     lb_policy: str = LB_ROUND_ROBIN
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    outlier: OutlierConfig | None = None  # None: no outlier detection
+    circuit_breakers: CircuitBreakerConfig = DEFAULT_CIRCUIT_BREAKERS
+    healthy_panic_threshold: float = DEFAULT_PANIC_THRESHOLD  # percent; 0 disables panic mode
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # upstream connections idle this long are closed
     # STATIC clusters carry their endpoints inline; EDS clusters get them from a ClusterLoadAssignment.
     static_endpoints: tuple[EndpointConfig, ...] = ()
 
@@ -60,6 +156,8 @@ class Route:
     cluster: str = ""
     weighted_clusters: tuple[WeightedCluster, ...] = ()
     timeout: float = DEFAULT_ROUTE_TIMEOUT  # 0 disables, as in Envoy
+    retry_policy: RetryPolicyConfig | None = None
+    fault: FaultConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,3 +184,6 @@ class ListenerConfig:
     name: str
     rds_name: str = ""
     route_config: RouteConfig | None = None
+    rate_limit: RateLimitConfig | None = None  # local rate limit of the whole listener
+    request_headers_timeout: float = 0.0  # 0: none (Envoy's default); else 408 and close
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # downstream connections idle this long are closed

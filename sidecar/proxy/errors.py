@@ -55,7 +55,22 @@ BAD_REQUEST = LocalReply("DPE", 400, "bad request", always_close=True)
 BAD_HOST = LocalReply("DPE", 400, "an HTTP/1.1 request needs exactly one Host header", always_close=True)
 HEADERS_TOO_LARGE = LocalReply("DPE", 431, "request headers too large", always_close=True)
 
+OVERFLOW = LocalReply("UO", 503, "upstream overflow: circuit breaker open")
+RATE_LIMITED = LocalReply("RL", 429, "local rate limited")
+REQUEST_HEADER_TIMEOUT = LocalReply("DT", 408, "request header timeout", always_close=True)
+
 UPSTREAM_RESETS = {"UC": UPSTREAM_RESET, "UPE": UPSTREAM_PROTOCOL_ERROR}
+
+_FAULT_ABORTS: dict[int, LocalReply] = {}
+
+
+def fault_abort(status: int) -> LocalReply:
+    """The local reply of a fault-injected abort (flag FI) with ``status``; built once per status."""
+    reply = _FAULT_ABORTS.get(status)
+    if reply is None:
+        reply = _FAULT_ABORTS[status] = LocalReply("FI", status, "fault filter abort")
+    return reply
+
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 

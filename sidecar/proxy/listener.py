@@ -41,6 +41,13 @@ LISTENER_STATS: tuple[str, ...] = (
     "downstream_rq_5xx",
     "no_route",  # 404 NR
     "no_cluster",  # 503 NC: the route names a cluster this sidecar does not have
+    "downstream_rq_overflow",  # 503 UO: a cluster's max_requests or max_pending_requests was full
+    "downstream_rq_header_timeout",  # 408: the request head did not arrive within request_headers_timeout
+    "downstream_cx_idle_timeout",  # connections closed after idle_timeout without a request
+    "ratelimit_rate_limited",  # 429 RL from the listener's local rate limit
+    "ratelimit_ok",
+    "fault_delays_injected",
+    "fault_aborts_injected",
 )
 
 

@@ -25,6 +25,29 @@ CLUSTER_STATS: tuple[str, ...] = (
     "upstream_rq_timeout",  # route timeout fired (504 UT)
     "upstream_rq_rx_reset",  # upstream reset before or during the response (502 UC)
     "upstream_rq_retry_stale",  # request replayed once because a reused connection was dead
+    # retries (route retry_policy)
+    "upstream_rq_retry",  # retries sent
+    "upstream_rq_retry_success",  # requests that succeeded on a retry
+    "upstream_rq_retry_overflow",  # retries not sent: max_retries or the retry budget was full
+    "upstream_rq_retry_limit_exceeded",  # retriable failures with no retry left (num_retries)
+    "upstream_rq_retry_backoff_exponential",  # retries that waited a back-off
+    "upstream_rq_per_try_timeout",  # tries cut by per_try_timeout
+    # circuit breakers (answered 503 UO, never queued beyond the limit)
+    "upstream_rq_pending_total",  # requests that had to wait for a connection
+    "upstream_rq_pending_active",
+    "upstream_rq_pending_overflow",  # max_pending_requests (or max_requests) was full: 503 UO
+    "upstream_cx_overflow",  # max_connections was reached (the request waited as pending)
+    "upstream_cx_idle_timeout",  # pooled connections closed after idle_timeout
+    # load balancing and outlier detection (sidecar.upstream.outlier)
+    "lb_healthy_panic",  # picks made in panic mode (too few healthy hosts: all hosts used)
+    "outlier_detection_ejections_active",
+    "outlier_detection_ejections_enforced_total",
+    "outlier_detection_ejections_overflow",  # ejections skipped because of max_ejection_percent
+    "outlier_detection_ejections_enforced_consecutive_5xx",
+    "outlier_detection_ejections_enforced_consecutive_gateway_failure",
+    "outlier_detection_ejections_enforced_consecutive_local_origin_failure",
+    "outlier_detection_ejections_enforced_success_rate",
+    "outlier_detection_ejections_enforced_failure_percentage",
 )
 
 
