@@ -3,8 +3,14 @@
 :func:`shared_resources` builds what every sidecar of a namespace gets (outbound clusters, their
 ClusterLoadAssignments, RouteConfiguration ``outbound``); it is memoised per (snapshot,
 namespace), so a thousand sidecars cost one translation. :func:`node_resources` builds the few
-per-node ones (listeners ``outbound`` and ``inbound``, the static cluster ``inbound|<app_port>``).
+per-node ones (listeners ``outbound`` and ``inbound``, the static cluster ``inbound|<app_port>``)
+from the node and its own service's policy (:func:`node_policy`, for the inbound rate limit).
 :func:`translate` merges both.
+
+A service's traffic policy (``meshkeeper.policy``) lands in Envoy's own fields: the cluster's
+``outlier_detection``, ``circuit_breakers`` and ``common_lb_config``, the route's ``retry_policy``
+and fault ``typed_per_filter_config``, and the inbound listener's local rate limit
+(docs/xds-support.md lists what the sidecar honours).
 
 Messages are Envoy's generated protos (xds-protos). Returned messages may be shared between nodes
 and snapshots: callers must treat them as read-only.
@@ -12,25 +18,41 @@ and snapshots: callers must treat them as read-only.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from types import MappingProxyType
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
-from meshkeeper.policy import DEFAULT_POLICY, Policy
+from meshkeeper.policy import (
+    DEFAULT_POLICY,
+    CircuitBreaker,
+    FailurePercentage,
+    Fault,
+    Outlier,
+    Policy,
+    RateLimit,
+    Retry,
+    SuccessRate,
+)
 from meshkeeper.registry import InstanceRecord, effective_weight, is_serving
 from meshkeeper.xds import NodeInfo
 
@@ -39,7 +61,20 @@ ROUTE_TIMEOUT_S = 15  # DESIGN §3 policy default timeout_ms (Envoy's route time
 LOCAL_APP_HOST = "127.0.0.1"
 OUTBOUND_BIND = "127.0.0.1"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
-ROUTER_FILTER = "envoy.filters.http.router"
+ROUTER_FILTER = xds.ROUTER_FILTER
+# Both listeners. Envoy has no request_headers_timeout by default; 10 s keeps a slowloris client
+# from holding a connection open by trickling its request head.
+REQUEST_HEADERS_TIMEOUT_S = 10
+DOWNSTREAM_IDLE_TIMEOUT_S = 3600  # Envoy's default HCM common_http_protocol_options.idle_timeout
+# Retry back-off: Envoy's defaults (25 ms base, 10x cap), written out so a config dump shows them.
+RETRY_BASE_INTERVAL_MS = 25
+RETRY_MAX_INTERVAL_MS = 250
+# How often a retry may re-pick a host the request already tried (Istio's value).
+HOST_SELECTION_RETRY_MAX_ATTEMPTS = 5
+# The local rate limit refills its token bucket 20 times a second at most: Envoy refuses a
+# fill_interval under 50 ms.
+RATE_LIMIT_FILLS_PER_SECOND = 20
+RATE_LIMIT_STAT_PREFIX = "http_local_rate_limiter"
 LB_METADATA = "envoy.lb"  # endpoint labels, where Envoy's subset load balancer looks for them
 HTTP_PROTOCOLS = ("http", "grpc")
 
@@ -78,7 +113,11 @@ def _router_filter() -> hcm_pb2.HttpFilter:
 
 def _http_listener(name: str, address: address_pb2.Address, direction: int,
                    hcm: hcm_pb2.HttpConnectionManager) -> listener_pb2.Listener:
+    """A listener with one HCM; the router filter goes last (Envoy requires the terminal filter last),
+    and both directions get the request-head and idle timeouts."""
     hcm.http_filters.append(_router_filter())
+    hcm.request_headers_timeout.CopyFrom(_seconds(REQUEST_HEADERS_TIMEOUT_S))
+    hcm.common_http_protocol_options.CopyFrom(_http_options())
     return listener_pb2.Listener(
         name=name, address=address, traffic_direction=direction,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
@@ -92,8 +131,144 @@ def _route_to(cluster: str, timeout: duration_pb2.Duration | None = None) -> rou
         route=route_components_pb2.RouteAction(cluster=cluster, timeout=timeout or _seconds(ROUTE_TIMEOUT_S)))
 
 
+# --------------------------------------------------------------------------- policy -> Envoy fields
+
+
+def _enforcing(count: int) -> wrappers_pb2.UInt32Value:
+    """A consecutive-failure detector ejects at 100% unless the policy disables it with a count of 0."""
+    return _u32(100 if count else 0)
+
+
+def outlier_detection(o: Outlier) -> outlier_detection_pb2.OutlierDetection:
+    """``Cluster.outlier_detection`` from the policy; every field written out.
+
+    Where this departs from Envoy's defaults, and why:
+
+    - ``split_external_local_origin_errors`` is true, so ``consecutive_local_origin_failure``
+      counts connect failures, timeouts and resets, and HTTP 5xx responses count as external.
+    - ``enforcing_consecutive_gateway_failure`` is 100 (Envoy: 0): the policy names the detector,
+      so a user who sets it expects ejections. A count of 0 disables a detector (enforcing 0).
+    - ``enforcing_local_origin_success_rate`` is 0 (Envoy: 100): the sidecar has no local-origin
+      success-rate detector, and the split would otherwise switch Envoy's on.
+
+    No ``success_rate`` or ``failure_percentage`` in the policy means Envoy's defaults for them
+    (success rate enforced at 100%, failure percentage at 0%).
+    """
+    sr = o.success_rate or SuccessRate()
+    fp = o.failure_percentage or FailurePercentage()
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_5xx=_u32(o.consecutive_5xx),
+        enforcing_consecutive_5xx=_enforcing(o.consecutive_5xx),
+        consecutive_gateway_failure=_u32(o.consecutive_gateway_failure),
+        enforcing_consecutive_gateway_failure=_enforcing(o.consecutive_gateway_failure),
+        consecutive_local_origin_failure=_u32(o.consecutive_local_origin_failure),
+        enforcing_consecutive_local_origin_failure=_enforcing(o.consecutive_local_origin_failure),
+        split_external_local_origin_errors=True,
+        enforcing_local_origin_success_rate=_u32(0),
+        interval=_millis(o.interval_ms),
+        base_ejection_time=_millis(o.base_ejection_ms),
+        max_ejection_time=_millis(o.max_ejection_ms),
+        max_ejection_percent=_u32(o.max_ejection_percent),
+        success_rate_minimum_hosts=_u32(sr.minimum_hosts),
+        success_rate_request_volume=_u32(sr.request_volume),
+        success_rate_stdev_factor=_u32(sr.stdev_factor),
+        enforcing_success_rate=_u32(sr.enforcing_percent),
+        failure_percentage_threshold=_u32(fp.threshold),
+        failure_percentage_minimum_hosts=_u32(fp.minimum_hosts),
+        failure_percentage_request_volume=_u32(fp.request_volume),
+        enforcing_failure_percentage=_u32(fp.enforcing_percent))
+
+
+def circuit_breakers(cb: CircuitBreaker) -> circuit_breaker_pb2.CircuitBreakers:
+    """One DEFAULT-priority threshold, always written (the policy's defaults are Envoy's). With a
+    retry budget, Envoy ignores ``max_retries``; it is still written, for the config dump."""
+    t = circuit_breaker_pb2.CircuitBreakers.Thresholds(
+        priority=base_pb2.DEFAULT,
+        max_connections=_u32(cb.max_connections),
+        max_pending_requests=_u32(cb.max_pending),
+        max_requests=_u32(cb.max_requests),
+        max_retries=_u32(cb.max_retries))
+    if cb.retry_budget is not None:
+        t.retry_budget.budget_percent.CopyFrom(_percent(cb.retry_budget.percent))
+        t.retry_budget.min_retry_concurrency.CopyFrom(_u32(cb.retry_budget.min_concurrency))
+    return circuit_breaker_pb2.CircuitBreakers(thresholds=[t])
+
+
+def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy:
+    """``RouteAction.retry_policy``: ``attempts`` is Envoy's ``num_retries`` (retries after the first
+    try). Like Istio, a retry avoids the hosts already tried (``previous_hosts``), re-picking up to
+    :data:`HOST_SELECTION_RETRY_MAX_ATTEMPTS` times."""
+    rp = route_components_pb2.RetryPolicy(
+        retry_on=",".join(r.on),
+        num_retries=_u32(r.attempts),
+        retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
+            base_interval=_millis(RETRY_BASE_INTERVAL_MS), max_interval=_millis(RETRY_MAX_INTERVAL_MS)),
+        retriable_status_codes=r.retriable_status_codes,
+        retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
+            name=xds.PREVIOUS_HOSTS_PREDICATE, typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=HOST_SELECTION_RETRY_MAX_ATTEMPTS)
+    if r.per_try_timeout_ms:
+        rp.per_try_timeout.CopyFrom(_millis(r.per_try_timeout_ms))
+    return rp
+
+
+def http_fault(f: Fault) -> fault_pb2.HTTPFault | None:
+    """The route's ``envoy.filters.http.fault`` config, or None when the policy injects nothing."""
+    if not (f.delay_percent or f.abort_percent):
+        return None
+    msg = fault_pb2.HTTPFault()
+    if f.delay_percent:
+        msg.delay.CopyFrom(common_fault_pb2.FaultDelay(fixed_delay=_millis(f.delay_ms),
+                                                       percentage=_fraction(f.delay_percent)))
+    if f.abort_percent:
+        msg.abort.CopyFrom(fault_pb2.FaultAbort(http_status=f.abort_status, percentage=_fraction(f.abort_percent)))
+    return msg
+
+
+def token_bucket(rl: RateLimit) -> token_bucket_pb2.TokenBucket:
+    """A bucket that refills smoothly: ``ceil(rps / 20)`` tokens every ``tokens / rps`` seconds (so at
+    least 50 ms, Envoy's minimum; rounded to the millisecond, Envoy's resolution). rps 100 gives
+    5 tokens every 50 ms. ``max_tokens`` is the burst (the rps when 0), raised to one refill if
+    smaller, or the bucket could never reach the rps."""
+    tokens = math.ceil(rl.rps / RATE_LIMIT_FILLS_PER_SECOND)
+    return token_bucket_pb2.TokenBucket(
+        max_tokens=max(rl.burst or rl.rps, tokens),
+        tokens_per_fill=_u32(tokens),
+        fill_interval=_millis(round(1000 * tokens / rl.rps)))
+
+
+def local_rate_limit(rl: RateLimit) -> local_rate_limit_pb2.LocalRateLimit:
+    """The inbound listener's ``envoy.filters.http.local_ratelimit``, enabled and enforced for all
+    requests (Envoy's default for both is 0%, i.e. off)."""
+    everyone = base_pb2.RuntimeFractionalPercent(default_value=_fraction(100))
+    return local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix=RATE_LIMIT_STAT_PREFIX, token_bucket=token_bucket(rl),
+        filter_enabled=everyone, filter_enforced=everyone)
+
+
+def _fault_filter() -> hcm_pb2.HttpFilter:
+    # Empty: it injects nothing unless a route's typed_per_filter_config says so.
+    return hcm_pb2.HttpFilter(name=xds.FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault()))
+
+
 def _millis(ms: int) -> duration_pb2.Duration:
     return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
+
+
+def _u32(value: int) -> wrappers_pb2.UInt32Value:
+    return wrappers_pb2.UInt32Value(value=value)
+
+
+def _percent(value: float) -> percent_pb2.Percent:
+    return percent_pb2.Percent(value=value)
+
+
+def _fraction(percent: int) -> percent_pb2.FractionalPercent:
+    return percent_pb2.FractionalPercent(numerator=percent, denominator=percent_pb2.FractionalPercent.HUNDRED)
+
+
+def _http_options() -> protocol_pb2.HttpProtocolOptions:
+    return protocol_pb2.HttpProtocolOptions(idle_timeout=_seconds(DOWNSTREAM_IDLE_TIMEOUT_S))
 
 
 # Policy LB names -> Envoy's Cluster.LbPolicy (DESIGN §3).
@@ -110,13 +285,20 @@ LB_POLICIES = {
 
 
 def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY) -> cluster_pb2.Cluster:
-    """An outbound EDS cluster; the service's policy sets its LB policy and connect timeout."""
-    return cluster_pb2.Cluster(
+    """An outbound EDS cluster; the service's policy sets its LB policy, connect timeout, circuit
+    breakers, panic threshold and (when the policy has it) outlier detection."""
+    c = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source(), service_name=name),
         lb_policy=LB_POLICIES[policy.lb.policy],
-        connect_timeout=_millis(policy.connect_timeout_ms))
+        connect_timeout=_millis(policy.connect_timeout_ms),
+        circuit_breakers=circuit_breakers(policy.circuit_breaker),
+        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
+            healthy_panic_threshold=_percent(policy.panic_threshold_percent)))
+    if policy.outlier is not None:
+        c.outlier_detection.CopyFrom(outlier_detection(policy.outlier))
+    return c
 
 
 def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot) -> tuple[endpoint_components_pb2.LbEndpoint, int]:
@@ -160,13 +342,24 @@ def service_ports(svc: ServiceSnapshot) -> list[int]:
                   {i.app_port for i in svc.instances.values() if i.app_port})
 
 
+def outbound_route(svc: ServiceSnapshot) -> route_components_pb2.Route:
+    """The service's route: timeout, retry policy and fault injection from its policy."""
+    policy = svc.policy
+    route = _route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(policy.timeout_ms))
+    if policy.retry is not None:
+        route.route.retry_policy.CopyFrom(retry_policy(policy.retry))
+    fault = http_fault(policy.fault)
+    if fault is not None:
+        route.typed_per_filter_config[xds.FAULT_FILTER].Pack(fault)
+    return route
+
+
 def virtual_host(svc: ServiceSnapshot) -> route_components_pb2.VirtualHost:
     domains = list(xds.service_domains(svc.name, svc.namespace))
     for port in service_ports(svc):
         domains += [d for d in xds.service_domains(svc.name, svc.namespace, port) if d not in domains]
     return route_components_pb2.VirtualHost(
-        name=f"{svc.name}.{svc.namespace}", domains=domains,
-        routes=[_route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(svc.policy.timeout_ms))])
+        name=f"{svc.name}.{svc.namespace}", domains=domains, routes=[outbound_route(svc)])
 
 
 @dataclass(frozen=True)
@@ -204,17 +397,23 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
 
 
 def outbound_listener(port: int) -> listener_pb2.Listener:
+    """The outbound HCM carries the fault filter so that routes' fault configs apply (Envoy ignores
+    a route's typed_per_filter_config for a filter the HCM does not run)."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="outbound",
-        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=xds.OUTBOUND_ROUTE))
+        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=xds.OUTBOUND_ROUTE),
+        http_filters=[_fault_filter()])
     return _http_listener(xds.OUTBOUND_LISTENER, _socket(OUTBOUND_BIND, port), base_pb2.OUTBOUND, hcm)
 
 
-def inbound_listener(host: str, port: int, app_port: int) -> listener_pb2.Listener:
+def inbound_listener(host: str, port: int, app_port: int, rate_limit: RateLimit = DEFAULT_POLICY.rate_limit) -> listener_pb2.Listener:
+    """The inbound HCM; with ``rate_limit.rps`` > 0 a local rate limit guards the local app."""
     route = route_pb2.RouteConfiguration(name=xds.INBOUND_ROUTE, virtual_hosts=[
         route_components_pb2.VirtualHost(name="inbound", domains=["*"],
                                          routes=[_route_to(xds.inbound_cluster(app_port))])])
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound", route_config=route)
+    if rate_limit.rps > 0:
+        hcm.http_filters.add(name=xds.LOCAL_RATELIMIT_FILTER, typed_config=_pack(local_rate_limit(rate_limit)))
     return _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
 
 
@@ -228,16 +427,23 @@ def inbound_cluster(app_port: int) -> cluster_pb2.Cluster:
                                connect_timeout=_seconds(CONNECT_TIMEOUT_S), load_assignment=cla)
 
 
-def node_resources(node: NodeInfo) -> Resources:
-    """Per-node resources. Proxyless clients get none (their api_listeners come later); a sidecar
-    without an app (app_port 0) gets no inbound listener or cluster."""
+def node_policy(snapshot: RegistrySnapshot, node: NodeInfo) -> Policy:
+    """The policy of the node's own service (its inbound side), the default one while unregistered."""
+    svc = snapshot.services(node.namespace).get(node.service)
+    return svc.policy if svc is not None else DEFAULT_POLICY
+
+
+def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources:
+    """Per-node resources, from the node and its own service's policy (:func:`node_policy`); both
+    hash, so a caller may memoise on them. Proxyless clients get none (their api_listeners come
+    later); a sidecar without an app (app_port 0) gets no inbound listener or cluster."""
     out = empty_resources()
     if node.proxyless:
         return out
     out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port)
     if node.app_port:
         out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_listener(
-            node.advertise_host, node.inbound_port, node.app_port)
+            node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit)
         cluster = inbound_cluster(node.app_port)
         out[xds.CLUSTER][cluster.name] = cluster
     return out
@@ -245,7 +451,7 @@ def node_resources(node: NodeInfo) -> Resources:
 
 def translate(snapshot: RegistrySnapshot, node: NodeInfo) -> Resources:
     """All resources of ``node`` by type URL and name."""
-    out = node_resources(node)
+    out = node_resources(node, node_policy(snapshot, node))
     for type_url, items in shared_resources(snapshot, node.namespace).resources.items():
         out[type_url].update(items)
     return out

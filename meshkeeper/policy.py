@@ -75,11 +75,25 @@ class Outlier:
 
 
 @dataclass(frozen=True, slots=True)
+class RetryBudget:
+    """Envoy's ``circuit_breakers.thresholds.retry_budget``: active retries may be at most
+    ``percent`` of the cluster's active plus pending requests, but ``min_concurrency`` at least."""
+
+    percent: int = _int_field(20, 1, 100)  # Envoy's budget_percent default
+    min_concurrency: int = _int_field(3, 0, 10_000_000)  # Envoy's min_retry_concurrency default
+
+
+@dataclass(frozen=True, slots=True)
 class CircuitBreaker:
+    """Envoy's DEFAULT-priority thresholds. Unlike Envoy, a retry budget is on by default, so retries
+    cannot amplify an outage; ``"retry_budget": null`` turns it off and ``max_retries`` applies (in
+    Envoy a retry budget overrides ``max_retries``, so a policy may set only one of them)."""
+
     max_connections: int = _int_field(1024, 1, 10_000_000)
     max_pending: int = _int_field(1024, 1, 10_000_000)
     max_requests: int = _int_field(1024, 1, 10_000_000)
     max_retries: int = _int_field(3, 0, 10_000_000)
+    retry_budget: RetryBudget | None = RetryBudget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +138,12 @@ class Policy:
     split: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     match: tuple[Match, ...] = ()
     fault: Fault = Fault()
+
+    def __hash__(self) -> int:
+        # ``split`` is a read-only mapping, which does not hash: hash its items, so that a policy
+        # can key a cache (the control plane memoises per-node resources by node and policy).
+        values = (getattr(self, f.name) for f in dataclasses.fields(self))
+        return hash(tuple(tuple(sorted(v.items())) if isinstance(v, Mapping) else v for v in values))
 
 
 DEFAULT_POLICY = Policy()
@@ -205,6 +225,12 @@ def _check(p: Policy) -> None:
             raise PolicyError(f"policy.match[{i}]: header and subset are required")
     if p.fault.abort_percent and not 200 <= p.fault.abort_status <= 599:
         raise PolicyError("policy.fault.abort_status: must be an HTTP status 200..599 when abort_percent is set")
+    if p.fault.delay_percent and not p.fault.delay_ms:
+        raise PolicyError("policy.fault.delay_ms: must be positive when delay_percent is set")
+    cb = p.circuit_breaker
+    if cb.retry_budget is not None and cb.max_retries != DEFAULT_POLICY.circuit_breaker.max_retries:
+        raise PolicyError("policy.circuit_breaker.max_retries: has no effect while retry_budget is set "
+                          "(a retry budget overrides max_retries); set retry_budget to null to use it")
 
 
 def decode_policy(data: bytes | str | Mapping[str, Any] | None) -> Policy:

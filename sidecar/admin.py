@@ -3,7 +3,11 @@
 ``/ready``          200 ``LIVE`` once the first config is applied and the instance is registered;
                     503 with the state (``PRE_INITIALIZING``, ``INITIALIZING``, ``DRAINING``) before.
 ``/config_dump``    the applied listeners, routes, clusters and endpoints, with versions and NACKs.
-``/clusters``       every cluster's endpoints: weight, serving, active and total requests.
+``/clusters``       every cluster: load balancer, panic (now) and its threshold, circuit breaker
+                    limits, outlier detection (config, active ejections, detections, success rate
+                    average and threshold, or null); every endpoint: weight, serving, active and total
+                    requests, and ``ejected``, ``ejections`` (times ejected), ``ejected_until``
+                    (seconds from now, or null) with its outlier counters.
 ``/listeners``      the bound listener ports.
 ``/server_info``    node identity, state, uptime, xDS connection.
 ``/stats/prometheus`` Prometheus text exposition.

@@ -187,3 +187,6 @@ class ListenerConfig:
     rate_limit: RateLimitConfig | None = None  # local rate limit of the whole listener
     request_headers_timeout: float = 0.0  # 0: none (Envoy's default); else 408 and close
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # downstream connections idle this long are closed
+    # The HCM runs envoy.filters.http.fault. Without it, as in Envoy, routes' fault configs do not
+    # apply: drop Route.fault of this listener's routes (an inline route_config has them dropped already).
+    fault_filter: bool = True

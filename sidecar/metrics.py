@@ -2,7 +2,9 @@
 
 The data path only bumps plain integers (``sidecar.upstream.stats``); this collector reads them
 at scrape time, so the hot path never touches prometheus-client. Names carry the ``meshkeeper_``
-prefix; cluster statistics keep Envoy's names.
+prefix; cluster statistics keep Envoy's names. Statistics ending in ``_active`` (connections,
+requests, pending requests, outlier ejections: what is open or in force now) are gauges; the rest are
+counters. Each name is one family, with a ``cluster`` label.
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from meshkeeper import xds
 if TYPE_CHECKING:
     from sidecar.runtime import SidecarRuntime
 
-_GAUGES = {"upstream_cx_active", "upstream_rq_active"}  # the rest are counters
+
+def _is_gauge(stat: str) -> bool:
+    return stat.endswith("_active")  # upstream_{cx,rq,rq_pending}_active, outlier_detection_ejections_active
 
 
 class SidecarCollector:
@@ -41,7 +45,7 @@ class SidecarCollector:
                 if fam is None:
                     mname = f"meshkeeper_{stat}"
                     fam = (GaugeMetricFamily(mname, f"Envoy-style cluster statistic {stat}", labels=["cluster"])
-                           if stat in _GAUGES else
+                           if _is_gauge(stat) else
                            CounterMetricFamily(mname, f"Envoy-style cluster statistic {stat}", labels=["cluster"]))
                     families[stat] = fam
                 fam.add_metric([name], value)
@@ -54,7 +58,7 @@ class SidecarCollector:
                 fam = down.get(stat)
                 if fam is None:
                     mname = f"meshkeeper_listener_{stat}"
-                    kind = GaugeMetricFamily if stat.endswith("_active") else CounterMetricFamily
+                    kind = GaugeMetricFamily if _is_gauge(stat) else CounterMetricFamily
                     fam = down[stat] = kind(mname, f"Envoy-style listener statistic {stat}", labels=["listener"])
                 fam.add_metric([listener["name"]], value)
         yield from down.values()

@@ -14,9 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
-from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
+from sidecar.config import DEFAULT_IDLE_TIMEOUT, ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.listener import Listener, ListenerRuntime, start_listener
+from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds.convert import XdsError
@@ -79,8 +80,15 @@ class SidecarRuntime:
         if unknown:
             raise XdsError(f"listener {unknown[0]!r}: this sidecar binds only {', '.join(BOUND_LISTENERS)}")
         routers = self._routers(listeners, self.route_configs)
+        buckets = self._rate_limits(listeners)
         self.listener_configs = dict(listeners)
         self._swap(routers)
+        for name, bucket in buckets.items():
+            cfg = listeners.get(name)
+            self.listener_runtimes[name].set_limits(
+                bucket,
+                cfg.request_headers_timeout if cfg is not None else 0.0,
+                cfg.idle_timeout if cfg is not None else DEFAULT_IDLE_TIMEOUT)
 
     def apply_routes(self, routes: dict[str, RouteConfig]) -> None:
         merged = {**self.route_configs, **routes}
@@ -101,6 +109,14 @@ class SidecarRuntime:
                 rc = routes.get(cfg.rds_name)
                 # Until RDS delivers it, keep the listener's current router (Envoy's warming).
                 out[name] = Router(rc) if rc is not None else self.listener_runtimes[name].router
+        return out
+
+    def _rate_limits(self, listeners: dict[str, ListenerConfig]) -> dict[str, TokenBucket | None]:
+        """The rate limit bucket of every bound listener, kept (with its tokens) if unchanged."""
+        out: dict[str, TokenBucket | None] = {}
+        for name in BOUND_LISTENERS:
+            cfg = listeners.get(name)
+            out[name] = self.listener_runtimes[name].rate_limit_for(cfg.rate_limit if cfg is not None else None)
         return out
 
     def _swap(self, routers: dict[str, Router | None]) -> None:

@@ -9,8 +9,23 @@ once bound.
     GET /headers           200 JSON of the request headers (to check trace propagation)
     GET /slow?ms=N         answers after N ms
     GET /hang              never answers (until the client goes away or the app stops)
-    GET /fail?status=503   later responses (not the knobs) answer 503; ``&health=1`` fails /health
-                           too, ``&ms=N`` delays them; ``/fail?status=0`` restores
+    GET /fail?...          sets the failure mode of every later plain request (sticky; see below)
+
+Failure modes, for tests that switch an instance at runtime (``GET /fail?mode=M&...``, or from the
+start with ``--fail 'mode=M&...'``). The knobs (``/fail``, ``/slow``, ``/hang``, ``/headers``)
+always work; ``/health`` answers 200 unless ``health=1`` puts it under the mode as well:
+
+    mode=ok                answer normally (``/fail?status=0`` means the same)
+    mode=slow&ms=N         answer normally, N ms late
+    mode=status&status=N   answer N (default 503) with the usual JSON; ``/fail?status=N`` and a bare
+                           ``/fail`` (503) mean the same
+    mode=reset             reset the connection with no response (SO_LINGER 0, then close: an RST)
+    mode=hang              never answer; a held request is closed without a response when the mode
+                           changes or the app stops (or after HANG_LIMIT_S)
+    ms=N                   with any mode: wait N ms first
+    health=1               ``/health`` gets the same treatment as plain requests
+
+``/fail`` answers 200 ``{"mode", "status", "ms", "health"}``, or 400 for an unknown mode.
 
 With ``--call URL`` (the demo's frontend), every plain request calls URL through the proxy from
 ``HTTP_PROXY``, exactly like an unmodified app, and answers ``{"<name>": <self>, "<host>": <their
@@ -22,12 +37,15 @@ from __future__ import annotations
 import argparse
 import json
 import signal
+import socket
+import struct
 import sys
 import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -45,24 +63,65 @@ PROPAGATED_HEADERS = (
 )
 KNOBS = ("/fail", "/slow", "/hang", "/headers")
 HANG_LIMIT_S = 3600.0
+MODES = ("ok", "slow", "status", "reset", "hang")
+
+
+@dataclass(frozen=True)
+class FailureMode:
+    """What plain requests get: one of MODES, a status for ``status``, a delay, whether /health too."""
+
+    mode: str = "ok"
+    status: int = 0
+    delay_ms: int = 0
+    fail_health: bool = False
+
+    @classmethod
+    def parse(cls, query: dict[str, str]) -> FailureMode:
+        """The ``/fail`` query (or ``--fail``) as a mode; ValueError names a bad value."""
+        status = _int(query.get("status", "503" if "mode" not in query else "0"))
+        mode = query.get("mode") or ("status" if status else "ok")
+        if mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not one of {', '.join(MODES)}")
+        if mode == "status" and not status:
+            status = 503
+        if mode != "status":
+            status = 0
+        return cls(mode, status, max(0, _int(query.get("ms", "0"))), query.get("health") == "1")
+
+    def view(self) -> dict[str, Any]:
+        return {"mode": self.mode, "status": self.status, "ms": self.delay_ms, "health": self.fail_health}
 
 
 class Behaviour:
-    """The sticky failure switch set through ``/fail``; shared by all handler threads."""
+    """The sticky failure mode set through ``/fail``; shared by all handler threads.
 
-    def __init__(self) -> None:
+    Requests held by ``hang`` wait on the event of the mode they saw; a new mode (or the app
+    stopping) sets that event, so they let go.
+    """
+
+    def __init__(self, initial: FailureMode | None = None) -> None:
         self.lock = threading.Lock()
-        self.status = 0
-        self.fail_health = False
-        self.delay_ms = 0
+        self.current = initial or FailureMode()
+        self.released = threading.Event()
+        self.stopped = False
 
-    def set(self, status: int, fail_health: bool, delay_ms: int) -> None:
+    def set(self, mode: FailureMode) -> None:
+        fresh = threading.Event()
         with self.lock:
-            self.status, self.fail_health, self.delay_ms = status, fail_health, delay_ms
+            if self.stopped:
+                fresh.set()
+            self.current, old, self.released = mode, self.released, fresh
+        old.set()
 
-    def snapshot(self) -> tuple[int, bool, int]:
+    def snapshot(self) -> tuple[FailureMode, threading.Event]:
         with self.lock:
-            return self.status, self.fail_health, self.delay_ms
+            return self.current, self.released
+
+    def release(self) -> None:
+        """The app stops: let every held request go, and hold no new one."""
+        with self.lock:
+            self.stopped = True
+            self.released.set()
 
 
 class AppServer(ThreadingHTTPServer):
@@ -77,7 +136,7 @@ class AppServer(ThreadingHTTPServer):
         self.health_path: str = args.health_path
         self.call: str | None = args.call
         self.quiet: bool = not args.verbose
-        self.behaviour = Behaviour()
+        self.behaviour = Behaviour(args.fail)
         self.stopping = threading.Event()
         # The process environment decides the proxy (HTTP_PROXY, NO_PROXY), as in any app.
         self.opener = urllib.request.build_opener()
@@ -119,16 +178,15 @@ class AppHandler(BaseHTTPRequestHandler):
         url = urllib.parse.urlsplit(self.path)
         query = dict(urllib.parse.parse_qsl(url.query))
         body_bytes = self._drain_body()
-        status, fail_health, delay_ms = self.server.behaviour.snapshot()
         path = url.path
 
-        if path == self.server.health_path:
-            code = status if (fail_health and status) else 200
-            return self._send(code, {"status": "ok" if code == 200 else "failing"})
         if path == "/fail":
-            new = _int(query.get("status", "503"))
-            self.server.behaviour.set(new, query.get("health") == "1", _int(query.get("ms", "0")))
-            return self._send(200, {"fail": new, "health": query.get("health") == "1"})
+            try:
+                mode = FailureMode.parse(query)
+            except ValueError as exc:
+                return self._send(400, {"error": str(exc)})
+            self.server.behaviour.set(mode)
+            return self._send(200, mode.view())
         if path == "/slow":
             time.sleep(_int(query.get("ms", "0")) / 1000)
             return self._send(200, {**self.server.identity(), "slept_ms": _int(query.get("ms", "0"))})
@@ -139,10 +197,23 @@ class AppHandler(BaseHTTPRequestHandler):
         if path == "/headers":
             return self._send(200, {k.lower(): v for k, v in self.headers.items()})
 
-        if delay_ms:
-            time.sleep(delay_ms / 1000)
-        if status:
-            return self._send(status, {**self.server.identity(), "error": f"failing on purpose ({status})"})
+        health = path == self.server.health_path
+        mode, released = self.server.behaviour.snapshot()
+        if health and not mode.fail_health:
+            return self._send(200, {"status": "ok"})
+        if mode.delay_ms:
+            time.sleep(mode.delay_ms / 1000)
+        if mode.mode == "reset":
+            return self._reset()
+        if mode.mode == "hang":
+            released.wait(HANG_LIMIT_S)
+            self.close_connection = True
+            return None
+        if mode.status:
+            error = f"failing on purpose ({mode.status})"
+            return self._send(mode.status, {"status": "failing"} if health else {**self.server.identity(), "error": error})
+        if health:
+            return self._send(200, {"status": "ok"})
         me = {**self.server.identity(), "method": self.command, "path": path, "body_bytes": body_bytes}
         if self.server.call:
             return self._call_downstream(me)
@@ -175,6 +246,15 @@ class AppHandler(BaseHTTPRequestHandler):
                 break
             remaining -= len(chunk)
         return length - remaining
+
+    def _reset(self) -> None:
+        """Abort the connection: with SO_LINGER 0, close() sends an RST instead of a FIN."""
+        self.close_connection = True
+        conn = self.connection
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        # The buffered reader holds a reference to the socket; close it too, or close() is deferred.
+        self.rfile.close()
+        conn.close()
 
     def _send(self, status: int, payload: Any) -> None:
         body = json.dumps(payload).encode() + b"\n"
@@ -209,8 +289,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--version", default="v1", help="version label reported in responses")
     p.add_argument("--health-path", default="/health")
     p.add_argument("--call", metavar="URL", help="call URL through HTTP_PROXY for every plain request")
+    p.add_argument("--fail", metavar="QUERY", type=_failure_mode, default=FailureMode(),
+                   help="start in a failure mode, written as the /fail query (e.g. 'mode=hang')")
     p.add_argument("--verbose", action="store_true", help="log every request to stderr")
     return p.parse_args(argv)
+
+
+def _failure_mode(text: str) -> FailureMode:
+    try:
+        return FailureMode.parse(dict(urllib.parse.parse_qsl(text)))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,6 +308,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def stop(signum: int, frame: object) -> None:
         server.stopping.set()
+        server.behaviour.release()
         # shutdown() waits for serve_forever() to return, so it cannot run on the main thread.
         threading.Thread(target=server.shutdown, daemon=True).start()
 

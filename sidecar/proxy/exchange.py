@@ -22,6 +22,8 @@ class Exchange:
         "expect", "conn_tokens", "headers_done", "complete", "discard", "pending", "pending_size",
         # routing and upstream
         "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed",
+        # retries, circuit breakers, fault injection (see router_filter)
+        "sent", "sent_size", "retries", "tried", "try_timer", "wait", "waiter", "pending_cx", "retry_active", "discarding",
         # response
         "started", "resp_chunked", "status", "done",
     )
@@ -51,7 +53,19 @@ class Exchange:
         self.conn: UpstreamConnection | None = None
         self.connecting: asyncio.Task[None] | None = None
         self.deadline = 0.0  # loop time the route timeout fires at; 0: none
-        self.retried = False
+        self.retried = False  # replayed once after a stale pooled connection
+        # Body bytes already sent upstream, kept for a retry while the route has a retry policy
+        # (None: no policy, or the body outgrew RETRY_BUFFER_LIMIT and cannot be retried).
+        self.sent: list[bytes] | None = None
+        self.sent_size = 0
+        self.retries = 0  # retries sent so far
+        self.tried: list[Endpoint] | None = None  # endpoints of failed tries (previous_hosts)
+        self.try_timer: asyncio.TimerHandle | None = None  # per_try_timeout of the current try
+        self.wait: asyncio.TimerHandle | None = None  # retry back-off or fault delay in progress
+        self.waiter = None  # callback queued in the endpoint pool (max_connections reached)
+        self.pending_cx = False  # counted in upstream_rq_pending_active
+        self.retry_active = False  # the current try is a retry (counted in Cluster.retries_active)
+        self.discarding = False  # a retriable response is being read and dropped before the retry
         self.failed = False  # an upstream failure was answered locally (counts as an endpoint error)
         self.started = False  # the response head has been written downstream
         self.resp_chunked = False

@@ -54,6 +54,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         "transport", "_parser", "_active", "_queue", "_parsing", "_closing", "_input_closed",
         "_read_paused", "_write_paused", "_buffered", "_batch", "_batching", "_error_after",
         "_awaiting_head", "_count_raw", "_head_size", "_head_raw", "_read_len", "_timer", "_timer_at",
+        "_rq_begun", "_swept", "_swept_at",  # listener timeouts (check_timeouts)
     )
 
     def __init__(self, runtime: ListenerRuntime) -> None:
@@ -88,6 +89,9 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # a TCP transport
         self._loop = asyncio.get_running_loop()
+        self._rq_begun = 0  # requests begun on this connection: the sweep's sign of progress
+        self._swept = -1  # the state the listener's sweep last saw (see check_timeouts); -1: busy
+        self._swept_at = 0.0
         self._rt.connection_opened(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -145,6 +149,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
     def on_message_begin(self) -> None:
         ex = Exchange()
         self._parsing = ex
+        self._rq_begun += 1
         self._head_size = 0
         self._head_raw = 0
         if self._closing:
@@ -229,11 +234,19 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         conn = ex.conn
         if conn is not None:
             transport = conn.transport
+            framed = codec.chunk(body) if ex.chunked else None
             if transport is not None:
-                if ex.chunked:
-                    transport.writelines(codec.chunk(body))
+                if framed is not None:
+                    transport.writelines(framed)
                 else:
                     transport.write(body)
+            sent = ex.sent
+            if sent is not None:  # kept for a retry
+                if framed is not None:
+                    sent += framed
+                else:
+                    sent.append(body)
+                self._retain(ex, len(body))
             return
         if ex.pending is None:
             ex.pending = []
@@ -256,14 +269,16 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         if ex.chunked:
             if ex.conn is not None:
                 ex.conn.write(codec.LAST_CHUNK)
+                if ex.sent is not None:
+                    ex.sent.append(codec.LAST_CHUNK)
             else:
                 if ex.pending is None:
                     ex.pending = []
                 ex.pending.append(codec.LAST_CHUNK)
         if ex.conn is not None:
             ex.conn.request_done = True
-        if ex.entry is not None and ex.entry.timeout:
-            self._arm_timeout(ex, ex.entry.timeout)
+        if ex.entry is not None:
+            self._request_complete(ex)
 
     def batch_begin(self) -> None:
         self._batching += 1
@@ -353,20 +368,23 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
                 self._resume(R_BUFFER)  # the rest of that body is read and dropped
         if not ex.discard:
             self._rt.stats.downstream_rq_active -= 1
+        if ex.wait is not None:  # a retry back-off or a fault delay
+            ex.wait.cancel()
+            ex.wait = None
         endpoint = ex.endpoint
         if endpoint is not None:
-            ex.cluster.stats.upstream_rq_active -= 1
-            endpoint.active_requests -= 1
-            if ex.failed or (ex.started and ex.status >= 500):
-                endpoint.rq_error += 1
-            elif ex.started:
+            failed = ex.failed or (ex.started and ex.status >= 500)
+            if ex.started and not failed:
                 endpoint.rq_success += 1
+            self._release_try(ex, failed)
 
-    def _reject(self, reply: errors.LocalReply) -> None:
-        """A protocol error (400, 431): answer once every earlier request is answered, then close."""
+    def _reject(self, reply: errors.LocalReply, protocol_error: bool = True) -> None:
+        """A protocol error (400, 431) or a request head timeout (408): answer once every earlier
+        request is answered, then close."""
         self._input_closed = True
         self._closing = True
-        self._rt.stats.downstream_cx_protocol_error += 1
+        if protocol_error:
+            self._rt.stats.downstream_cx_protocol_error += 1
         bad = self._parsing
         if bad is not None and not bad.done and not bad.discard:
             if bad is self._active:
@@ -438,4 +456,42 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
     @property
     def idle(self) -> bool:
         return self._active is None and self._parsing is None
+
+    # --- listener timeouts -----------------------------------------------------------------
+
+    def check_timeouts(self, now: float, headers_timeout: float, idle_timeout: float) -> None:
+        """The listener's sweep: time out a request head or an idle connection (0: no timeout).
+
+        No timer is armed per request: the sweep notes the state it sees (the head of request
+        number n in progress, or idle after n requests) and when it first saw it; a connection
+        found in the same state ``timeout`` seconds later has made no progress all that time.
+        A head is only timed while the connection reads (a paused read is our doing, not the
+        client's); a connection that has sent nothing yet is idle, not in a head.
+        """
+        if self._input_closed or self.transport is None:
+            return
+        ex = self._parsing
+        if ex is not None:
+            if not headers_timeout or ex.headers_done or ex.discard or self._read_paused:
+                self._swept = -1
+                return
+            state = 2 * self._rq_begun + 1
+            timeout = headers_timeout
+        elif self._active is None and idle_timeout:
+            state = 2 * self._rq_begun
+            timeout = idle_timeout
+        else:
+            self._swept = -1
+            return
+        if self._swept != state:
+            self._swept = state
+            self._swept_at = now
+        elif now - self._swept_at >= timeout:
+            self._swept = -1
+            if state & 1:
+                self._rt.stats.downstream_rq_header_timeout += 1
+                self._reject(errors.REQUEST_HEADER_TIMEOUT, protocol_error=False)
+            else:
+                self._rt.stats.downstream_cx_idle_timeout += 1
+                self._close()
 

@@ -11,22 +11,45 @@ socket the sidecar bound itself (port 0 allowed) and returns a :class:`Listener`
     listener = await start_listener(runtime, sock)
     ...
     await listener.drain(drain_time=5.0)                # on SIGTERM: stop accepting, let requests finish
+
+Listener-level limits, set from the ListenerConfig by :meth:`ListenerRuntime.set_limits`:
+
+- ``rate_limit``: the local rate limit's :class:`TokenBucket` (None: unlimited); the router filter
+  takes a token per request and answers 429 RL when there is none.
+- ``request_headers_timeout`` (HCM ``request_headers_timeout``, 0: none): a request head that began
+  arriving and is not complete after this long gets 408 DT, after the responses of the requests
+  before it, and the connection closes.
+- ``idle_timeout`` (HCM ``common_http_protocol_options.idle_timeout``, default 1 h, 0: none): a
+  connection without an active request for this long is closed (``downstream_cx_idle_timeout``).
+
+Both timeouts are enforced by one sweep per listener instead of a timer per request, so a request
+costs only a counter increment: every ``sweep_period`` (a tenth of the shortest timeout, at least
+0.25 s) the sweep looks at each connection, and one seen in the same state (the same head not yet
+complete, or idle with no request begun since) for the whole timeout is timed out. A timeout thus
+fires between ``timeout`` and ``timeout`` plus two periods after it started, never early. The sweep
+runs only while the listener has connections and a timeout is set.
 """
 
 from __future__ import annotations
 
 import asyncio
+import random
 import socket
+import time
+from collections.abc import Callable
 from typing import Any
 
-from sidecar.config import RouteConfig
+from sidecar.config import DEFAULT_IDLE_TIMEOUT, RateLimitConfig, RouteConfig
+from sidecar.proxy import errors
 from sidecar.proxy.http import HttpConnectionManager
+from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.upstream.stats import Counters
 
 DEFAULT_DRAIN_TIME = 5.0
 DEFAULT_BACKLOG = 1024
+MIN_SWEEP_PERIOD = 0.25  # the listener timeouts' sweep runs at most this often
 
 LISTENER_STATS: tuple[str, ...] = (
     "downstream_cx_total",
@@ -59,7 +82,8 @@ class ListenerStats(Counters):
 class ListenerRuntime:
     """Shared state of one listener's connections. Create it inside the event loop's thread."""
 
-    def __init__(self, name: str, clusters: ClusterManager, router: Router | None = None) -> None:
+    def __init__(self, name: str, clusters: ClusterManager, router: Router | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.name = name
         self.clusters = clusters
         # Read by every request; replaced whole (an attribute store is atomic for the loop).
@@ -68,6 +92,14 @@ class ListenerRuntime:
         self.draining = False
         self.connections: set[HttpConnectionManager] = set()
         self._idle: asyncio.Event | None = None
+        # Listener limits (set_limits); read by connections and the sweep, replaced whole.
+        self.rate_limit: TokenBucket | None = None
+        self.random: Callable[[], float] = random.random  # fault injection and retry jitter
+        self.request_headers_timeout = 0.0
+        self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        self.sweep_period = sweep_period_for(0.0, DEFAULT_IDLE_TIMEOUT)
+        self._clock = clock
+        self._sweep: asyncio.TimerHandle | None = None
 
     def set_route_config(self, config: RouteConfig) -> Router:
         """Compile ``config`` and make it current; raises ValueError (a NACK) if it cannot be honoured."""
@@ -79,12 +111,69 @@ class ListenerRuntime:
         """Swap in a Router compiled earlier (validate every resource first, then swap all)."""
         self.router = router
 
+    # --- limits ----------------------------------------------------------------------------
+
+    def rate_limit_for(self, config: RateLimitConfig | None) -> TokenBucket | None:
+        """The bucket to run ``config`` with: the current one (and its tokens) if its config is
+        unchanged, else a new full one. Raises ValueError for a config it cannot run (a NACK)."""
+        if config is None:
+            return None
+        current = self.rate_limit
+        if current is not None and current.config == config:
+            return current
+        return TokenBucket(config, self._clock)
+
+    def set_limits(self, rate_limit: TokenBucket | None, request_headers_timeout: float, idle_timeout: float) -> None:
+        """Swap in the listener's limits (timeouts in seconds, 0: none); applies to open connections."""
+        self.rate_limit = rate_limit
+        self.request_headers_timeout = request_headers_timeout
+        self.idle_timeout = idle_timeout
+        period = sweep_period_for(request_headers_timeout, idle_timeout)
+        if period != self.sweep_period:
+            self.sweep_period = period
+            self._stop_sweep()
+            if self.connections:
+                self._start_sweep()
+
+    def sweep(self) -> None:
+        """Time out the connections stuck in a request head or idle for too long (see the module doc)."""
+        now = self._clock()
+        headers_timeout = self.request_headers_timeout
+        idle_timeout = self.idle_timeout
+        for conn in list(self.connections):
+            conn.check_timeouts(now, headers_timeout, idle_timeout)
+
+    @property
+    def sweeping(self) -> bool:
+        """A sweep is scheduled (only while there are connections and a timeout is set)."""
+        return self._sweep is not None
+
+    def _start_sweep(self) -> None:
+        if self.sweep_period and self._sweep is None:
+            self._sweep = asyncio.get_running_loop().call_later(self.sweep_period, self._on_sweep)
+
+    def _stop_sweep(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+
+    def _on_sweep(self) -> None:
+        self._sweep = None
+        try:
+            self.sweep()
+        except Exception as exc:  # a bug: keep sweeping the other connections next time
+            errors.log_once("sweep-bug", "unexpected error in the listener timeouts' sweep", exc_info=exc)
+        if self.connections:
+            self._start_sweep()
+
     # --- called by connections -----------------------------------------------------------
 
     def connection_opened(self, conn: HttpConnectionManager) -> None:
         self.connections.add(conn)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
+        if self._sweep is None:
+            self._start_sweep()
         # A connection accepted while the listener drains is served: its response says
         # ``Connection: close`` (callers that have not yet learnt that this endpoint is leaving
         # still get their answer), so it closes after one exchange.
@@ -93,8 +182,10 @@ class ListenerRuntime:
         if conn in self.connections:
             self.connections.remove(conn)
             self.stats.downstream_cx_active -= 1
-        if not self.connections and self._idle is not None:
-            self._idle.set()
+        if not self.connections:
+            self._stop_sweep()
+            if self._idle is not None:
+                self._idle.set()
 
     # --- draining --------------------------------------------------------------------------
 
@@ -126,6 +217,12 @@ class ListenerRuntime:
 
     def admin_view(self) -> dict[str, Any]:
         return {"name": self.name, "draining": self.draining, "stats": self.stats.snapshot()}
+
+
+def sweep_period_for(request_headers_timeout: float, idle_timeout: float) -> float:
+    """How often the listener's sweep runs for these timeouts; 0: none is set, no sweep."""
+    timeouts = [t for t in (request_headers_timeout, idle_timeout) if t > 0]
+    return max(MIN_SWEEP_PERIOD, min(timeouts) / 10) if timeouts else 0.0
 
 
 class Listener:

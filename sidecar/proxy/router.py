@@ -27,12 +27,17 @@ AUTHORITY_CACHE_SIZE = 1024
 class RouteEntry:
     """A compiled route. ``cluster()`` names the target cluster of one request."""
 
-    __slots__ = ("route", "prefix", "timeout", "_cluster", "_split")
+    __slots__ = ("route", "prefix", "timeout", "retry", "per_try_timeout", "fault", "_cluster", "_split")
 
     def __init__(self, route: Route) -> None:
         self.route = route
         self.prefix = route.prefix.encode()
         self.timeout = route.timeout if route.timeout > 0 else 0.0
+        # Read per request: None when the route has no retry policy / no fault to inject.
+        self.retry = route.retry_policy if route.retry_policy is not None and route.retry_policy.num_retries > 0 else None
+        self.per_try_timeout = self.retry.per_try_timeout if self.retry is not None else 0.0
+        fault = route.fault
+        self.fault = fault if fault is not None and (fault.delay_percent > 0 or fault.abort_percent > 0) else None
         self._split: SmoothWeightedRoundRobin[str] | None = None
         if route.weighted_clusters:
             choices = [(wc.name, wc.weight) for wc in route.weighted_clusters]

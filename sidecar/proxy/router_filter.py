@@ -16,13 +16,35 @@ from typing import TYPE_CHECKING
 
 from sidecar.proxy import codec, errors
 from sidecar.proxy.exchange import Exchange
+from sidecar.upstream import breaker
 from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
 
 if TYPE_CHECKING:
+    from sidecar.config import FaultConfig
     from sidecar.proxy.listener import ListenerRuntime
     from sidecar.upstream.cluster import Endpoint
 
 BUFFER_LIMIT = 64 * 1024  # request bytes held per connection while no upstream can take them
+# Request body bytes kept per request so it can be retried (Envoy's per-request buffer limit
+# defaults to the 1 MiB connection buffer limit); a longer body is streamed and not retried.
+RETRY_BUFFER_LIMIT = 1024 * 1024
+
+# Local-origin failures, as outlier detection and retry_on name them.
+LOCAL_CONNECT_FAILURE = "connect_failure"
+LOCAL_RESET = "reset"
+LOCAL_TIMEOUT = "timeout"
+# Which retry_on conditions cover each local failure (Envoy: 5xx covers them all; gateway-error the
+# 502/503/504 they would answer; reset a disconnect or a per-try timeout).
+_RETRY_ON_LOCAL = {
+    LOCAL_CONNECT_FAILURE: frozenset({"5xx", "gateway-error", "connect-failure"}),
+    LOCAL_RESET: frozenset({"5xx", "gateway-error", "reset"}),
+    LOCAL_TIMEOUT: frozenset({"5xx", "gateway-error", "reset"}),
+}
+_GATEWAY_ERRORS = frozenset({502, 503, 504})
+_RETRY_ON_5XX = frozenset({"5xx"})
+_RETRY_ON_GATEWAY = frozenset({"5xx", "gateway-error"})
+_RETRY_ON_409 = frozenset({"retriable-4xx"})
+_RETRY_ON_CODES = frozenset({"retriable-status-codes"})
 
 # Reasons to stop reading from the downstream socket (a bit mask: reading resumes when all clear).
 R_BUFFER = 1  # request bytes held without an upstream to take them passed BUFFER_LIMIT
@@ -61,6 +83,13 @@ class RouterFilter:
     def _dispatch(self, ex: Exchange) -> None:
         """Route the active exchange and send it upstream, or answer it locally."""
         rt = self._rt
+        limiter = rt.rate_limit
+        if limiter is not None:
+            if not limiter.try_take():
+                rt.stats.ratelimit_rate_limited += 1
+                self._local_reply(ex, errors.RATE_LIMITED)
+                return
+            rt.stats.ratelimit_ok += 1
         url = ex.url
         if url[:1] == b"/":
             path = url
@@ -83,64 +112,161 @@ class RouterFilter:
             rt.stats.no_cluster += 1
             self._local_reply(ex, errors.NO_CLUSTER)
             return
-        endpoint = cluster.pick()
-        if endpoint is None:
-            cluster.stats.upstream_cx_none_healthy += 1
-            self._local_reply(ex, errors.NO_HEALTHY_UPSTREAM)
-            return
         ex.entry = entry
         ex.cluster = cluster
-        ex.endpoint = endpoint
-        cluster.stats.upstream_rq_total += 1
-        cluster.stats.upstream_rq_active += 1
-        endpoint.active_requests += 1
-        endpoint.total_requests += 1
 
         head = ex.headers
         if ex.conn_tokens:
             head = ex.headers = codec.strip_connection_named(head, ex.conn_tokens)
         head[0] = ex.method
         head[2] = path
-        head[4] = ex.host or endpoint.authority
+        head[4] = ex.host
         if ex.chunked:
             head.append(codec.CHUNKED_HEADER)
         head.append(codec.CRLF)
+        if entry.retry is not None:
+            ex.sent = []
 
         if ex.expect and not ex.complete:
             ex.expect = False
             self._write(errors.CONTINUE_100)
-        if ex.complete and entry.timeout:
-            self._arm_timeout(ex, entry.timeout)
-        conn = endpoint.pool.acquire()
+        fault = entry.fault
+        if fault is not None:
+            if fault.delay_percent and rt.random() * 100.0 < fault.delay_percent:
+                rt.stats.fault_delays_injected += 1
+                ex.wait = self._loop.call_later(fault.delay, self._after_fault_delay, ex)
+                return
+            if self._fault_abort(ex, fault):
+                return
+        self._start(ex)
+
+    def _after_fault_delay(self, ex: Exchange) -> None:
+        ex.wait = None
+        if ex.done or ex is not self._active:
+            return
+        self.batch_begin()
+        if not self._fault_abort(ex, ex.entry.fault):
+            self._start(ex)
+        self.batch_end()
+
+    def _fault_abort(self, ex: Exchange, fault: FaultConfig) -> bool:
+        if fault.abort_percent and self._rt.random() * 100.0 < fault.abort_percent:
+            self._rt.stats.fault_aborts_injected += 1
+            self._local_reply(ex, errors.fault_abort(fault.abort_status))
+            return True
+        return False
+
+    def _start(self, ex: Exchange) -> None:
+        """The router proper: the route timeout starts, then the first try."""
+        if ex.complete and ex.entry.timeout:
+            self._arm_timeout(ex, ex.entry.timeout)
+        self._try(ex)
+
+    def _try(self, ex: Exchange) -> None:
+        """One upstream try: circuit breakers, an endpoint, then a pooled or a new connection."""
+        cluster = ex.cluster
+        stats = cluster.stats
+        if not breaker.request_allowed(cluster):
+            self._overflow(ex)
+            return
+        endpoint = cluster.pick(ex.tried) if ex.tried else cluster.pick()
+        if endpoint is None:
+            stats.upstream_cx_none_healthy += 1
+            self._local_reply(ex, errors.NO_HEALTHY_UPSTREAM)
+            return
+        ex.endpoint = endpoint
+        stats.upstream_rq_total += 1
+        stats.upstream_rq_active += 1
+        endpoint.active_requests += 1
+        endpoint.total_requests += 1
+        if not ex.host:
+            ex.headers[4] = endpoint.authority  # HTTP/1.0 without Host: name the endpoint
+        if ex.complete and ex.entry.per_try_timeout:
+            ex.try_timer = self._loop.call_later(ex.entry.per_try_timeout, self._on_per_try_timeout, ex)
+        pool = endpoint.pool
+        conn = pool.acquire()
         if conn is not None:
             self._attach(ex, conn)
-        else:
+            return
+        if not breaker.pending_allowed(cluster):
+            self._overflow(ex)
+            return
+        ex.pending_cx = True
+        stats.upstream_rq_pending_total += 1
+        stats.upstream_rq_pending_active += 1
+        if breaker.connection_allowed(cluster, endpoint):
             ex.connecting = self._loop.create_task(self._connect(ex, endpoint))
+        else:
+            stats.upstream_cx_overflow += 1
+            ex.waiter = waiter = lambda conn: self._on_pool_ready(ex, endpoint, conn)
+            pool.wait(waiter)
+
+    def _overflow(self, ex: Exchange) -> None:
+        ex.cluster.stats.upstream_rq_pending_overflow += 1
+        self._rt.stats.downstream_rq_overflow += 1
+        self._release_try(ex, failed=False)
+        self._local_reply(ex, errors.OVERFLOW)
+
+    def _on_pool_ready(self, ex: Exchange, endpoint: Endpoint, conn: UpstreamConnection | None) -> None:
+        """A connection of ``endpoint`` came free (or closed, ``None``) while ``ex`` waited for one."""
+        ex.waiter = None
+        if ex.done or ex.endpoint is not endpoint or self.transport is None:
+            if conn is not None:
+                endpoint.pool.release(conn)
+            return
+        if conn is not None and not conn.closed:
+            self.batch_begin()
+            self._attach(ex, conn)
+            self.batch_end()
+        elif breaker.connection_allowed(ex.cluster, endpoint):
+            ex.connecting = self._loop.create_task(self._connect(ex, endpoint))
+        else:
+            ex.waiter = waiter = lambda c: self._on_pool_ready(ex, endpoint, c)
+            endpoint.pool.wait(waiter)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
         ex.conn = conn
-        if ex.pending is None:
+        if ex.pending_cx:
+            ex.pending_cx = False
+            ex.cluster.stats.upstream_rq_pending_active -= 1
+        sent = ex.sent
+        pending = ex.pending
+        if pending is None and not sent:
             data = b"".join(ex.headers)
         else:
-            data = b"".join(ex.headers + ex.pending)
-            ex.pending = None
-            self._buffered -= ex.pending_size
-            ex.pending_size = 0
+            parts = ex.headers + sent if sent else ex.headers  # a retry replays what was sent
+            if pending is not None:
+                parts = parts + pending
+                ex.pending = None
+                self._buffered -= ex.pending_size
+                if sent is not None:
+                    sent += pending
+                    self._retain(ex, ex.pending_size)
+                ex.pending_size = 0
+            data = b"".join(parts)
         conn.send_request(self, data, ex.method == b"HEAD", ex.complete)
         if self._write_paused:
             conn.pause_reading()
         if self._read_paused & R_BUFFER and self._buffered <= BUFFER_LIMIT:
             self._resume(R_BUFFER)
 
+    def _retain(self, ex: Exchange, size: int) -> None:
+        """Account ``size`` more body bytes kept for a retry; past the limit the request cannot be retried."""
+        ex.sent_size += size
+        if ex.sent_size > RETRY_BUFFER_LIMIT:
+            ex.sent = None
+            ex.cluster.stats.upstream_rq_retry_buffer_overflow += 1
+
     async def _connect(self, ex: Exchange, endpoint: Endpoint) -> None:
         try:
             conn = await endpoint.pool.connect()
         except ConnectFailure as exc:
             ex.connecting = None
-            if not ex.done and self.transport is not None:
-                ex.failed = True
+            if not ex.done and self.transport is not None and ex.endpoint is endpoint:
                 errors.log_once(f"uf:{endpoint.key}", "upstream connect failure: %s", exc)
-                self._local_reply(ex, errors.CONNECT_FAILURE)
+                self.batch_begin()
+                self._upstream_failed(ex, LOCAL_CONNECT_FAILURE, errors.CONNECT_FAILURE)
+                self.batch_end()
             return
         except Exception as exc:  # a bug: answer rather than leave the request hanging
             ex.connecting = None
@@ -150,10 +276,147 @@ class RouterFilter:
                 self._local_reply(ex, errors.CONNECT_FAILURE)
             return
         ex.connecting = None
-        if ex.done or self.transport is None or ex is not self._active:
+        if ex.done or self.transport is None or ex is not self._active or ex.endpoint is not endpoint:
             endpoint.pool.release(conn)  # fresh and unused: keep it for the next request
             return
+        self.batch_begin()
         self._attach(ex, conn)
+        self.batch_end()
+
+    # --- retries -----------------------------------------------------------------------------
+
+    def _upstream_failed(self, ex: Exchange, kind: str, reply: errors.LocalReply) -> None:
+        """The current try failed locally (connect failure, reset, per-try timeout): report it to
+        outlier detection, then retry if the policy, the budget and the buffered body allow."""
+        detector = ex.cluster.outlier
+        if detector is not None and ex.endpoint is not None:
+            detector.report_local(ex.endpoint, kind)
+        if not ex.started and self._may_retry(ex, _RETRY_ON_LOCAL[kind]):
+            self._retry(ex)
+            return
+        ex.failed = True
+        self._local_reply(ex, reply)
+
+    def _may_retry(self, ex: Exchange, conditions: frozenset[str]) -> bool:
+        """Whether a failure covered by ``conditions`` is retried: the policy names one of them, the
+        body was kept, a retry is left and the budget (or max_retries) has room."""
+        policy = ex.entry.retry
+        if policy is None or ex.sent is None or policy.retry_on.isdisjoint(conditions):
+            return False
+        cluster = ex.cluster
+        if ex.retries >= policy.num_retries:
+            cluster.stats.upstream_rq_retry_limit_exceeded += 1
+            return False
+        if not breaker.retry_allowed(cluster):
+            cluster.stats.upstream_rq_retry_overflow += 1
+            return False
+        return True
+
+    def _may_retry_status(self, ex: Exchange, status: int) -> bool:
+        on = ex.entry.retry.retry_on
+        if status >= 500:
+            conditions = _RETRY_ON_GATEWAY if status in _GATEWAY_ERRORS else _RETRY_ON_5XX
+        elif status == 409:
+            conditions = _RETRY_ON_409
+        else:
+            conditions = frozenset()
+        if status in ex.entry.retry.retriable_status_codes and "retriable-status-codes" in on:
+            conditions = conditions | _RETRY_ON_CODES
+        return bool(conditions) and self._may_retry(ex, conditions)
+
+    def _retry(self, ex: Exchange) -> None:
+        """Release the failed try and send the next one after a jittered exponential back-off."""
+        policy = ex.entry.retry
+        cluster = ex.cluster
+        failed = ex.endpoint
+        self._release_try(ex, failed=True)
+        if policy.avoid_previous_hosts and failed is not None:
+            if ex.tried is None:
+                ex.tried = []
+            ex.tried.append(failed)
+        ex.retries += 1
+        ex.retry_active = True
+        cluster.retries_active += 1
+        cluster.stats.upstream_rq_retry += 1
+        # Envoy's back-off: uniform in [0, (2^n - 1) * base), capped at max_interval.
+        ceiling = min(policy.base_interval * ((1 << ex.retries) - 1), policy.max_interval)
+        delay = self._rt.random() * ceiling
+        if delay > 0:
+            cluster.stats.upstream_rq_retry_backoff_exponential += 1
+            ex.wait = self._loop.call_later(delay, self._retry_now, ex)
+        else:
+            self._try(ex)
+
+    def _retry_now(self, ex: Exchange) -> None:
+        ex.wait = None
+        if ex.done or ex is not self._active or self.transport is None:
+            return
+        self.batch_begin()
+        self._try(ex)
+        self.batch_end()
+
+    def _release_try(self, ex: Exchange, failed: bool) -> None:
+        """Undo what the current try holds: counters, connection, timers, pool wait. Idempotent."""
+        endpoint = ex.endpoint
+        if endpoint is None:
+            return
+        ex.endpoint = None
+        cluster = ex.cluster
+        stats = cluster.stats
+        stats.upstream_rq_active -= 1
+        endpoint.active_requests -= 1
+        if failed:
+            endpoint.rq_error += 1
+        if ex.pending_cx:
+            ex.pending_cx = False
+            stats.upstream_rq_pending_active -= 1
+        if ex.retry_active:
+            ex.retry_active = False
+            cluster.retries_active -= 1
+        if ex.try_timer is not None:
+            ex.try_timer.cancel()
+            ex.try_timer = None
+        if ex.waiter is not None:
+            endpoint.pool.cancel_wait(ex.waiter)
+            ex.waiter = None
+        if ex.connecting is not None:
+            ex.connecting.cancel()
+            ex.connecting = None
+        if ex.conn is not None:
+            ex.conn.abort()
+            ex.conn = None
+        ex.discarding = False
+
+    def _on_per_try_timeout(self, ex: Exchange) -> None:
+        ex.try_timer = None
+        if ex.done or ex.endpoint is None:
+            return
+        ex.cluster.stats.upstream_rq_per_try_timeout += 1
+        if ex.discarding:  # the retry was decided already; stop reading the failed response
+            self.batch_begin()
+            self._retry(ex)
+            self.batch_end()
+            return
+        if ex.conn is not None:
+            ex.conn.abort()
+            ex.conn = None
+        if ex.started:
+            ex.failed = True
+            self._abort()
+            return
+        self.batch_begin()
+        self._upstream_failed(ex, LOCAL_TIMEOUT, errors.UPSTREAM_TIMEOUT)
+        self.batch_end()
+
+    def _request_complete(self, ex: Exchange) -> None:
+        """The downstream request has been read whole: the route and per-try timeouts start."""
+        entry = ex.entry
+        if entry is None or ex.wait is not None and ex.endpoint is None and ex.retries == 0:
+            return  # not routed yet, or in a fault delay: _start arms them
+        if entry.timeout:
+            self._arm_timeout(ex, entry.timeout)
+        if entry.per_try_timeout and ex.endpoint is not None and ex.try_timer is None:
+            ex.try_timer = self._loop.call_later(entry.per_try_timeout, self._on_per_try_timeout, ex)
 
     # --- UpstreamHandler: what the upstream connection reports ---------------------------------
 
@@ -162,9 +425,18 @@ class RouterFilter:
         if ex is None or ex.conn is not conn:
             conn.abort()
             return
+        cluster = ex.cluster
+        cluster.stats.count_status(status)
+        detector = cluster.outlier
+        if detector is not None:
+            detector.report_status(ex.endpoint, status)
+        if ex.sent is not None and status >= 400 and self._may_retry_status(ex, status):
+            ex.discarding = True  # read the rest of this response, drop it, then retry
+            return
+        if ex.retries:
+            cluster.stats.upstream_rq_retry_success += status < 500
         ex.status = status
         ex.started = True
-        ex.cluster.stats.count_status(status)
         head[0] = codec.STATUS_LINES[status] if status < 1000 else codec.STATUS_LINES[500]
         if body_kind in (BODY_CHUNKED, BODY_EOF):
             if ex.http10:
@@ -187,7 +459,7 @@ class RouterFilter:
 
     def on_upstream_body(self, data: bytes) -> None:
         ex = self._active
-        if ex is None:
+        if ex is None or ex.discarding:
             return
         if ex.resp_chunked:
             if self._batching:
@@ -201,7 +473,10 @@ class RouterFilter:
         ex = self._active
         if ex is None or ex.conn is not conn:
             return
-        ex.conn = None
+        ex.conn = None  # the pool has it back already
+        if ex.discarding:
+            self._retry(ex)
+            return
         if ex.resp_chunked:
             self._write(codec.LAST_CHUNK)
         self._finish(ex)
@@ -213,27 +488,29 @@ class RouterFilter:
         ex.conn = None
         stats = ex.cluster.stats
         stats.upstream_rq_rx_reset += 1
-        ex.failed = True
+        if ex.discarding:
+            self._retry(ex)
+            return
         if ex.started:
+            ex.failed = True
             self._abort()
             return
         if (flag == "UC" and conn.requests > 0 and not ex.retried and not ex.has_body and ex.complete
                 and ex.method in codec.IDEMPOTENT_METHODS):
-            # The pooled connection was closed by the upstream as we reused it: replay once.
+            # The pooled connection was closed by the upstream as we reused it: replay once on a
+            # fresh connection to the same endpoint (not a retry: nothing reached the app).
             ex.retried = True
-            ex.failed = False
             stats.upstream_rq_retry_stale += 1
             ex.connecting = self._loop.create_task(self._connect(ex, ex.endpoint))
             return
         errors.log_once(f"{flag}:{ex.endpoint.key}", "upstream %s reset the request (%s)", ex.endpoint.key, flag)
-        self._local_reply(ex, errors.UPSTREAM_RESETS[flag])
+        self._upstream_failed(ex, LOCAL_RESET, errors.UPSTREAM_RESETS[flag])
 
     def on_upstream_write_paused(self, paused: bool) -> None:
         if paused:
             self._pause(R_UPSTREAM)
         else:
             self._resume(R_UPSTREAM)
-
 
     # --- route timeout -----------------------------------------------------------------------
 
@@ -266,6 +543,9 @@ class RouterFilter:
     def _on_route_timeout(self, ex: Exchange) -> None:
         ex.cluster.stats.upstream_rq_timeout += 1
         ex.failed = True
+        detector = ex.cluster.outlier
+        if detector is not None and ex.endpoint is not None and not ex.discarding:
+            detector.report_local(ex.endpoint, LOCAL_TIMEOUT)
         if ex.conn is not None:
             ex.conn.abort()
             ex.conn = None

@@ -2,34 +2,55 @@
 
 Config objects (``sidecar.config``) are immutable; these are the live objects behind them: an
 :class:`Endpoint` carries its counters and its connection pool, a :class:`Cluster` its endpoints,
-its load balancer and its stats. The data path calls :meth:`ClusterManager.get` and
-:meth:`Cluster.pick` and bumps plain integers; nothing here logs or touches Prometheus.
+its load balancer, its outlier detector and its stats. The data path calls
+:meth:`ClusterManager.get` and :meth:`Cluster.pick`, reports results to ``Cluster.outlier`` when it
+is not None, and bumps plain integers; nothing here logs or touches Prometheus (ejections are
+logged by :mod:`sidecar.upstream.outlier`).
+
+Picking: the balancer (``lb_policy``, see :mod:`sidecar.upstream.lb`) runs over the *eligible*
+endpoints: serving ones that outlier detection has not ejected. It is rebuilt when that set changes
+(EDS, CDS, an ejection or a return), never per pick, so round robin keeps its exact shares. Panic
+(Envoy's ``healthy_panic_threshold``): when fewer than that percent of the serving endpoints are
+healthy (not ejected), the balancer runs over all serving endpoints, ejected ones included, and
+each pick counts ``lb_healthy_panic``; 0 disables panic. Endpoints that are not serving (DRAINING:
+weight 0, or disabled by an operator) are never picked, not even in panic, and do not count towards
+the healthy share. That differs from Envoy, where a DRAINING host is merely unhealthy and panic
+may pick it: here an operator's "disable" must take an endpoint out of traffic.
 
 Updates (CDS via :meth:`ClusterManager.update_clusters`, EDS via
 :meth:`ClusterManager.update_endpoints`) keep the runtime state of whatever survives: a cluster
-keeps its stats and endpoints across a CDS update, and an endpoint whose ``address:port`` is
-unchanged keeps its counters and its pool. A removed endpoint's pool closes its idle connections at
+keeps its stats, endpoints and outlier state across a CDS update (outlier state is dropped only when
+the update removes outlier detection), and an endpoint whose ``address:port`` is unchanged keeps its
+counters, its pool and its ejection. A removed endpoint's pool closes its idle connections at
 once; requests in flight on it finish, and their connections close when they do.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import asdict
+from operator import attrgetter
+from random import random as default_random
 from typing import Any
 
-from sidecar.config import ClusterConfig, EndpointConfig
-from sidecar.upstream.lb import SmoothWeightedRoundRobin
+from sidecar.config import ClusterConfig, EndpointConfig, OutlierConfig
+from sidecar.upstream.lb import LB_POLICIES, Balancer, make_balancer
+from sidecar.upstream.lb_random import WeightedRandom
+from sidecar.upstream.outlier import HostMonitor, OutlierDetector, Scheduler
 from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
 from sidecar.upstream.stats import ClusterStats
 
 DISCOVERY_STATIC = "STATIC"
+
+_active_requests = attrgetter("active_requests")
 
 
 class Endpoint:
     """One upstream host of a cluster, as the data path sees it."""
 
     __slots__ = ("config", "key", "authority", "pool", "active_requests", "total_requests", "rq_error",
-                 "rq_success")
+                 "rq_success", "outlier")
 
     def __init__(self, config: EndpointConfig, pool: ConnectionPool) -> None:
         self.config = config
@@ -42,14 +63,20 @@ class Endpoint:
         self.total_requests = 0
         self.rq_error = 0  # 5xx answers and resets, timeouts, protocol errors
         self.rq_success = 0
+        self.outlier: HostMonitor | None = None  # set and written by the cluster's OutlierDetector only
 
     @property
     def serving(self) -> bool:
         return self.config.serving and self.config.weight > 0
 
-    def admin_view(self) -> dict[str, Any]:
+    @property
+    def ejected(self) -> bool:
+        m = self.outlier
+        return m is not None and m.ejected
+
+    def admin_view(self, detector: OutlierDetector | None = None) -> dict[str, Any]:
         cfg = self.config
-        return {
+        view = {
             "address": cfg.address,
             "port": cfg.port,
             "weight": cfg.weight,
@@ -64,37 +91,99 @@ class Endpoint:
             "cx_active": self.pool.cx_active,
             "cx_idle": self.pool.idle_count,
         }
+        if detector is not None:
+            view.update(detector.host_view(self))
+        else:
+            view.update(ejected=False, ejections=0, ejected_until=None, outlier=None)
+        return view
 
 
 class Cluster:
-    """A named group of endpoints behind one load balancer."""
+    """A named group of endpoints behind one load balancer, with its outlier detector."""
 
-    __slots__ = ("name", "config", "stats", "endpoints", "_lb", "_connector", "_max_idle")
+    __slots__ = ("name", "config", "stats", "endpoints", "outlier", "retries_active", "_lb", "_panic",
+                 "_connector", "_max_idle", "_clock", "_random", "_scheduler")
 
     def __init__(self, config: ClusterConfig, *, connector: Connector | None = None,
-                 max_idle: int = DEFAULT_MAX_IDLE) -> None:
+                 max_idle: int = DEFAULT_MAX_IDLE, clock: Callable[[], float] = time.monotonic,
+                 random: Callable[[], float] = default_random, scheduler: Scheduler | None = None) -> None:
         self.name = config.name
         self.config = config
         self.stats = ClusterStats()
         self.endpoints: dict[str, Endpoint] = {}
-        self._lb: SmoothWeightedRoundRobin[Endpoint] | None = None
+        self.outlier: OutlierDetector | None = None
+        self.retries_active = 0  # retries in flight (the retry budget reads it)
+        self._lb: Balancer[Endpoint] | None = None
+        self._panic = False
         self._connector = connector
         self._max_idle = max_idle
+        self._clock = clock
+        self._random = random
+        self._scheduler = scheduler
+        self._set_outlier(config.outlier)
         if config.discovery == DISCOVERY_STATIC:
             self.set_endpoints(config.static_endpoints)
 
-    def pick(self) -> Endpoint | None:
-        """The next serving endpoint by smooth weighted round robin, or None if there is none."""
+    @property
+    def panic(self) -> bool:
+        """True while too few endpoints are healthy and picks use all serving endpoints."""
+        return self._panic
+
+    def pick(self, exclude: Collection[Endpoint] | None = None) -> Endpoint | None:
+        """The next eligible endpoint by the cluster's load balancer, or None if there is none.
+
+        With ``exclude`` (endpoints already tried: Envoy's previous_hosts retry predicate), an
+        eligible endpoint outside it is preferred; if there is none, any eligible one is returned.
+        """
         lb = self._lb
-        return lb.pick() if lb is not None else None
+        if lb is None:
+            return None
+        if self._panic:
+            self.stats.lb_healthy_panic += 1
+        if exclude:
+            return self._pick_other(lb, exclude)
+        return lb.pick()
+
+    def _pick_other(self, lb: Balancer[Endpoint], exclude: Collection[Endpoint]) -> Endpoint | None:
+        # Ask the balancer first (keeps its rotation and shares); if it keeps answering tried
+        # endpoints, choose among the untried ones by weight.
+        endpoint = None
+        for _ in range(len(lb)):
+            endpoint = lb.pick()
+            if endpoint not in exclude:
+                return endpoint
+        others = [(ep, ep.config.weight) for ep in lb.items if ep not in exclude]
+        if not others:
+            return endpoint
+        return WeightedRandom(others, random=self._random).pick()
 
     def set_config(self, config: ClusterConfig) -> None:
         """A CDS update of this cluster: new settings, same runtime state."""
+        old = self.config
         self.config = config
         for endpoint in self.endpoints.values():
             endpoint.pool.connect_timeout = config.connect_timeout
+            endpoint.pool.idle_timeout = config.idle_timeout
+        outlier_toggled = (old.outlier is None) != (config.outlier is None)
+        self._set_outlier(config.outlier)
         if config.discovery == DISCOVERY_STATIC:
             self.set_endpoints(config.static_endpoints)
+        elif (outlier_toggled or old.lb_policy != config.lb_policy
+              or old.healthy_panic_threshold != config.healthy_panic_threshold):
+            self._rebuild()
+
+    def _set_outlier(self, config: OutlierConfig | None) -> None:
+        detector = self.outlier
+        if config is None:
+            if detector is not None:
+                self.outlier = None
+                detector.close()
+        elif detector is None:
+            self.outlier = OutlierDetector(self.name, config, self.stats, on_change=self._rebuild,
+                                           clock=self._clock, random=self._random, scheduler=self._scheduler)
+            self.outlier.set_endpoints(self.endpoints.values())
+        elif detector.config != config:
+            detector.set_config(config)
 
     def set_endpoints(self, configs: Iterable[EndpointConfig]) -> None:
         """Replace the endpoint set, keeping endpoints whose ``address:port`` is unchanged."""
@@ -107,7 +196,8 @@ class Cluster:
             endpoint = old.get(key)
             if endpoint is None:
                 pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=self.config.connect_timeout,
-                                      stats=self.stats, max_idle=self._max_idle, connector=self._connector)
+                                      stats=self.stats, max_idle=self._max_idle,
+                                      idle_timeout=self.config.idle_timeout, connector=self._connector)
                 endpoint = Endpoint(cfg, pool)
             else:
                 endpoint.config = cfg
@@ -116,36 +206,62 @@ class Cluster:
             if key not in new:
                 endpoint.pool.close()
         self.endpoints = new
-        serving = [(ep, ep.config.weight) for ep in new.values() if ep.serving]
-        self._lb = SmoothWeightedRoundRobin(serving) if serving else None
+        if self.outlier is not None:
+            self.outlier.set_endpoints(new.values())
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        """Build the balancer over the eligible endpoints (called whenever that set may change)."""
+        serving = [ep for ep in self.endpoints.values() if ep.serving]
+        healthy = [ep for ep in serving if not ep.ejected]
+        threshold = self.config.healthy_panic_threshold
+        panic = bool(serving) and threshold > 0 and len(healthy) * 100 < threshold * len(serving)
+        use = serving if panic else healthy
+        self._panic = panic
+        self._lb = make_balancer(self.config.lb_policy, [(ep, ep.config.weight) for ep in use],
+                                 random=self._random, active=_active_requests) if use else None
 
     def close(self) -> None:
         for endpoint in self.endpoints.values():
             endpoint.pool.close()
+        if self.outlier is not None:
+            self.outlier.close()
 
     def admin_view(self) -> dict[str, Any]:
         cfg = self.config
+        detector = self.outlier
         return {
             "name": self.name,
             "discovery": cfg.discovery,
             "lb_policy": cfg.lb_policy,
             "connect_timeout": cfg.connect_timeout,
+            "idle_timeout": cfg.idle_timeout,
+            "healthy_panic_threshold": cfg.healthy_panic_threshold,
+            "panic": self._panic,
+            "circuit_breakers": asdict(cfg.circuit_breakers),
+            "retries_active": self.retries_active,
+            "outlier_detection": detector.admin_view() if detector is not None else None,
             "stats": self.stats.snapshot(),
-            "endpoints": [ep.admin_view() for ep in self.endpoints.values()],
+            "endpoints": [ep.admin_view(detector) for ep in self.endpoints.values()],
         }
 
 
 class ClusterManager:
     """All clusters of a sidecar worker, by name. Owned by the xDS layer, read by listeners."""
 
-    __slots__ = ("_clusters", "_pending_endpoints", "_connector", "_max_idle")
+    __slots__ = ("_clusters", "_pending_endpoints", "_connector", "_max_idle", "_clock", "_random", "_scheduler")
 
-    def __init__(self, *, connector: Connector | None = None, max_idle: int = DEFAULT_MAX_IDLE) -> None:
+    def __init__(self, *, connector: Connector | None = None, max_idle: int = DEFAULT_MAX_IDLE,
+                 clock: Callable[[], float] = time.monotonic, random: Callable[[], float] = default_random,
+                 scheduler: Scheduler | None = None) -> None:
         self._clusters: dict[str, Cluster] = {}
         # EDS assignments that arrived before their cluster (applied when it appears).
         self._pending_endpoints: dict[str, tuple[EndpointConfig, ...]] = {}
         self._connector = connector
         self._max_idle = max_idle
+        self._clock = clock  # clock, random source and scheduler of load balancers and outlier detectors
+        self._random = random
+        self._scheduler = scheduler
 
     def get(self, name: str) -> Cluster | None:
         return self._clusters.get(name)
@@ -159,14 +275,20 @@ class ClusterManager:
         A cluster whose config changes keeps its stats and endpoints (EDS clusters keep serving
         their last assignment until EDS says otherwise; STATIC ones take their new static
         endpoints). Removed clusters close their idle connections; in-flight requests finish.
+        Raises ValueError, before changing anything, for a policy this sidecar cannot run.
         """
+        for name, config in configs.items():
+            if config.lb_policy not in LB_POLICIES:
+                raise ValueError(f"cluster {name!r}: lb_policy {config.lb_policy!r} is not supported "
+                                 f"(supported: {', '.join(LB_POLICIES)})")
         clusters = self._clusters
         for name in [n for n in clusters if n not in configs]:
             clusters.pop(name).close()
         for name, config in configs.items():
             cluster = clusters.get(name)
             if cluster is None:
-                cluster = Cluster(config, connector=self._connector, max_idle=self._max_idle)
+                cluster = Cluster(config, connector=self._connector, max_idle=self._max_idle, clock=self._clock,
+                                  random=self._random, scheduler=self._scheduler)
                 pending = self._pending_endpoints.pop(name, None)
                 if pending is not None and config.discovery != DISCOVERY_STATIC:
                     cluster.set_endpoints(pending)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
@@ -50,6 +51,10 @@ _RESPONSE_HEADER_KIND = {
     b"transfer-encoding": _TRANSFER_ENCODING,
     b"content-length": _CONTENT_LENGTH,
 }
+
+# A request waiting for a connection of this endpoint (max_connections reached): called soon after a
+# connection comes free (with it) or one closes (with None: a connection may be opened now).
+Waiter = Callable[["UpstreamConnection | None"], None]
 
 # ``connector(protocol_factory, host, port)``; ``loop.create_connection`` unless a test injects one.
 Connector = Callable[..., Awaitable[tuple[Any, Any]]]
@@ -344,7 +349,7 @@ class ConnectionPool:
     """Connections to one endpoint: the idle ones in a LIFO list, plus a count of all open ones."""
 
     __slots__ = ("host", "port", "connect_timeout", "stats", "max_idle", "idle_timeout", "closed",
-                 "cx_active", "_idle", "_connector")
+                 "cx_active", "_idle", "_connector", "_waiters")
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, stats: ClusterStats | None = None,
                  max_idle: int = DEFAULT_MAX_IDLE, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -359,6 +364,7 @@ class ConnectionPool:
         self.cx_active = 0
         self._idle: list[UpstreamConnection] = []
         self._connector = connector
+        self._waiters: deque[Waiter] = deque()
 
     @property
     def idle_count(self) -> int:
@@ -404,8 +410,27 @@ class ConnectionPool:
             return
         conn.handler = None
         conn.resume_reading()  # an idle connection must notice the upstream closing it
+        if self._waiters:
+            # Handed to the oldest waiter on the next loop turn, outside the parser's callback that
+            # released it; not idle meanwhile, so nobody else takes it.
+            asyncio.get_running_loop().call_soon(self._waiters.popleft(), conn)
+            return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+
+    def wait(self, waiter: Waiter) -> None:
+        """Queue ``waiter`` for the next connection of this endpoint that comes free (FIFO)."""
+        self._waiters.append(waiter)
+
+    def cancel_wait(self, waiter: Waiter) -> None:
+        try:
+            self._waiters.remove(waiter)
+        except ValueError:
+            pass
+
+    @property
+    def waiting(self) -> int:
+        return len(self._waiters)
 
     def close_idle(self) -> None:
         """Close every idle connection now; busy ones close when their request finishes."""
@@ -417,6 +442,9 @@ class ConnectionPool:
         """The endpoint is gone: close idle connections and pool nothing from now on."""
         self.closed = True
         self.close_idle()
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:  # they connect on their own (or fail) rather than wait forever
+            asyncio.get_running_loop().call_soon(waiter, None)
 
     # --- called by UpstreamConnection ---------------------------------------------------------
 
@@ -430,3 +458,6 @@ class ConnectionPool:
         self.stats.upstream_cx_active -= 1
         if conn in self._idle:
             self._idle.remove(conn)
+        if self._waiters:
+            # A connection slot came free: the oldest waiter may open a connection now.
+            asyncio.get_running_loop().call_soon(self._waiters.popleft(), None)

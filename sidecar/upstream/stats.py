@@ -32,6 +32,7 @@ CLUSTER_STATS: tuple[str, ...] = (
     "upstream_rq_retry_limit_exceeded",  # retriable failures with no retry left (num_retries)
     "upstream_rq_retry_backoff_exponential",  # retries that waited a back-off
     "upstream_rq_per_try_timeout",  # tries cut by per_try_timeout
+    "upstream_rq_retry_buffer_overflow",  # request bodies too long to keep for a retry
     # circuit breakers (answered 503 UO, never queued beyond the limit)
     "upstream_rq_pending_total",  # requests that had to wait for a connection
     "upstream_rq_pending_active",

@@ -4,30 +4,45 @@ Each converter checks the fields that are set on a message against the list the 
 honours (docs/xds-support.md). A field outside that list raises :class:`XdsError`, which the
 xDS client turns into a NACK that names the resource and the field, and the previous config stays
 in force. Fields whose presence does not change behaviour (names, stat prefixes, metadata) are
-accepted and ignored.
+accepted and ignored. Unset fields take Envoy's defaults (the defaults of ``sidecar.config``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 
-from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import health_check_pb2
+from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.filters.http.fault.v3 import fault_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (registers the type for Any)
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401  (registers the type)
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.type.v3 import percent_pb2
 from google.protobuf.message import Message
 
 from meshkeeper import xds
 from sidecar.config import (
+    DEFAULT_CIRCUIT_BREAKERS,
     DEFAULT_CONNECT_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_PANIC_THRESHOLD,
     DEFAULT_ROUTE_TIMEOUT,
     LB_ROUND_ROBIN,
+    RETRY_ON_SUPPORTED,
+    CircuitBreakerConfig,
     ClusterConfig,
     EndpointConfig,
+    FaultConfig,
     ListenerConfig,
+    OutlierConfig,
+    RateLimitConfig,
+    RetryPolicyConfig,
     Route,
     RouteConfig,
     VirtualHost,
@@ -36,7 +51,17 @@ from sidecar.config import (
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 _SERVING = (health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY, health_check_pb2.DEGRADED)
-_LB_POLICIES = {cluster_pb2.Cluster.ROUND_ROBIN: LB_ROUND_ROBIN}
+_LB_POLICIES = {
+    cluster_pb2.Cluster.ROUND_ROBIN: LB_ROUND_ROBIN,
+    cluster_pb2.Cluster.LEAST_REQUEST: "least_request",
+    cluster_pb2.Cluster.RANDOM: "random",
+}
+# Envoy's defaults where sidecar.config has no named one.
+DEFAULT_RETRY_BUDGET_PERCENT = 20.0
+DEFAULT_MIN_RETRY_CONCURRENCY = 3
+MIN_FILL_INTERVAL = 0.05  # Envoy refuses a local rate limit fill_interval under 50 ms
+_DENOMINATORS = {percent_pb2.FractionalPercent.HUNDRED: 100, percent_pb2.FractionalPercent.TEN_THOUSAND: 10_000,
+                 percent_pb2.FractionalPercent.MILLION: 1_000_000}
 
 
 class XdsError(ValueError):
@@ -52,6 +77,35 @@ def _only(msg: Message, allowed: Iterable[str], where: str) -> None:
 
 def _seconds(duration) -> float:
     return duration.seconds + duration.nanos / 1e9
+
+
+def _duration(msg: Message, name: str, default: float, where: str) -> float:
+    """A Duration field in seconds; ``default`` when unset; negative durations are refused."""
+    if not msg.HasField(name):
+        return default
+    value = _seconds(getattr(msg, name))
+    if value < 0:
+        raise XdsError(f"{where}: {name} must not be negative")
+    return value
+
+
+def _wrapped(msg: Message, name: str, default):
+    """The value of a wrapper field (UInt32Value, BoolValue, Percent...), ``default`` when unset."""
+    return getattr(msg, name).value if msg.HasField(name) else default
+
+
+def _fraction(fp: percent_pb2.FractionalPercent, where: str) -> float:
+    """A FractionalPercent as a percent 0..100; Envoy caps a numerator above its denominator."""
+    denominator = _DENOMINATORS.get(fp.denominator)
+    if denominator is None:
+        raise XdsError(f"{where}: unknown denominator {fp.denominator}")
+    return min(fp.numerator * 100 / denominator, 100.0)
+
+
+def _unpack(any_msg, message: Message, where: str) -> Message:
+    if not any_msg.Unpack(message):
+        raise XdsError(f"{where}: cannot decode {any_msg.type_url}")
+    return message
 
 
 # --------------------------------------------------------------------------- listeners
@@ -72,12 +126,17 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
     hcm = _HCM()
     if not flt.typed_config.Unpack(hcm):
         raise XdsError(f"{where}: cannot decode http_connection_manager")
-    _only(hcm, ("stat_prefix", "rds", "route_config", "http_filters", "codec_type"), f"{where} http_connection_manager")
+    where = f"{where} http_connection_manager"
+    _only(hcm, ("stat_prefix", "rds", "route_config", "http_filters", "codec_type", "request_headers_timeout",
+                "common_http_protocol_options"), where)
     if hcm.codec_type not in (_HCM.AUTO, _HCM.HTTP1):
         raise XdsError(f"{where}: codec_type {_HCM.CodecType.Name(hcm.codec_type)} is not supported (HTTP/1.1 only)")
-    for f in hcm.http_filters:
-        if f.typed_config.type_url != xds.ROUTER and not f.is_optional:
-            raise XdsError(f"{where}: http filter {f.name!r} is not supported")
+    rate_limit, fault_filter = _http_filters(hcm.http_filters, where)
+    common = {
+        "name": msg.name, "rate_limit": rate_limit, "fault_filter": fault_filter,
+        "request_headers_timeout": _duration(hcm, "request_headers_timeout", 0.0, where),
+        "idle_timeout": _idle_timeout(hcm, "common_http_protocol_options", where),
+    }
     which = hcm.WhichOneof("route_specifier")
     if which == "rds":
         src = hcm.rds.config_source
@@ -85,16 +144,111 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
             raise XdsError(f"{where}: rds config_source must be ads")
         if not hcm.rds.route_config_name:
             raise XdsError(f"{where}: rds.route_config_name is empty")
-        return ListenerConfig(name=msg.name, rds_name=hcm.rds.route_config_name)
+        return ListenerConfig(rds_name=hcm.rds.route_config_name, **common)
     if which == "route_config":
-        return ListenerConfig(name=msg.name, route_config=route_configuration(hcm.route_config))
+        return ListenerConfig(route_config=route_configuration(hcm.route_config, fault_filter), **common)
     raise XdsError(f"{where}: http_connection_manager needs rds or route_config")
+
+
+def _idle_timeout(msg: Message, name: str, where: str) -> float:
+    """``common_http_protocol_options.idle_timeout`` (HCM or upstream): Envoy's 1 h when unset, 0 disables."""
+    if not msg.HasField(name):
+        return DEFAULT_IDLE_TIMEOUT
+    opts: protocol_pb2.HttpProtocolOptions = getattr(msg, name)
+    _only(opts, ("idle_timeout",), f"{where} {name}")
+    return _duration(opts, "idle_timeout", DEFAULT_IDLE_TIMEOUT, f"{where} {name}")
+
+
+# HTTP filters the sidecar runs, by type URL, in the order it runs them: the rate limit before
+# routing, the fault after it, the router last.
+_FILTER_ORDER = (xds.LOCAL_RATELIMIT, xds.FAULT, xds.ROUTER)
+
+
+def _http_filters(filters, where: str) -> tuple[RateLimitConfig | None, bool]:
+    """The HCM's filter chain -> (the listener's rate limit, whether it runs the fault filter).
+
+    Filters are known by their typed_config's type URL, as in Envoy; an unknown one is refused
+    unless ``is_optional`` (then skipped, as Envoy does). The known ones must come in the order the
+    sidecar runs them, each once, and the router must be the last filter.
+    """
+    rate_limit: RateLimitConfig | None = None
+    fault_filter = False
+    last_rank = -1
+    for f in filters:
+        fwhere = f"{where} http filter {f.name!r}"
+        _only(f, ("name", "typed_config", "is_optional"), fwhere)
+        type_url = f.typed_config.type_url
+        if type_url not in _FILTER_ORDER:
+            if f.is_optional:
+                continue
+            raise XdsError(f"{where}: http filter {f.name!r} ({type_url or 'no typed_config'}) is not supported")
+        rank = _FILTER_ORDER.index(type_url)
+        if rank <= last_rank:
+            order = ", ".join(t.rsplit(".", 1)[-1] for t in _FILTER_ORDER)
+            raise XdsError(f"{fwhere}: out of order or repeated (supported order: {order})")
+        last_rank = rank
+        if type_url == xds.LOCAL_RATELIMIT:
+            rate_limit = local_rate_limit(_unpack(f.typed_config, local_rate_limit_pb2.LocalRateLimit(), fwhere), fwhere)
+        elif type_url == xds.FAULT:
+            _listener_fault(f, fwhere)
+            fault_filter = True
+    if filters and filters[-1].typed_config.type_url != xds.ROUTER:
+        raise XdsError(f"{where}: the last http filter must be the router ({xds.ROUTER_FILTER})")
+    return rate_limit, fault_filter
+
+
+def _listener_fault(f, where: str) -> None:
+    """The HCM's fault filter only enables routes' fault configs, which find it by its name."""
+    if f.name != xds.FAULT_FILTER:
+        raise XdsError(f"{where}: the fault filter must be named {xds.FAULT_FILTER!r} (routes name it)")
+    msg = _unpack(f.typed_config, fault_pb2.HTTPFault(), where)
+    _only(msg, ("disable_downstream_cluster_stats",),
+          f"{where} (faults of the whole listener are not supported; use the routes' typed_per_filter_config)")
+
+
+def local_rate_limit(msg: local_rate_limit_pb2.LocalRateLimit, where: str) -> RateLimitConfig | None:
+    """``envoy.filters.http.local_ratelimit`` of the whole listener, or None when it limits nothing.
+
+    Envoy enables and enforces it for 0% of requests unless told otherwise; the sidecar honours
+    0% (off) and 100% (on) of ``filter_enabled`` and ``filter_enforced``, not shadow mode. Without
+    a token bucket the filter limits nothing (Envoy: the bucket may live on routes, refused here).
+    """
+    _only(msg, ("stat_prefix", "status", "token_bucket", "filter_enabled", "filter_enforced",
+                "always_consume_default_token_bucket"), where)  # the last matters with descriptors only
+    if msg.HasField("status") and msg.status.code >= 400 and msg.status.code != 429:
+        raise XdsError(f"{where}: status {msg.status.code} is not supported (429 only)")
+    enabled = _runtime_percent(msg, "filter_enabled", where)
+    enforced = _runtime_percent(msg, "filter_enforced", where)
+    if enabled == 0 or not msg.HasField("token_bucket"):
+        return None
+    if (enabled, enforced) != (100, 100):
+        raise XdsError(f"{where}: filter_enabled {enabled:g}% / filter_enforced {enforced:g}% is not supported "
+                       "(0% or 100% of requests, enforced)")
+    bucket = msg.token_bucket
+    _only(bucket, ("max_tokens", "tokens_per_fill", "fill_interval"), f"{where} token_bucket")
+    tokens_per_fill = _wrapped(bucket, "tokens_per_fill", 1)
+    fill_interval = _duration(bucket, "fill_interval", 0.0, f"{where} token_bucket")
+    if bucket.max_tokens < 1 or tokens_per_fill < 1:
+        raise XdsError(f"{where} token_bucket: max_tokens and tokens_per_fill must be positive")
+    if fill_interval < MIN_FILL_INTERVAL:
+        raise XdsError(f"{where} token_bucket: fill_interval must be at least 50 ms")
+    return RateLimitConfig(max_tokens=bucket.max_tokens, tokens_per_fill=tokens_per_fill, fill_interval=fill_interval)
+
+
+def _runtime_percent(msg: Message, name: str, where: str) -> float:
+    if not msg.HasField(name):
+        return 0.0  # Envoy's default for both: off, "for safety"
+    value: base_pb2.RuntimeFractionalPercent = getattr(msg, name)
+    _only(value, ("default_value",), f"{where} {name} (runtime overrides are not supported)")
+    return _fraction(value.default_value, f"{where} {name}")
 
 
 # --------------------------------------------------------------------------- routes
 
 
-def route_configuration(msg: route_pb2.RouteConfiguration) -> RouteConfig:
+def route_configuration(msg: route_pb2.RouteConfiguration, fault_filter: bool = True) -> RouteConfig:
+    """A RouteConfiguration; with ``fault_filter`` false (its HCM runs no fault filter) the routes'
+    fault configs are validated but dropped, as Envoy would not apply them."""
     where = f"route_configuration {msg.name!r}"
     _only(msg, ("name", "virtual_hosts", "validate_clusters"), where)
     vhosts = []
@@ -109,22 +263,29 @@ def route_configuration(msg: route_pb2.RouteConfiguration) -> RouteConfig:
                 raise XdsError(f"{vwhere}: domain {d!r} is used by two virtual hosts")
             seen.add(d.lower())
         vhosts.append(VirtualHost(name=vh.name, domains=tuple(d.lower() for d in vh.domains),
-                                  routes=tuple(_route(r, vwhere) for r in vh.routes)))
+                                  routes=tuple(_route(r, vwhere, fault_filter) for r in vh.routes)))
     return RouteConfig(name=msg.name, virtual_hosts=tuple(vhosts))
 
 
-def _route(r: route_components_pb2.Route, where: str) -> Route:
+def _route(r: route_components_pb2.Route, where: str, fault_filter: bool) -> Route:
     where = f"{where} route {r.name!r}" if r.name else f"{where} route"
-    _only(r, ("name", "match", "route", "metadata"), where)
+    _only(r, ("name", "match", "route", "metadata", "typed_per_filter_config"), where)
     _only(r.match, ("prefix",), f"{where} match")
     if r.WhichOneof("action") != "route":
         raise XdsError(f"{where}: only the route action is supported")
     action = r.route
-    _only(action, ("cluster", "weighted_clusters", "timeout"), f"{where} action")
-    timeout = _seconds(action.timeout) if action.HasField("timeout") else DEFAULT_ROUTE_TIMEOUT
+    _only(action, ("cluster", "weighted_clusters", "timeout", "retry_policy"), f"{where} action")
+    fault = _route_fault(r, where)
+    common = {
+        "prefix": r.match.prefix or "/",
+        "timeout": _duration(action, "timeout", DEFAULT_ROUTE_TIMEOUT, f"{where} action"),
+        "retry_policy": retry_policy(action.retry_policy, f"{where} retry_policy")
+        if action.HasField("retry_policy") else None,
+        "fault": fault if fault_filter else None,
+    }
     which = action.WhichOneof("cluster_specifier")
     if which == "cluster":
-        return Route(prefix=r.match.prefix or "/", cluster=action.cluster, timeout=timeout)
+        return Route(cluster=action.cluster, **common)
     if which == "weighted_clusters":
         wcs = []
         for c in action.weighted_clusters.clusters:
@@ -132,8 +293,85 @@ def _route(r: route_components_pb2.Route, where: str) -> Route:
             wcs.append(WeightedCluster(name=c.name, weight=c.weight.value))
         if not wcs or sum(w.weight for w in wcs) <= 0:
             raise XdsError(f"{where}: weighted_clusters need a positive total weight")
-        return Route(prefix=r.match.prefix or "/", weighted_clusters=tuple(wcs), timeout=timeout)
+        return Route(weighted_clusters=tuple(wcs), **common)
     raise XdsError(f"{where}: route action needs cluster or weighted_clusters")
+
+
+def retry_policy(msg: route_components_pb2.RetryPolicy, where: str) -> RetryPolicyConfig:
+    """``RouteAction.retry_policy`` with Envoy's defaults: one retry, 25 ms base back-off capped at
+    10x, no host predicate, one host selection attempt."""
+    _only(msg, ("retry_on", "num_retries", "per_try_timeout", "retry_back_off", "retriable_status_codes",
+                "retry_host_predicate", "host_selection_retry_max_attempts"), where)
+    conditions = frozenset(c.strip() for c in msg.retry_on.split(",") if c.strip())
+    unsupported = sorted(conditions - RETRY_ON_SUPPORTED)
+    if unsupported:
+        raise XdsError(f"{where}: retry_on {', '.join(unsupported)} is not supported "
+                       f"(supported: {', '.join(sorted(RETRY_ON_SUPPORTED))})")
+    defaults = RetryPolicyConfig()
+    base, cap = defaults.base_interval, defaults.max_interval
+    if msg.HasField("retry_back_off"):
+        bwhere = f"{where} retry_back_off"
+        _only(msg.retry_back_off, ("base_interval", "max_interval"), bwhere)
+        base = _duration(msg.retry_back_off, "base_interval", 0.0, bwhere)
+        if base <= 0:
+            raise XdsError(f"{bwhere}: base_interval must be positive")
+        cap = _duration(msg.retry_back_off, "max_interval", 10 * base, bwhere)
+        if cap < base:
+            raise XdsError(f"{bwhere}: max_interval must be at least base_interval")
+    for p in msg.retry_host_predicate:
+        _only(p, ("name", "typed_config"), f"{where} retry_host_predicate {p.name!r}")
+        known = p.typed_config.type_url == xds.PREVIOUS_HOSTS or (
+            not p.HasField("typed_config") and p.name == xds.PREVIOUS_HOSTS_PREDICATE)
+        if not known:
+            raise XdsError(f"{where}: retry_host_predicate {p.name!r} is not supported "
+                           f"(only {xds.PREVIOUS_HOSTS_PREDICATE})")
+    if msg.host_selection_retry_max_attempts < 0:
+        raise XdsError(f"{where}: host_selection_retry_max_attempts must not be negative")
+    return RetryPolicyConfig(
+        retry_on=conditions,
+        num_retries=_wrapped(msg, "num_retries", defaults.num_retries),
+        per_try_timeout=_duration(msg, "per_try_timeout", 0.0, where),
+        base_interval=base, max_interval=cap,
+        retriable_status_codes=frozenset(msg.retriable_status_codes),
+        avoid_previous_hosts=bool(msg.retry_host_predicate),
+        host_selection_retry_max_attempts=msg.host_selection_retry_max_attempts or 1)  # proto3 0: unset
+
+
+def _route_fault(r: route_components_pb2.Route, where: str) -> FaultConfig | None:
+    """The route's ``typed_per_filter_config``: only the fault filter's, keyed by its name."""
+    fault = None
+    for key, config in sorted(r.typed_per_filter_config.items()):
+        fwhere = f"{where} typed_per_filter_config {key!r}"
+        if key != xds.FAULT_FILTER or config.type_url != xds.FAULT:
+            raise XdsError(f"{fwhere}: only {xds.FAULT_FILTER} with an HTTPFault is supported, "
+                           f"got {config.type_url or 'nothing'}")
+        fault = http_fault(_unpack(config, fault_pb2.HTTPFault(), fwhere), fwhere)
+    return fault
+
+
+def http_fault(msg: fault_pb2.HTTPFault, where: str) -> FaultConfig | None:
+    """A fixed delay and an HTTP abort, each for a percentage of requests; None when both are 0%."""
+    _only(msg, ("delay", "abort", "disable_downstream_cluster_stats"), where)
+    delay = delay_percent = abort_percent = 0.0
+    abort_status = 0
+    if msg.HasField("delay"):
+        dwhere = f"{where} delay"
+        _only(msg.delay, ("fixed_delay", "percentage"), dwhere)
+        delay = _duration(msg.delay, "fixed_delay", 0.0, dwhere)
+        if delay <= 0:
+            raise XdsError(f"{dwhere}: fixed_delay must be positive")
+        delay_percent = _fraction(msg.delay.percentage, f"{dwhere} percentage")
+    if msg.HasField("abort"):
+        awhere = f"{where} abort"
+        _only(msg.abort, ("http_status", "percentage"), awhere)
+        abort_status = msg.abort.http_status
+        if not 200 <= abort_status < 600:
+            raise XdsError(f"{awhere}: http_status must be 200..599, got {abort_status}")
+        abort_percent = _fraction(msg.abort.percentage, f"{awhere} percentage")
+    if not (delay_percent or abort_percent):
+        return None
+    return FaultConfig(delay=delay, delay_percent=delay_percent, abort_status=abort_status,
+                       abort_percent=abort_percent)
 
 
 # --------------------------------------------------------------------------- clusters
@@ -142,14 +380,23 @@ def _route(r: route_components_pb2.Route, where: str) -> Route:
 def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     where = f"cluster {msg.name!r}"
     _only(msg, ("name", "type", "eds_cluster_config", "connect_timeout", "lb_policy", "load_assignment",
-                "alt_stat_name", "metadata"), where)
+                "alt_stat_name", "metadata", "outlier_detection", "circuit_breakers", "common_lb_config",
+                "typed_extension_protocol_options"), where)
     if msg.lb_policy not in _LB_POLICIES:
         name = cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)
-        raise XdsError(f"{where}: lb_policy {name} is not supported (supported: ROUND_ROBIN)")
+        supported = ", ".join(cluster_pb2.Cluster.LbPolicy.Name(p) for p in _LB_POLICIES)
+        raise XdsError(f"{where}: lb_policy {name} is not supported (supported: {supported})")
     timeout = _seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else DEFAULT_CONNECT_TIMEOUT
     if timeout <= 0:
         raise XdsError(f"{where}: connect_timeout must be positive")
-    common = {"name": msg.name, "lb_policy": _LB_POLICIES[msg.lb_policy], "connect_timeout": timeout}
+    common = {
+        "name": msg.name, "lb_policy": _LB_POLICIES[msg.lb_policy], "connect_timeout": timeout,
+        "outlier": outlier_detection(msg.outlier_detection, f"{where} outlier_detection")
+        if msg.HasField("outlier_detection") else None,
+        "circuit_breakers": circuit_breakers(msg.circuit_breakers, f"{where} circuit_breakers"),
+        "healthy_panic_threshold": _panic_threshold(msg, where),
+        "idle_timeout": _upstream_idle_timeout(msg, where),
+    }
     if msg.type == cluster_pb2.Cluster.EDS:
         src = msg.eds_cluster_config.eds_config
         if msg.eds_cluster_config.HasField("eds_config") and not (src.HasField("ads") or src.HasField("self")):
@@ -160,6 +407,109 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     if msg.type == cluster_pb2.Cluster.STATIC:
         return ClusterConfig(discovery="STATIC", static_endpoints=endpoints(msg.load_assignment, where), **common)
     raise XdsError(f"{where}: type {cluster_pb2.Cluster.DiscoveryType.Name(msg.type)} is not supported")
+
+
+_OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
+_OUTLIER_PERCENTS = ("max_ejection_percent", "failure_percentage_threshold")
+
+
+def outlier_detection(msg: outlier_detection_pb2.OutlierDetection, where: str) -> OutlierConfig:
+    """``Cluster.outlier_detection``; :class:`OutlierConfig` uses Envoy's field names and defaults.
+
+    Refused because the sidecar would behave differently: with ``split_external_local_origin_errors``,
+    a local-origin success-rate detector (Envoy enforces it at 100% unless
+    ``enforcing_local_origin_success_rate`` is 0) or local-origin failure percentage; ejection
+    time jitter; ``always_eject_one_host``; monitors. ``successful_active_health_check_uneject_host``
+    is accepted and ignored: without active health checks it never applies.
+    """
+    _only(msg, [f.name for f in dataclasses.fields(OutlierConfig)] + [
+        "enforcing_local_origin_success_rate", "enforcing_failure_percentage_local_origin",
+        "max_ejection_time_jitter", "always_eject_one_host", "successful_active_health_check_uneject_host"], where)
+    kwargs: dict = {"split_external_local_origin_errors": msg.split_external_local_origin_errors}
+    for f in dataclasses.fields(OutlierConfig):
+        if f.name == "split_external_local_origin_errors" or not msg.HasField(f.name):
+            continue
+        if f.name in _OUTLIER_DURATIONS:
+            kwargs[f.name] = _duration(msg, f.name, 0.0, where)
+            if kwargs[f.name] <= 0:
+                raise XdsError(f"{where}: {f.name} must be positive")
+        else:
+            kwargs[f.name] = getattr(msg, f.name).value
+            if (f.name.startswith("enforcing_") or f.name in _OUTLIER_PERCENTS) and kwargs[f.name] > 100:
+                raise XdsError(f"{where}: {f.name} must be a percent 0..100, got {kwargs[f.name]}")
+    if msg.split_external_local_origin_errors:
+        if _wrapped(msg, "enforcing_local_origin_success_rate", 100):
+            raise XdsError(f"{where}: enforcing_local_origin_success_rate must be 0 with "
+                           "split_external_local_origin_errors (no local-origin success-rate detector here)")
+        if _wrapped(msg, "enforcing_failure_percentage_local_origin", 0):
+            raise XdsError(f"{where}: enforcing_failure_percentage_local_origin is not supported")
+    if _seconds(msg.max_ejection_time_jitter) != 0:
+        raise XdsError(f"{where}: max_ejection_time_jitter is not supported")
+    if _wrapped(msg, "always_eject_one_host", False):
+        raise XdsError(f"{where}: always_eject_one_host is not supported")
+    cfg = OutlierConfig(**kwargs)
+    if cfg.max_ejection_time < cfg.base_ejection_time:
+        raise XdsError(f"{where}: max_ejection_time must be at least base_ejection_time")
+    return cfg
+
+
+def circuit_breakers(msg: circuit_breaker_pb2.CircuitBreakers, where: str) -> CircuitBreakerConfig:
+    """The DEFAULT-priority thresholds (Envoy's defaults when absent). A HIGH-priority entry is
+    accepted and ignored: no route of this sidecar is high priority, so Envoy would never use it."""
+    _only(msg, ("thresholds",), where)
+    chosen = None
+    for t in msg.thresholds:
+        _only(t, ("priority", "max_connections", "max_pending_requests", "max_requests", "max_retries",
+                  "retry_budget", "track_remaining"), f"{where} thresholds")
+        if t.priority == base_pb2.HIGH:
+            continue
+        if chosen is not None:
+            raise XdsError(f"{where}: two thresholds for priority DEFAULT")
+        chosen = t
+    if chosen is None:
+        return DEFAULT_CIRCUIT_BREAKERS
+    d = DEFAULT_CIRCUIT_BREAKERS
+    budget_percent, min_concurrency = 0.0, d.min_retry_concurrency
+    if chosen.HasField("retry_budget"):
+        bwhere = f"{where} retry_budget"
+        _only(chosen.retry_budget, ("budget_percent", "min_retry_concurrency"), bwhere)
+        budget_percent = _wrapped(chosen.retry_budget, "budget_percent", DEFAULT_RETRY_BUDGET_PERCENT)
+        min_concurrency = _wrapped(chosen.retry_budget, "min_retry_concurrency", DEFAULT_MIN_RETRY_CONCURRENCY)
+        if not 0 < budget_percent <= 100:
+            raise XdsError(f"{bwhere}: budget_percent must be above 0 and at most 100, got {budget_percent:g}")
+    return CircuitBreakerConfig(
+        max_connections=_wrapped(chosen, "max_connections", d.max_connections),
+        max_pending_requests=_wrapped(chosen, "max_pending_requests", d.max_pending_requests),
+        max_requests=_wrapped(chosen, "max_requests", d.max_requests),
+        max_retries=_wrapped(chosen, "max_retries", d.max_retries),
+        retry_budget_percent=budget_percent, min_retry_concurrency=min_concurrency)
+
+
+def _panic_threshold(msg: cluster_pb2.Cluster, where: str) -> float:
+    if not msg.HasField("common_lb_config"):
+        return DEFAULT_PANIC_THRESHOLD
+    _only(msg.common_lb_config, ("healthy_panic_threshold",), f"{where} common_lb_config")
+    value = _wrapped(msg.common_lb_config, "healthy_panic_threshold", DEFAULT_PANIC_THRESHOLD)
+    if not 0 <= value <= 100:
+        raise XdsError(f"{where} common_lb_config: healthy_panic_threshold must be 0..100, got {value:g}")
+    return value
+
+
+def _upstream_idle_timeout(msg: cluster_pb2.Cluster, where: str) -> float:
+    """``typed_extension_protocol_options`` HttpProtocolOptions: HTTP/1.1 (explicit or left to
+    default) and its ``common_http_protocol_options.idle_timeout``; nothing else."""
+    idle = DEFAULT_IDLE_TIMEOUT
+    for key, config in msg.typed_extension_protocol_options.items():
+        owhere = f"{where} typed_extension_protocol_options {key!r}"
+        if key != xds.HTTP_PROTOCOL_OPTIONS_KEY or config.type_url != xds.HTTP_PROTOCOL_OPTIONS:
+            raise XdsError(f"{owhere}: only {xds.HTTP_PROTOCOL_OPTIONS_KEY} is supported")
+        opts = _unpack(config, http_protocol_options_pb2.HttpProtocolOptions(), owhere)
+        _only(opts, ("common_http_protocol_options", "explicit_http_config"), owhere)
+        if opts.HasField("explicit_http_config"):
+            _only(opts.explicit_http_config, ("http_protocol_options",), f"{owhere} explicit_http_config (HTTP/1.1 only)")
+            _only(opts.explicit_http_config.http_protocol_options, (), f"{owhere} http_protocol_options")
+        idle = _idle_timeout(opts, "common_http_protocol_options", owhere)
+    return idle
 
 
 def endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str = "") -> tuple[EndpointConfig, ...]:

@@ -30,6 +30,29 @@ def test_sections_take_their_defaults():
     ({"match": [{"header": "x-canary"}]}, r"policy.match\[0\]"),
     ({"fault": {"abort_percent": 10}}, "policy.fault.abort_status"),
     ({"lb": {"policy": "ring_hash", "hash_on": "body"}}, "policy.lb.hash_on"),
+    ({"lb": {"policy": "ROUND_ROBIN"}}, "policy.lb.policy"),
+    ({"circuit_breaker": {"max_connections": -1}}, "policy.circuit_breaker.max_connections"),
+    ({"circuit_breaker": {"max_retries": -1, "retry_budget": None}}, "policy.circuit_breaker.max_retries"),
+    ({"circuit_breaker": {"retry_budget": {"percent": 101}}}, "policy.circuit_breaker.retry_budget.percent"),
+    ({"circuit_breaker": {"retry_budget": {"percent": 0}}}, "policy.circuit_breaker.retry_budget.percent"),
+    ({"circuit_breaker": {"retry_budget": {"min_concurrency": -3}}},
+     "policy.circuit_breaker.retry_budget.min_concurrency"),
+    ({"circuit_breaker": {"retry_budget": {"percentage": 20}}}, "policy.circuit_breaker.retry_budget.percentage: unknown"),
+    ({"circuit_breaker": {"retry_budget": 20}}, "policy.circuit_breaker.retry_budget: expected an object"),
+    ({"circuit_breaker": {"max_retries": 5}}, "policy.circuit_breaker.max_retries: has no effect while retry_budget"),
+    ({"outlier": {"consecutive_5xx": -1}}, "policy.outlier.consecutive_5xx"),
+    ({"outlier": {"interval_ms": 0}}, "policy.outlier.interval_ms"),
+    ({"outlier": {"base_ejection_ms": 60000, "max_ejection_ms": 30000}}, "policy.outlier.max_ejection_ms"),
+    ({"outlier": {"success_rate": {"enforcing_percent": 101}}}, "policy.outlier.success_rate.enforcing_percent"),
+    ({"outlier": {"failure_percentage": {"threshold": -1}}}, "policy.outlier.failure_percentage.threshold"),
+    ({"retry": {"per_try_timeout_ms": -1}}, "policy.retry.per_try_timeout_ms"),
+    ({"retry": {"retriable_status_codes": [99]}}, r"policy.retry.retriable_status_codes\[0\]"),
+    ({"panic_threshold_percent": 101}, "policy.panic_threshold_percent"),
+    ({"rate_limit": {"rps": -1}}, "policy.rate_limit.rps"),
+    ({"rate_limit": {"burst": -1}}, "policy.rate_limit.burst"),
+    ({"fault": {"delay_percent": 101, "delay_ms": 5}}, "policy.fault.delay_percent"),
+    ({"fault": {"delay_percent": 10}}, "policy.fault.delay_ms: must be positive"),
+    ({"fault": {"abort_status": 600, "abort_percent": 1}}, "policy.fault.abort_status"),
     ([], "expected an object"),
     (b"{", "not valid JSON"),
 ])
@@ -43,3 +66,43 @@ def test_encoding_lists_only_what_differs_and_round_trips():
                        "match": [{"header": "x-canary", "equals": "1", "subset": "v2"}]})
     assert decode_policy(encode_policy(p)) == p
     assert encode_policy(DEFAULT_POLICY) == b"{}"
+
+
+def test_retry_budget_is_on_by_default_and_null_turns_it_off():
+    assert (DEFAULT_POLICY.circuit_breaker.retry_budget.percent,
+            DEFAULT_POLICY.circuit_breaker.retry_budget.min_concurrency) == (20, 3)
+    off = decode_policy({"circuit_breaker": {"retry_budget": None, "max_retries": 5}})
+    assert off.circuit_breaker.retry_budget is None and off.circuit_breaker.max_retries == 5
+    assert encode_policy(off) == b'{"circuit_breaker": {"max_retries": 5, "retry_budget": null}}'
+    assert decode_policy(encode_policy(off)) == off
+    tuned = decode_policy({"circuit_breaker": {"retry_budget": {"percent": 50}}})
+    assert tuned.circuit_breaker.retry_budget.min_concurrency == 3
+    assert encode_policy(tuned) == b'{"circuit_breaker": {"retry_budget": {"percent": 50}}}'
+    assert decode_policy(encode_policy(tuned)) == tuned
+    # max_retries at its default is no conflict: DESIGN's example lists it beside the default budget.
+    assert decode_policy({"circuit_breaker": {"max_retries": 3}}) == DEFAULT_POLICY
+
+
+def test_every_section_round_trips():
+    p = decode_policy({
+        "lb": {"policy": "random"},
+        "outlier": {"consecutive_5xx": 0, "interval_ms": 500, "success_rate": {"minimum_hosts": 2},
+                    "failure_percentage": {}},
+        "circuit_breaker": {"max_pending": 7, "retry_budget": {"percent": 25, "min_concurrency": 0}},
+        "retry": {"attempts": 0, "on": ["reset"], "per_try_timeout_ms": 100, "retriable_status_codes": [503]},
+        "timeout_ms": 0, "connect_timeout_ms": 5, "panic_threshold_percent": 0,
+        "rate_limit": {"rps": 10, "burst": 20},
+        "fault": {"delay_ms": 5, "delay_percent": 1, "abort_status": 418, "abort_percent": 2},
+    })
+    assert decode_policy(encode_policy(p)) == p
+    assert p.outlier.failure_percentage is not None and p.outlier.success_rate.request_volume == 100
+    # A section equal to its defaults still says "on": {"outlier": {}} is not the default policy.
+    assert decode_policy(encode_policy(decode_policy({"outlier": {}}))).outlier is not None
+
+
+def test_policies_hash_by_content():
+    a = decode_policy({"split": {"v1": 90, "v2": 10}, "rate_limit": {"rps": 5}})
+    b = decode_policy({"rate_limit": {"rps": 5}, "split": {"v2": 10, "v1": 90}})
+    assert a == b and hash(a) == hash(b)
+    assert {a: 1}[b] == 1
+    assert a != decode_policy({"split": {"v1": 80, "v2": 20}, "rate_limit": {"rps": 5}})

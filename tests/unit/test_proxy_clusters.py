@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from collections import Counter
 
-from sidecar.config import ClusterConfig, EndpointConfig
+import pytest
+
+from sidecar.config import CircuitBreakerConfig, ClusterConfig, EndpointConfig
 from sidecar.upstream.cluster import ClusterManager
 from tests.unit.test_pool import FakeConnector, RecordingHandler, async_test, until
 
@@ -107,3 +109,39 @@ def test_admin_view_is_json_able() -> None:
     assert endpoints[1]["serving"] is False and endpoints[1]["health_status"] == "DRAINING"
     assert {"active_requests", "total_requests", "rq_error", "cx_active"} <= endpoints[0].keys()
     assert view[0]["stats"]["upstream_rq_total"] == 0
+
+
+def test_config_timeouts_reach_the_pools_and_retries_active_starts_at_zero() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"c": ClusterConfig("c", idle_timeout=30.0)})
+    cm.update_endpoints("c", (ep(1),))
+    cluster = cm.get("c")
+    assert cluster.endpoints["127.0.0.1:1"].pool.idle_timeout == 30.0 and cluster.retries_active == 0
+    cm.update_clusters({"c": ClusterConfig("c", idle_timeout=5.0, connect_timeout=0.5)})
+    pool = cluster.endpoints["127.0.0.1:1"].pool
+    assert pool.idle_timeout == 5.0 and pool.connect_timeout == 0.5
+
+
+def test_lb_policy_is_chosen_per_cluster_and_unknown_ones_are_refused_before_any_change() -> None:
+    draws = iter([0.05, 0.15, 0.95] * 10)
+    cm = ClusterManager(random=lambda: next(draws))
+    cm.update_clusters({"r": ClusterConfig("r", lb_policy="random")})
+    cm.update_endpoints("r", (ep(1, 1), ep(2, 1), ep(3, 8)))
+    assert [cm.get("r").pick().config.port for _ in range(3)] == [1, 2, 3]
+    cm.get("r").endpoints["127.0.0.1:3"].active_requests = 100
+    cm.update_clusters({"r": ClusterConfig("r", lb_policy="least_request")})  # weighted: 8 / 101 against 1 / 1
+    assert Counter(cm.get("r").pick().config.port for _ in range(20)) == {1: 10, 2: 10}
+    with pytest.raises(ValueError, match="MAGLEV"):
+        cm.update_clusters({"r": ClusterConfig("r"), "new": ClusterConfig("new", lb_policy="MAGLEV")})
+    assert cm.names() == ["r"] and cm.get("r").config.lb_policy == "least_request"
+
+
+def test_admin_view_has_resilience_fields() -> None:
+    cm = ClusterManager()
+    cm.update_clusters({"a": ClusterConfig("a", circuit_breakers=CircuitBreakerConfig(max_requests=7))})
+    cm.update_endpoints("a", (ep(1),))
+    view = json.loads(json.dumps(cm.admin_view()))[0]
+    assert view["panic"] is False and view["healthy_panic_threshold"] == 50.0
+    assert view["circuit_breakers"]["max_requests"] == 7 and view["outlier_detection"] is None
+    endpoint = view["endpoints"][0]
+    assert endpoint["ejected"] is False and endpoint["ejections"] == 0 and endpoint["ejected_until"] is None

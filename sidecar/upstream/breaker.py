@@ -1,0 +1,48 @@
+"""Circuit breaking and the retry budget of a cluster (Envoy's ``circuit_breakers.thresholds``).
+
+Envoy's breakers are counters compared with limits, checked where a request would add to them:
+
+- ``max_requests``: upstream requests in flight (``upstream_rq_active``); one more is refused.
+- ``max_pending_requests``: requests waiting for a connection (being connected, or queued behind a
+  full ``max_connections``); one more is refused.
+- ``max_connections``: open connections of the cluster; at the limit a request waits for a
+  connection of its endpoint to come free (counted as ``upstream_cx_overflow``). An endpoint with no
+  connection at all may still open one, as in Envoy, so a request is never queued where nothing can
+  ever serve it.
+- retries: with a retry budget, active retries may be ``retry_budget_percent`` of the active plus
+  pending requests but at least ``min_retry_concurrency``; without one, ``max_retries``.
+
+Refusals answer 503 with the ``UO`` flag at once: nothing queues beyond these limits. The functions
+only read counters the data path keeps anyway (``ClusterStats`` and ``Cluster.retries_active``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sidecar.upstream.cluster import Cluster, Endpoint
+
+
+def request_allowed(cluster: Cluster) -> bool:
+    return cluster.stats.upstream_rq_active < cluster.config.circuit_breakers.max_requests
+
+
+def pending_allowed(cluster: Cluster) -> bool:
+    return cluster.stats.upstream_rq_pending_active < cluster.config.circuit_breakers.max_pending_requests
+
+
+def connection_allowed(cluster: Cluster, endpoint: Endpoint) -> bool:
+    return (cluster.stats.upstream_cx_active < cluster.config.circuit_breakers.max_connections
+            or endpoint.pool.cx_active == 0)
+
+
+def retry_allowed(cluster: Cluster) -> bool:
+    cb = cluster.config.circuit_breakers
+    if cb.retry_budget_percent > 0:
+        stats = cluster.stats
+        # The retry about to be sent is not active yet: ``upstream_rq_active`` counts the tries in
+        # flight, the failed one included until it is released.
+        budget = cb.retry_budget_percent / 100.0 * (stats.upstream_rq_active + stats.upstream_rq_pending_active)
+        return cluster.retries_active < max(budget, cb.min_retry_concurrency)
+    return cluster.retries_active < cb.max_retries
