@@ -50,7 +50,13 @@ from meshkeeper.demo.process import (
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
-PROXIES = ("haproxy", "nginx", "sidecar")
+PROXIES = ("haproxy", "nginx", "sidecar", "sidecar-resilience")
+# The traffic policy of the "sidecar-resilience" target: every mechanism on the request path is
+# engaged with Envoy's defaults (circuit breakers and the retry budget are on for every target).
+RESILIENCE_POLICY = {
+    "outlier": {},
+    "retry": {"attempts": 2, "on": ["5xx", "gateway-error", "connect-failure", "reset"], "per_try_timeout_ms": 1000},
+}
 LOAD_CPU, PROXY_CPU = "0", "1"
 HOST = "upstream"  # the Host header every request carries; the sidecar routes on it
 LATENCY_CLIENTS, LATENCY_RPS_PER_CLIENT = 10, 100
@@ -111,9 +117,10 @@ def group_rss_kib(proc: ChildProcess) -> int:
 class Sidecar:
     """ZooKeeper + control plane + the upstream registered + one sidecar pinned to the proxy CPU."""
 
-    def __init__(self, workdir: Path, upstream_port: int) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, policy: dict | None = None) -> None:
         self.workdir = workdir
         self.upstream_port = upstream_port
+        self.policy = policy
         self.mesh = LocalMesh(workdir=workdir)  # ZooKeeper and the control plane, as in the demo
         self.kazoo = None
         self.procs: list[ChildProcess] = []
@@ -139,6 +146,9 @@ class Sidecar:
         sidecar.start()
         admin = f"http://127.0.0.1:{sidecar.port('admin_port')}"
         wait_until(lambda: http_get(f"{admin}/ready", timeout=1)[0] == 200, 30, 0.1, f"sidecar {admin}/ready")
+        if self.policy is not None:  # the policy must be in force before anything is measured
+            wait_until(lambda: b'"outlier_detection": {' in http_get(f"{admin}/clusters", timeout=1)[2],
+                       30, 0.1, "outlier detection in the sidecar's /clusters")
         url = f"http://127.0.0.1:{sidecar.port('outbound_port')}/"
         wait_until(
             lambda: http_get(url, {"Host": HOST}, timeout=1)[0] == 200, 30, 0.1, f"sidecar routes {HOST}"
@@ -161,6 +171,10 @@ class Sidecar:
         )
         self.kazoo.create(paths.service(HOST), ServiceRecord("http").encode(), makepath=True)
         self.kazoo.create(paths.instance(HOST, record.key), record.encode(), ephemeral=True, makepath=True)
+        if self.policy is not None:
+            from meshkeeper.policy import decode_policy, encode_policy
+
+            self.kazoo.create(paths.policy(HOST), encode_policy(decode_policy(self.policy)))
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -429,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
                     url = f"http://127.0.0.1:{proxy_port}/"
                     proc = start_server(pinned(PROXY_CPU, ["nginx", "-c", str(cfg)]), name, workdir, url)
                 else:
-                    sidecar_env = Sidecar(workdir, port)
+                    policy = RESILIENCE_POLICY if name == "sidecar-resilience" else None
+                    sidecar_env = Sidecar(workdir, port, policy)
                     try:
                         proc, url = sidecar_env.start()
                     except (RuntimeError, TimeoutError, OSError) as exc:

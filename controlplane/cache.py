@@ -25,6 +25,7 @@ from controlplane import translate
 from controlplane.metrics import Metrics
 from controlplane.snapshot import RegistrySnapshot
 from meshkeeper import xds
+from meshkeeper.policy import Policy
 from meshkeeper.xds import NodeInfo
 
 SERVED_TYPES = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE)  # push order on a change
@@ -75,9 +76,9 @@ def _pack_all(res: Mapping[str, Mapping[str, Message]]) -> dict[str, dict[str, R
 
 
 @lru_cache(maxsize=8192)
-def _node_packed(node: NodeInfo) -> dict[str, dict[str, Resource]]:
-    # Per-node resources depend on the node alone, not on the registry.
-    return _pack_all(translate.node_resources(node))
+def _node_packed(node: NodeInfo, policy: Policy) -> dict[str, dict[str, Resource]]:
+    # Per-node resources depend on the node and its own service's policy, not on the rest of the registry.
+    return _pack_all(translate.node_resources(node, policy))
 
 
 class SnapshotCache:
@@ -111,7 +112,8 @@ class SnapshotCache:
             if shared is None:  # a namespace nobody registered in: same shape, no services
                 shared = self._shared[node.namespace] = _pack_all(
                     translate.shared_resources(self._snapshot, node.namespace).resources)
-            got = {t: dict(items) for t, items in _node_packed(node).items()}
+            policy = translate.node_policy(self._snapshot, node)
+            got = {t: dict(items) for t, items in _node_packed(node, policy).items()}
             for t, items in shared.items():
                 got[t].update(items)
             self._nodes[node] = got

@@ -406,7 +406,8 @@ def outbound_listener(port: int) -> listener_pb2.Listener:
     return _http_listener(xds.OUTBOUND_LISTENER, _socket(OUTBOUND_BIND, port), base_pb2.OUTBOUND, hcm)
 
 
-def inbound_listener(host: str, port: int, app_port: int, rate_limit: RateLimit = DEFAULT_POLICY.rate_limit) -> listener_pb2.Listener:
+def inbound_listener(host: str, port: int, app_port: int,
+                     rate_limit: RateLimit = DEFAULT_POLICY.rate_limit) -> listener_pb2.Listener:
     """The inbound HCM; with ``rate_limit.rps`` > 0 a local rate limit guards the local app."""
     route = route_pb2.RouteConfiguration(name=xds.INBOUND_ROUTE, virtual_hosts=[
         route_components_pb2.VirtualHost(name="inbound", domains=["*"],

@@ -4,7 +4,7 @@ It is the *application* beside a sidecar, not part of the mesh: stdlib ``http.se
 per connection, HTTP/1.1 keep-alive. It prints ``meshkeeper app listening port=N name=X`` on stdout
 once bound.
 
-    GET /health            200 (or the sticky failure status when set with ``health=1``)
+    GET /health            200, unless ``/fail?...&health=1`` put it under the failure mode
     GET|POST /<anything>   200 JSON {"service", "instance", "version", "method", "path", "body_bytes"}
     GET /headers           200 JSON of the request headers (to check trace propagation)
     GET /slow?ms=N         answers after N ms

@@ -227,17 +227,19 @@ def test_b_max_ejection_percent_caps_ejections_and_panic_uses_every_host(procs, 
 # --------------------------------------------------------------------------- timeouts and retries
 
 
-def test_c_per_try_timeout_and_retry_bound_the_latency_of_a_hanging_instance(procs, zk_server, zk_client,
-                                                                              namespace):
+def test_c_per_try_timeout_and_retries_hide_a_hanging_or_resetting_instance(procs, zk_server, zk_client,
+                                                                            namespace):
     """No outlier detection: every request that lands on the hanging instance is cut at 200 ms and
     retried elsewhere. The hanging instance has weight 1 of 31 and the client is sequential, so
-    with round robin a retry never lands on it again and ~10 of 300 requests pay the timeout."""
+    with round robin a retry never lands on it again and ~10 of 300 requests pay the timeout.
+    Then the same instance resets its connections: its sidecar answers 5xx UC, which is retried."""
     policy = {"retry": {"attempts": 2, "on": ["5xx", "reset"], "per_try_timeout_ms": 200}, "timeout_ms": 3000}
     mesh = start_catalog_mesh(procs, zk_server.hosts, namespace, zk_client, policy, weights=(1, 10, 10, 10))
     cluster = f"outbound|catalog.{namespace}"
+    port = mesh.frontend.port("outbound_port")
     set_mode(mesh, 0, "mode=hang")
     try:
-        results = sequential(mesh.frontend.port("outbound_port"), 300)
+        results = sequential(port, 300)
     finally:
         set_mode(mesh, 0, "mode=ok")  # let the held app threads go
     latencies = [r.latency for r in results]
@@ -247,6 +249,16 @@ def test_c_per_try_timeout_and_retry_bound_the_latency_of_a_hanging_instance(pro
     assert sum(t >= 0.2 for t in latencies) >= cut
     assert percentile(latencies, 99) < 0.25, sorted(latencies)[-12:]
     assert max(latencies) < 0.5, sorted(latencies)[-12:]  # nobody waited for the route timeout
+
+    retried = frontend_metric(mesh, "meshkeeper_upstream_rq_retry", cluster=cluster)
+    set_mode(mesh, 0, "mode=reset")
+    results = sequential(port, 300)
+    assert Counter(r.status for r in results) == {200: 300}
+    assert max(r.latency for r in results) < 0.2
+    sidecar = mesh.catalog[0][1]
+    inbound = mesh.clusters(sidecar)[f"inbound|{mesh.catalog[0][0].port('port')}"]["stats"]
+    assert inbound["upstream_rq_rx_reset"] >= 5, inbound
+    assert frontend_metric(mesh, "meshkeeper_upstream_rq_retry", cluster=cluster) - retried >= 5
 
 
 # --------------------------------------------------------------------------- circuit breakers
@@ -276,6 +288,8 @@ def test_e_inbound_rate_limit_admits_burst_plus_rate(procs, zk_server, zk_client
     mesh = start_catalog_mesh(procs, zk_server.hosts, namespace, zk_client,
                               {"rate_limit": {"rps": rps, "burst": burst}})
     sidecar = mesh.catalog[0][1]
+    buckets = list(find_key(config_dump(sidecar)["listeners"], "token_bucket"))
+    assert buckets, "the inbound listener's config has no local rate limit"
     results = paced(sidecar.port("inbound_port"), rate=300, duration=3.0)
     span = results[-1].sent_at - results[0].sent_at
     assert len(results) == 900 and span < 3.1, f"the generator fell behind: {len(results)} in {span:.2f}s"
