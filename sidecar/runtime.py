@@ -108,7 +108,7 @@ class SidecarRuntime:
             else:
                 rc = routes.get(cfg.rds_name)
                 # Until RDS delivers it, keep the listener's current router (Envoy's warming).
-                out[name] = Router(rc) if rc is not None else self.listener_runtimes[name].router
+                out[name] = Router(rc, faults=cfg.fault_filter) if rc is not None else self.listener_runtimes[name].router
         return out
 
     def _rate_limits(self, listeners: dict[str, ListenerConfig]) -> dict[str, TokenBucket | None]:

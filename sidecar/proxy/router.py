@@ -29,14 +29,14 @@ class RouteEntry:
 
     __slots__ = ("route", "prefix", "timeout", "retry", "per_try_timeout", "fault", "_cluster", "_split")
 
-    def __init__(self, route: Route) -> None:
+    def __init__(self, route: Route, faults: bool = True) -> None:
         self.route = route
         self.prefix = route.prefix.encode()
         self.timeout = route.timeout if route.timeout > 0 else 0.0
         # Read per request: None when the route has no retry policy / no fault to inject.
         self.retry = route.retry_policy if route.retry_policy is not None and route.retry_policy.num_retries > 0 else None
         self.per_try_timeout = self.retry.per_try_timeout if self.retry is not None else 0.0
-        fault = route.fault
+        fault = route.fault if faults else None  # without the HCM's fault filter a route's fault is inert
         self.fault = fault if fault is not None and (fault.delay_percent > 0 or fault.abort_percent > 0) else None
         self._split: SmoothWeightedRoundRobin[str] | None = None
         if route.weighted_clusters:
@@ -67,9 +67,9 @@ class RouteEntry:
 class _CompiledVirtualHost:
     __slots__ = ("vhost", "routes")
 
-    def __init__(self, vhost: VirtualHost) -> None:
+    def __init__(self, vhost: VirtualHost, faults: bool) -> None:
         self.vhost = vhost
-        self.routes = tuple(RouteEntry(r) for r in vhost.routes)
+        self.routes = tuple(RouteEntry(r, faults) for r in vhost.routes)
 
     def match(self, path: bytes) -> RouteEntry | None:
         for entry in self.routes:
@@ -83,14 +83,15 @@ class Router:
 
     __slots__ = ("config", "_exact", "_any_port", "_default", "_cache")
 
-    def __init__(self, config: RouteConfig) -> None:
+    def __init__(self, config: RouteConfig, faults: bool = True) -> None:
+        """``faults``: whether the listener runs the fault filter (routes' fault configs apply)."""
         self.config = config
         self._exact: dict[bytes, _CompiledVirtualHost] = {}
         self._any_port: dict[bytes, _CompiledVirtualHost] = {}
         self._default: _CompiledVirtualHost | None = None
         self._cache: dict[bytes, _CompiledVirtualHost | None] = {}
         for vhost in config.virtual_hosts:
-            compiled = _CompiledVirtualHost(vhost)
+            compiled = _CompiledVirtualHost(vhost, faults)
             for domain in vhost.domains:
                 self._add_domain(domain, compiled)
 

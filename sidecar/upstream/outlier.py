@@ -174,15 +174,15 @@ class OutlierDetector:
             return
         m.failure += 1
         m.interval_failed += 1
-        if 502 <= status <= 504:
-            m.consecutive_gateway_failure += 1
-            if m.consecutive_gateway_failure >= self._max_gateway:
-                self._consecutive(m, CONSECUTIVE_GATEWAY_FAILURE)
-        else:
-            m.consecutive_gateway_failure = 0
+        # Both counters move first; when both reach their threshold on the same response (a host
+        # answering only 503 with equal thresholds) the ejection is reported as consecutive_5xx.
         m.consecutive_5xx += 1
+        gateway = 502 <= status <= 504
+        m.consecutive_gateway_failure = m.consecutive_gateway_failure + 1 if gateway else 0
         if m.consecutive_5xx >= self._max_5xx:
             self._consecutive(m, CONSECUTIVE_5XX)
+        if gateway and m.consecutive_gateway_failure >= self._max_gateway:
+            self._consecutive(m, CONSECUTIVE_GATEWAY_FAILURE)
 
     def report_local(self, endpoint: Endpoint, kind: str) -> None:
         """A local-origin failure with ``endpoint``: ``connect_failure``, ``timeout`` or ``reset``."""

@@ -128,7 +128,8 @@ def test_consecutive_gateway_failure_counts_502_503_504_and_a_500_resets_it() ->
 
 
 def test_unsplit_local_origin_failures_count_as_5xx_and_gateway_failures() -> None:
-    # Envoy's defaults: gateway failure is detected but not enforced; consecutive 5xx ejects.
+    # Connect failure, timeout and reset count as 503/504: both counters reach 3 on the third;
+    # consecutive 5xx is evaluated first and ejects, so the gateway detector finds the host ejected.
     cluster, eps, _ = make_cluster(consecutive_5xx=3, consecutive_gateway_failure=3,
                                    enforcing_consecutive_gateway_failure=0)
     det = cluster.outlier
@@ -136,7 +137,8 @@ def test_unsplit_local_origin_failures_count_as_5xx_and_gateway_failures() -> No
     det.report_local(eps[0], "timeout")
     det.report_local(eps[0], "reset")
     assert eps[0].ejected and eps[0].outlier.reason == "consecutive_5xx"
-    assert det.detected["consecutive_gateway_failure"] == 1 and det.detected["consecutive_5xx"] == 1
+    assert det.detected["consecutive_5xx"] == 1 and det.detected["consecutive_gateway_failure"] == 0
+    assert eps[0].outlier.consecutive_gateway_failure == 3
     assert det.detected["consecutive_local_origin_failure"] == 0
     assert eps[0].outlier.failure == 3 and eps[0].outlier.local_origin_failure == 3
 
