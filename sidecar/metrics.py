@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 
 
 def _is_gauge(stat: str) -> bool:
-    return stat.endswith("_active")  # upstream_{cx,rq,rq_pending}_active, outlier_detection_ejections_active
+    # upstream_{cx,rq,rq_pending}_active, outlier_detection_ejections_active, upstream_cx_opening
+    return stat.endswith("_active") or stat == "upstream_cx_opening"
 
 
 class SidecarCollector:

@@ -371,12 +371,10 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         if ex.wait is not None:  # a retry back-off or a fault delay
             ex.wait.cancel()
             ex.wait = None
-        endpoint = ex.endpoint
-        if endpoint is not None:
-            failed = ex.failed or (ex.started and ex.status >= 500)
-            if ex.started and not failed:
-                endpoint.rq_success += 1
-            self._release_try(ex, failed)
+        failed = ex.failed or (ex.started and ex.status >= 500)
+        if ex.started and not failed and ex.endpoint is not None:
+            ex.endpoint.rq_success += 1
+        self._release_try(ex, failed)
 
     def _reject(self, reply: errors.LocalReply, protocol_error: bool = True) -> None:
         """A protocol error (400, 431) or a request head timeout (408): answer once every earlier

@@ -20,7 +20,7 @@ from sidecar.upstream import breaker
 from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
 
 if TYPE_CHECKING:
-    from sidecar.config import FaultConfig
+    from sidecar.config import FaultConfig, RetryPolicyConfig
     from sidecar.proxy.listener import ListenerRuntime
     from sidecar.upstream.cluster import Endpoint
 
@@ -34,9 +34,10 @@ LOCAL_CONNECT_FAILURE = "connect_failure"
 LOCAL_RESET = "reset"
 LOCAL_TIMEOUT = "timeout"
 # Which retry_on conditions cover each local failure (Envoy: 5xx covers them all; gateway-error the
-# 502/503/504 they would answer; reset a disconnect or a per-try timeout).
+# 502/503/504 they would answer; reset any reset reason but overflow, a connect failure included,
+# and a per-try timeout).
 _RETRY_ON_LOCAL = {
-    LOCAL_CONNECT_FAILURE: frozenset({"5xx", "gateway-error", "connect-failure"}),
+    LOCAL_CONNECT_FAILURE: frozenset({"5xx", "gateway-error", "connect-failure", "reset"}),
     LOCAL_RESET: frozenset({"5xx", "gateway-error", "reset"}),
     LOCAL_TIMEOUT: frozenset({"5xx", "gateway-error", "reset"}),
 }
@@ -172,7 +173,13 @@ class RouterFilter:
         endpoint = cluster.pick(ex.tried) if ex.tried else cluster.pick()
         if endpoint is None:
             stats.upstream_cx_none_healthy += 1
+            self._release_try(ex, failed=False)
             self._local_reply(ex, errors.NO_HEALTHY_UPSTREAM)
+            return
+        pool = endpoint.pool
+        conn = pool.acquire()
+        if conn is None and not breaker.pending_allowed(cluster):
+            self._overflow(ex)
             return
         ex.endpoint = endpoint
         stats.upstream_rq_total += 1
@@ -181,25 +188,26 @@ class RouterFilter:
         endpoint.total_requests += 1
         if not ex.host:
             ex.headers[4] = endpoint.authority  # HTTP/1.0 without Host: name the endpoint
-        if ex.complete and ex.entry.per_try_timeout:
-            ex.try_timer = self._loop.call_later(ex.entry.per_try_timeout, self._on_per_try_timeout, ex)
-        pool = endpoint.pool
-        conn = pool.acquire()
         if conn is not None:
             self._attach(ex, conn)
-            return
-        if not breaker.pending_allowed(cluster):
-            self._overflow(ex)
             return
         ex.pending_cx = True
         stats.upstream_rq_pending_total += 1
         stats.upstream_rq_pending_active += 1
         if breaker.connection_allowed(cluster, endpoint):
-            ex.connecting = self._loop.create_task(self._connect(ex, endpoint))
+            self._open(ex, endpoint)
         else:
             stats.upstream_cx_overflow += 1
             ex.waiter = waiter = lambda conn: self._on_pool_ready(ex, endpoint, conn)
             pool.wait(waiter)
+
+    def _open(self, ex: Exchange, endpoint: Endpoint) -> None:
+        """Open a new connection to ``endpoint`` for ``ex``; counted as opening until the task ends
+        (however it ends: a task cancelled before it ran never reaches its own ``finally``)."""
+        pool = endpoint.pool
+        pool.opening_started()
+        ex.connecting = task = self._loop.create_task(self._connect(ex, endpoint))
+        task.add_done_callback(pool.opening_done)
 
     def _overflow(self, ex: Exchange) -> None:
         ex.cluster.stats.upstream_rq_pending_overflow += 1
@@ -219,7 +227,7 @@ class RouterFilter:
             self._attach(ex, conn)
             self.batch_end()
         elif breaker.connection_allowed(ex.cluster, endpoint):
-            ex.connecting = self._loop.create_task(self._connect(ex, endpoint))
+            self._open(ex, endpoint)
         else:
             ex.waiter = waiter = lambda c: self._on_pool_ready(ex, endpoint, c)
             endpoint.pool.wait(waiter)
@@ -245,6 +253,9 @@ class RouterFilter:
                 ex.pending_size = 0
             data = b"".join(parts)
         conn.send_request(self, data, ex.method == b"HEAD", ex.complete)
+        if ex.complete and ex.entry.per_try_timeout and ex.try_timer is None:
+            # Envoy starts a try's timeout when its connection is ready (onPoolReady).
+            ex.try_timer = self._loop.call_later(ex.entry.per_try_timeout, self._on_per_try_timeout, ex)
         if self._write_paused:
             conn.pause_reading()
         if self._read_paused & R_BUFFER and self._buffered <= BUFFER_LIMIT:
@@ -313,15 +324,7 @@ class RouterFilter:
         return True
 
     def _may_retry_status(self, ex: Exchange, status: int) -> bool:
-        on = ex.entry.retry.retry_on
-        if status >= 500:
-            conditions = _RETRY_ON_GATEWAY if status in _GATEWAY_ERRORS else _RETRY_ON_5XX
-        elif status == 409:
-            conditions = _RETRY_ON_409
-        else:
-            conditions = frozenset()
-        if status in ex.entry.retry.retriable_status_codes and "retriable-status-codes" in on:
-            conditions = conditions | _RETRY_ON_CODES
+        conditions = _status_conditions(ex.entry.retry, status)
         return bool(conditions) and self._may_retry(ex, conditions)
 
     def _retry(self, ex: Exchange) -> None:
@@ -357,6 +360,9 @@ class RouterFilter:
 
     def _release_try(self, ex: Exchange, failed: bool) -> None:
         """Undo what the current try holds: counters, connection, timers, pool wait. Idempotent."""
+        if ex.retry_active:  # counted from the retry's decision, before it has an endpoint
+            ex.retry_active = False
+            ex.cluster.retries_active -= 1
         endpoint = ex.endpoint
         if endpoint is None:
             return
@@ -370,9 +376,6 @@ class RouterFilter:
         if ex.pending_cx:
             ex.pending_cx = False
             stats.upstream_rq_pending_active -= 1
-        if ex.retry_active:
-            ex.retry_active = False
-            cluster.retries_active -= 1
         if ex.try_timer is not None:
             ex.try_timer.cancel()
             ex.try_timer = None
@@ -415,7 +418,7 @@ class RouterFilter:
             return  # not routed yet, or in a fault delay: _start arms them
         if entry.timeout:
             self._arm_timeout(ex, entry.timeout)
-        if entry.per_try_timeout and ex.endpoint is not None and ex.try_timer is None:
+        if entry.per_try_timeout and ex.conn is not None and ex.try_timer is None:
             ex.try_timer = self._loop.call_later(entry.per_try_timeout, self._on_per_try_timeout, ex)
 
     # --- UpstreamHandler: what the upstream connection reports ---------------------------------
@@ -433,8 +436,9 @@ class RouterFilter:
         if ex.sent is not None and status >= 400 and self._may_retry_status(ex, status):
             ex.discarding = True  # read the rest of this response, drop it, then retry
             return
-        if ex.retries:
-            cluster.stats.upstream_rq_retry_success += status < 500
+        if ex.retries and (ex.sent is None or not _status_conditions(ex.entry.retry, status)):
+            # Envoy's retry success: a retried request whose response would not be retried again.
+            cluster.stats.upstream_rq_retry_success += 1
         ex.status = status
         ex.started = True
         head[0] = codec.STATUS_LINES[status] if status < 1000 else codec.STATUS_LINES[500]
@@ -501,7 +505,7 @@ class RouterFilter:
             # fresh connection to the same endpoint (not a retry: nothing reached the app).
             ex.retried = True
             stats.upstream_rq_retry_stale += 1
-            ex.connecting = self._loop.create_task(self._connect(ex, ex.endpoint))
+            self._open(ex, ex.endpoint)
             return
         errors.log_once(f"{flag}:{ex.endpoint.key}", "upstream %s reset the request (%s)", ex.endpoint.key, flag)
         self._upstream_failed(ex, LOCAL_RESET, errors.UPSTREAM_RESETS[flag])
@@ -553,6 +557,19 @@ class RouterFilter:
             self._abort()
         else:
             self._local_reply(ex, errors.UPSTREAM_TIMEOUT)
+
+
+def _status_conditions(policy: RetryPolicyConfig, status: int) -> frozenset[str]:
+    """The retry_on conditions of ``policy`` that a response with ``status`` meets (empty: none)."""
+    if status >= 500:
+        conditions = _RETRY_ON_GATEWAY if status in _GATEWAY_ERRORS else _RETRY_ON_5XX
+    elif status == 409:
+        conditions = _RETRY_ON_409
+    else:
+        conditions = frozenset()
+    if status in policy.retriable_status_codes:
+        conditions = conditions | _RETRY_ON_CODES
+    return conditions & policy.retry_on
 
 
 def _absolute_form(url: bytes) -> tuple[bytes | None, bytes]:

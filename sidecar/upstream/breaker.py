@@ -33,8 +33,13 @@ def pending_allowed(cluster: Cluster) -> bool:
 
 
 def connection_allowed(cluster: Cluster, endpoint: Endpoint) -> bool:
-    return (cluster.stats.upstream_cx_active < cluster.config.circuit_breakers.max_connections
-            or endpoint.pool.cx_active == 0)
+    """Connections being opened count against the limit; an endpoint with none open or opening may
+    always open one."""
+    stats = cluster.stats
+    if stats.upstream_cx_active + stats.upstream_cx_opening < cluster.config.circuit_breakers.max_connections:
+        return True
+    pool = endpoint.pool
+    return pool.cx_active == 0 and pool.opening == 0
 
 
 def retry_allowed(cluster: Cluster) -> bool:
@@ -44,5 +49,5 @@ def retry_allowed(cluster: Cluster) -> bool:
         # The retry about to be sent is not active yet: ``upstream_rq_active`` counts the tries in
         # flight, the failed one included until it is released.
         budget = cb.retry_budget_percent / 100.0 * (stats.upstream_rq_active + stats.upstream_rq_pending_active)
-        return cluster.retries_active < max(budget, cb.min_retry_concurrency)
+        return cluster.retries_active < max(int(budget), cb.min_retry_concurrency)  # whole retries, as Envoy
     return cluster.retries_active < cb.max_retries

@@ -349,7 +349,7 @@ class ConnectionPool:
     """Connections to one endpoint: the idle ones in a LIFO list, plus a count of all open ones."""
 
     __slots__ = ("host", "port", "connect_timeout", "stats", "max_idle", "idle_timeout", "closed",
-                 "cx_active", "_idle", "_connector", "_waiters")
+                 "cx_active", "opening", "_idle", "_connector", "_waiters")
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, stats: ClusterStats | None = None,
                  max_idle: int = DEFAULT_MAX_IDLE, idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -362,6 +362,7 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self.closed = False
         self.cx_active = 0
+        self.opening = 0  # connect tasks under way (opening_started / opening_done)
         self._idle: list[UpstreamConnection] = []
         self._connector = connector
         self._waiters: deque[Waiter] = deque()
@@ -417,6 +418,14 @@ class ConnectionPool:
             return
         conn.idle_since = time.monotonic()
         self._idle.append(conn)
+
+    def opening_started(self) -> None:
+        self.opening += 1
+        self.stats.upstream_cx_opening += 1
+
+    def opening_done(self, _task: object = None) -> None:
+        self.opening -= 1
+        self.stats.upstream_cx_opening -= 1
 
     def wait(self, waiter: Waiter) -> None:
         """Queue ``waiter`` for the next connection of this endpoint that comes free (FIFO)."""

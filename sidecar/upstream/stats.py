@@ -10,6 +10,7 @@ from __future__ import annotations
 CLUSTER_STATS: tuple[str, ...] = (
     "upstream_cx_total",  # connections opened
     "upstream_cx_active",  # connections open now (idle or busy)
+    "upstream_cx_opening",  # connections being opened now (count against max_connections)
     "upstream_cx_connect_fail",  # connect errors, timeouts included
     "upstream_cx_connect_timeout",
     "upstream_cx_destroy_remote_with_active_rq",  # upstream closed while a request was in flight

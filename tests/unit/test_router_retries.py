@@ -326,6 +326,8 @@ async def test_connect_failure_is_retried(retry_on: str) -> None:
     mesh.connector.refuse[A] = 1
     client = mesh.client()
     client.send(GET)
+    await until(lambda: mesh.connector.connections or client.transport.out)
+    assert client.transport.out == b"", f"not retried: {parse_responses(client.received())}"
     up = await mesh.upstream()
     assert mesh.connector.attempts == [A, A]
     assert up.received() == GET_UPSTREAM
@@ -580,6 +582,8 @@ async def test_per_try_timeout_starts_when_the_connection_is_ready() -> None:
     mesh.connector.delay = 0.1
     client = mesh.client()
     client.send(GET)
+    await until(lambda: mesh.connector.connections or client.transport.out)
+    assert client.transport.out == b"", f"cut while connecting: {parse_responses(client.received())}"
     up = await mesh.upstream()
     await until(lambda: up.transport.out)
     assert up.received() == GET_UPSTREAM
@@ -705,6 +709,7 @@ async def test_retry_budget_is_a_whole_number_of_retries() -> None:
     ups[0].respond(response(503))
     assert ups[0].received() == GET_UPSTREAM  # 1 retry in flight; 3 requests active
     ups[1].respond(response(503, b"refused"))
+    assert ups[1].received() == b"", "a second concurrent retry was sent"
     resp = parse_responses(clients[1].received())[0]
     assert resp["status"] == 503 and resp["body"] == b"refused"
     assert mesh.cluster_stats.upstream_rq_retry_overflow == 1
