@@ -381,7 +381,10 @@ class ConnectionPool:
             conn = idle.pop()
             if conn.closed:
                 continue
-            if now - conn.idle_since > self.idle_timeout:
+            if self.idle_timeout and now - conn.idle_since > self.idle_timeout:  # 0: no idle timeout
+                # Checked when a connection would be reused: one that idled past the timeout is
+                # closed then, not by a timer (the pool keeps no timer per connection).
+                self.stats.upstream_cx_idle_timeout += 1
                 conn.close()
                 continue
             return conn
