@@ -444,7 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                     proc = start_server(pinned(PROXY_CPU, ["nginx", "-c", str(cfg)]), name, workdir, url)
                 else:
                     policy = RESILIENCE_POLICY if name == "sidecar-resilience" else None
-                    sidecar_env = Sidecar(workdir, port, policy)
+                    own = workdir / name  # a ZooKeeper of its own: nothing left from another target
+                    own.mkdir(exist_ok=True)
+                    sidecar_env = Sidecar(own, port, policy)
                     try:
                         proc, url = sidecar_env.start()
                     except (RuntimeError, TimeoutError, OSError) as exc:

@@ -23,7 +23,7 @@ class Exchange:
         # routing and upstream
         "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed",
         # retries, circuit breakers, fault injection (see router_filter)
-        "sent", "sent_size", "retries", "tried", "try_timer", "wait", "waiter", "pending_cx", "retry_active", "discarding",
+        "sent", "sent_size", "retries", "tried", "try_timer", "wait", "waiter", "pending_cx", "attached", "retry_active", "discarding",
         # response
         "started", "resp_chunked", "status", "done",
     )
@@ -64,6 +64,7 @@ class Exchange:
         self.wait: asyncio.TimerHandle | None = None  # retry back-off or fault delay in progress
         self.waiter = None  # callback queued in the endpoint pool (max_connections reached)
         self.pending_cx = False  # counted in upstream_rq_pending_active
+        self.attached = False  # the try has had a connection: counted in upstream_rq_active
         self.retry_active = False  # the current try is a retry (counted in Cluster.retries_active)
         self.discarding = False  # a retriable response is being read and dropped before the retry
         self.failed = False  # an upstream failure was answered locally (counts as an endpoint error)

@@ -164,26 +164,27 @@ class RouterFilter:
         self._try(ex)
 
     def _try(self, ex: Exchange) -> None:
-        """One upstream try: circuit breakers, an endpoint, then a pooled or a new connection."""
+        """One upstream try: an endpoint, then a pooled connection, or a new one as a pending request.
+
+        Circuit breakers as Envoy's connection pool applies them: ``max_pending_requests`` when
+        the try must wait for a connection, ``max_requests`` when it gets one (``_attach``); a
+        cluster already at ``max_requests`` refuses here, before any connection is opened.
+        """
         cluster = ex.cluster
-        stats = cluster.stats
-        if not breaker.request_allowed(cluster):
-            self._overflow(ex)
+        if cluster.stats.upstream_rq_active >= cluster.breakers.max_requests:
+            self._overflow(ex)  # full already: refused at once, without opening a connection first
             return
         endpoint = cluster.pick(ex.tried) if ex.tried else cluster.pick()
         if endpoint is None:
-            stats.upstream_cx_none_healthy += 1
+            cluster.stats.upstream_cx_none_healthy += 1
             self._release_try(ex, failed=False)
             self._local_reply(ex, errors.NO_HEALTHY_UPSTREAM)
             return
-        pool = endpoint.pool
-        conn = pool.acquire()
+        conn = endpoint.pool.acquire()
         if conn is None and not breaker.pending_allowed(cluster):
             self._overflow(ex)
             return
         ex.endpoint = endpoint
-        stats.upstream_rq_total += 1
-        stats.upstream_rq_active += 1
         endpoint.active_requests += 1
         endpoint.total_requests += 1
         if not ex.host:
@@ -192,14 +193,20 @@ class RouterFilter:
             self._attach(ex, conn)
             return
         ex.pending_cx = True
+        stats = cluster.stats
         stats.upstream_rq_pending_total += 1
         stats.upstream_rq_pending_active += 1
-        if breaker.connection_allowed(cluster, endpoint):
+        self._connect_or_wait(ex, endpoint)
+
+    def _connect_or_wait(self, ex: Exchange, endpoint: Endpoint, first: bool = False) -> None:
+        """Open a connection if ``max_connections`` allows, else queue for one of ``endpoint``'s."""
+        if breaker.connection_allowed(ex.cluster, endpoint):
             self._open(ex, endpoint)
-        else:
-            stats.upstream_cx_overflow += 1
-            ex.waiter = waiter = lambda conn: self._on_pool_ready(ex, endpoint, conn)
-            pool.wait(waiter)
+            return
+        if not first:
+            ex.cluster.stats.upstream_cx_overflow += 1
+        ex.waiter = waiter = lambda conn: self._on_pool_ready(ex, endpoint, conn)
+        endpoint.pool.wait(waiter, first)
 
     def _open(self, ex: Exchange, endpoint: Endpoint) -> None:
         """Open a new connection to ``endpoint`` for ``ex``; counted as opening until the task ends
@@ -226,17 +233,24 @@ class RouterFilter:
             self.batch_begin()
             self._attach(ex, conn)
             self.batch_end()
-        elif breaker.connection_allowed(ex.cluster, endpoint):
-            self._open(ex, endpoint)
         else:
-            ex.waiter = waiter = lambda c: self._on_pool_ready(ex, endpoint, c)
-            endpoint.pool.wait(waiter)
+            self._connect_or_wait(ex, endpoint, first=True)
 
     def _attach(self, ex: Exchange, conn: UpstreamConnection) -> None:
+        if not ex.attached:
+            cluster = ex.cluster
+            stats = cluster.stats
+            if ex.pending_cx:
+                ex.pending_cx = False
+                stats.upstream_rq_pending_active -= 1
+            if stats.upstream_rq_active >= cluster.breakers.max_requests:
+                ex.endpoint.pool.release(conn)  # unused: it stays pooled
+                self._overflow(ex)
+                return
+            ex.attached = True
+            stats.upstream_rq_total += 1
+            stats.upstream_rq_active += 1
         ex.conn = conn
-        if ex.pending_cx:
-            ex.pending_cx = False
-            ex.cluster.stats.upstream_rq_pending_active -= 1
         sent = ex.sent
         pending = ex.pending
         if pending is None and not sent:
@@ -253,7 +267,9 @@ class RouterFilter:
                 ex.pending_size = 0
             data = b"".join(parts)
         conn.send_request(self, data, ex.method == b"HEAD", ex.complete)
-        if ex.complete and ex.entry.per_try_timeout and ex.try_timer is None:
+        if conn.write_paused:  # a pooled connection still full from before (the previous try's is gone)
+            self._pause(R_UPSTREAM)
+        if ex.complete and ex.entry.per_try_timeout and ex.try_timer is None and not ex.started:
             # Envoy starts a try's timeout when its connection is ready (onPoolReady).
             ex.try_timer = self._loop.call_later(ex.entry.per_try_timeout, self._on_per_try_timeout, ex)
         if self._write_paused:
@@ -333,6 +349,9 @@ class RouterFilter:
         cluster = ex.cluster
         failed = ex.endpoint
         self._release_try(ex, failed=True)
+        # The failed try's connection is gone with any write pressure it had: read the body on
+        # (into ``pending`` until the next try, bounded by R_BUFFER).
+        self._resume(R_UPSTREAM)
         if policy.avoid_previous_hosts and failed is not None:
             if ex.tried is None:
                 ex.tried = []
@@ -369,7 +388,9 @@ class RouterFilter:
         ex.endpoint = None
         cluster = ex.cluster
         stats = cluster.stats
-        stats.upstream_rq_active -= 1
+        if ex.attached:
+            ex.attached = False
+            stats.upstream_rq_active -= 1
         endpoint.active_requests -= 1
         if failed:
             endpoint.rq_error += 1
@@ -400,13 +421,11 @@ class RouterFilter:
             self._retry(ex)
             self.batch_end()
             return
+        if ex.started:
+            return  # Envoy ignores a per-try timeout once the response has started
         if ex.conn is not None:
             ex.conn.abort()
             ex.conn = None
-        if ex.started:
-            ex.failed = True
-            self._abort()
-            return
         self.batch_begin()
         self._upstream_failed(ex, LOCAL_TIMEOUT, errors.UPSTREAM_TIMEOUT)
         self.batch_end()
@@ -418,7 +437,7 @@ class RouterFilter:
             return  # not routed yet, or in a fault delay: _start arms them
         if entry.timeout:
             self._arm_timeout(ex, entry.timeout)
-        if entry.per_try_timeout and ex.conn is not None and ex.try_timer is None:
+        if entry.per_try_timeout and ex.conn is not None and ex.try_timer is None and not ex.started:
             ex.try_timer = self._loop.call_later(entry.per_try_timeout, self._on_per_try_timeout, ex)
 
     # --- UpstreamHandler: what the upstream connection reports ---------------------------------
@@ -441,6 +460,9 @@ class RouterFilter:
             cluster.stats.upstream_rq_retry_success += 1
         ex.status = status
         ex.started = True
+        if ex.try_timer is not None:  # from here only the route timeout bounds the response
+            ex.try_timer.cancel()
+            ex.try_timer = None
         head[0] = codec.STATUS_LINES[status] if status < 1000 else codec.STATUS_LINES[500]
         if body_kind in (BODY_CHUNKED, BODY_EOF):
             if ex.http10:
@@ -505,7 +527,7 @@ class RouterFilter:
             # fresh connection to the same endpoint (not a retry: nothing reached the app).
             ex.retried = True
             stats.upstream_rq_retry_stale += 1
-            self._open(ex, ex.endpoint)
+            self._connect_or_wait(ex, ex.endpoint)
             return
         errors.log_once(f"{flag}:{ex.endpoint.key}", "upstream %s reset the request (%s)", ex.endpoint.key, flag)
         self._upstream_failed(ex, LOCAL_RESET, errors.UPSTREAM_RESETS[flag])
@@ -548,7 +570,9 @@ class RouterFilter:
         ex.cluster.stats.upstream_rq_timeout += 1
         ex.failed = True
         detector = ex.cluster.outlier
-        if detector is not None and ex.endpoint is not None and not ex.discarding:
+        if detector is not None and ex.conn is not None and not ex.discarding:
+            # Only a try that reached its host charges it (Envoy: the host is set at pool-ready);
+            # one still waiting for a connection says nothing about the host.
             detector.report_local(ex.endpoint, LOCAL_TIMEOUT)
         if ex.conn is not None:
             ex.conn.abort()

@@ -2,7 +2,8 @@
 
 Envoy's breakers are counters compared with limits, checked where a request would add to them:
 
-- ``max_requests``: upstream requests in flight (``upstream_rq_active``); one more is refused.
+- ``max_requests``: upstream requests in flight on a connection (``upstream_rq_active``); a try
+  that would be one more when it gets its connection is refused.
 - ``max_pending_requests``: requests waiting for a connection (being connected, or queued behind a
   full ``max_connections``); one more is refused.
 - ``max_connections``: open connections of the cluster; at the limit a request waits for a
@@ -25,29 +26,30 @@ if TYPE_CHECKING:
 
 
 def request_allowed(cluster: Cluster) -> bool:
-    return cluster.stats.upstream_rq_active < cluster.config.circuit_breakers.max_requests
+    """Checked when a try gets its connection (Envoy: at attach): pending tries are not requests."""
+    return cluster.stats.upstream_rq_active < cluster.breakers.max_requests
 
 
 def pending_allowed(cluster: Cluster) -> bool:
-    return cluster.stats.upstream_rq_pending_active < cluster.config.circuit_breakers.max_pending_requests
+    return cluster.stats.upstream_rq_pending_active < cluster.breakers.max_pending_requests
 
 
 def connection_allowed(cluster: Cluster, endpoint: Endpoint) -> bool:
     """Connections being opened count against the limit; an endpoint with none open or opening may
     always open one."""
     stats = cluster.stats
-    if stats.upstream_cx_active + stats.upstream_cx_opening < cluster.config.circuit_breakers.max_connections:
+    if stats.upstream_cx_active + stats.upstream_cx_opening < cluster.breakers.max_connections:
         return True
     pool = endpoint.pool
     return pool.cx_active == 0 and pool.opening == 0
 
 
 def retry_allowed(cluster: Cluster) -> bool:
-    cb = cluster.config.circuit_breakers
+    cb = cluster.breakers
     if cb.retry_budget_percent > 0:
         stats = cluster.stats
-        # The retry about to be sent is not active yet: ``upstream_rq_active`` counts the tries in
-        # flight, the failed one included until it is released.
+        # Requests with a connection plus those waiting for one (kept apart, so none counts twice);
+        # the failed try is still among them when this is asked.
         budget = cb.retry_budget_percent / 100.0 * (stats.upstream_rq_active + stats.upstream_rq_pending_active)
         return cluster.retries_active < max(int(budget), cb.min_retry_concurrency)  # whole retries, as Envoy
     return cluster.retries_active < cb.max_retries

@@ -101,7 +101,7 @@ class Endpoint:
 class Cluster:
     """A named group of endpoints behind one load balancer, with its outlier detector."""
 
-    __slots__ = ("name", "config", "stats", "endpoints", "outlier", "retries_active", "_lb", "_panic",
+    __slots__ = ("name", "config", "breakers", "stats", "endpoints", "outlier", "retries_active", "_lb", "_panic",
                  "_connector", "_max_idle", "_clock", "_random", "_scheduler")
 
     def __init__(self, config: ClusterConfig, *, connector: Connector | None = None,
@@ -109,6 +109,7 @@ class Cluster:
                  random: Callable[[], float] = default_random, scheduler: Scheduler | None = None) -> None:
         self.name = config.name
         self.config = config
+        self.breakers = config.circuit_breakers  # read per request (sidecar.upstream.breaker)
         self.stats = ClusterStats()
         self.endpoints: dict[str, Endpoint] = {}
         self.outlier: OutlierDetector | None = None
@@ -161,6 +162,7 @@ class Cluster:
         """A CDS update of this cluster: new settings, same runtime state."""
         old = self.config
         self.config = config
+        self.breakers = config.circuit_breakers
         for endpoint in self.endpoints.values():
             endpoint.pool.connect_timeout = config.connect_timeout
             endpoint.pool.idle_timeout = config.idle_timeout

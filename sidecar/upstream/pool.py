@@ -429,10 +429,18 @@ class ConnectionPool:
     def opening_done(self, _task: object = None) -> None:
         self.opening -= 1
         self.stats.upstream_cx_opening -= 1
+        if self._waiters:
+            # A connect ended (made, failed or cancelled): either way a slot may have come free,
+            # and a failed one releases nothing that would wake the queue otherwise.
+            asyncio.get_running_loop().call_soon(self._waiters.popleft(), None)
 
-    def wait(self, waiter: Waiter) -> None:
-        """Queue ``waiter`` for the next connection of this endpoint that comes free (FIFO)."""
-        self._waiters.append(waiter)
+    def wait(self, waiter: Waiter, first: bool = False) -> None:
+        """Queue ``waiter`` for the next connection of this endpoint that comes free (FIFO;
+        ``first`` puts a woken waiter that still could not connect back at the head)."""
+        if first:
+            self._waiters.appendleft(waiter)
+        else:
+            self._waiters.append(waiter)
 
     def cancel_wait(self, waiter: Waiter) -> None:
         try:

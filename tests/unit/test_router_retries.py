@@ -31,7 +31,7 @@ from sidecar.proxy.listener import ListenerRuntime
 from sidecar.proxy.router_filter import RETRY_BUFFER_LIMIT
 from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
 from tests.unit.test_http_proxy import OK, Mesh, Upstream, assert_local_reply, assert_quiet, parse_responses
-from tests.unit.test_pool import FakeConnector, async_test, until
+from tests.unit.test_pool import FakeConnector, FakeTransport, async_test, until
 
 GET = b"GET /r HTTP/1.1\r\nHost: svc\r\n\r\n"
 GET_UPSTREAM = b"GET /r HTTP/1.1\r\nhost: svc\r\n\r\n"
@@ -975,4 +975,72 @@ async def test_client_leaving_during_a_fault_delay() -> None:
     await until(lambda: mesh.runtime.stats.downstream_cx_active == 0)
     await asyncio.sleep(0.08)
     assert mesh.connector.attempts == []
+    await assert_settled(mesh)
+
+
+# --- regressions found in review ------------------------------------------------------------------
+
+
+@async_test
+async def test_a_waiter_is_woken_when_the_connect_it_waited_behind_fails() -> None:
+    # max_connections=1: the second request queues behind the first one's connect; that connect is
+    # refused, so no connection is ever released. The waiter must still get its turn at once.
+    mesh = RetryMesh(breakers=CircuitBreakerConfig(max_connections=1), timeout=5.0)
+    mesh.connector.refuse[A] = 2
+    first, second = mesh.client(), mesh.client()
+    first.send(GET)
+    second.send(GET)
+    await until(lambda: first.transport.out and second.transport.out)
+    assert_local_reply(parse_responses(first.received())[0], 503, "UF")
+    assert_local_reply(parse_responses(second.received())[0], 503, "UF")  # not a 504 after 5 s
+    await assert_settled(mesh)
+
+
+@async_test
+async def test_per_try_timeout_stops_once_the_response_has_started() -> None:
+    mesh = RetryMesh(retry=policy("5xx", per_try_timeout=0.05))
+    client = mesh.client()
+    client.send(GET)
+    up = await mesh.upstream()
+    up.received()
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nab")
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 0.15  # three per-try timeouts
+    await until(lambda: loop.time() > deadline)
+    assert not client.transport.aborted
+    up.respond(b"cd")
+    resp = parse_responses(client.received())[0]
+    assert resp["status"] == 200 and resp["body"] == b"abcd" and resp["complete"]
+    assert mesh.cluster_stats.upstream_rq_per_try_timeout == 0
+    await assert_settled(mesh)
+
+
+@async_test
+async def test_a_retry_resumes_reading_a_body_paused_by_the_failed_try() -> None:
+    # The first try's upstream write buffer fills (reading from the client pauses), then that
+    # upstream resets: the retry on a fresh connection must read the rest of the body.
+    mesh = RetryMesh(retry=policy("reset"))
+    transports: list[FakeTransport] = []
+
+    async def connector(factory: Any, host: str, port: int) -> tuple[Any, Any]:
+        protocol = factory()
+        transport = FakeTransport(protocol, high_water=10 if not transports else None)
+        transports.append(transport)
+        protocol.connection_made(transport)
+        mesh.connector.connections.append((protocol, transport))
+        return transport, protocol
+
+    for endpoint in mesh.cluster.endpoints.values():
+        endpoint.pool._connector = connector
+    client = mesh.client()
+    client.send(b"POST /r HTTP/1.1\r\nHost: svc\r\nContent-Length: 100\r\n\r\n" + b"x" * 50)
+    await until(lambda: transports and not client.transport.reading)
+    transports[0].peer_close()
+    await until(lambda: len(transports) == 2)
+    await until(lambda: client.transport.reading)
+    client.send(b"y" * 50)
+    sent = transports[1].take()
+    assert sent.endswith(b"x" * 50 + b"y" * 50)
+    Upstream(*mesh.connector.connections[1]).respond(OK)
+    assert parse_responses(client.received())[0]["status"] == 200
     await assert_settled(mesh)
