@@ -23,7 +23,7 @@ class Exchange:
         # routing and upstream
         "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed",
         # retries, circuit breakers, fault injection (see router_filter)
-        "sent", "sent_size", "retries", "tried", "try_timer", "wait", "waiter", "pending_cx", "attached", "retry_active", "discarding",
+        "sent", "sent_size", "retries", "tried", "try_deadline", "wait", "waiter", "pending_cx", "attached", "retry_active", "discarding",
         # response
         "started", "resp_chunked", "status", "done",
     )
@@ -60,7 +60,7 @@ class Exchange:
         self.sent_size = 0
         self.retries = 0  # retries sent so far
         self.tried: list[Endpoint] | None = None  # endpoints of failed tries (previous_hosts)
-        self.try_timer: asyncio.TimerHandle | None = None  # per_try_timeout of the current try
+        self.try_deadline = 0.0  # loop time the current try's per_try_timeout fires at; 0: none
         self.wait: asyncio.TimerHandle | None = None  # retry back-off or fault delay in progress
         self.waiter = None  # callback queued in the endpoint pool (max_connections reached)
         self.pending_cx = False  # counted in upstream_rq_pending_active

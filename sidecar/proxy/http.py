@@ -277,7 +277,8 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
                 ex.pending.append(codec.LAST_CHUNK)
         if ex.conn is not None:
             ex.conn.request_done = True
-        if ex.entry is not None:
+        entry = ex.entry
+        if entry is not None and entry.timed:
             self._request_complete(ex)
 
     def batch_begin(self) -> None:
@@ -371,10 +372,12 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         if ex.wait is not None:  # a retry back-off or a fault delay
             ex.wait.cancel()
             ex.wait = None
-        failed = ex.failed or (ex.started and ex.status >= 500)
-        if ex.started and not failed and ex.endpoint is not None:
-            ex.endpoint.rq_success += 1
-        self._release_try(ex, failed)
+        endpoint = ex.endpoint
+        if endpoint is not None or ex.retry_active:
+            failed = ex.failed or (ex.started and ex.status >= 500)
+            if ex.started and not failed and endpoint is not None:
+                endpoint.rq_success += 1
+            self._release_try(ex, failed)
 
     def _reject(self, reply: errors.LocalReply, protocol_error: bool = True) -> None:
         """A protocol error (400, 431) or a request head timeout (408): answer once every earlier

@@ -27,7 +27,7 @@ AUTHORITY_CACHE_SIZE = 1024
 class RouteEntry:
     """A compiled route. ``cluster()`` names the target cluster of one request."""
 
-    __slots__ = ("route", "prefix", "timeout", "retry", "per_try_timeout", "fault", "_cluster", "_split")
+    __slots__ = ("route", "prefix", "timeout", "retry", "per_try_timeout", "timed", "fault", "_cluster", "_split")
 
     def __init__(self, route: Route, faults: bool = True) -> None:
         self.route = route
@@ -36,6 +36,7 @@ class RouteEntry:
         # Read per request: None when the route has no retry policy / no fault to inject.
         self.retry = route.retry_policy if route.retry_policy is not None and route.retry_policy.num_retries > 0 else None
         self.per_try_timeout = self.retry.per_try_timeout if self.retry is not None else 0.0
+        self.timed = bool(self.timeout or self.per_try_timeout)  # a timeout starts with the request's end
         fault = route.fault if faults else None  # without the HCM's fault filter a route's fault is inert
         self.fault = fault if fault is not None and (fault.delay_percent > 0 or fault.abort_percent > 0) else None
         self._split: SmoothWeightedRoundRobin[str] | None = None

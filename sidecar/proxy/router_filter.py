@@ -269,9 +269,9 @@ class RouterFilter:
         conn.send_request(self, data, ex.method == b"HEAD", ex.complete)
         if conn.write_paused:  # a pooled connection still full from before (the previous try's is gone)
             self._pause(R_UPSTREAM)
-        if ex.complete and ex.entry.per_try_timeout and ex.try_timer is None and not ex.started:
+        if ex.complete and ex.entry.per_try_timeout and not ex.try_deadline and not ex.started:
             # Envoy starts a try's timeout when its connection is ready (onPoolReady).
-            ex.try_timer = self._loop.call_later(ex.entry.per_try_timeout, self._on_per_try_timeout, ex)
+            self._arm_try_timeout(ex)
         if self._write_paused:
             conn.pause_reading()
         if self._read_paused & R_BUFFER and self._buffered <= BUFFER_LIMIT:
@@ -397,9 +397,7 @@ class RouterFilter:
         if ex.pending_cx:
             ex.pending_cx = False
             stats.upstream_rq_pending_active -= 1
-        if ex.try_timer is not None:
-            ex.try_timer.cancel()
-            ex.try_timer = None
+        ex.try_deadline = 0.0
         if ex.waiter is not None:
             endpoint.pool.cancel_wait(ex.waiter)
             ex.waiter = None
@@ -412,7 +410,6 @@ class RouterFilter:
         ex.discarding = False
 
     def _on_per_try_timeout(self, ex: Exchange) -> None:
-        ex.try_timer = None
         if ex.done or ex.endpoint is None:
             return
         ex.cluster.stats.upstream_rq_per_try_timeout += 1
@@ -437,8 +434,8 @@ class RouterFilter:
             return  # not routed yet, or in a fault delay: _start arms them
         if entry.timeout:
             self._arm_timeout(ex, entry.timeout)
-        if entry.per_try_timeout and ex.conn is not None and ex.try_timer is None and not ex.started:
-            ex.try_timer = self._loop.call_later(entry.per_try_timeout, self._on_per_try_timeout, ex)
+        if entry.per_try_timeout and ex.conn is not None and not ex.try_deadline and not ex.started:
+            self._arm_try_timeout(ex)
 
     # --- UpstreamHandler: what the upstream connection reports ---------------------------------
 
@@ -460,9 +457,7 @@ class RouterFilter:
             cluster.stats.upstream_rq_retry_success += 1
         ex.status = status
         ex.started = True
-        if ex.try_timer is not None:  # from here only the route timeout bounds the response
-            ex.try_timer.cancel()
-            ex.try_timer = None
+        ex.try_deadline = 0.0  # from here only the route timeout bounds the response
         head[0] = codec.STATUS_LINES[status] if status < 1000 else codec.STATUS_LINES[500]
         if body_kind in (BODY_CHUNKED, BODY_EOF):
             if ex.http10:
@@ -538,33 +533,50 @@ class RouterFilter:
         else:
             self._resume(R_UPSTREAM)
 
-    # --- route timeout -----------------------------------------------------------------------
+    # --- route and per-try timeouts --------------------------------------------------------------
 
     def _arm_timeout(self, ex: Exchange, timeout: float) -> None:
         """Start the route timeout of the active exchange.
 
         A timer per request would cost a heap insert and a cancel each time; instead the
-        connection keeps one timer and, when it fires early for a later request, re-arms it.
+        connection keeps one timer for both timeouts of its active exchange (``deadline`` and
+        ``try_deadline``, 0 when not running, so cancelling is a store) and, when it fires early,
+        re-arms it for what is still due.
         """
-        deadline = self._loop.time() + timeout
-        ex.deadline = deadline
+        ex.deadline = deadline = self._loop.time() + timeout
+        self._arm_at(deadline)
+
+    def _arm_try_timeout(self, ex: Exchange) -> None:
+        ex.try_deadline = deadline = self._loop.time() + ex.entry.per_try_timeout
+        self._arm_at(deadline)
+
+    def _arm_at(self, when: float) -> None:
         timer = self._timer
-        if timer is None or self._timer_at > deadline:
+        if timer is None or self._timer_at > when:
             if timer is not None:
                 timer.cancel()
-            self._timer_at = deadline
-            self._timer = self._loop.call_at(deadline, self._on_timer)
+            self._timer_at = when
+            self._timer = self._loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         ex = self._active
-        if ex is None or ex.done or not ex.deadline:
+        if ex is None or ex.done:
             return
-        if self._loop.time() < ex.deadline:
-            self._timer_at = ex.deadline
-            self._timer = self._loop.call_at(ex.deadline, self._on_timer)
+        now = self._loop.time()
+        if ex.try_deadline and now >= ex.try_deadline:
+            ex.try_deadline = 0.0
+            self._on_per_try_timeout(ex)
+        elif ex.deadline and now >= ex.deadline:
+            self._on_route_timeout(ex)
             return
-        self._on_route_timeout(ex)
+        ex = self._active  # the per-try timeout may have ended it (and started the next one)
+        if ex is None or ex.done:
+            return
+        due, try_due = ex.deadline, ex.try_deadline
+        when = min(due, try_due) if due and try_due else due or try_due
+        if when:
+            self._arm_at(when)
 
     def _on_route_timeout(self, ex: Exchange) -> None:
         ex.cluster.stats.upstream_rq_timeout += 1
