@@ -57,6 +57,8 @@ HEADERS_TOO_LARGE = LocalReply("DPE", 431, "request headers too large", always_c
 
 OVERFLOW = LocalReply("UO", 503, "upstream overflow: circuit breaker open")
 RATE_LIMITED = LocalReply("RL", 429, "local rate limited")
+RETRY_BODY_TOO_LONG = LocalReply(
+    "URX", 503, "upstream failed and the request body outgrew the retry buffer before the retry")
 REQUEST_HEADER_TIMEOUT = LocalReply("DT", 408, "request header timeout", always_close=True)
 
 UPSTREAM_RESETS = {"UC": UPSTREAM_RESET, "UPE": UPSTREAM_PROTOCOL_ERROR}

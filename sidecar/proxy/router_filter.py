@@ -349,6 +349,11 @@ class RouterFilter:
         cluster = ex.cluster
         failed = ex.endpoint
         self._release_try(ex, failed=True)
+        if ex.sent is None:
+            # The body outgrew the retry buffer while the failed response was being read and dropped.
+            ex.failed = True
+            self._local_reply(ex, errors.RETRY_BODY_TOO_LONG)
+            return
         # The failed try's connection is gone with any write pressure it had: read the body on
         # (into ``pending`` until the next try, bounded by R_BUFFER).
         self._resume(R_UPSTREAM)

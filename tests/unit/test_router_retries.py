@@ -1044,3 +1044,22 @@ async def test_a_retry_resumes_reading_a_body_paused_by_the_failed_try() -> None
     Upstream(*mesh.connector.connections[1]).respond(OK)
     assert parse_responses(client.received())[0]["status"] == 200
     await assert_settled(mesh)
+
+
+@async_test
+async def test_a_body_outgrowing_the_buffer_after_the_retry_was_decided_answers_503_urx() -> None:
+    # The 503's head arrives while the upload is still small (retriable), its body is read and
+    # dropped while the rest of the upload pushes the kept body past the limit: nothing to replay.
+    mesh = RetryMesh(retry=policy("5xx"))
+    client = mesh.client()
+    client.send(b"POST /r HTTP/1.1\r\nHost: svc\r\nContent-Length: %d\r\n\r\n" % (RETRY_BUFFER_LIMIT + 10)
+                + b"x" * 10)
+    up = await mesh.upstream()
+    up.received()
+    up.respond(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 5\r\n\r\nab")
+    client.send(b"y" * RETRY_BUFFER_LIMIT)
+    up.respond(b"cde")
+    assert_local_reply(parse_responses(client.received())[0], 503, "URX")
+    assert mesh.cluster_stats.upstream_rq_retry_buffer_overflow == 1
+    assert len(mesh.connector.connections) == 1  # no retry was sent
+    await assert_settled(mesh)
