@@ -356,12 +356,6 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         if ex.done:
             return
         ex.done = True
-        if ex.connecting is not None:
-            ex.connecting.cancel()
-            ex.connecting = None
-        if ex.conn is not None:
-            ex.conn.abort()
-            ex.conn = None
         if ex.pending is not None:
             self._buffered -= ex.pending_size
             ex.pending = None
@@ -372,6 +366,8 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         if ex.wait is not None:  # a retry back-off or a fault delay
             ex.wait.cancel()
             ex.wait = None
+        # The try's connection or connect task, its timers and counters go with it: an exchange
+        # only ever holds a connection or a connect task while a try has its endpoint.
         endpoint = ex.endpoint
         if endpoint is not None or ex.retry_active:
             failed = ex.failed or (ex.started and ex.status >= 500)
