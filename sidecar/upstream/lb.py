@@ -26,8 +26,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from functools import reduce
 from math import gcd
-from typing import Generic, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
+from sidecar.upstream.lb_base import WeightedItems, positive
 from sidecar.upstream.lb_least_request import LeastRequest
 from sidecar.upstream.lb_random import WeightedRandom
 
@@ -71,14 +72,14 @@ def make_balancer(policy: str, choices: Sequence[tuple[T, int]], *, random: Call
     raise ValueError(f"lb_policy {policy!r} is not supported (supported: {', '.join(LB_POLICIES)})")
 
 
-class SmoothWeightedRoundRobin(Generic[T]):
+class SmoothWeightedRoundRobin(WeightedItems[T]):
     """Deterministic smooth WRR over ``(item, weight)`` pairs; weights <= 0 are left out."""
 
-    __slots__ = ("_cycle", "_index", "_items", "_weights", "_current", "_total")
+    __slots__ = ("_cycle", "_index", "_weights", "_current", "_total")
 
     def __init__(self, choices: Sequence[tuple[T, int]]) -> None:
-        pairs = [(item, int(weight)) for item, weight in choices if weight > 0]
-        self._items: list[T] = [item for item, _ in pairs]
+        pairs = positive(choices)
+        super().__init__(pairs)
         divisor = reduce(gcd, (w for _, w in pairs), 0) or 1
         self._weights: list[int] = [w // divisor for _, w in pairs]
         self._total = sum(self._weights)
@@ -87,13 +88,6 @@ class SmoothWeightedRoundRobin(Generic[T]):
         self._cycle: list[T] | None = None
         if 0 < self._total <= MAX_PRECOMPUTED_CYCLE:
             self._cycle = [self._step() for _ in range(self._total)]
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def items(self) -> list[T]:
-        return list(self._items)
 
     def pick(self) -> T | None:
         cycle = self._cycle

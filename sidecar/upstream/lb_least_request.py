@@ -15,7 +15,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from heapq import heapify, heappop, heappush
-from typing import Generic, TypeVar
+from typing import TypeVar
+
+from sidecar.upstream.lb_base import WeightedItems, positive
 
 T = TypeVar("T")
 
@@ -23,16 +25,16 @@ DEFAULT_CHOICE_COUNT = 2  # Envoy's LeastRequest.choice_count default
 DEFAULT_ACTIVE_REQUEST_BIAS = 1.0  # Envoy's LeastRequest.active_request_bias default
 
 
-class LeastRequest(Generic[T]):
+class LeastRequest(WeightedItems[T]):
     """P2C over equal weights, weighted least request (EDF) over unequal ones; weights <= 0 left out."""
 
-    __slots__ = ("_items", "_weights", "_weighted", "_random", "_active", "_choices", "_bias", "_heap", "_seq")
+    __slots__ = ("_weights", "_weighted", "_random", "_active", "_choices", "_bias", "_heap", "_seq")
 
     def __init__(self, choices: Sequence[tuple[T, int]], *, random: Callable[[], float],
                  active: Callable[[T], int], choice_count: int = DEFAULT_CHOICE_COUNT,
                  active_request_bias: float = DEFAULT_ACTIVE_REQUEST_BIAS) -> None:
-        pairs = [(item, int(weight)) for item, weight in choices if weight > 0]
-        self._items: list[T] = [item for item, _ in pairs]
+        pairs = positive(choices)
+        super().__init__(pairs)
         self._weights: list[int] = [w for _, w in pairs]
         self._weighted = len(set(self._weights)) > 1
         self._random = random
@@ -45,13 +47,6 @@ class LeastRequest(Generic[T]):
         if self._weighted:
             self._heap = [(1.0 / self._effective(i), i, i) for i in range(len(pairs))]
             heapify(self._heap)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def items(self) -> list[T]:
-        return list(self._items)
 
     def pick(self) -> T | None:
         items = self._items

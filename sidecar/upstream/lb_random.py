@@ -11,31 +11,26 @@ from __future__ import annotations
 from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from itertools import accumulate
-from typing import Generic, TypeVar
+from typing import TypeVar
+
+from sidecar.upstream.lb_base import WeightedItems, positive
 
 T = TypeVar("T")
 
 
-class WeightedRandom(Generic[T]):
+class WeightedRandom(WeightedItems[T]):
     """Random choice over ``(item, weight)`` pairs; weights <= 0 are left out."""
 
-    __slots__ = ("_items", "_cumulative", "_total", "_equal", "_random")
+    __slots__ = ("_cumulative", "_total", "_equal", "_random")
 
     def __init__(self, choices: Sequence[tuple[T, int]], *, random: Callable[[], float]) -> None:
-        pairs = [(item, int(weight)) for item, weight in choices if weight > 0]
-        self._items: list[T] = [item for item, _ in pairs]
+        pairs = positive(choices)
+        super().__init__(pairs)
         weights = [w for _, w in pairs]
         self._cumulative = list(accumulate(weights))
         self._total = self._cumulative[-1] if weights else 0
         self._equal = len(set(weights)) <= 1
         self._random = random
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    @property
-    def items(self) -> list[T]:
-        return list(self._items)
 
     def pick(self) -> T | None:
         items = self._items
