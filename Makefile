@@ -30,6 +30,9 @@ $(STAMP): pyproject.toml
 	  $(APT_GET) update && $(APT_INSTALL) python3-venv; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@# xds-protos overwrites files of opentelemetry-proto and googleapis-common-protos whichever
+	@# order pip picked: put them back over it, then check (DESIGN §4a, meshkeeper/deps.py).
+	$(BIN)/meshkeeper doctor --fix
 	touch $@
 
 zookeeper:

@@ -14,6 +14,7 @@ commands:
   controlplane   run the control plane (xDS server, registry watch, HTTP admin)
   sidecar        run the sidecar beside one service instance
   demo           run a local mesh: ZooKeeper, a control plane, demo services and traffic
+  doctor         check (--fix: repair) that the OTLP exporter and the Envoy protos import together
 
 `meshkeeper <command> --help` shows a command's flags.
 """
@@ -36,8 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         from sidecar.main import main as run
     elif cmd == "demo":
         from meshkeeper.demo import run
+    elif cmd == "doctor":
+        from meshkeeper.deps import main as run
     else:
-        sys.stderr.write(f"meshkeeper: unknown command {cmd!r} (try: controlplane, sidecar, demo)\n")
+        sys.stderr.write(f"meshkeeper: unknown command {cmd!r} (try: controlplane, sidecar, demo, doctor)\n")
         return 2
     return int(run(rest) or 0)
 

@@ -50,7 +50,7 @@ class Endpoint:
     """One upstream host of a cluster, as the data path sees it."""
 
     __slots__ = ("config", "key", "authority", "pool", "active_requests", "total_requests", "rq_error",
-                 "rq_success", "outlier")
+                 "rq_success", "rq_latency_total", "outlier")
 
     def __init__(self, config: EndpointConfig, pool: ConnectionPool) -> None:
         self.config = config
@@ -63,6 +63,9 @@ class Endpoint:
         self.total_requests = 0
         self.rq_error = 0  # 5xx answers and resets, timeouts, protocol errors
         self.rq_success = 0
+        # Seconds from each try's start (pool-ready) to its end, summed over the tries counted in
+        # rq_success or rq_error; LRS reports it per interval (sidecar.xds.lrs).
+        self.rq_latency_total = 0.0
         self.outlier: HostMonitor | None = None  # set and written by the cluster's OutlierDetector only
 
     @property
