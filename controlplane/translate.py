@@ -52,6 +52,7 @@ from meshkeeper.policy import (
     RateLimit,
     Retry,
     SuccessRate,
+    Tracing,
 )
 from meshkeeper.registry import InstanceRecord, effective_weight, is_serving
 from meshkeeper.xds import NodeInfo
@@ -396,23 +397,35 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
 # --------------------------------------------------------------------------- per node
 
 
-def outbound_listener(port: int) -> listener_pb2.Listener:
+def tracing(policy_tracing: Tracing | None) -> hcm_pb2.HttpConnectionManager.Tracing | None:
+    """The HCM's tracing from the service's ``policy.tracing``: ``random_sampling`` is the share of
+    new traces sampled. None (no policy): the HCM carries no tracing and the sidecar's
+    ``--trace-sample-ratio`` applies."""
+    if policy_tracing is None:
+        return None
+    out = hcm_pb2.HttpConnectionManager.Tracing()
+    out.random_sampling.value = policy_tracing.sample_percent
+    return out
+
+
+def outbound_listener(port: int, policy_tracing: Tracing | None = None) -> listener_pb2.Listener:
     """The outbound HCM carries the fault filter so that routes' fault configs apply (Envoy ignores
     a route's typed_per_filter_config for a filter the HCM does not run)."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="outbound",
         rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=xds.OUTBOUND_ROUTE),
-        http_filters=[_fault_filter()])
+        http_filters=[_fault_filter()], tracing=tracing(policy_tracing))
     return _http_listener(xds.OUTBOUND_LISTENER, _socket(OUTBOUND_BIND, port), base_pb2.OUTBOUND, hcm)
 
 
 def inbound_listener(host: str, port: int, app_port: int,
-                     rate_limit: RateLimit = DEFAULT_POLICY.rate_limit) -> listener_pb2.Listener:
+                     rate_limit: RateLimit = DEFAULT_POLICY.rate_limit,
+                     policy_tracing: Tracing | None = None) -> listener_pb2.Listener:
     """The inbound HCM; with ``rate_limit.rps`` > 0 a local rate limit guards the local app."""
     route = route_pb2.RouteConfiguration(name=xds.INBOUND_ROUTE, virtual_hosts=[
         route_components_pb2.VirtualHost(name="inbound", domains=["*"],
                                          routes=[_route_to(xds.inbound_cluster(app_port))])])
-    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound", route_config=route)
+    hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound", route_config=route, tracing=tracing(policy_tracing))
     if rate_limit.rps > 0:
         hcm.http_filters.add(name=xds.LOCAL_RATELIMIT_FILTER, typed_config=_pack(local_rate_limit(rate_limit)))
     return _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
@@ -441,10 +454,10 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
     out = empty_resources()
     if node.proxyless:
         return out
-    out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port)
+    out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port, policy.tracing)
     if node.app_port:
         out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_listener(
-            node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit)
+            node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit, policy.tracing)
         cluster = inbound_cluster(node.app_port)
         out[xds.CLUSTER][cluster.name] = cluster
     return out

@@ -43,3 +43,14 @@ def seconds(text: str) -> float:
 def non_negative_seconds(text: str) -> float:
     """A duration in seconds that may be 0."""
     return _duration(text, allow_zero=True)
+
+
+def ratio(text: str) -> float:
+    """A share between 0 and 1 (a sampling ratio)."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is outside 0..1")
+    return v

@@ -126,6 +126,14 @@ class Fault:
 
 
 @dataclass(frozen=True, slots=True)
+class Tracing:
+    # Share of NEW traces (requests arriving without a sampling decision) that are sampled, in
+    # percent; requests with a sampled or unsampled parent follow it (parent-based sampling).
+    # Translated into the HCM's tracing.random_sampling of the service's sidecars.
+    sample_percent: float = field(default=1.0, metadata=_bounds(0, 100))
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     lb: LoadBalancing = LoadBalancing()
     outlier: Outlier | None = None  # None: no outlier detection (Envoy's default)
@@ -138,6 +146,7 @@ class Policy:
     split: Mapping[str, int] = field(default_factory=lambda: MappingProxyType({}))
     match: tuple[Match, ...] = ()
     fault: Fault = Fault()
+    tracing: Tracing | None = None  # None: the sidecar's --trace-sample-ratio applies
 
     def __hash__(self) -> int:
         # ``split`` is a read-only mapping, which does not hash: hash its items, so that a policy
@@ -180,6 +189,12 @@ def _decode_value(hint: Any, f: dataclasses.Field, value: Any, path: str) -> Any
     args = getattr(hint, "__args__", ())
     if hint is int:
         return _int(value, path, bounds)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            raise PolicyError(f"{path}: expected a number, got {value!r}")
+        if bounds and not bounds[0] <= value <= bounds[1]:
+            raise PolicyError(f"{path}: {value} is outside {bounds[0]}..{bounds[1]}")
+        return float(value)
     if hint is str:
         if not isinstance(value, str):
             raise PolicyError(f"{path}: expected a string, got {value!r}")

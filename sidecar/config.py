@@ -190,3 +190,6 @@ class ListenerConfig:
     # The HCM runs envoy.filters.http.fault. Without it, as in Envoy, routes' fault configs do not
     # apply: drop Route.fault of this listener's routes (an inline route_config has them dropped already).
     fault_filter: bool = True
+    # HCM tracing.random_sampling as a ratio (0..1) for new traces; None: the HCM has no tracing
+    # config and the sidecar's --trace-sample-ratio applies.
+    trace_sample_ratio: float | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshkeeper import xds
@@ -52,6 +52,51 @@ class SidecarCollector:
                 fam.add_metric([name], value)
         yield rq
         yield from families.values()
+        upstream_time = HistogramMetricFamily(
+            "meshkeeper_upstream_rq_duration_seconds",
+            "Upstream request time by cluster: a try's start to the end of its response (or its failure)",
+            labels=["cluster"])
+        for name in sorted(rt.clusters.names()):
+            hist = rt.clusters.get(name).rq_time
+            upstream_time.add_metric([name], hist.buckets(), hist.sum)
+        yield upstream_time
+
+        downstream_time = HistogramMetricFamily(
+            "meshkeeper_downstream_rq_duration_seconds",
+            "Downstream request time by listener: the request's first byte in to its response's last byte out",
+            labels=["listener"])
+        by_route = CounterMetricFamily(
+            "meshkeeper_requests", "Responses by listener, route, cluster and status class (route and cluster "
+            "are empty for requests answered before routing, such as 429 RL and 404 NR)",
+            labels=["listener", "route", "cluster", "code_class"])
+        for lrt in rt.listener_runtimes.values():
+            downstream_time.add_metric([lrt.name], lrt.rq_time.buckets(), lrt.rq_time.sum)
+            for (route, cluster), counts in sorted(lrt.route_stats.items()):
+                for i, n in enumerate(counts):
+                    if n:
+                        by_route.add_metric([lrt.name, route, cluster, f"{i + 1}xx"], n)
+        yield downstream_time
+        yield by_route
+        tracer = rt.tracer
+        if tracer is not None:
+            st = tracer.stats
+            yield CounterMetricFamily("meshkeeper_tracing_spans_sampled", "Spans recorded for export",
+                                      value=st.spans_sampled)
+            yield CounterMetricFamily("meshkeeper_tracing_spans_exported", "Spans the OTLP collector accepted",
+                                      value=st.spans_exported)
+            dropped = CounterMetricFamily("meshkeeper_tracing_spans_dropped",
+                                          "Spans not exported: the export queue was full, or the collector "
+                                          "failed or was unreachable", labels=["reason"])
+            dropped.add_metric(["queue_full"], st.spans_dropped_queue_full)
+            dropped.add_metric(["export_failed"], st.spans_dropped_export_failed)
+            yield dropped
+            yield GaugeMetricFamily("meshkeeper_tracing_spans_queued", "Spans waiting for export", value=st.queued)
+        access_log = rt.access_log
+        if access_log is not None:
+            yield CounterMetricFamily("meshkeeper_access_log_lines", "Access log lines written",
+                                      value=access_log.lines)
+            yield CounterMetricFamily("meshkeeper_access_log_write_errors", "Failed access log writes",
+                                      value=access_log.write_errors)
 
         down: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for listener in rt.listeners_view():

@@ -23,8 +23,11 @@ from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds.convert import XdsError
 
 if TYPE_CHECKING:
+    from sidecar.accesslog import AccessLog
     from sidecar.registration import Registration
+    from sidecar.tracing.export import Tracer
     from sidecar.xds.client import AdsClient
+    from sidecar.xds.lrs import LoadReporter
 
 log = logging.getLogger("meshkeeper.sidecar")
 
@@ -32,14 +35,21 @@ BOUND_LISTENERS = (xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER)
 
 
 class SidecarRuntime:
-    def __init__(self, node: NodeInfo) -> None:
+    def __init__(self, node: NodeInfo, *, tracer: Tracer | None = None, access_log: AccessLog | None = None) -> None:
         self.node = node
         self.clusters = ClusterManager()
         self.listener_runtimes = {name: ListenerRuntime(name, self.clusters) for name in BOUND_LISTENERS}
+        self.tracer = tracer  # None: tracing off (no --otlp-endpoint)
+        self.access_log = access_log
+        for rt in self.listener_runtimes.values():
+            rt.service, rt.namespace = node.service, node.namespace
+            rt.access_log = access_log
+            rt.set_tracing(tracer, None)
         self.listeners: list[Listener] = []
         self.listener_configs: dict[str, ListenerConfig] = {}
         self.route_configs: dict[str, RouteConfig] = {}
         self.ads: AdsClient | None = None
+        self.lrs: LoadReporter | None = None
         self.registration: Registration | None = None
         self.draining = False
         self.metrics = SidecarMetrics(self)
@@ -85,6 +95,7 @@ class SidecarRuntime:
         self._swap(routers)
         for name, bucket in buckets.items():
             cfg = listeners.get(name)
+            self.listener_runtimes[name].set_tracing(self.tracer, cfg.trace_sample_ratio if cfg is not None else None)
             self.listener_runtimes[name].set_limits(
                 bucket,
                 cfg.request_headers_timeout if cfg is not None else 0.0,

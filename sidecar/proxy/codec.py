@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+from sidecar.tracing.context import TRACE_HEADERS
+
 MAX_REQUEST_HEADERS_BYTES = 60 * 1024  # Envoy's max_request_headers_kb default (60 KiB)
 
 # Kinds of request headers with special handling.
@@ -21,6 +23,8 @@ H_DROP = 3
 H_TRANSFER_ENCODING = 4
 H_EXPECT = 5
 H_CONTENT_LENGTH = 6
+H_TRACE = 7  # trace context (W3C, B3): read, then sent on as this hop's (sidecar.proxy.telemetry)
+H_REQUEST_ID = 8
 
 REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"host": H_HOST,
@@ -33,6 +37,8 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
     b"transfer-encoding": H_TRANSFER_ENCODING,
     b"expect": H_EXPECT,
     b"content-length": H_CONTENT_LENGTH,
+    **{name: H_TRACE for name in TRACE_HEADERS if name != b"x-request-id"},
+    b"x-request-id": H_REQUEST_ID,
 }
 
 # Connection tokens that name no header to strip.

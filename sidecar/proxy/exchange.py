@@ -7,6 +7,7 @@ behaviour of its own. One is created per request, so its fields are kept flat an
 from __future__ import annotations
 
 import asyncio
+from time import monotonic, time_ns
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -26,6 +27,9 @@ class Exchange:
         "sent", "sent_size", "retries", "tried", "try_deadline", "wait", "waiter", "pending_cx", "attached", "retry_active", "discarding",
         # response
         "started", "resp_chunked", "status", "done",
+        # telemetry (see telemetry): times, ids, trace context, what the access log and spans report
+        "t0", "wall0", "request_id", "trace_in", "trace_id", "span_id", "parent_id", "sampled", "tracestate", "b3",
+        "trace_at", "span_start", "upstream_host", "try_t0", "bytes_in", "bytes_out", "flags",
     )
 
     def __init__(self) -> None:
@@ -72,3 +76,20 @@ class Exchange:
         self.resp_chunked = False
         self.status = 0
         self.done = False
+        self.t0 = monotonic()  # request start, for durations
+        self.wall0 = time_ns()  # the same instant on the wall clock (access log, span start)
+        self.request_id: bytes | None = None  # x-request-id, the caller's or generated
+        self.trace_in: list[tuple[int, bytes]] | None = None  # the caller's trace headers (kind, value)
+        self.trace_id = 0  # 0: tracing is off for this request
+        self.span_id = 0  # this hop's span (of the current attempt)
+        self.parent_id = 0  # the caller's span; 0 for a new trace
+        self.sampled = False
+        self.tracestate = b""
+        self.b3 = 0  # the B3 style the caller used (answered in kind)
+        self.trace_at = -1  # index of the trace headers in the upstream head (rewritten per attempt)
+        self.span_start = 0  # wall-clock ns the current attempt's span starts at; 0: the request's start
+        self.upstream_host = ""  # the endpoint of the last try (host:port)
+        self.try_t0 = 0.0  # when the current try started (upstream request time, LRS latency)
+        self.bytes_in = 0  # request body bytes received
+        self.bytes_out = 0  # response body bytes sent
+        self.flags = ""  # Envoy's response flags (UH, UO, UT, RL, DC, ...)

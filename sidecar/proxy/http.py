@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
-from sidecar.proxy import codec, errors
+from sidecar.proxy import codec, errors, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.router_filter import BUFFER_LIMIT, R_BUFFER, R_PIPELINE, R_UPSTREAM, RouterFilter
+from sidecar.tracing.context import TRACE_HEADERS
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import ListenerRuntime
@@ -173,12 +174,23 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         ex = self._parsing
         if ex.headers_done:
             return  # trailers of a chunked request are dropped
-        kind = _REQUEST_HEADER_KIND.get(name.lower())
+        lname = name.lower()
+        kind = _REQUEST_HEADER_KIND.get(lname)
         if kind is None:
             ex.headers += (name, b": ", value, b"\r\n")
             return
         self._head_size += len(name) + len(value)
-        if kind == codec.H_HOST:
+        if kind == codec.H_TRACE:
+            if self._rt.tracer is None:  # tracing off: trace headers pass through untouched
+                ex.headers += (name, b": ", value, b"\r\n")
+                self._head_size -= len(name) + len(value)
+            elif ex.trace_in is None:
+                ex.trace_in = [(TRACE_HEADERS[lname], value)]
+            else:
+                ex.trace_in.append((TRACE_HEADERS[lname], value))
+        elif kind == codec.H_REQUEST_ID:
+            ex.request_id = value
+        elif kind == codec.H_HOST:
             # A second Host header makes the target ambiguous (RFC 9112 §3.2): refused below.
             ex.host = value if not ex.host else None
         elif kind == codec.H_CONTENT_LENGTH:
@@ -231,6 +243,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         ex = self._parsing
         if ex.done or ex.discard:
             return  # answered already (or refused): the rest of the body is read and dropped
+        ex.bytes_in += len(body)
         conn = ex.conn
         if conn is not None:
             transport = conn.transport
@@ -313,6 +326,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             self._closing = True
         self._write(reply.keep_alive_bytes if ex.keep_alive else reply.close_bytes)
         ex.status = reply.status
+        ex.flags = reply.flag
         if ex.conn is not None:
             ex.conn.abort()
             ex.conn = None
@@ -374,6 +388,11 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             if ex.started and not failed and endpoint is not None:
                 endpoint.rq_success += 1
             self._release_try(ex, failed)
+        if ex.headers_done and not ex.discard:
+            try:
+                telemetry.end(self._rt, ex, self._peer() if ex.sampled else None)
+            except Exception as exc:  # a bug: never let accounting break the connection
+                errors.log_once("telemetry-bug", "unexpected error recording a request", exc_info=exc)
 
     def _reject(self, reply: errors.LocalReply, protocol_error: bool = True) -> None:
         """A protocol error (400, 431) or a request head timeout (408): answer once every earlier
@@ -426,6 +445,10 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         transport.close()
 
     # --- helpers -----------------------------------------------------------------------------
+
+    def _peer(self) -> tuple | None:
+        transport = self.transport
+        return transport.get_extra_info("peername") if transport is not None else None
 
     def _write(self, data: bytes) -> None:
         if self._batching:

@@ -37,15 +37,21 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import DEFAULT_IDLE_TIMEOUT, RateLimitConfig, RouteConfig
 from sidecar.proxy import errors
 from sidecar.proxy.http import HttpConnectionManager
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
+from sidecar.tracing.context import Sampler
+from sidecar.tracing.export import CLIENT, SERVER
 from sidecar.upstream.cluster import ClusterManager
-from sidecar.upstream.stats import Counters
+from sidecar.upstream.stats import Counters, Histogram
+
+if TYPE_CHECKING:
+    from sidecar.accesslog import AccessLog
+    from sidecar.tracing.export import Tracer
 
 DEFAULT_DRAIN_TIME = 5.0
 DEFAULT_BACKLOG = 1024
@@ -100,6 +106,18 @@ class ListenerRuntime:
         self.sweep_period = sweep_period_for(0.0, DEFAULT_IDLE_TIMEOUT)
         self._clock = clock
         self._sweep: asyncio.TimerHandle | None = None
+        # Telemetry (sidecar.proxy.telemetry), set by the sidecar from its flags and the listener's
+        # config: no tracer means tracing is off (trace headers pass through, no span ids are made).
+        self.tracer: Tracer | None = None
+        self.sampler: Sampler | None = None  # new traces: the HCM's tracing ratio, else the tracer's
+        self.access_log: AccessLog | None = None
+        self.span_kind = SERVER if name == "inbound" else CLIENT
+        self.service = ""  # the mesh attributes of spans
+        self.namespace = ""
+        self.rq_time = Histogram()  # downstream request time: first byte in to last byte out
+        # Responses by (route name, cluster name) and status class 1xx..5xx; a route never seen
+        # has no entry. Names are bounded by the config, never by requests.
+        self.route_stats: dict[tuple[str, str], list[int]] = {}
 
     def set_route_config(self, config: RouteConfig) -> Router:
         """Compile ``config`` and make it current; raises ValueError (a NACK) if it cannot be honoured."""
@@ -122,6 +140,16 @@ class ListenerRuntime:
         if current is not None and current.config == config:
             return current
         return TokenBucket(config, self._clock)
+
+    def set_tracing(self, tracer: Tracer | None, ratio: float | None) -> None:
+        """Tracing of this listener: ``ratio`` of new traces sampled (None: the tracer's own)."""
+        self.tracer = tracer
+        if tracer is None:
+            self.sampler = None
+        elif ratio is None:
+            self.sampler = tracer.sampler
+        elif self.sampler is None or self.sampler.ratio != ratio:
+            self.sampler = Sampler(ratio)
 
     def set_limits(self, rate_limit: TokenBucket | None, request_headers_timeout: float, idle_timeout: float) -> None:
         """Swap in the listener's limits (timeouts in seconds, 0: none); applies to open connections."""

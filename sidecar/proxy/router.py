@@ -27,10 +27,14 @@ AUTHORITY_CACHE_SIZE = 1024
 class RouteEntry:
     """A compiled route. ``cluster()`` names the target cluster of one request."""
 
-    __slots__ = ("route", "prefix", "timeout", "retry", "per_try_timeout", "timed", "fault", "_cluster", "_split")
+    __slots__ = ("route", "name", "prefix", "timeout", "retry", "per_try_timeout", "timed", "fault", "_cluster",
+                 "_split")
 
-    def __init__(self, route: Route, faults: bool = True) -> None:
+    def __init__(self, route: Route, faults: bool = True, vhost_name: str = "") -> None:
         self.route = route
+        # The ``route`` of request metrics and access logs: its virtual host's name (one per
+        # service, ``<svc>.<ns>``, in what the control plane sends; ``inbound`` on the inbound side).
+        self.name = vhost_name
         self.prefix = route.prefix.encode()
         self.timeout = route.timeout if route.timeout > 0 else 0.0
         # Read per request: None when the route has no retry policy / no fault to inject.
@@ -70,7 +74,7 @@ class _CompiledVirtualHost:
 
     def __init__(self, vhost: VirtualHost, faults: bool) -> None:
         self.vhost = vhost
-        self.routes = tuple(RouteEntry(r, faults) for r in vhost.routes)
+        self.routes = tuple(RouteEntry(r, faults, vhost.name) for r in vhost.routes)
 
     def match(self, path: bytes) -> RouteEntry | None:
         for entry in self.routes:

@@ -12,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from time import monotonic
 from typing import TYPE_CHECKING
 
-from sidecar.proxy import codec, errors
+from sidecar.proxy import codec, errors, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.upstream import breaker
 from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
@@ -84,6 +85,7 @@ class RouterFilter:
     def _dispatch(self, ex: Exchange) -> None:
         """Route the active exchange and send it upstream, or answer it locally."""
         rt = self._rt
+        telemetry.begin(rt, ex)
         limiter = rt.rate_limit
         if limiter is not None:
             if not limiter.try_take():
@@ -124,6 +126,7 @@ class RouterFilter:
         head[4] = ex.host
         if ex.chunked:
             head.append(codec.CHUNKED_HEADER)
+        telemetry.inject(ex, head)
         head.append(codec.CRLF)
         if entry.retry is not None:
             ex.sent = []
@@ -185,6 +188,8 @@ class RouterFilter:
             self._overflow(ex)
             return
         ex.endpoint = endpoint
+        ex.upstream_host = endpoint.key
+        ex.try_t0 = monotonic()
         endpoint.active_requests += 1
         endpoint.total_requests += 1
         if not ex.host:
@@ -319,7 +324,7 @@ class RouterFilter:
         if detector is not None and ex.endpoint is not None:
             detector.report_local(ex.endpoint, kind)
         if not ex.started and self._may_retry(ex, _RETRY_ON_LOCAL[kind]):
-            self._retry(ex)
+            self._retry(ex, reply.flag)
             return
         ex.failed = True
         self._local_reply(ex, reply)
@@ -343,11 +348,14 @@ class RouterFilter:
         conditions = _status_conditions(ex.entry.retry, status)
         return bool(conditions) and self._may_retry(ex, conditions)
 
-    def _retry(self, ex: Exchange) -> None:
-        """Release the failed try and send the next one after a jittered exponential back-off."""
+    def _retry(self, ex: Exchange, flag: str = "") -> None:
+        """Release the failed try and send the next one after a jittered exponential back-off.
+        ``flag``: how the try failed locally (UF, UC, UT); a retriable response left its status."""
         policy = ex.entry.retry
         cluster = ex.cluster
         failed = ex.endpoint
+        telemetry.attempt_failed(self._rt, ex, flag)
+        ex.status = 0
         self._release_try(ex, failed=True)
         if ex.sent is None:
             # The body outgrew the retry buffer while the failed response was being read and dropped.
@@ -397,6 +405,10 @@ class RouterFilter:
             ex.attached = False
             stats.upstream_rq_active -= 1
         endpoint.active_requests -= 1
+        if failed or ex.started:  # a try with an outcome: its time counts (LRS, upstream_rq_time)
+            elapsed = monotonic() - ex.try_t0
+            endpoint.rq_latency_total += elapsed
+            cluster.rq_time.observe(elapsed)
         if failed:
             endpoint.rq_error += 1
         if ex.pending_cx:
@@ -455,6 +467,7 @@ class RouterFilter:
         if detector is not None:
             detector.report_status(ex.endpoint, status)
         if ex.sent is not None and status >= 400 and self._may_retry_status(ex, status):
+            ex.status = status  # for the failed attempt's span
             ex.discarding = True  # read the rest of this response, drop it, then retry
             return
         if ex.retries and (ex.sent is None or not _status_conditions(ex.entry.retry, status)):
@@ -487,6 +500,7 @@ class RouterFilter:
         ex = self._active
         if ex is None or ex.discarding:
             return
+        ex.bytes_out += len(data)
         if ex.resp_chunked:
             if self._batching:
                 self._batch += codec.chunk(data)
@@ -519,6 +533,7 @@ class RouterFilter:
             return
         if ex.started:
             ex.failed = True
+            ex.flags = flag
             self._abort()
             return
         if (flag == "UC" and conn.requests > 0 and not ex.retried and not ex.has_body and ex.complete
@@ -595,6 +610,7 @@ class RouterFilter:
             ex.conn.abort()
             ex.conn = None
         if ex.started:
+            ex.flags = errors.UPSTREAM_TIMEOUT.flag
             self._abort()
         else:
             self._local_reply(ex, errors.UPSTREAM_TIMEOUT)

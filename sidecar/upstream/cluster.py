@@ -39,7 +39,7 @@ from sidecar.upstream.lb import LB_POLICIES, Balancer, make_balancer
 from sidecar.upstream.lb_random import WeightedRandom
 from sidecar.upstream.outlier import HostMonitor, OutlierDetector, Scheduler
 from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
-from sidecar.upstream.stats import ClusterStats
+from sidecar.upstream.stats import ClusterStats, Histogram
 
 DISCOVERY_STATIC = "STATIC"
 
@@ -104,7 +104,7 @@ class Endpoint:
 class Cluster:
     """A named group of endpoints behind one load balancer, with its outlier detector."""
 
-    __slots__ = ("name", "config", "breakers", "stats", "endpoints", "outlier", "retries_active", "_lb", "_panic",
+    __slots__ = ("name", "config", "breakers", "stats", "rq_time", "endpoints", "outlier", "retries_active", "_lb", "_panic",
                  "_connector", "_max_idle", "_clock", "_random", "_scheduler")
 
     def __init__(self, config: ClusterConfig, *, connector: Connector | None = None,
@@ -114,6 +114,7 @@ class Cluster:
         self.config = config
         self.breakers = config.circuit_breakers  # read per request (sidecar.upstream.breaker)
         self.stats = ClusterStats()
+        self.rq_time = Histogram()  # upstream request time: a try's start to its response's end
         self.endpoints: dict[str, Endpoint] = {}
         self.outlier: OutlierDetector | None = None
         self.retries_active = 0  # retries in flight (the retry budget reads it)

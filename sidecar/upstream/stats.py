@@ -7,6 +7,12 @@ and metrics layers read :meth:`Counters.snapshot` later. Names follow Envoy's cl
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
+# Request durations in seconds (Envoy's histogram buckets, in seconds rather than milliseconds).
+DURATION_BUCKETS: tuple[float, ...] = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                                       1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
 CLUSTER_STATS: tuple[str, ...] = (
     "upstream_cx_total",  # connections opened
     "upstream_cx_active",  # connections open now (idle or busy)
@@ -83,3 +89,34 @@ class ClusterStats(Counters):
             self.upstream_rq_4xx += 1
         else:
             self.upstream_rq_5xx += 1
+
+
+class Histogram:
+    """A Prometheus-style histogram the data path can afford: one bisect and two adds per value.
+
+    ``counts[i]`` counts values in (bounds[i-1], bounds[i]]; the last slot is +Inf. The metrics
+    layer turns them into cumulative buckets at scrape time.
+    """
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, int]]:
+        """Cumulative (upper bound, count) pairs ending with +Inf, as prometheus-client takes them."""
+        out, total = [], 0
+        for bound, n in zip((*self.bounds, float("inf")), self.counts, strict=True):
+            total += n
+            out.append(("+Inf" if bound == float("inf") else repr(bound), total))
+        return out
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)

@@ -128,7 +128,7 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
         raise XdsError(f"{where}: cannot decode http_connection_manager")
     where = f"{where} http_connection_manager"
     _only(hcm, ("stat_prefix", "rds", "route_config", "http_filters", "codec_type", "request_headers_timeout",
-                "common_http_protocol_options"), where)
+                "common_http_protocol_options", "tracing"), where)
     if hcm.codec_type not in (_HCM.AUTO, _HCM.HTTP1):
         raise XdsError(f"{where}: codec_type {_HCM.CodecType.Name(hcm.codec_type)} is not supported (HTTP/1.1 only)")
     rate_limit, fault_filter = _http_filters(hcm.http_filters, where)
@@ -136,6 +136,7 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
         "name": msg.name, "rate_limit": rate_limit, "fault_filter": fault_filter,
         "request_headers_timeout": _duration(hcm, "request_headers_timeout", 0.0, where),
         "idle_timeout": _idle_timeout(hcm, "common_http_protocol_options", where),
+        "trace_sample_ratio": _trace_sample_ratio(hcm, where),
     }
     which = hcm.WhichOneof("route_specifier")
     if which == "rds":
@@ -148,6 +149,22 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
     if which == "route_config":
         return ListenerConfig(route_config=route_configuration(hcm.route_config, fault_filter), **common)
     raise XdsError(f"{where}: http_connection_manager needs rds or route_config")
+
+
+def _trace_sample_ratio(hcm: Message, where: str) -> float | None:
+    """``tracing.random_sampling`` (Envoy's default 100% when unset) as a ratio; None: no tracing
+    config (the sidecar's flag applies). The tracer itself comes from the sidecar's flags, so a
+    ``provider`` and the other sampling knobs are refused rather than ignored."""
+    if not hcm.HasField("tracing"):
+        return None
+    tr = hcm.tracing
+    _only(tr, ("random_sampling",), f"{where} tracing")
+    if not tr.HasField("random_sampling"):
+        return 1.0
+    value = tr.random_sampling.value
+    if not 0.0 <= value <= 100.0:
+        raise XdsError(f"{where} tracing.random_sampling: {value} is outside 0..100")
+    return value / 100.0
 
 
 def _idle_timeout(msg: Message, name: str, where: str) -> float:

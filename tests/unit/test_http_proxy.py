@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import httptools
@@ -14,6 +15,11 @@ from sidecar.upstream.cluster import ClusterManager
 from tests.unit.test_pool import FakeConnector, FakeTransport, async_test, until
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+# Every request head sent upstream carries a generated x-request-id (a UUID4, Envoy's
+# generate_request_id): Upstream.received() checks it and takes it out, so that tests compare the
+# rest byte for byte. tests/unit/test_telemetry.py tests the header itself.
+_REQUEST_ID = re.compile(
+    rb"x-request-id: [0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\r\n(?=(?:[^\r\n]+\r\n)*\r\n)")
 
 
 class Upstream:
@@ -23,8 +29,13 @@ class Upstream:
         self.protocol = protocol
         self.transport = transport
 
-    def received(self) -> bytes:
-        return self.transport.take()
+    def received(self, request_ids: int | None = None) -> bytes:
+        """What arrived since the last call, each head's generated x-request-id taken out.
+        ``request_ids``: how many request heads must have had one (default: do not check)."""
+        data, n = _REQUEST_ID.subn(b"", self.transport.take())
+        if request_ids is not None:
+            assert n == request_ids, (n, data)
+        return data
 
     def respond(self, data: bytes) -> None:
         self.protocol.data_received(data)
