@@ -50,7 +50,17 @@ from meshkeeper.demo.process import (
 )
 
 BENCH_DIR = Path(__file__).resolve().parent
-PROXIES = ("haproxy", "nginx", "sidecar", "sidecar-resilience")
+# The sidecar targets differ in their flags: every one runs without an access log (HAProxy and nginx
+# log nothing here either) except "sidecar-access-log", which writes its JSON lines to a file as a
+# container runtime would collect stdout; the tracing targets export to an OTLP sink (OtlpSink).
+SIDECAR_TARGETS: dict[str, list[str]] = {
+    "sidecar": ["--access-log", "off"],
+    "sidecar-resilience": ["--access-log", "off"],
+    "sidecar-access-log": ["--access-log", "{workdir}/access.log"],
+    "sidecar-trace-1pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "0.01"],
+    "sidecar-trace-100pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "1"],
+}
+PROXIES = ("haproxy", "nginx", *SIDECAR_TARGETS)
 # The traffic policy of the "sidecar-resilience" target: every mechanism on the request path is
 # engaged with Envoy's defaults (circuit breakers and the retry budget are on for every target).
 RESILIENCE_POLICY = {
@@ -117,10 +127,12 @@ def group_rss_kib(proc: ChildProcess) -> int:
 class Sidecar:
     """ZooKeeper + control plane + the upstream registered + one sidecar pinned to the proxy CPU."""
 
-    def __init__(self, workdir: Path, upstream_port: int, policy: dict | None = None) -> None:
+    def __init__(self, workdir: Path, upstream_port: int, policy: dict | None = None,
+                 extra: list[str] | None = None) -> None:
         self.workdir = workdir
         self.upstream_port = upstream_port
         self.policy = policy
+        self.extra = extra or []
         self.mesh = LocalMesh(workdir=workdir)  # ZooKeeper and the control plane, as in the demo
         self.kazoo = None
         self.procs: list[ChildProcess] = []
@@ -137,6 +149,7 @@ class Sidecar:
                     "sidecar", "--service", "bench", "--app-port", str(self.upstream_port),
                     "--cp", f"127.0.0.1:{cp.port('xds_port')}", "--zk", zk_hosts,
                     "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--workers", "1",
+                    *self.extra,
                 ),
             ),
             role="sidecar",
@@ -183,6 +196,56 @@ class Sidecar:
             self.kazoo.stop()
             self.kazoo.close()
         self.mesh.stop(remove_workdir=False)
+
+
+class OtlpSink:
+    """An OTLP/gRPC TraceService that accepts every export and only counts it (spans are not
+    decoded: the sink must cost the load CPU as little as possible). Runs in this process, on CPU 0."""
+
+    def __init__(self) -> None:
+        from concurrent import futures
+
+        import grpc
+
+        self.requests = 0
+        self.bytes = 0
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+
+        def export(request: bytes, context) -> bytes:
+            self.requests += 1
+            self.bytes += len(request)
+            return b""  # an empty ExportTraceServiceResponse
+
+        handler = grpc.method_handlers_generic_handler(
+            "opentelemetry.proto.collector.trace.v1.TraceService",
+            {"Export": grpc.unary_unary_rpc_method_handler(export)})
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.server.stop(0)
+
+
+def tracing_note(proc: ChildProcess) -> str:
+    """What the sidecar's tracer did over the whole run, from its own metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    status, _, body = http_get(f"http://127.0.0.1:{proc.port('admin_port')}/stats/prometheus", timeout=5)
+    if status != 200:
+        return f"tracing stats unavailable ({status})"
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(body.decode()):
+        for sample in family.samples:
+            if sample.name.startswith("meshkeeper_tracing_spans_"):
+                key = sample.name.removeprefix("meshkeeper_tracing_spans_").removesuffix("_total")
+                key += f"({sample.labels['reason']})" if "reason" in sample.labels else ""
+                values[key] = values.get(key, 0) + sample.value
+    return "spans " + ", ".join(f"{k} {int(v):,}" for k, v in sorted(values.items()))
 
 
 # --------------------------------------------------------------------------- load generators
@@ -409,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
 
     started: list[ChildProcess] = []
     sidecar_env: Sidecar | None = None
+    sink: OtlpSink | None = None
     try:
         port = free_port()
         conf = render("nginx-upstream.conf", workdir, port=port)
@@ -446,7 +510,11 @@ def main(argv: list[str] | None = None) -> int:
                     policy = RESILIENCE_POLICY if name == "sidecar-resilience" else None
                     own = workdir / name  # a ZooKeeper of its own: nothing left from another target
                     own.mkdir(exist_ok=True)
-                    sidecar_env = Sidecar(own, port, policy)
+                    if "{otlp}" in SIDECAR_TARGETS[name] and sink is None:
+                        sink = OtlpSink()
+                    extra = [a.format(workdir=own, otlp=sink.endpoint if sink else "")
+                             for a in SIDECAR_TARGETS[name]]
+                    sidecar_env = Sidecar(own, port, policy, extra)
                     try:
                         proc, url = sidecar_env.start()
                     except (RuntimeError, TimeoutError, OSError) as exc:
@@ -456,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
                         sidecar_env = None
                         continue
                 measure(result, url, proc, args, workdir)
+                if "{otlp}" in SIDECAR_TARGETS.get(name, ()):
+                    result.note = tracing_note(proc)
             except (RuntimeError, TimeoutError, subprocess.SubprocessError) as exc:
                 result.note = f"failed: {_one_line(exc)}"
                 print(f"  {result.note}\n  logs: {workdir}", flush=True)
@@ -475,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if sidecar_env is not None:
             sidecar_env.stop()
+        if sink is not None:
+            sink.stop()
         for proc in reversed(started):
             proc.terminate(5)
 

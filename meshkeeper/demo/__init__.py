@@ -18,6 +18,7 @@ The pieces are reusable: :mod:`meshkeeper.demo.mesh` (a local mesh), :mod:`.app`
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import time
@@ -41,6 +42,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"requests per second to the frontend ({DEFAULT_RPS:g})",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, ZooKeeper data)")
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   help="OTLP/gRPC collector for the sidecars' spans, e.g. a local Jaeger at 127.0.0.1:4317 "
+                        "(the demo samples every trace)")
     args = p.parse_args(argv)
     if args.rps <= 0:
         p.error("--rps must be positive")
@@ -62,7 +66,9 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = sys.stdout
     live = out.isatty()
-    mesh = LocalMesh()
+    # The demo samples 100% of traces (the default is 1%), exported when a collector is named.
+    tracing = ("--trace-sample-ratio", "1", *(("--otlp-endpoint", args.otlp_endpoint) if args.otlp_endpoint else ()))
+    mesh = LocalMesh(sidecar_args=tracing)
     traffic: TrafficDriver | None = None
     code = 0
     previous = signal.signal(signal.SIGTERM, _raise_stop)
@@ -75,6 +81,9 @@ def run(argv: list[str] | None = None) -> int:
         mesh.wait_ready()
 
         endpoints = mesh.endpoints()
+        endpoints.append(f"traces           every request, exported to {args.otlp_endpoint}" if args.otlp_endpoint
+                         else "traces           not exported: pass --otlp-endpoint HOST:4317 (Jaeger) to see them")
+        endpoints.append("access logs      one JSON line per request in each sidecar's stdout log")
         print("\n".join(["", *endpoints, ""]), flush=True)
         traffic = TrafficDriver("127.0.0.1", frontend.app_port, args.rps, downstream="catalog")
         traffic.start()

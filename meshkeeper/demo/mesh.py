@@ -66,6 +66,7 @@ class LocalMesh:
 
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="meshkeeper-demo-")))
     namespace: str = "default"
+    sidecar_args: tuple[str, ...] = ()  # extra flags of every sidecar (the demo's tracing flags)
     zk: ZooKeeper | None = None
     controlplane: ManagedProcess | None = None
     instances: list[Instance] = field(default_factory=list)
@@ -136,7 +137,7 @@ class LocalMesh:
         argv = meshkeeper_argv(
             "sidecar", "--service", service, "--namespace", self.namespace, "--app-port", str(app_port),
             "--version", version, "--weight", str(weight), "--cp", self.cp_address, "--zk", self.zk_hosts,
-            "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0",
+            "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", *self.sidecar_args,
         )  # fmt: skip
         return self._start(argv, "sidecar", f"sidecar-{name}")
 
@@ -183,7 +184,7 @@ class LocalMesh:
             url = self.cp_http_url
             lines += [
                 f"control plane    xDS {self.cp_address}   HTTP {url}/healthz",
-                f"                 {url}/api/proxies   {url}/metrics",
+                f"                 {url}/api/proxies   {url}/api/load   {url}/metrics",
             ]
         for i in self.instances:
             lines.append(
