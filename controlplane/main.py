@@ -2,7 +2,7 @@
 
 ``meshkeeper.cli`` calls :func:`main` with the arguments after ``controlplane``. Once both ports
 are bound, one ready line goes to stdout (docs/contracts.md); logs go to stderr. SIGTERM and SIGINT
-close the ADS streams, the HTTP port and the ZooKeeper session, then :func:`main` returns 0.
+close the ADS and LRS streams, the HTTP port and the ZooKeeper session, then :func:`main` returns 0.
 ZooKeeper being down at start is fine: the session is retried until it comes up, and sidecars get
 nothing until the first complete registry snapshot.
 """
@@ -22,6 +22,8 @@ import uvloop
 
 from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.cache import SnapshotCache
+from controlplane.lrs import DEFAULT_LOAD_REPORT_INTERVAL, LoadReportingServer, LoadStore
+from controlplane.lrs import add_to_server as add_lrs_to_server
 from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry
 from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
@@ -50,6 +52,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--zk-session-timeout", type=seconds, default=10.0, help="ZooKeeper session timeout, seconds")
     p.add_argument("--debounce-ms", type=int, default=int(DEFAULT_DEBOUNCE * 1000),
                    help="wait this long after a registry change before publishing (default %(default)s)")
+    p.add_argument("--load-report-interval", type=seconds, default=DEFAULT_LOAD_REPORT_INTERVAL,
+                   help="how often sidecars send load reports (LRS), seconds (default %(default)s)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     for flag in ("xds_port", "http_port"):
@@ -76,9 +80,13 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     watch = RegistryWatch(KazooSource(args.zk, args.zk_session_timeout), cache.set_snapshot,
                           metrics=metrics, debounce=args.debounce_ms / 1000)
 
+    load = LoadStore(args.load_report_interval)
+
     server = grpc.aio.server(options=SERVER_OPTIONS)
     ads = AdsServer(cache, proxies)
     add_to_server(server, ads)
+    lrs = LoadReportingServer(load, metrics)
+    add_lrs_to_server(server, lrs)
     try:
         xds_port = server.add_insecure_port(_hostport(args.bind, args.xds_port))
     except RuntimeError as exc:
@@ -90,7 +98,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 1
     await server.start()
     try:
-        web = await HttpServer.start(Web(cache, proxies, metrics, lambda: watch.state), args.bind, args.http_port)
+        web = await HttpServer.start(Web(cache, proxies, metrics, lambda: watch.state, load), args.bind, args.http_port)
     except OSError as exc:
         log.error("cannot bind the HTTP port %s: %s", _hostport(args.bind, args.http_port), exc)
         await server.stop(None)
@@ -104,6 +112,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     finally:
         log.info("shutting down")
         ads.close_streams()
+        lrs.close_streams()
         await server.stop(SHUTDOWN_GRACE)
         await web.close()
         await watch.stop()

@@ -3,14 +3,29 @@
 Each :class:`Metrics` owns its own ``CollectorRegistry`` (no process-global state, so tests can
 build many). Components receive the object and touch only the metrics named for them; ``/metrics``
 renders :meth:`Metrics.render`.
+
+Names follow Prometheus conventions: ``meshkeeper_`` prefix, the unit in the name (``_seconds``),
+counters exposed as ``<name>_total``. Label values come from small fixed sets (xDS type, ZooKeeper
+event type or state, snapshot stage, bad-znode kind), with one exception: the per-proxy series
+(``meshkeeper_xds_proxy_*{node_id,type}``) are produced at scrape time from the proxies connected
+*now* (:meth:`Metrics.track_proxies`), so a proxy that disconnects leaves the scrape with it and
+the label set is bounded by the open ADS streams, not by every proxy ever seen. Their counters
+restart at 0 on a new stream, which Prometheus' ``rate()`` reads as a counter reset.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from typing import NamedTuple
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 ZK_STATES = ("CONNECTED", "SUSPENDED", "LOST")
+# meshkeeper_zookeeper_events_total{type}: kazoo's watch event types, then session state changes.
+ZK_WATCH_EVENTS = ("CREATED", "DELETED", "CHANGED", "CHILD")
+ZK_EVENT_TYPES = (*ZK_WATCH_EVENTS, *ZK_STATES, "OTHER")
 
 # Push-to-ACK is dominated by the client's apply time: milliseconds on a LAN, seconds when stuck.
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -57,14 +72,34 @@ class Metrics:
             "Znodes refused (bad name or payload), once per path and mzxid", ["kind"], registry=r)
         self.bad_znodes_current = Gauge(
             "meshkeeper_registry_bad_znodes_current", "Znodes whose current payload is refused", registry=r)
+        self.zk_events = Counter(
+            "meshkeeper_zookeeper_events",
+            "ZooKeeper events received by the registry watch: type is the watch event type "
+            "(CREATED, DELETED, CHANGED, CHILD) or the new session state (CONNECTED, SUSPENDED, LOST)",
+            ["type"], registry=r)
         self.snapshot_build = Histogram(
             "meshkeeper_snapshot_build_seconds",
             "Time to build a snapshot: stage=registry (tree to RegistrySnapshot) or xds (shared resources)",
             ["stage"], buckets=_BUILD_BUCKETS, registry=r)
+        # load reporting (LRS)
+        self.lrs_streams = Gauge(
+            "meshkeeper_lrs_streams", "Load reporting (LRS) streams currently open", registry=r)
+        self.lrs_reports = Counter(
+            "meshkeeper_lrs_reports", "Load reports (LoadStatsRequests after the first) received",
+            registry=r)
         for t in ("CDS", "EDS", "LDS", "RDS"):
             for m in (self.pushes, self.acks, self.nacks):
                 m.labels(type=t)
+        for t in ZK_EVENT_TYPES:
+            self.zk_events.labels(type=t)
         self.set_zk_state("LOST")
+
+    def zk_event(self, kind: str) -> None:
+        self.zk_events.labels(type=kind if kind in ZK_EVENT_TYPES else "OTHER").inc()
+
+    def track_proxies(self, rows: Callable[[], Iterable[ProxyTypeRow]]) -> None:
+        """Serve the per-proxy series from ``rows()``, called at each scrape (see the docstring)."""
+        self.registry.register(_ProxyCollector(rows))
 
     def set_zk_state(self, state: str) -> None:
         for s in ZK_STATES:
@@ -73,3 +108,37 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ProxyTypeRow(NamedTuple):
+    """One connected proxy's record of one xDS type, as the per-proxy series show it."""
+
+    node_id: str
+    type: str  # CDS, EDS, LDS, RDS
+    pushes: int
+    nacks: int
+    last_push_ack_latency: float | None  # seconds; None until a push of this stream was ACKed
+
+
+class _ProxyCollector:
+    def __init__(self, rows: Callable[[], Iterable[ProxyTypeRow]]) -> None:
+        self._rows = rows
+
+    def collect(self) -> Iterator[Metric]:
+        pushes = CounterMetricFamily(
+            "meshkeeper_xds_proxy_pushes", "DiscoveryResponses sent on this proxy's open ADS stream",
+            labels=["node_id", "type"])
+        nacks = CounterMetricFamily(
+            "meshkeeper_xds_proxy_nacks", "NACKs received on this proxy's open ADS stream",
+            labels=["node_id", "type"])
+        latency = GaugeMetricFamily(
+            "meshkeeper_xds_proxy_last_push_ack_latency_seconds",
+            "Time from the last ACKed push of this type to its ACK, on this proxy's open ADS stream",
+            labels=["node_id", "type"])
+        for row in self._rows():
+            labels = [row.node_id, row.type]
+            pushes.add_metric(labels, row.pushes)
+            nacks.add_metric(labels, row.nacks)
+            if row.last_push_ack_latency is not None:
+                latency.add_metric(labels, row.last_push_ack_latency)
+        yield from (pushes, nacks, latency)

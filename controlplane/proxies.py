@@ -2,7 +2,9 @@
 
 The ADS server reports sends, ACKs and NACKs here; this module keeps the per-type record
 (version sent, version ACKed, last NACK with its error_detail) and the xDS metrics that go with
-it. ``/api/proxies`` and the admin API read :meth:`ProxyRegistry.to_json`.
+it. ``/api/proxies`` and the admin API read :meth:`ProxyRegistry.to_json`; the per-proxy
+Prometheus series (pushes, NACKs, last push-to-ACK latency by node and type) are read from here at
+each scrape, for the streams open at that moment (controlplane.metrics).
 """
 
 from __future__ import annotations
@@ -10,12 +12,12 @@ from __future__ import annotations
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from controlplane.metrics import Metrics
+from controlplane.metrics import Metrics, ProxyTypeRow
 from meshkeeper.xds import SHORT_TYPE, NodeInfo
 
 log = logging.getLogger("meshkeeper.controlplane.xds")
@@ -43,11 +45,16 @@ class TypeStatus:
     version_acked: str = ""
     acked_at: float | None = None
     nack: Nack | None = None
+    pushes: int = 0  # responses sent on this stream
+    nacks: int = 0
+    last_ack_latency: float | None = None  # seconds from the last ACKed push to its ACK
 
     def to_json(self) -> dict[str, Any]:
         return {
             "version_sent": self.version_sent, "sent_at": _iso(self.sent_at),
             "version_acked": self.version_acked, "acked_at": _iso(self.acked_at),
+            "pushes": self.pushes, "nacks": self.nacks,
+            "last_push_ack_latency_seconds": None if self.last_ack_latency is None else round(self.last_ack_latency, 6),
             "nack": None if self.nack is None else {
                 "error": self.nack.error, "version": self.nack.version, "at": _iso(self.nack.at)},
         }
@@ -85,6 +92,7 @@ class ProxyRegistry:
         self._wall, self._mono = wall, mono
         self._ids = itertools.count(1)
         self._proxies: dict[int, ProxyStatus] = {}
+        self._metrics.track_proxies(self.metric_rows)
 
     def __len__(self) -> int:
         return len(self._proxies)
@@ -108,6 +116,7 @@ class ProxyRegistry:
         st = p.type(type_url)
         st.version_sent, st.nonce_sent = version, nonce
         st.sent_at, st.sent_mono = self._wall(), self._mono()
+        st.pushes += 1
         self._metrics.pushes.labels(type=SHORT_TYPE.get(type_url, "other")).inc()
 
     def acked(self, p: ProxyStatus, type_url: str, version: str) -> None:
@@ -115,7 +124,8 @@ class ProxyRegistry:
         short = SHORT_TYPE.get(type_url, "other")
         self._metrics.acks.labels(type=short).inc()
         if version == st.version_sent and st.version_acked != version:
-            self._metrics.push_ack_latency.labels(type=short).observe(self._mono() - st.sent_mono)
+            st.last_ack_latency = self._mono() - st.sent_mono
+            self._metrics.push_ack_latency.labels(type=short).observe(st.last_ack_latency)
         st.version_acked, st.acked_at = version, self._wall()
         st.nack = None  # a later version was accepted: the refusal is resolved (the counter keeps it)
 
@@ -123,8 +133,17 @@ class ProxyRegistry:
         st = p.type(type_url)
         short = SHORT_TYPE.get(type_url, "other")
         st.nack = Nack(error, version, self._wall())
+        st.nacks += 1
         self._metrics.nacks.labels(type=short).inc()
         log.warning("NACK from %s for %s version %s: %s", p.node.node_id, short, version, error)
 
     def to_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.list()]
+
+    def metric_rows(self) -> Iterator[ProxyTypeRow]:
+        """Per (node, type) rows for the per-proxy series. Two open streams with one node id (a
+        reconnect the old stream has not noticed yet) would be duplicate series: the newest wins."""
+        newest = {p.node.node_id: p for p in self.list()}  # list() is sorted by (node_id, stream_id)
+        for node_id, p in newest.items():
+            for short, st in sorted(p.types.items()):
+                yield ProxyTypeRow(node_id, short, st.pushes, st.nacks, st.last_ack_latency)

@@ -46,7 +46,8 @@ class ZkSource(Protocol):
     """What the watch needs from ZooKeeper. All methods run on the event loop."""
 
     def start(self, on_event: Callable[[str], None], on_state: Callable[[str], None]) -> None:
-        """Begin connecting. ``on_event(path)`` fires for every triggered watch, ``on_state`` with
+        """Begin connecting. ``on_event(path, kind)`` fires for every triggered watch (``kind``: the
+        event type, ``CREATED``/``DELETED``/``CHANGED``/``CHILD``), ``on_state`` with
         ``CONNECTED``/``SUSPENDED``/``LOST``; both are called on the loop."""
 
     async def children(self, path: str) -> list[str] | None:
@@ -134,6 +135,7 @@ class RegistryWatch:
 
     def _on_state(self, state: str) -> None:
         log.info("zookeeper %s", state)
+        self._metrics.zk_event(state)
         self._state = state
         self._metrics.set_zk_state(state)
         self._gen += 1  # whatever is in flight belongs to the old connection
@@ -151,7 +153,8 @@ class RegistryWatch:
         self._dirty = True
         self._schedule(ROOT)
 
-    def _on_event(self, path: str) -> None:
+    def _on_event(self, path: str, kind: str = "OTHER") -> None:
+        self._metrics.zk_event(kind)
         if self._connected and path:
             self._schedule(path)
 

@@ -1,6 +1,6 @@
-"""The control plane's HTTP port (15014): ``/healthz``, ``/metrics``, ``/api/proxies``.
+"""The control plane's HTTP port (15014): ``/healthz``, ``/metrics``, ``/api/proxies``, ``/api/load``.
 
-Read-only views over the watch, the xDS cache and the proxy registry, served by
+Read-only views over the watch, the xDS cache, the proxy registry and the load store, served by
 :mod:`meshkeeper.httpd`. The dashboard and the rest of the JSON API mount here later.
 
 ``GET /healthz`` answers 200 while the process serves; ``registry_snapshot`` is null until the
@@ -19,6 +19,25 @@ versions are the opaque ``version_info`` strings; types never sent are absent::
                         "version_acked": "9f2c61d0a1b3", "acked_at": "...",
                         "nack": null | {"error": "...", "version": "...", "at": "..."}},
                 "EDS": {...}, "LDS": {...}, "RDS": {...}}}]
+
+Each type also carries ``pushes`` and ``nacks`` (responses sent and NACKs received on this stream)
+and ``last_push_ack_latency_seconds`` (null until a push of this stream was ACKed).
+
+``GET /api/load[?namespace=NS]``: load reported by the sidecars over LRS (controlplane.lrs), per
+service and per endpoint (the address callers dial, as instances are named in the registry),
+sorted by namespace, service and address. ``totals`` count since this control plane started,
+summed over every sidecar (and worker) that reported; ``rates`` are per second over the last
+reporting interval, summed over the reporters whose latest report is fresh; ``in_progress`` is the
+sum of their current gauges. Ratios and means are null when nothing finished. ``reporters`` is the
+number of LRS streams open now::
+
+    {"interval_seconds": 10.0, "reporters": 4,
+     "services": [{"namespace": "default", "service": "catalog",
+                   "totals": {"issued": 1200, "success": 1190, "error": 10, "in_progress": 2,
+                              "latency_sum_seconds": 6.1, "mean_latency_seconds": 0.005118},
+                   "rates": {"rps": 20.0, "success_rps": 19.8, "error_rps": 0.2, "error_ratio": 0.01,
+                             "mean_latency_seconds": 0.0051},
+                   "endpoints": [{"address": "127.0.0.1:15006", "totals": {...}, "rates": {...}}]}]}
 """
 
 from __future__ import annotations
@@ -28,6 +47,7 @@ from collections.abc import Callable
 from typing import Any
 
 from controlplane.cache import SnapshotCache
+from controlplane.lrs import LoadStore
 from controlplane.metrics import CONTENT_TYPE, Metrics
 from controlplane.proxies import ProxyRegistry
 
@@ -41,12 +61,14 @@ def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
 
 class Web:
     def __init__(self, cache: SnapshotCache, proxies: ProxyRegistry, metrics: Metrics,
-                 zk_state: Callable[[], str]) -> None:
+                 zk_state: Callable[[], str], load: LoadStore | None = None) -> None:
         self.cache, self.proxies, self.metrics, self.zk_state = cache, proxies, metrics, zk_state
-        self.routes = {
+        self.load = load if load is not None else LoadStore()
+        self.routes: dict[str, Callable[[dict[str, str]], tuple[int, str, bytes]]] = {
             "/healthz": self.healthz,
             "/metrics": self.prometheus,
             "/api/proxies": self.api_proxies,
+            "/api/load": self.api_load,
         }
 
     def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
@@ -56,9 +78,9 @@ class Web:
             return 404, TEXT, f"no page {path}\n".encode()
         if method != "GET":
             return 405, TEXT, b"only GET and HEAD\n"
-        return page()
+        return page(query)
 
-    def healthz(self) -> tuple[int, str, bytes]:
+    def healthz(self, query: dict[str, str]) -> tuple[int, str, bytes]:
         """200 while the process serves. The body says whether sidecars can get config yet."""
         snap = self.cache.snapshot
         return _json(200, {
@@ -68,8 +90,11 @@ class Web:
             "proxies": len(self.proxies),
         })
 
-    def prometheus(self) -> tuple[int, str, bytes]:
+    def prometheus(self, query: dict[str, str]) -> tuple[int, str, bytes]:
         return 200, CONTENT_TYPE, self.metrics.render()
 
-    def api_proxies(self) -> tuple[int, str, bytes]:
+    def api_proxies(self, query: dict[str, str]) -> tuple[int, str, bytes]:
         return _json(200, self.proxies.to_json())
+
+    def api_load(self, query: dict[str, str]) -> tuple[int, str, bytes]:
+        return _json(200, self.load.snapshot(query.get("namespace") or None))

@@ -33,7 +33,7 @@ class KazooSource:
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, backoff=2, max_delay=CONNECT_MAX_DELAY),
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._on_event: Callable[[str], None] | None = None
+        self._on_event: Callable[[str, str], None] | None = None
         self._on_state: Callable[[str], None] | None = None
 
     # -- kazoo threads: hand over and return
@@ -53,7 +53,7 @@ class KazooSource:
         # On session expiry kazoo fires every watcher with EventType.NONE and no path: the state
         # listener handles that (full re-read), so such events are dropped here.
         if event.path:
-            self._post(self._on_event, event.path)
+            self._post(self._on_event, event.path, str(event.type))
 
     def _bridge(self, async_result: Any) -> asyncio.Future:
         fut = self._loop.create_future()
@@ -71,7 +71,7 @@ class KazooSource:
 
     # -- ZkSource, on the loop
 
-    def start(self, on_event: Callable[[str], None], on_state: Callable[[str], None]) -> None:
+    def start(self, on_event: Callable[[str, str], None], on_state: Callable[[str], None]) -> None:
         self._loop = asyncio.get_running_loop()
         self._on_event, self._on_state = on_event, on_state
         self.client.add_listener(self._listener)

@@ -38,6 +38,12 @@ SHORT_TYPE = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS", RU
 # Wildcard types: an empty resource_names list means "everything" (SotW, DESIGN §4).
 WILDCARD_TYPES = (LISTENER, CLUSTER)
 
+# Load reporting (LRS): the named load metric that carries request latency, in
+# UpstreamEndpointStats.load_metric_stats (and summed per locality): num_requests_finished_with_metric
+# counts the requests that finished (succeeded or errored) in the interval, total_metric_value sums
+# their latencies in seconds. Envoy reports only ORCA metrics there; this name is ours.
+LRS_LATENCY_METRIC = "rq_latency_seconds"
+
 OUTBOUND_LISTENER = "outbound"
 INBOUND_LISTENER = "inbound"
 OUTBOUND_ROUTE = "outbound"

@@ -9,7 +9,7 @@
                     requests, and ``ejected``, ``ejections`` (times ejected), ``ejected_until``
                     (seconds from now, or null) with its outlier counters.
 ``/listeners``      the bound listener ports.
-``/server_info``    node identity, state, uptime, xDS connection.
+``/server_info``    node identity, state, uptime, xDS connection, load reporting (LRS) state.
 ``/stats/prometheus`` Prometheus text exposition.
 
 Handlers only read the runtime; nothing here changes routing.
@@ -101,6 +101,7 @@ class AdminServer:
             "uptime_seconds": round(time.time() - self.started, 3),
             "control_plane": {"target": rt.ads.target, "connected": rt.ads.connected,
                               "connects": rt.ads.connects} if rt.ads else None,
+            "load_reporting": rt.lrs.admin_view() if rt.lrs is not None else None,
             "registration": None if reg is None else {
                 "path": reg.path, "registered": reg.registered, "app_healthy": reg.healthy,
                 "zookeeper": reg.zk_state, "registrations": reg.registrations,

@@ -10,7 +10,8 @@ for ``--drain-delay`` while callers learn of it (answering ``Connection: close``
 accepting, let in-flight requests finish (bounded by ``--drain-timeout``), then exit.
 
 ``--workers N`` runs N-1 extra worker processes sharing the listener ports with SO_REUSEPORT;
-each has its own loop and ADS stream. Registration and the admin port live in worker 0.
+each has its own loop, ADS stream and load reporting (LRS) stream. Registration and the admin
+port live in worker 0.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ import signal
 import subprocess
 import sys
 
-from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, seconds
+from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
 
 log = logging.getLogger("meshkeeper.sidecar")
+
+DEFAULT_SAMPLE_RATIO = 0.01  # Istio's default trace sampling: 1%
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -55,6 +58,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="after deregistering, keep accepting (answering Connection: close) this long, "
                         "so that callers learn of it before the listeners close")
     p.add_argument("--drain-timeout", type=seconds, default=5.0, help="bound on waiting for in-flight requests")
+    p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
+                   help="OTLP/gRPC collector HOST:PORT (Jaeger's 4317) to export spans to; "
+                        "empty (default): no tracing, trace headers pass through untouched")
+    p.add_argument("--otlp-timeout", type=seconds, default=5.0,
+                   help="bound on one export to the collector, retries included (default %(default)s s)")
+    p.add_argument("--trace-sample-ratio", type=ratio, default=DEFAULT_SAMPLE_RATIO,
+                   help="share of new traces sampled, 0..1 (default %(default)s; a service's policy "
+                        "tracing.sample_percent overrides it); a caller's decision is always followed")
+    p.add_argument("--access-log", default="-", metavar="PATH|-|off",
+                   help="one JSON line per request: '-' stdout (default), a file, or 'off'")
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -77,11 +90,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from sidecar.accesslog import AccessLog
     from sidecar.admin import AdminServer
     from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.runtime import SidecarRuntime
     from sidecar.xds.client import AdsClient
+    from sidecar.xds.lrs import LoadReporter
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -109,7 +124,16 @@ async def run(args: argparse.Namespace) -> int:
                     inbound_port=inbound_port, outbound_port=outbound_port, admin_port=admin_port,
                     advertise_host=args.advertise_host, version=args.version, protocol=args.protocol)
 
-    runtime = SidecarRuntime(node)
+    try:
+        tracer = _tracer(args, node)
+        access_log = AccessLog.open(args.access_log)
+    except TracingUnavailable as exc:
+        print(f"meshkeeper sidecar: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"meshkeeper sidecar: cannot open the access log: {exc}", file=sys.stderr)
+        return 1
+    runtime = SidecarRuntime(node, tracer=tracer, access_log=access_log)
     registration: Registration | None = None
     config_ready = asyncio.Event()
     workers: list[subprocess.Popen] = []
@@ -129,6 +153,9 @@ async def run(args: argparse.Namespace) -> int:
     ads = AdsClient(args.cp, node, runtime, on_change=changed)
     runtime.ads = ads
     ads.start()
+    lrs = LoadReporter(args.cp, node, runtime.clusters)  # every worker reports its own load
+    runtime.lrs = lrs
+    lrs.start()
 
     if primary:
         labels = {k: v for k, v in (("version", args.version), ("zone", args.zone)) if v}
@@ -182,6 +209,7 @@ async def run(args: argparse.Namespace) -> int:
     if not drained:
         log.warning("drain timeout: reset the connections still open")
     await ads.stop()
+    await lrs.stop()
     if admin is not None:
         await admin.stop()
     for w in workers:
@@ -189,8 +217,37 @@ async def run(args: argparse.Namespace) -> int:
             await asyncio.wait_for(loop.run_in_executor(None, w.wait), args.drain_timeout + 2)
         except TimeoutError:
             w.kill()
+    if tracer is not None:
+        await loop.run_in_executor(None, tracer.shutdown)  # flush what is queued, bounded
+    if access_log is not None:
+        access_log.close()
     log.info("stopped")
     return 0
+
+
+class TracingUnavailable(Exception):
+    pass
+
+
+def _tracer(args: argparse.Namespace, node: NodeInfo):
+    """The span exporter of ``--otlp-endpoint`` (None without one). The resource names the
+    instance as OpenTelemetry's conventions say: service.name, service.namespace, service.instance.id."""
+    if not args.otlp_endpoint:
+        return None
+    from meshkeeper.deps import REPAIR_HINT
+
+    try:
+        from sidecar.tracing.export import Tracer
+    except ImportError as exc:
+        raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
+    resource = {"service.name": args.service, "service.namespace": args.namespace,
+                "service.instance.id": node.node_id}
+    if args.version:
+        resource["service.version"] = args.version
+    try:
+        return Tracer.otlp(args.otlp_endpoint, resource, ratio=args.trace_sample_ratio, timeout=args.otlp_timeout)
+    except ImportError as exc:
+        raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
 
 
 def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: int) -> list[subprocess.Popen]:
@@ -201,7 +258,9 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
                 "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
                 "--inbound-port", str(inbound_port), "--admin-port", "0", "--drain-timeout", str(args.drain_timeout),
-                "--drain-delay", str(args.drain_delay),
+                "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,
+                "--otlp-timeout", str(args.otlp_timeout),
+                "--trace-sample-ratio", repr(args.trace_sample_ratio), "--access-log", args.access_log,
                 "--log-level", args.log_level, "--worker-index", str(i)]
         # Workers die with the primary (setpriv's PR_SET_PDEATHSIG; preexec_fn is unsafe beside gRPC's threads).
         if shutil.which("setpriv"):
