@@ -79,11 +79,19 @@ class SidecarRuntime:
     # ------------------------------------------------------------------ ConfigSink
 
     def apply_clusters(self, clusters: dict[str, ClusterConfig]) -> None:
+        self._lrs_sync()
         self.clusters.update_clusters(clusters)
 
     def apply_endpoints(self, assignments: dict[str, tuple[EndpointConfig, ...]]) -> None:
+        self._lrs_sync()
         for name, endpoints in assignments.items():
             self.clusters.update_endpoints(name, endpoints)
+
+    def _lrs_sync(self) -> None:
+        """Let load reporting see the endpoints about to be replaced, so that the load of one that
+        came and went within a reporting interval is still reported."""
+        if self.lrs is not None:
+            self.lrs.sync()
 
     def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None:
         unknown = sorted(set(listeners) - set(BOUND_LISTENERS))

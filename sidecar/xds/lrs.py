@@ -241,8 +241,8 @@ class LoadReporter:
 
     def sync(self) -> None:
         """Start following the endpoint objects in the clusters now, and remember the ones that
-        left. Called at each report; calling it also right before a CDS/EDS update is applied
-        would catch endpoints that come and go within one period (otherwise not reported)."""
+        left. Called at each report and right before a CDS/EDS update is applied (SidecarRuntime),
+        so that endpoints that come and go within one period are reported too."""
         manager = self.clusters
         for name in manager.names():
             if name.startswith(REPORTED_PREFIX) and name not in self._tracks:

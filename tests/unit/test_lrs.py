@@ -220,6 +220,22 @@ def test_a_removed_endpoint_is_reported_once_more_and_a_readded_one_counts_from_
     assert not by_name(lrs.build_report())[CATALOG].upstream_locality_stats  # the old one is forgotten
 
 
+def test_an_endpoint_that_comes_and_goes_within_one_interval_is_still_reported() -> None:
+    from sidecar.runtime import SidecarRuntime
+
+    clock = Clock()
+    runtime = SidecarRuntime(NODE)
+    runtime.apply_clusters({CATALOG: ClusterConfig(CATALOG)})
+    runtime.apply_endpoints({CATALOG: (ep(1),)})
+    lrs = runtime.lrs = reporter(runtime.clusters, clock)
+    lrs.on_response(response(send_all=True))
+    runtime.apply_endpoints({CATALOG: (ep(1), ep(2))})  # EDS adds :2 ...
+    hit(runtime.clusters.get(CATALOG).endpoints["127.0.0.1:2"], 3)
+    runtime.apply_endpoints({CATALOG: (ep(1),)})  # ... and takes it away before the next report
+    clock.advance(1)
+    assert endpoint_stats(by_name(lrs.build_report())[CATALOG])[2].total_issued_requests == 3
+
+
 def test_a_removed_cluster_is_reported_once_more_then_dropped() -> None:
     clock = Clock()
     cm = manager((CATALOG, (ep(1),)), (SEARCH, (ep(2),)))
