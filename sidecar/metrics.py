@@ -85,10 +85,11 @@ class SidecarCollector:
             yield CounterMetricFamily("meshkeeper_tracing_spans_exported", "Spans the OTLP collector accepted",
                                       value=st.spans_exported)
             dropped = CounterMetricFamily("meshkeeper_tracing_spans_dropped",
-                                          "Spans not exported: the export queue was full, or the collector "
-                                          "failed or was unreachable", labels=["reason"])
+                                          "Spans not exported: the export queue was full, the collector "
+                                          "failed or was unreachable, or the span could not be built", labels=["reason"])
             dropped.add_metric(["queue_full"], st.spans_dropped_queue_full)
             dropped.add_metric(["export_failed"], st.spans_dropped_export_failed)
+            dropped.add_metric(["invalid"], st.spans_dropped_invalid)
             yield dropped
             yield GaugeMetricFamily("meshkeeper_tracing_spans_queued", "Spans waiting for export", value=st.queued)
         access_log = rt.access_log
