@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from typing import BinaryIO, NamedTuple
 
 from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
@@ -70,6 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="one JSON line per request: '-' stdout (default), a file, or 'off'")
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if not 0 <= args.weight <= MAX_WEIGHT:
         p.error(f"--weight {args.weight} is outside 0..{MAX_WEIGHT}")
@@ -136,7 +138,7 @@ async def run(args: argparse.Namespace) -> int:
     runtime = SidecarRuntime(node, tracer=tracer, access_log=access_log)
     registration: Registration | None = None
     config_ready = asyncio.Event()
-    workers: list[subprocess.Popen] = []
+    workers: list[Worker] = []
     workers_serving = 0
 
     def changed() -> None:
@@ -176,13 +178,16 @@ async def run(args: argparse.Namespace) -> int:
         admin.runtime = runtime
         workers = _spawn_workers(args, outbound_port, inbound_port)
 
+    # A worker announces itself to the primary on a pipe of its own (--ready-fd): its stdout is the
+    # primary's, shared by their access logs.
+    announce = os.fdopen(args.ready_fd, "w") if args.ready_fd >= 0 else sys.stdout
     print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
-          f"admin_port={admin_port} node={node_id}", flush=True)
+          f"admin_port={admin_port} node={node_id}", file=announce, flush=True)
 
-    async def worker_serving(w: subprocess.Popen) -> None:
+    async def worker_serving(w: Worker) -> None:
         nonlocal workers_serving
         while True:
-            line = await loop.run_in_executor(None, w.stdout.readline)
+            line = await loop.run_in_executor(None, w.ready.readline)
             if not line:
                 return
             if line.startswith(b"meshkeeper sidecar serving"):
@@ -195,7 +200,7 @@ async def run(args: argparse.Namespace) -> int:
     if not stop.is_set():
         await runtime.start_listeners(outbound_sock, inbound_sock)
         changed()
-        print(f"meshkeeper sidecar serving node={node_id}", flush=True)
+        print(f"meshkeeper sidecar serving node={node_id}", file=announce, flush=True)
     await stop.wait()
     for t in (*waits, *watchers):
         t.cancel()
@@ -204,7 +209,7 @@ async def run(args: argparse.Namespace) -> int:
     if registration is not None:
         await registration.deregister_and_stop()
     for w in workers:
-        w.send_signal(signal.SIGTERM)
+        w.proc.send_signal(signal.SIGTERM)
     drained = await runtime.drain(args.drain_delay if runtime.listeners else 0.0, args.drain_timeout)
     if not drained:
         log.warning("drain timeout: reset the connections still open")
@@ -214,9 +219,10 @@ async def run(args: argparse.Namespace) -> int:
         await admin.stop()
     for w in workers:
         try:
-            await asyncio.wait_for(loop.run_in_executor(None, w.wait), args.drain_timeout + 2)
+            await asyncio.wait_for(loop.run_in_executor(None, w.proc.wait), args.drain_timeout + 2)
         except TimeoutError:
-            w.kill()
+            w.proc.kill()
+        w.ready.close()
     if tracer is not None:
         await loop.run_in_executor(None, tracer.shutdown)  # flush what is queued, bounded
     if access_log is not None:
@@ -250,9 +256,15 @@ def _tracer(args: argparse.Namespace, node: NodeInfo):
         raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
 
 
-def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: int) -> list[subprocess.Popen]:
+class Worker(NamedTuple):
+    proc: subprocess.Popen
+    ready: BinaryIO  # the read end of the worker's --ready-fd pipe
+
+
+def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: int) -> list[Worker]:
     procs = []
     for i in range(1, args.workers):
+        read_end, write_end = os.pipe()
         argv = [sys.executable, "-m", "meshkeeper.cli", "sidecar", "--service", args.service,
                 "--app-port", str(args.app_port), "--namespace", args.namespace, "--cp", args.cp,
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
@@ -261,11 +273,14 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,
                 "--otlp-timeout", str(args.otlp_timeout),
                 "--trace-sample-ratio", repr(args.trace_sample_ratio), "--access-log", args.access_log,
-                "--log-level", args.log_level, "--worker-index", str(i)]
+                "--log-level", args.log_level, "--worker-index", str(i), "--ready-fd", str(write_end)]
         # Workers die with the primary (setpriv's PR_SET_PDEATHSIG; preexec_fn is unsafe beside gRPC's threads).
         if shutil.which("setpriv"):
             argv = ["setpriv", "--pdeathsig", "TERM", *argv]
-        procs.append(subprocess.Popen(argv, stdout=subprocess.PIPE))
+        try:
+            procs.append(Worker(subprocess.Popen(argv, pass_fds=(write_end,)), os.fdopen(read_end, "rb")))
+        finally:
+            os.close(write_end)
     return procs
 
 

@@ -94,10 +94,13 @@ class SidecarCollector:
             yield GaugeMetricFamily("meshkeeper_tracing_spans_queued", "Spans waiting for export", value=st.queued)
         access_log = rt.access_log
         if access_log is not None:
-            yield CounterMetricFamily("meshkeeper_access_log_lines", "Access log lines written",
+            yield CounterMetricFamily("meshkeeper_access_log_lines", "Access log lines handed to the writer",
                                       value=access_log.lines)
             yield CounterMetricFamily("meshkeeper_access_log_write_errors", "Failed access log writes",
                                       value=access_log.write_errors)
+            yield CounterMetricFamily("meshkeeper_access_log_dropped_lines",
+                                      "Access log lines dropped because the writer was too far behind "
+                                      "(a stalled stdout reader)", value=access_log.dropped)
 
         down: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for listener in rt.listeners_view():

@@ -98,7 +98,10 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
         self._input_closed = True
-        for ex in (self._active, *self._queue, self._parsing):
+        active = self._active
+        if active is not None and not active.done and not active.flags:
+            active.flags = "DC"  # the client went away before the response was complete (Envoy's DC)
+        for ex in (active, *self._queue, self._parsing):
             if ex is not None:
                 self._end(ex)
         self._active = self._parsing = None
@@ -189,7 +192,8 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             else:
                 ex.trace_in.append((TRACE_HEADERS[lname], value))
         elif kind == codec.H_REQUEST_ID:
-            ex.request_id = value
+            if ex.request_id is None and value:  # the first one, as Envoy; an empty one is none
+                ex.request_id = value
         elif kind == codec.H_HOST:
             # A second Host header makes the target ambiguous (RFC 9112 §3.2): refused below.
             ex.host = value if not ex.host else None
@@ -382,6 +386,8 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             ex.wait = None
         # The try's connection or connect task, its timers and counters go with it: an exchange
         # only ever holds a connection or a connect task while a try has its endpoint.
+        if ex.discarding and not ex.started:
+            ex.status = 0  # a retriable response being dropped: the client never saw it
         endpoint = ex.endpoint
         if endpoint is not None or ex.retry_active:
             failed = ex.failed or (ex.started and ex.status >= 500)
@@ -408,6 +414,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
                 return
             if bad in self._queue:
                 self._queue.remove(bad)
+                bad.status, bad.flags = reply.status, reply.flag  # answered after those before it
                 self._end(bad)
         if self._active is None:
             self._write(reply.close_bytes)

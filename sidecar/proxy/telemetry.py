@@ -21,7 +21,7 @@ comparison for the sampling decision and the formatting of its trace headers. Wi
 
 The inbound listener's span is a SERVER span, the outbound listener's a CLIENT span; both carry
 OpenTelemetry's HTTP semantic conventions plus the mesh's own attributes (``meshkeeper.*``: service,
-namespace, upstream cluster and host, response flags, request id). A 5xx (or no response) sets
+namespace, upstream cluster and host, response flags, request id). A 5xx (or no response, or one cut short) sets
 the span's status to error; a CLIENT span is also in error for a 4xx, as the conventions say.
 """
 
@@ -168,7 +168,8 @@ def _record(rt: ListenerRuntime, ex: Exchange, start_ns: int, end_ns: int, statu
                 attrs["network.peer.port"] = int(p)
     if flags:
         attrs["meshkeeper.response_flags"] = flags
-    error = not status or status >= 500 or (kind == CLIENT and status >= 400)
+    # Cut short after it started (UC, UT after the head; DC: the client left) is an error too.
+    error = not status or status >= 500 or (kind == CLIENT and status >= 400) or ex.failed or flags == "DC"
     if error:
         attrs["error.type"] = flags or str(status)
     rt.tracer.record(method, kind, ex.trace_id, ex.span_id, ex.parent_id, start_ns, end_ns, attrs, error,

@@ -61,6 +61,29 @@ from sidecar.tracing.context import Sampler
 
 log = logging.getLogger(__name__)
 
+
+class _OnceFilter(logging.Filter):
+    """Lets the first record through, marked, and drops the rest.
+
+    OpenTelemetry's TraceState parser logs a warning for every invalid ``tracestate`` member it
+    meets, and ``tracestate`` is whatever a client sends: one log line per sampled request would
+    let a client flood the sidecar's log. Its module logs nothing else.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        self.dropped += 1
+        if self.dropped > 1:
+            return False
+        record.msg = f"{record.msg} (a client's tracestate; further such warnings are not logged)"
+        return True
+
+
+logging.getLogger("opentelemetry.trace.span").addFilter(_OnceFilter())
+
 SERVER, CLIENT = 1, 2  # our span kinds: the inbound hop's span, the outbound hop's span
 _SPAN_KINDS = {SERVER: SpanKind.SERVER, CLIENT: SpanKind.CLIENT}
 

@@ -63,8 +63,8 @@ class Endpoint:
         self.total_requests = 0
         self.rq_error = 0  # 5xx answers and resets, timeouts, protocol errors
         self.rq_success = 0
-        # Seconds from each try's start (pool-ready) to its end, summed over the tries counted in
-        # rq_success or rq_error; LRS reports it per interval (sidecar.xds.lrs).
+        # Seconds from each try's start (its endpoint picked: connect and pool wait included) to its
+        # end, summed over the tries counted in rq_success or rq_error; LRS reports it (sidecar.xds.lrs).
         self.rq_latency_total = 0.0
         self.outlier: HostMonitor | None = None  # set and written by the cluster's OutlierDetector only
 

@@ -81,6 +81,12 @@ class _Seen:
         self.issued = self.success = self.error = 0
         self.latency = 0.0
 
+    def unreported(self) -> bool:
+        """Whether the endpoint has load the next report must carry (new tries, or tries in flight)."""
+        ep = self.endpoint
+        return (ep.total_requests != self.issued or ep.rq_success != self.success or ep.rq_error != self.error
+                or ep.active_requests > 0)
+
     def take(self) -> tuple[int, int, int, float]:
         """(issued, success, error, latency) since the last take, and move the baseline."""
         ep = self.endpoint
@@ -104,7 +110,8 @@ class _Track:
         endpoints = cluster.endpoints if cluster is not None else {}
         for key, seen in list(self.live.items()):
             if endpoints.get(key) is not seen.endpoint:
-                self.gone.append(seen)
+                if seen.unreported():  # an idle one is forgotten now, so that nothing piles up
+                    self.gone.append(seen)  # while no report is asked for (no LRS server)
                 del self.live[key]
         for key, endpoint in endpoints.items():
             if key not in self.live:

@@ -310,6 +310,15 @@ def test_two_workers_share_the_listeners_and_stop_together(procs, zk_server, zk_
         statuses.update(c.split(10)[1])
         c.conn.close()
     assert statuses == {200: 200}
+
+    def access_log_lines() -> list[dict]:
+        lines = [x for x in sc.stdout_path.read_text().splitlines() if x.startswith("{")]
+        return [json.loads(x) for x in lines] if len(lines) >= 200 else []
+
+    # Both workers' access logs reach the sidecar's stdout, whole lines each (worker 1 writes to
+    # the stdout it shares with worker 0; its ready line goes over a pipe of its own).
+    logged = wait_until(access_log_lines, 5, message="200 access log lines from the two workers")
+    assert len(logged) == 200 and all(x["response_code"] == 200 and x["listener"] == "outbound" for x in logged)
     pids = sc.group_pids()
     assert len(pids) >= 2
     assert sc.terminate() == 0

@@ -236,6 +236,21 @@ def test_an_endpoint_that_comes_and_goes_within_one_interval_is_still_reported()
     assert endpoint_stats(by_name(lrs.build_report())[CATALOG])[2].total_issued_requests == 3
 
 
+def test_endpoints_without_load_are_not_kept_while_no_report_is_asked_for() -> None:
+    clock = Clock()
+    cm = manager((CATALOG, (ep(1),)))
+    lrs = reporter(cm, clock)  # no response from an LRS server: no report is ever built
+    for i in range(2, 500):
+        cm.update_endpoints(CATALOG, (ep(1), ep(i)))
+        lrs.sync()
+    busy = cm.get(CATALOG).endpoints["127.0.0.1:499"]
+    start(busy)  # in flight when it leaves: kept
+    cm.update_endpoints(CATALOG, (ep(1),))
+    lrs.sync()
+    kept = [s.endpoint for track in lrs._tracks.values() for s in track.gone]
+    assert kept == [busy]
+
+
 def test_a_removed_cluster_is_reported_once_more_then_dropped() -> None:
     clock = Clock()
     cm = manager((CATALOG, (ep(1),)), (SEARCH, (ep(2),)))

@@ -7,6 +7,7 @@ export path itself is tested against a real OTLP receiver in test_tracing_export
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import re
@@ -17,7 +18,7 @@ from sidecar.tracing.context import Sampler
 from sidecar.tracing.export import CLIENT, SERVER
 from tests.unit.test_http_proxy import OK, Mesh, parse_responses
 from tests.unit.test_pool import async_test
-from tests.unit.test_router_retries import RetryMesh, policy, response
+from tests.unit.test_router_retries import GET, RetryMesh, policy, response
 
 UUID4 = rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 TRACEPARENT = re.compile(rb"traceparent: 00-([0-9a-f]{32})-([0-9a-f]{16})-0([01])\r\n")
@@ -148,7 +149,7 @@ async def test_local_reply_span_and_access_log_carry_the_response_flag():
     (span,) = tracer.spans
     assert span["error"] and span["attributes"]["meshkeeper.response_flags"] == "NR"
     assert span["attributes"]["error.type"] == "NR"
-    mesh.runtime.access_log.flush()
+    mesh.runtime.access_log.close()
     (line,) = [json.loads(x) for x in out.getvalue().splitlines()]
     assert line["response_code"] == 404 and line["response_flags"] == "NR" and line["route_name"] is None
     assert line["trace_id"] == f"{span['trace_id']:032x}" and line["upstream_host"] is None
@@ -176,3 +177,80 @@ async def test_server_span_on_inbound_and_request_counts_by_route_cluster_and_cl
     assert cluster == "svc" and route
     assert mesh.runtime.rq_time.count == 3
     assert mesh.clusters.get("svc").rq_time.count == 3
+
+
+def log_lines(mesh: Mesh | RetryMesh, out: io.BytesIO) -> list[dict[str, Any]]:
+    mesh.runtime.access_log.close()  # hands the lines to the writer and waits for it
+    return [json.loads(x) for x in out.getvalue().splitlines()]
+
+
+@async_test
+async def test_a_client_leaving_while_a_retriable_503_is_dropped_is_logged_dc_not_503():
+    mesh = RetryMesh(retry=policy("5xx"))
+    out = io.BytesIO()
+    mesh.runtime.access_log = AccessLog(out)
+    client = mesh.client()
+    client.send(GET)
+    up = await mesh.upstream()
+    up.respond(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\npartial")  # being dropped
+    client.transport.peer_close()
+    await asyncio.sleep(0)
+    (line,) = log_lines(mesh, out)
+    assert line["response_code"] == 0 and line["response_flags"] == "DC", line
+    assert mesh.runtime.route_stats == {}  # no response was sent: no status class counted
+
+
+@async_test
+async def test_a_pipelined_request_refused_400_is_logged_as_400_after_the_one_before_it():
+    mesh = Mesh()
+    out = io.BytesIO()
+    mesh.runtime.access_log = AccessLog(out)
+    client = mesh.client()
+    client.send(b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\nGET /b HTTP/1.1\r\n\r\n")  # the second has no Host
+    up = await mesh.upstream()
+    up.respond(OK)
+    assert [r["status"] for r in parse_responses(client.received())] == [200, 400]
+    lines = log_lines(mesh, out)
+    assert {(x["path"], x["response_code"], x["response_flags"]) for x in lines} == {("/a", 200, "-"),
+                                                                                    ("/b", 400, "DPE")}
+
+
+@async_test
+async def test_a_response_cut_short_is_an_error_span_dc_when_the_client_left_uc_when_the_upstream_did():
+    mesh = Mesh()
+    out = io.BytesIO()
+    mesh.runtime.access_log = AccessLog(out)
+    tracer = traced(mesh)
+    client = mesh.client()
+    client.send(GET)
+    up = await mesh.upstream()
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    client.transport.peer_close()  # the client leaves mid-body
+    await asyncio.sleep(0)
+    (line,) = log_lines(mesh, out)
+    assert (line["response_code"], line["response_flags"], line["bytes_sent"]) == (200, "DC", 7)
+    assert tracer.spans[-1]["error"] and tracer.spans[-1]["attributes"]["meshkeeper.response_flags"] == "DC"
+
+    client = mesh.client()
+    client.send(GET)
+    up = await mesh.upstream(1)
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+    up.reset()  # the upstream leaves mid-body: the downstream is reset
+    for _ in range(5):
+        await asyncio.sleep(0)
+    span = tracer.spans[-1]
+    assert span["error"] and span["attributes"]["meshkeeper.response_flags"] == "UC"
+
+
+@async_test
+async def test_the_first_request_id_is_kept_and_an_empty_one_counts_as_none():
+    mesh = Mesh()
+    client = mesh.client()
+    client.send(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Request-Id: one\r\nX-Request-Id: two\r\n\r\n")
+    up = await mesh.upstream()
+    head = raw(up)
+    assert b"x-request-id: one\r\n" in head and b"two" not in head
+    up.respond(OK)
+    client.send(b"GET / HTTP/1.1\r\nHost: svc\r\nX-Request-Id:\r\n\r\n")
+    head = raw(up)
+    assert re.search(rb"x-request-id: " + UUID4 + rb"\r\n", head) and head.count(b"x-request-id") == 1
