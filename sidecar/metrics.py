@@ -124,6 +124,12 @@ class SidecarCollector:
             yield GaugeMetricFamily("meshkeeper_xds_connected", "1 while the ADS stream is up", value=int(ads.connected))
             yield GaugeMetricFamily("meshkeeper_xds_synced", "1 while every subscribed resource has arrived",
                                     value=int(ads.synced))
+        node = rt.node
+        info = GaugeMetricFamily("meshkeeper_sidecar_info", "This sidecar: its service, namespace, version and node id "
+                                 "(join on it to label its other series by service)",
+                                 labels=["service", "namespace", "version", "node_id"])
+        info.add_metric([node.service, node.namespace, node.version, node.node_id], 1)
+        yield info
         reg = rt.registration
         if reg is not None:
             yield GaugeMetricFamily("meshkeeper_registration_registered", "1 while the instance znode exists",

@@ -44,3 +44,26 @@ async def test_active_stats_are_gauges_and_the_rest_counters():
     enforced = families["meshkeeper_outlier_detection_ejections_enforced"]  # from ..._enforced_total
     assert enforced.type == "counter"
     assert enforced.samples[0].value == CLUSTER_STATS.index("outlier_detection_ejections_enforced_total") + 1
+
+
+async def test_histograms_request_counts_and_the_info_series():
+    rt = SidecarRuntime(NodeInfo(node_id="sidecar~h~s-1.ns", service="s", namespace="ns", version="v2"))
+    rt.apply_clusters({"outbound|a.ns": ClusterConfig(name="outbound|a.ns")})
+    for seconds in (0.0004, 0.003, 0.003, 2.0):
+        rt.clusters.get("outbound|a.ns").rq_time.observe(seconds)
+    rt.listener_runtimes["outbound"].route_stats[("a.ns", "outbound|a.ns")] = [0, 5, 0, 1, 2]
+    body, _ = rt.metrics.exposition()
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for f in text_string_to_metric_families(body.decode()) for s in f.samples}
+    up = (("cluster", "outbound|a.ns"),)
+    assert samples[("meshkeeper_upstream_rq_duration_seconds_count", up)] == 4
+    assert samples[("meshkeeper_upstream_rq_duration_seconds_bucket", (*up, ("le", "0.0005")))] == 1
+    assert samples[("meshkeeper_upstream_rq_duration_seconds_bucket", (*up, ("le", "0.005")))] == 3
+    assert samples[("meshkeeper_upstream_rq_duration_seconds_bucket", (*up, ("le", "+Inf")))] == 4
+    assert abs(samples[("meshkeeper_upstream_rq_duration_seconds_sum", up)] - 2.0064) < 1e-9
+    labels = (("cluster", "outbound|a.ns"), ("listener", "outbound"), ("route", "a.ns"))
+    got = {cls: samples.get(("meshkeeper_requests_total", tuple(sorted((*labels, ("code_class", cls))))))
+           for cls in ("1xx", "2xx", "4xx", "5xx")}
+    assert got == {"1xx": None, "2xx": 5, "4xx": 1, "5xx": 2}
+    info = (("namespace", "ns"), ("node_id", "sidecar~h~s-1.ns"), ("service", "s"), ("version", "v2"))
+    assert samples[("meshkeeper_sidecar_info", info)] == 1
