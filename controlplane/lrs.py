@@ -148,23 +148,21 @@ def parse_cluster_stats(cs: load_report_pb2.ClusterStats) -> tuple[ServiceKey, S
     got = ServiceLoad()
     svc_load = got.load
     for loc in cs.upstream_locality_stats:
-        svc_load.issued += loc.total_issued_requests
-        svc_load.success += loc.total_successful_requests
-        svc_load.error += loc.total_error_requests
-        svc_load.in_progress += loc.total_requests_in_progress
-        total, count = _latency(loc.load_metric_stats)
-        svc_load.latency_sum += total
-        svc_load.latency_count += count
+        _add(svc_load, loc)
         for ep in loc.upstream_endpoint_stats:
-            load = got.endpoint(_address(ep))  # the same address twice in one report adds up
-            load.issued += ep.total_issued_requests
-            load.success += ep.total_successful_requests
-            load.error += ep.total_error_requests
-            load.in_progress += ep.total_requests_in_progress
-            total, count = _latency(ep.load_metric_stats)
-            load.latency_sum += total
-            load.latency_count += count
+            _add(got.endpoint(_address(ep)), ep)  # the same address twice in one report adds up
     return (ns, svc), got, cs.load_report_interval.ToTimedelta().total_seconds()
+
+
+def _add(load: Load, stats: Any) -> None:
+    """Add one UpstreamLocalityStats or UpstreamEndpointStats (they share these fields) to ``load``."""
+    load.issued += stats.total_issued_requests
+    load.success += stats.total_successful_requests
+    load.error += stats.total_error_requests
+    load.in_progress += stats.total_requests_in_progress
+    total, count = _latency(stats.load_metric_stats)
+    load.latency_sum += total
+    load.latency_count += count
 
 
 class LoadStore:

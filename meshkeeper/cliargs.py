@@ -50,7 +50,7 @@ def ratio(text: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1") from None
-    if not 0.0 <= v <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text!r} is outside 0..1")
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:  # NaN included
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
     return v

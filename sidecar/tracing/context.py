@@ -124,29 +124,7 @@ def extract(headers: list[tuple[int, bytes]]) -> TraceContext | None:
             return _traceparent(value)
     elif not headers:
         return None
-    traceparent = tracestate = single = b3_trace = b3_span = b3_sampled = b3_flags = None
-    traceparents = 0
-    for kind, value in headers:
-        if kind == TP:
-            traceparent = value
-            traceparents += 1
-        elif kind == TS:
-            if value:
-                tracestate = value if tracestate is None else tracestate + b"," + value
-        elif kind == B3:
-            if single is None:
-                single = value
-        elif kind == B3_TRACE:
-            if b3_trace is None:
-                b3_trace = value
-        elif kind == B3_SPAN:
-            if b3_span is None:
-                b3_span = value
-        elif kind == B3_SAMPLED:
-            if b3_sampled is None:
-                b3_sampled = value
-        elif kind == B3_FLAGS and b3_flags is None:
-            b3_flags = value
+    traceparent, traceparents, tracestate, single, b3_trace, b3_span, b3_sampled, b3_flags = _scan(headers)
     if traceparent is not None and traceparents == 1:
         ctx = _traceparent(traceparent)
         if ctx is not None:
@@ -182,16 +160,7 @@ def sampling_hint(headers: list[tuple[int, bytes]]) -> bool | None:
     trace and uses this decision (None: there is none) instead of its sampler's. ``b3: d`` and
     ``x-b3-flags: 1`` (debug) mean sampled. Checked in the order: lone ``b3``, flags, sampled.
     """
-    single = flags = sampled = None
-    for kind, value in headers:
-        if kind == B3:
-            if single is None:
-                single = value
-        elif kind == B3_FLAGS:
-            if flags is None:
-                flags = value
-        elif kind == B3_SAMPLED and sampled is None:
-            sampled = value
+    _, _, _, single, _, _, sampled, flags = _scan(headers)
     if single is not None and b"-" not in single:
         if single in _B3_ACCEPT:
             return True
@@ -205,6 +174,35 @@ def sampling_hint(headers: list[tuple[int, bytes]]) -> bool | None:
         if sampled in _B3_DENY:
             return False
     return None
+
+
+def _scan(headers: list[tuple[int, bytes]]) -> tuple:
+    """(traceparent, how many, tracestate, b3, x-b3-traceid, -spanid, -sampled, -flags): the first
+    of each (the last traceparent; the tracestate headers joined, as one list), None when absent."""
+    traceparent = tracestate = single = b3_trace = b3_span = b3_sampled = b3_flags = None
+    traceparents = 0
+    for kind, value in headers:
+        if kind == TP:
+            traceparent = value
+            traceparents += 1
+        elif kind == TS:
+            if value:
+                tracestate = value if tracestate is None else tracestate + b"," + value
+        elif kind == B3:
+            if single is None:
+                single = value
+        elif kind == B3_TRACE:
+            if b3_trace is None:
+                b3_trace = value
+        elif kind == B3_SPAN:
+            if b3_span is None:
+                b3_span = value
+        elif kind == B3_SAMPLED:
+            if b3_sampled is None:
+                b3_sampled = value
+        elif kind == B3_FLAGS and b3_flags is None:
+            b3_flags = value
+    return traceparent, traceparents, tracestate, single, b3_trace, b3_span, b3_sampled, b3_flags
 
 
 def _traceparent(v: bytes) -> TraceContext | None:
