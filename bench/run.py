@@ -57,6 +57,7 @@ SIDECAR_TARGETS: dict[str, list[str]] = {
     "sidecar": ["--access-log", "off"],
     "sidecar-resilience": ["--access-log", "off"],
     "sidecar-access-log": ["--access-log", "{workdir}/access.log"],
+    "sidecar-trace-0pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "0"],
     "sidecar-trace-1pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "0.01"],
     "sidecar-trace-100pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "1"],
 }
@@ -139,9 +140,13 @@ class Sidecar:
 
     def start(self) -> tuple[ManagedProcess, str]:
         self.mesh.start_registry()
+        self._register_upstream()
+        return self.add(self.extra)
+
+    def add(self, extra: list[str], name: str = "sidecar") -> tuple[ManagedProcess, str]:
+        """One more sidecar on this mesh (pinned to the proxy CPU like the first), ready to route."""
         cp = self.mesh.controlplane
         zk_hosts = self.mesh.zk_hosts
-        self._register_upstream()
         sidecar = ManagedProcess(
             pinned(
                 PROXY_CPU,
@@ -149,10 +154,11 @@ class Sidecar:
                     "sidecar", "--service", "bench", "--app-port", str(self.upstream_port),
                     "--cp", f"127.0.0.1:{cp.port('xds_port')}", "--zk", zk_hosts,
                     "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--workers", "1",
-                    *self.extra,
+                    *extra,
                 ),
             ),
             role="sidecar",
+            name=name,
             log_dir=self.workdir,
         )  # fmt: skip
         self.procs.append(sidecar)

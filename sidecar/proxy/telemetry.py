@@ -192,22 +192,42 @@ def _log_line(rt: ListenerRuntime, ex: Exchange, elapsed: float) -> bytes:
     start = f"{_iso_seconds(secs)}.{wall // 1_000_000 % 1000:03d}Z"
     return (_LOG_LINE % (
         start,
-        encode_basestring(ex.method.decode("latin-1")),
-        encode_basestring((ex.host or b"").decode("latin-1")),
-        encode_basestring(_path(ex).decode("latin-1")),
+        _json(ex.method),
+        _json(ex.host or b""),
+        _json(_path(ex)),
         "HTTP/1.0" if ex.http10 else "HTTP/1.1",
         ex.status,
         ex.flags or "-",
         ex.bytes_in,
         ex.bytes_out,
         int(elapsed * 1000),
-        encode_basestring(ex.upstream_host) if ex.upstream_host else "null",
-        encode_basestring(ex.cluster.name) if ex.cluster is not None else "null",
-        encode_basestring(ex.entry.name) if ex.entry is not None else "null",
-        encode_basestring(ex.request_id.decode("latin-1")) if ex.request_id else "null",
+        _json(ex.upstream_host) if ex.upstream_host else "null",
+        _json(ex.cluster.name) if ex.cluster is not None else "null",
+        _json(ex.entry.name) if ex.entry is not None else "null",
+        encode_basestring(ex.request_id.decode("latin-1")) if ex.request_id else "null",  # unique: not cached
         format_trace_id(ex.trace_id) if ex.trace_id else "-",
         rt.name,
     )).encode()
+
+
+_JSON_CACHE_SIZE = 4096
+_json_cache: dict[bytes | str, str] = {}
+
+
+def _json(value: bytes | str) -> str:
+    """``value`` as a JSON string literal (bytes read as latin-1). Methods, authorities, cluster,
+    route and host names and most paths repeat: their literals are kept, up to a bound (then the
+    cache starts over)."""
+    try:
+        return _json_cache[value]
+    except KeyError:
+        pass
+    text = encode_basestring(value.decode("latin-1") if isinstance(value, bytes) else value)
+    if len(_json_cache) >= _JSON_CACHE_SIZE:
+        _json_cache.clear()
+    if len(value) <= 256:
+        _json_cache[value] = text
+    return text
 
 
 _iso_cache: list = [None, ""]
