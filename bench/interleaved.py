@@ -5,7 +5,9 @@ run (this one swings by ±20% between 10-second runs) can make two identical sid
 more than what is being measured. Here every variant runs at once beside the same upstream, each
 its own sidecar process on the proxy CPU (the idle ones cost nothing), and the load visits them in
 turn, round after round, the order rotating each round. Each round gives a ratio to the baseline
-taken minutes apart at most; the median of those ratios is the figure.
+taken minutes apart at most; the median of those ratios is the figure. The sidecar's CPU time
+per request is reported too: it does not move when a neighbour steals the CPU, so it is the
+steadier measure of what a feature costs.
 
     .venv/bin/python bench/interleaved.py [--rounds 8] [--duration 5] [--variants notrace,trace-1pct,...]
 
@@ -40,6 +42,20 @@ VARIANTS: dict[str, list[str]] = {
     "trace-100pct": ["--access-log", "off", "--otlp-endpoint", "{otlp}", "--trace-sample-ratio", "1"],
     "access-log": ["--access-log", "{workdir}/access.log"],
 }
+
+
+def cpu_seconds(proc) -> float:
+    """User + system CPU time of the sidecar's processes so far (/proc/<pid>/stat). Unlike req/s,
+    CPU time per request does not move when a noisy neighbour steals the CPU."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0.0
+    for pid in proc.group_pids():
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+    return total
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -86,22 +102,29 @@ def main(argv: list[str] | None = None) -> int:
             procs[name], urls[name] = proc, url
             bench.run_wrk(url, 1, args.connections, workdir, f"{name}.warmup")
         rps: dict[str, list[float]] = {name: [] for name in args.variants}
+        cpu_us: dict[str, list[float]] = {name: [] for name in args.variants}
         for r in range(args.rounds):
             k = r % len(args.variants)
             order = args.variants[k:] + args.variants[:k]
             for name in order:
+                before = cpu_seconds(procs[name])
                 got, errors, _ = bench.run_wrk(urls[name], args.duration, args.connections, workdir, f"{name}.{r}")
+                used = cpu_seconds(procs[name]) - before
                 rps[name].append(got)
-                print(f"round {r + 1}: {name} {got:,.0f} req/s {errors}", flush=True)
+                cpu_us[name].append(used / (got * args.duration) * 1e6)
+                print(f"round {r + 1}: {name} {got:,.0f} req/s, {cpu_us[name][-1]:.1f} CPU us/request {errors}",
+                      flush=True)
         base = args.variants[0]
-        rows = ["| variant | median req/s | median ratio to " + base + " (per round) | ratio range | runs (k req/s) | notes |",
-                "|---|---:|---:|---:|---|---|"]
+        rows = [f"| variant | median req/s | median ratio to {base} | ratio range | CPU us/request (median) "
+                f"| CPU vs {base} | notes |",
+                "|---|---:|---:|---:|---:|---:|---|"]
+        base_cpu = statistics.median(cpu_us[base])
         for name in args.variants:
             ratios = [a / b for a, b in zip(rps[name], rps[base], strict=True)]
+            cpu = statistics.median(cpu_us[name])
             note = bench.tracing_note(procs[name]) if "{otlp}" in VARIANTS[name] else ""
             rows.append(f"| {name} | {statistics.median(rps[name]):,.0f} | {statistics.median(ratios):.3f} "
-                        f"| {min(ratios):.2f}-{max(ratios):.2f} | {', '.join(f'{x / 1000:.1f}' for x in rps[name])} "
-                        f"| {note} |")
+                        f"| {min(ratios):.2f}-{max(ratios):.2f} | {cpu:.1f} | {cpu / base_cpu - 1:+.1%} | {note} |")
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
         cmd = shlex.join([".venv/bin/python", "bench/interleaved.py", *argv])
         print(f"\n{now}, `{cmd}`: wrk -t1 -c{args.connections} -d{args.duration}s per variant per round, "
