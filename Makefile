@@ -78,7 +78,7 @@ proto:
 # --------------------------------------------------------------------------- cleanup
 
 clean:
-	rm -rf build bench/out .pytest_cache .ruff_cache *.egg-info
+	rm -rf build bench/out bench/out-interleaved .pytest_cache .ruff_cache *.egg-info
 	find . -path ./$(VENV) -prune -o -name __pycache__ -type d -prune -exec rm -rf {} +
 
 distclean: clean
