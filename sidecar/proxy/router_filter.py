@@ -354,7 +354,10 @@ class RouterFilter:
         policy = ex.entry.retry
         cluster = ex.cluster
         failed = ex.endpoint
-        telemetry.attempt_failed(self._rt, ex, flag)
+        try:
+            telemetry.attempt_failed(self._rt, ex, flag)
+        except Exception as exc:  # a bug: never let accounting break the retry
+            errors.log_once("telemetry-bug", "unexpected error recording a failed attempt", exc_info=exc)
         ex.status = 0
         self._release_try(ex, failed=True)
         if ex.sent is None:
