@@ -242,15 +242,13 @@ def _tracer(args: argparse.Namespace, node: NodeInfo):
         return None
     from meshkeeper.deps import REPAIR_HINT
 
-    try:
-        from sidecar.tracing.export import Tracer
-    except ImportError as exc:
-        raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
     resource = {"service.name": args.service, "service.namespace": args.namespace,
                 "service.instance.id": node.node_id}
     if args.version:
         resource["service.version"] = args.version
-    try:
+    try:  # the SDK or the exporter may not import in an environment xds-protos broke (DESIGN §4a)
+        from sidecar.tracing.export import Tracer
+
         return Tracer.otlp(args.otlp_endpoint, resource, ratio=args.trace_sample_ratio, timeout=args.otlp_timeout)
     except ImportError as exc:
         raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
