@@ -39,6 +39,7 @@ log = logging.getLogger("meshkeeper.sidecar.xds")
 
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 15.0
+STABLE_STREAM = 30.0  # a stream that lived this long resets the back-off: the control plane just restarted
 _INVALID_ARGUMENT = 3
 # The ADS stream is idle most of the time: keepalive pings are what tell a half-open stream
 # (control plane host gone, network partition) from a quiet one, so the client reconnects.
@@ -89,6 +90,13 @@ class TypeState:
     resources: dict[str, Any] = field(default_factory=dict)  # name -> converted config
     raw: dict[str, Any] = field(default_factory=dict)  # name -> proto, for /config_dump
     updated_at: float = 0.0
+
+
+def backoff(attempt: int, base: float, maximum: float, rng: random.Random) -> float:
+    """Seconds to wait before reconnect ``attempt``: exponential from ``base``, capped at ``maximum``,
+    jittered uniformly into its upper half so that sidecars do not reconnect in step."""
+    delay = min(maximum, base * 2 ** min(attempt, 10))
+    return delay * (0.5 + rng.random() / 2)
 
 
 def build_node(info: NodeInfo) -> base_pb2.Node:
@@ -159,10 +167,8 @@ class AdsClient:
                 log.exception("xds stream to %s failed", self.target)
             self.connected = False
             self.on_change()
-            # A stream that lived a while resets the backoff: the control plane was just restarted.
-            attempt = 0 if time.monotonic() - started > 30 else attempt + 1
-            delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 10))
-            await asyncio.sleep(delay * (0.5 + self.rng.random() / 2))
+            attempt = 0 if time.monotonic() - started > STABLE_STREAM else attempt + 1
+            await asyncio.sleep(backoff(attempt, self.backoff_base, self.backoff_max, self.rng))
 
     async def _stream_once(self) -> None:
         queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()

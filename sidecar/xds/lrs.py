@@ -59,14 +59,13 @@ from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 
 from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo
 from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
-from sidecar.xds.client import BACKOFF_BASE, BACKOFF_MAX, CHANNEL_OPTIONS, build_node
+from sidecar.xds.client import BACKOFF_BASE, BACKOFF_MAX, CHANNEL_OPTIONS, STABLE_STREAM, backoff, build_node
 
 log = logging.getLogger("meshkeeper.sidecar.lrs")
 
 REPORTED_PREFIX = "outbound|"
 DEFAULT_INTERVAL = 10.0  # used when a response carries no (or a non-positive) interval
 MIN_INTERVAL = 0.05  # a shorter interval from the control plane is raised to this
-STABLE_STREAM = 30.0  # a stream that lived this long resets the back-off (as the ADS client)
 
 _REPORT = object()  # queue marker: build a report now, right before gRPC writes it
 
@@ -188,8 +187,7 @@ class LoadReporter:
                 self.last_error = cause
             self.connected = False
             attempt = 0 if self._clock() - started > STABLE_STREAM else attempt + 1
-            delay = min(self.backoff_max, self.backoff_base * 2 ** min(attempt, 10))
-            await asyncio.sleep(delay * (0.5 + self._rng.random() / 2))
+            await asyncio.sleep(backoff(attempt, self.backoff_base, self.backoff_max, self._rng))
 
     async def _stream_once(self) -> None:
         loop = asyncio.get_running_loop()
