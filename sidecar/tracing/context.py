@@ -162,17 +162,20 @@ def sampling_hint(headers: list[tuple[int, bytes]]) -> bool | None:
     """
     _, _, _, single, _, _, sampled, flags = _scan(headers)
     if single is not None and b"-" not in single:
-        if single in _B3_ACCEPT:
-            return True
-        if single in _B3_DENY:
-            return False
+        decision = _b3_decision(single)
+        if decision is not None:
+            return decision
     if flags == b"1":
         return True
-    if sampled is not None:
-        if sampled in _B3_ACCEPT:
-            return True
-        if sampled in _B3_DENY:
-            return False
+    return _b3_decision(sampled) if sampled is not None else None
+
+
+def _b3_decision(value: bytes) -> bool | None:
+    """A B3 sampling value: True (accept, debug), False (deny) or None (not one of them)."""
+    if value in _B3_ACCEPT:
+        return True
+    if value in _B3_DENY:
+        return False
     return None
 
 
