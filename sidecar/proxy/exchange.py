@@ -29,7 +29,7 @@ class Exchange:
         "started", "resp_chunked", "status", "done",
         # telemetry (see telemetry): times, ids, trace context, what the access log and spans report
         "t0", "wall0", "request_id", "trace_in", "trace_id", "span_id", "parent_id", "sampled", "tracestate", "b3",
-        "trace_at", "span_start", "upstream_host", "try_t0", "bytes_in", "bytes_out", "flags",
+        "trace_at", "span_start", "upstream_host", "try_t0", "bytes_in", "bytes_out", "flags", "try_status",
     )
 
     def __init__(self) -> None:
@@ -93,3 +93,4 @@ class Exchange:
         self.bytes_in = 0  # request body bytes received
         self.bytes_out = 0  # response body bytes sent
         self.flags = ""  # Envoy's response flags (UH, UO, UT, RL, DC, ...)
+        self.try_status = 0  # status of a retriable response being dropped (the failed attempt's span)

@@ -386,8 +386,6 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             ex.wait = None
         # The try's connection or connect task, its timers and counters go with it: an exchange
         # only ever holds a connection or a connect task while a try has its endpoint.
-        if ex.discarding and not ex.started:
-            ex.status = 0  # a retriable response being dropped: the client never saw it
         endpoint = ex.endpoint
         if endpoint is not None or ex.retry_active:
             failed = ex.failed or (ex.started and ex.status >= 500)

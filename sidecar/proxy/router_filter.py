@@ -350,7 +350,8 @@ class RouterFilter:
 
     def _retry(self, ex: Exchange, flag: str = "") -> None:
         """Release the failed try and send the next one after a jittered exponential back-off.
-        ``flag``: how the try failed locally (UF, UC, UT); a retriable response left its status."""
+        ``flag``: how the try failed locally (UF, UC, UT); a dropped retriable response left its
+        status in ``try_status``."""
         policy = ex.entry.retry
         cluster = ex.cluster
         failed = ex.endpoint
@@ -358,7 +359,7 @@ class RouterFilter:
             telemetry.attempt_failed(self._rt, ex, flag)
         except Exception as exc:  # a bug: never let accounting break the retry
             errors.log_once("telemetry-bug", "unexpected error recording a failed attempt", exc_info=exc)
-        ex.status = 0
+        ex.try_status = 0
         self._release_try(ex, failed=True)
         if ex.sent is None:
             # The body outgrew the retry buffer while the failed response was being read and dropped.
@@ -470,7 +471,7 @@ class RouterFilter:
         if detector is not None:
             detector.report_status(ex.endpoint, status)
         if ex.sent is not None and status >= 400 and self._may_retry_status(ex, status):
-            ex.status = status  # for the failed attempt's span
+            ex.try_status = status  # for the failed attempt's span
             ex.discarding = True  # read the rest of this response, drop it, then retry
             return
         if ex.retries and (ex.sent is None or not _status_conditions(ex.entry.retry, status)):

@@ -91,7 +91,7 @@ def attempt_failed(rt: ListenerRuntime, ex: Exchange, flag: str) -> None:
         return
     now_ns = time_ns()
     if ex.sampled and rt.tracer is not None:
-        _record(rt, ex, ex.span_start or ex.wall0, now_ns, ex.status, flag, ex.retries)
+        _record(rt, ex, ex.span_start or ex.wall0, now_ns, ex.try_status, flag, ex.retries)
     ex.span_id = new_span_id()
     ex.span_start = now_ns
     if ex.trace_at >= 0:
