@@ -58,7 +58,7 @@ class Service(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., protocol: _Optional[str] = ..., endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("address", "labels", "registered_weight", "override", "effective_weight", "enabled", "registered", "load")
+    __slots__ = ("address", "labels", "registered_weight", "override", "effective_weight", "enabled", "registered", "load", "version")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,7 @@ class Endpoint(_message.Message):
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     REGISTERED_FIELD_NUMBER: _ClassVar[int]
     LOAD_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
     address: str
     labels: _containers.ScalarMap[str, str]
     registered_weight: int
@@ -82,17 +83,16 @@ class Endpoint(_message.Message):
     enabled: bool
     registered: bool
     load: EndpointLoad
-    def __init__(self, address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_weight: _Optional[int] = ..., override: _Optional[_Union[Override, _Mapping]] = ..., effective_weight: _Optional[int] = ..., enabled: _Optional[bool] = ..., registered: _Optional[bool] = ..., load: _Optional[_Union[EndpointLoad, _Mapping]] = ...) -> None: ...
+    version: int
+    def __init__(self, address: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., registered_weight: _Optional[int] = ..., override: _Optional[_Union[Override, _Mapping]] = ..., effective_weight: _Optional[int] = ..., enabled: _Optional[bool] = ..., registered: _Optional[bool] = ..., load: _Optional[_Union[EndpointLoad, _Mapping]] = ..., version: _Optional[int] = ...) -> None: ...
 
 class Override(_message.Message):
-    __slots__ = ("weight", "enabled", "version")
+    __slots__ = ("weight", "enabled")
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ENABLED_FIELD_NUMBER: _ClassVar[int]
-    VERSION_FIELD_NUMBER: _ClassVar[int]
     weight: int
     enabled: bool
-    version: int
-    def __init__(self, weight: _Optional[int] = ..., enabled: _Optional[bool] = ..., version: _Optional[int] = ...) -> None: ...
+    def __init__(self, weight: _Optional[int] = ..., enabled: _Optional[bool] = ...) -> None: ...
 
 class EndpointLoad(_message.Message):
     __slots__ = ("rps", "error_ratio", "mean_latency_seconds", "in_progress")
