@@ -31,6 +31,10 @@ PROTOCOLS = ("http", "tcp", "grpc")
 # DNS-label-like names: they end up in xDS resource names and virtual-host domains.
 _NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
+# Runtime config keys: Envoy runtime style (``feature.enabled``, ``color``).
+_CONFIG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
+MAX_CONFIG_VALUE = 16 * 1024  # characters per value
+MAX_CONFIG_KEYS = 1024
 
 
 class RecordError(ValueError):
@@ -264,3 +268,37 @@ def is_serving(instance: InstanceRecord, override: Override | None) -> bool:
     if override is not None and override.enabled is False:
         return False
     return effective_weight(instance, override) > 0
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeValues:
+    """``config/<svc>``: the service's runtime config, string keys to string values. It is pushed
+    to the service's sidecars as an RTDS ``Runtime`` layer and served to the app at ``/runtime``."""
+
+    values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, MappingProxyType):
+            object.__setattr__(self, "values", MappingProxyType(dict(sorted(self.values.items()))))
+
+    @staticmethod
+    def check(key: Any, value: Any) -> None:
+        kind = "config"
+        if not isinstance(key, str) or not _CONFIG_KEY_RE.match(key):
+            raise RecordError(f"{kind}: bad key {key!r} (letters, digits, '_', '.', '-'; at most 128)")
+        if not isinstance(value, str):
+            raise RecordError(f"{kind}.{key}: expected a string, got {value!r}")
+        if len(value) > MAX_CONFIG_VALUE:
+            raise RecordError(f"{kind}.{key}: value longer than {MAX_CONFIG_VALUE} characters")
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> RuntimeValues:
+        obj = _load("config", data)
+        if len(obj) > MAX_CONFIG_KEYS:
+            raise RecordError(f"config: {len(obj)} keys, at most {MAX_CONFIG_KEYS}")
+        for k, v in obj.items():
+            cls.check(k, v)
+        return cls(values=obj)
+
+    def encode(self) -> bytes:
+        return _dump(dict(self.values))
