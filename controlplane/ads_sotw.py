@@ -141,7 +141,7 @@ class _Stream:
             return None
         nonce = str(next(self._nonces))
         st.nonce, st.version, st.in_flight = nonce, got.version, True
-        self.proxies.sent(self.status, t, got.version, nonce)
+        self.proxies.sent(self.status, t, got.version, nonce, got.resources)
         return discovery_pb2.DiscoveryResponse(
             version_info=got.version, type_url=t, nonce=nonce,
             resources=[r.any for r in got.resources],

@@ -20,15 +20,21 @@ import grpc
 import prometheus_client
 import uvloop
 
+from controlplane.admin import AdminService
+from controlplane.admin import add_to_server as add_admin_to_server
 from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
+from controlplane.auth import Authorizer, TokenFile, TokenFileError
 from controlplane.cache import SnapshotCache
+from controlplane.events import EventBus
 from controlplane.lrs import DEFAULT_LOAD_REPORT_INTERVAL, LoadReportingServer, LoadStore
 from controlplane.lrs import add_to_server as add_lrs_to_server
 from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry
+from controlplane.snapshot import RegistrySnapshot
 from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
 from controlplane.web import Web
 from controlplane.zksource import KazooSource
+from controlplane.zkstore import ZkStore
 from meshkeeper.cliargs import ArgumentParser, port, seconds
 from meshkeeper.httpd import HttpServer
 
@@ -54,6 +60,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="wait this long after a registry change before publishing (default %(default)s)")
     p.add_argument("--load-report-interval", type=seconds, default=DEFAULT_LOAD_REPORT_INTERVAL,
                    help="how often sidecars send load reports (LRS), seconds (default %(default)s)")
+    p.add_argument("--admin-tokens", metavar="FILE", default=os.environ.get("MESHKEEPER_ADMIN_TOKENS") or None,
+                   help="admin API bearer tokens, lines '<token> <name> <viewer|operator|admin>' "
+                        "(env MESHKEEPER_ADMIN_TOKENS); re-read when it changes")
+    p.add_argument("--insecure-admin", action="store_true",
+                   help="without --admin-tokens: let every caller write through the admin API (trusted networks only)")
+    p.add_argument("--tls-cert", metavar="FILE", help="serve the gRPC port (xDS, LRS, admin) over TLS with this certificate")
+    p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
+    p.add_argument("--tls-client-ca", metavar="FILE",
+                   help="with --tls-cert: require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     for flag in ("xds_port", "http_port"):
@@ -61,7 +76,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             p.error(f"--{flag.replace('_', '-')}: not a port")
     if args.zk_session_timeout <= 0 or args.debounce_ms < 0:
         p.error("--zk-session-timeout must be > 0 and --debounce-ms >= 0")
+    if args.admin_tokens and args.insecure_admin:
+        p.error("--insecure-admin and --admin-tokens exclude each other")
+    if bool(args.tls_cert) != bool(args.tls_key):
+        p.error("--tls-cert and --tls-key go together")
+    if args.tls_client_ca and not args.tls_cert:
+        p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        args.tokens = TokenFile(args.admin_tokens) if args.admin_tokens else None
+        args.tls = _read_tls(args)
+    except (TokenFileError, OSError) as exc:
+        p.error(str(exc))
     return args
+
+
+def _read_tls(args: argparse.Namespace) -> tuple[bytes, bytes, bytes | None] | None:
+    if not args.tls_cert:
+        return None
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                return f.read()
+        except OSError as exc:
+            raise OSError(f"{flag} {path}: {exc.strerror}") from None
+    return (read("--tls-cert", args.tls_cert), read("--tls-key", args.tls_key),
+            read("--tls-client-ca", args.tls_client_ca) if args.tls_client_ca else None)
 
 
 def _hostport(host: str, port: int) -> str:
@@ -76,9 +116,15 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     metrics = Metrics()
     cache = SnapshotCache(metrics)
-    proxies = ProxyRegistry(metrics)
-    watch = RegistryWatch(KazooSource(args.zk, args.zk_session_timeout), cache.set_snapshot,
-                          metrics=metrics, debounce=args.debounce_ms / 1000)
+    events = EventBus()
+    proxies = ProxyRegistry(metrics, events=events)
+
+    def publish(snapshot: RegistrySnapshot) -> None:
+        events.registry_changed(cache.snapshot, snapshot)
+        cache.set_snapshot(snapshot)
+
+    source = KazooSource(args.zk, args.zk_session_timeout)
+    watch = RegistryWatch(source, publish, metrics=metrics, debounce=args.debounce_ms / 1000)
 
     load = LoadStore(args.load_report_interval)
 
@@ -87,8 +133,16 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     add_to_server(server, ads)
     lrs = LoadReportingServer(load, metrics)
     add_lrs_to_server(server, lrs)
+    auth = Authorizer(args.tokens, args.insecure_admin)
+    add_admin_to_server(server, AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load))
     try:
-        xds_port = server.add_insecure_port(_hostport(args.bind, args.xds_port))
+        if args.tls is None:
+            xds_port = server.add_insecure_port(_hostport(args.bind, args.xds_port))
+        else:
+            cert, key, client_ca = args.tls
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
+                                                require_client_auth=client_ca is not None)
+            xds_port = server.add_secure_port(_hostport(args.bind, args.xds_port), creds)
     except RuntimeError as exc:
         xds_port, why = 0, exc
     else:
@@ -106,13 +160,20 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     watch.start()
     print(f"meshkeeper controlplane listening xds_port={xds_port} http_port={web.port}", flush=True)
-    log.info("serving xDS on %s, HTTP on %s; zookeeper %s", xds_port, web.port, args.zk)
+    log.info("serving xDS, LRS and the admin API on %s%s, HTTP on %s; zookeeper %s", xds_port,
+             "" if args.tls is None else " (TLS" + (", client certificates required)" if args.tls[2] else ")"),
+             web.port, args.zk)
+    if auth.mode == "insecure":
+        log.warning("admin API: --insecure-admin: every caller may change the mesh")
+    elif auth.mode == "read-only":
+        log.info("admin API: no --admin-tokens: reads are open, writes are refused")
     try:
         await stop.wait()
     finally:
         log.info("shutting down")
         ads.close_streams()
         lrs.close_streams()
+        events.close()
         await server.stop(SHUTDOWN_GRACE)
         await web.close()
         await watch.stop()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from controlplane.events import EventBus
 from controlplane.metrics import Metrics, ProxyTypeRow
 from meshkeeper.xds import SHORT_TYPE, NodeInfo
 
@@ -48,6 +49,10 @@ class TypeStatus:
     pushes: int = 0  # responses sent on this stream
     nacks: int = 0
     last_ack_latency: float | None = None  # seconds from the last ACKed push to its ACK
+    # The resources of the last response sent, and of the last one ACKed (admin GetProxyConfig):
+    # shared packed resources of the cache, so keeping them costs references only.
+    sent_resources: tuple = ()
+    acked_resources: tuple = ()
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -87,8 +92,9 @@ class ProxyStatus:
 
 class ProxyRegistry:
     def __init__(self, metrics: Metrics | None = None, *, wall: Callable[[], float] = time.time,
-                 mono: Callable[[], float] = time.monotonic) -> None:
+                 mono: Callable[[], float] = time.monotonic, events: EventBus | None = None) -> None:
         self._metrics = metrics or Metrics()
+        self._events = events
         self._wall, self._mono = wall, mono
         self._ids = itertools.count(1)
         self._proxies: dict[int, ProxyStatus] = {}
@@ -112,12 +118,23 @@ class ProxyRegistry:
             self._metrics.connected_proxies.set(len(self._proxies))
             log.info("proxy disconnected: %s (stream %d)", p.node.node_id, p.stream_id)
 
-    def sent(self, p: ProxyStatus, type_url: str, version: str, nonce: str) -> None:
+    def get(self, node_id: str) -> ProxyStatus | None:
+        """The newest stream of ``node_id``, or None."""
+        found = [p for p in self._proxies.values() if p.node.node_id == node_id]
+        return max(found, key=lambda p: p.stream_id) if found else None
+
+    def sent(self, p: ProxyStatus, type_url: str, version: str, nonce: str, resources: tuple = ()) -> None:
         st = p.type(type_url)
         st.version_sent, st.nonce_sent = version, nonce
         st.sent_at, st.sent_mono = self._wall(), self._mono()
+        st.sent_resources = resources
         st.pushes += 1
-        self._metrics.pushes.labels(type=SHORT_TYPE.get(type_url, "other")).inc()
+        short = SHORT_TYPE.get(type_url, "other")
+        self._metrics.pushes.labels(type=short).inc()
+        if self._events is not None and self._events.active:
+            self._events.publish("push", namespace=p.node.namespace, service=p.node.service,
+                                 node_id=p.node.node_id,
+                                 summary=f"{short} version {version} ({len(resources)} resources)")
 
     def acked(self, p: ProxyStatus, type_url: str, version: str) -> None:
         st = p.type(type_url)
@@ -126,6 +143,8 @@ class ProxyRegistry:
         if version == st.version_sent and st.version_acked != version:
             st.last_ack_latency = self._mono() - st.sent_mono
             self._metrics.push_ack_latency.labels(type=short).observe(st.last_ack_latency)
+        if version == st.version_sent:
+            st.acked_resources = st.sent_resources
         st.version_acked, st.acked_at = version, self._wall()
         st.nack = None  # a later version was accepted: the refusal is resolved (the counter keeps it)
 
@@ -136,6 +155,9 @@ class ProxyRegistry:
         st.nacks += 1
         self._metrics.nacks.labels(type=short).inc()
         log.warning("NACK from %s for %s version %s: %s", p.node.node_id, short, version, error)
+        if self._events is not None:
+            self._events.publish("nack", namespace=p.node.namespace, service=p.node.service,
+                                 node_id=p.node.node_id, summary=f"{short} version {version}: {error}")
 
     def to_json(self) -> list[dict[str, Any]]:
         return [p.to_json() for p in self.list()]

@@ -25,6 +25,28 @@ log = logging.getLogger("meshkeeper.controlplane.zk")
 CONNECT_MAX_DELAY = 2.0  # seconds between connection attempts at most: reconnect fast after an outage
 
 
+def bridge(loop: asyncio.AbstractEventLoop, async_result: Any) -> asyncio.Future:
+    """A future on ``loop`` settled with a kazoo async result (its value or its exception); the
+    result's callback runs on a kazoo thread and only hands it over."""
+    fut = loop.create_future()
+
+    def settle(ar: Any) -> None:
+        if fut.done():
+            return
+        try:
+            fut.set_result(ar.get(block=False))
+        except Exception as exc:
+            fut.set_exception(exc)
+
+    def hand_over(ar: Any) -> None:
+        if not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed between the check and the call
+                loop.call_soon_threadsafe(settle, ar)
+
+    async_result.rawlink(hand_over)
+    return fut
+
+
 class KazooSource:
     def __init__(self, hosts: str, session_timeout: float = 10.0) -> None:
         self.hosts = hosts
@@ -56,18 +78,7 @@ class KazooSource:
             self._post(self._on_event, event.path, str(event.type))
 
     def _bridge(self, async_result: Any) -> asyncio.Future:
-        fut = self._loop.create_future()
-
-        def settle(ar: Any) -> None:
-            if fut.done():
-                return
-            try:
-                fut.set_result(ar.get(block=False))
-            except Exception as exc:
-                fut.set_exception(exc)
-
-        async_result.rawlink(lambda ar: self._post(settle, ar))
-        return fut
+        return bridge(self._loop, async_result)
 
     # -- ZkSource, on the loop
 

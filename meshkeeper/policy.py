@@ -25,6 +25,7 @@ RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-statu
             "refused-stream", "retriable-4xx")
 _HASH_ON_RE = re.compile(r"^(header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_-]+|source_ip)$")
 _MAX_MS = 24 * 3600 * 1000
+_SUBSET_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # a version label value
 
 
 class PolicyError(ValueError):
@@ -233,6 +234,11 @@ def _check(p: Policy) -> None:
                 raise PolicyError(f"policy.retry.on[{i}]: {cond!r} is not one of {', '.join(RETRY_ON)}")
     if p.outlier is not None and p.outlier.max_ejection_ms < p.outlier.base_ejection_ms:
         raise PolicyError("policy.outlier.max_ejection_ms: must be at least base_ejection_ms")
+    for subset, weight in p.split.items():
+        if not _SUBSET_RE.match(subset):
+            raise PolicyError(f"policy.split: {subset!r} is not a version label (letters, digits, '.', '_', '-')")
+        if not 0 <= weight <= 100:
+            raise PolicyError(f"policy.split.{subset}: {weight} is outside 0..100")
     if p.split and sum(p.split.values()) != 100:
         raise PolicyError(f"policy.split: weights must add up to 100, they add up to {sum(p.split.values())}")
     for i, m in enumerate(p.match):

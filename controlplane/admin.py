@@ -1,0 +1,517 @@
+"""The admin API (``meshkeeper.admin.v1.AdminService``, proto/meshkeeper/admin/v1/admin.proto),
+served on the control plane's gRPC port beside ADS and LRS. docs/contracts.md has the rules.
+
+Reads and writes go to ZooKeeper through :class:`controlplane.zkstore.ZkStore` (every write is a
+versioned read-modify-write); nothing an operator sets lives only in this process, so any replica
+serves it and the registry watch turns it into xDS like any other registry change. Each RPC is
+authorised first (:mod:`controlplane.auth`); every write attempt that passed auth is one audit log
+line, and a successful one an ``admin_write`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from types import MappingProxyType
+from typing import Any
+
+import grpc
+from google.protobuf import json_format, timestamp_pb2
+
+from controlplane.auth import Authorizer, Caller, Denied, Role
+from controlplane.events import KINDS, EventBus, Overflow
+from controlplane.lrs import LoadStore
+from controlplane.proxies import ProxyRegistry
+from controlplane.zkstore import Conflict, Unavailable, Written, ZkStore
+from meshkeeper.admin.v1 import admin_pb2, admin_pb2_grpc
+from meshkeeper.policy import PolicyError, decode_policy, encode_policy
+from meshkeeper.registry import (
+    DEFAULT_NAMESPACE,
+    MAX_WEIGHT,
+    InstanceRecord,
+    Override,
+    Paths,
+    RecordError,
+    RuntimeValues,
+    ServiceRecord,
+    effective_weight,
+    is_serving,
+    parse_endpoint_key,
+    validate_name,
+)
+
+log = logging.getLogger("meshkeeper.controlplane.admin")
+audit_log = logging.getLogger("meshkeeper.controlplane.audit")
+
+SHORT_TYPES = ("CDS", "EDS", "LDS", "RDS", "RTDS")
+
+
+class AdminError(Exception):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    result = "invalid"
+
+
+class NotFound(AdminError):
+    code = grpc.StatusCode.NOT_FOUND
+    result = "not_found"
+
+
+class Precondition(AdminError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    result = "refused"
+
+
+_STATUS = {Conflict: (grpc.StatusCode.ABORTED, "aborted"), Unavailable: (grpc.StatusCode.UNAVAILABLE, "unavailable")}
+
+
+def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    if isinstance(exc, AdminError):
+        return exc.code, exc.result
+    if isinstance(exc, (RecordError, PolicyError)):
+        return grpc.StatusCode.INVALID_ARGUMENT, "invalid"
+    for cls, got in _STATUS.items():
+        if isinstance(exc, cls):
+            return got
+    return None
+
+
+def rpc(role: Role) -> Callable:
+    """Authorise the call for ``role``, pass the :class:`Caller` on, and turn the errors above
+    into gRPC status codes with their messages."""
+
+    def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable:
+        @functools.wraps(fn)
+        async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                caller = self.auth.check(context.invocation_metadata(), role, context.peer() or "")
+            except Denied as d:
+                await context.abort(d.code, str(d))
+            try:
+                return await fn(self, request, caller)
+            except Exception as exc:
+                status = _status_of(exc)
+                if status is None:
+                    raise
+                await context.abort(status[0], str(exc))
+        return handler
+    return wrap
+
+
+def _namespace(value: str) -> str:
+    return validate_name("namespace", value or DEFAULT_NAMESPACE)
+
+
+def _service(value: str) -> str:
+    if not value:
+        raise AdminError("service: required")
+    return validate_name("service", value)
+
+
+def _expected(request: Any) -> int | None:
+    if not request.HasField("expected_version"):
+        return None
+    v = request.expected_version
+    if v < -1:
+        raise AdminError(f"expected_version: {v} is not -1 (create only) or a znode version")
+    return v
+
+
+def _json_text(data: bytes | None) -> Any:
+    """A znode payload for the audit line and events: its JSON, or the raw text if it is not JSON."""
+    if data is None:
+        return None
+    try:
+        return json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        return data.decode("utf-8", "replace")
+
+
+def _dump(obj: Any) -> str:
+    return "" if obj is None else json.dumps(obj, sort_keys=True, separators=(",", ":"))
+
+
+@dataclasses.dataclass
+class _ServiceState:
+    record: ServiceRecord
+    instances: dict[str, InstanceRecord]
+    overrides: dict[str, tuple[Override, int]]  # key -> (override, znode version)
+
+
+class AdminService(admin_pb2_grpc.AdminServiceServicer):
+    def __init__(self, store: ZkStore, auth: Authorizer, *, proxies: ProxyRegistry,
+                 events: EventBus, load: LoadStore | None = None) -> None:
+        self.store, self.auth, self.proxies, self.events, self.load = store, auth, proxies, events, load
+
+    # ------------------------------------------------------------------ shared reads
+
+    async def _service_state(self, ns: str, svc: str) -> _ServiceState:
+        paths = Paths(ns)
+        node = await self.store.get(paths.service(svc))
+        if node is None:
+            raise NotFound(f"service {svc!r} is not registered in namespace {ns!r}")
+        try:
+            record = ServiceRecord.decode(node.data)
+        except RecordError:
+            record = ServiceRecord()
+        inst_keys, ovr_keys = await asyncio.gather(self.store.children(paths.instances(svc)),
+                                                   self.store.children(paths.overrides(svc)))
+        inst_keys, ovr_keys = inst_keys or [], ovr_keys or []
+        inst_nodes, ovr_nodes = await asyncio.gather(
+            self.store.get_many([paths.instance(svc, k) for k in inst_keys]),
+            self.store.get_many([paths.override(svc, k) for k in ovr_keys]))
+        instances = {}
+        for key, zn in zip(inst_keys, inst_nodes, strict=True):
+            if zn is None:
+                continue
+            try:
+                rec = InstanceRecord.decode(zn.data)
+            except RecordError as exc:
+                log.debug("admin: skipping bad instance %s/%s: %s", svc, key, exc)
+                continue
+            if rec.key == key:
+                instances[key] = rec
+        overrides = {}
+        for key, zn in zip(ovr_keys, ovr_nodes, strict=True):
+            if zn is None:
+                continue
+            try:
+                overrides[key] = (Override.decode(zn.data), zn.version)
+            except RecordError:
+                overrides[key] = (Override(), zn.version)  # shown as none; a write replaces it
+        return _ServiceState(record, instances, overrides)
+
+    def _endpoint(self, ns: str, svc: str, key: str, state: _ServiceState,
+                  load: dict[str, Any] | None) -> admin_pb2.Endpoint:
+        inst = state.instances.get(key)
+        override, version = state.overrides.get(key, (None, -1))
+        ep = admin_pb2.Endpoint(address=key, registered=inst is not None, version=version)
+        if inst is not None:
+            ep.labels.update(dict(inst.labels))
+            ep.registered_weight = inst.weight
+            ep.effective_weight = effective_weight(inst, override)
+        elif override is not None and override.weight is not None:
+            ep.effective_weight = override.weight
+        ep.enabled = override is None or override.enabled is not False
+        if override is not None:
+            ep.override.SetInParent()
+            if override.weight is not None:
+                ep.override.weight = override.weight
+            if override.enabled is not None:
+                ep.override.enabled = override.enabled
+        got = (load or {}).get(key)
+        if got is not None:
+            rates = got["rates"]
+            ep.load.rps = rates["rps"]
+            ep.load.error_ratio = rates["error_ratio"] or 0.0
+            ep.load.mean_latency_seconds = rates["mean_latency_seconds"] or 0.0
+            ep.load.in_progress = got["totals"]["in_progress"]
+        return ep
+
+    def _endpoint_load(self, ns: str, svc: str) -> dict[str, Any]:
+        if self.load is None:
+            return {}
+        for s in self.load.snapshot(ns)["services"]:
+            if s["service"] == svc:
+                return {e["address"]: e for e in s["endpoints"]}
+        return {}
+
+    # ------------------------------------------------------------------ writes
+
+    async def _write(self, caller: Caller, rpc_name: str, ns: str, svc: str, path: str,
+                     change: Callable[[bytes | None], bytes | None], expected: int | None,
+                     what: str) -> Written:
+        entry: dict[str, Any] = {"who": caller.name, "role": caller.role.label, "peer": caller.peer,
+                                 "rpc": rpc_name, "namespace": ns, "service": svc, "path": path,
+                                 "expected_version": expected}
+        try:
+            written = await self.store.update(path, change, expected)
+        except Exception as exc:
+            status = _status_of(exc)
+            entry.update(result=status[1] if status else "error", error=str(exc), before=None, after=None)
+            audit_log.info("audit %s", json.dumps(entry, sort_keys=True))
+            raise
+        before, after = _json_text(written.before), _json_text(written.after)
+        entry.update(result="ok", before=before, after=after, version=written.version)
+        audit_log.info("audit %s", json.dumps(entry, sort_keys=True))
+        self.events.publish("admin_write", namespace=ns, service=svc, who=caller.name,
+                            summary=f"{rpc_name} {what} by {caller.name}",
+                            before=_dump(before), after=_dump(after))
+        return written
+
+    async def _override_write(self, caller: Caller, rpc_name: str, request: Any,
+                              change: Callable[[Override | None], Override | None], what: str) -> admin_pb2.Endpoint:
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        parse_endpoint_key(request.address)
+        key = request.address
+        expected = _expected(request)
+        state = await self._service_state(ns, svc)
+        if key not in state.instances and key not in state.overrides:
+            known = ", ".join(sorted(state.instances)) or "none"
+            raise NotFound(f"{svc} has no instance {key} (registered: {known})")
+
+        def apply(data: bytes | None) -> bytes | None:
+            try:
+                cur = Override.decode(data) if data is not None else None
+            except RecordError:
+                cur = None  # a bad override is replaced by a good one
+            new = change(cur)
+            return None if new is None else new.encode()
+
+        await self._write(caller, rpc_name, ns, svc, Paths(ns).override(svc, key), apply, expected,
+                          f"{svc} {key} {what}")
+        state = await self._service_state(ns, svc)
+        return self._endpoint(ns, svc, key, state, self._endpoint_load(ns, svc))
+
+    # ------------------------------------------------------------------ registry
+
+    @rpc(Role.VIEWER)
+    async def ListServices(self, request, caller):  # noqa: N802 (gRPC names)
+        ns = _namespace(request.namespace)
+        names = await self.store.children(Paths(ns).services) or []
+        names = [n for n in names if _valid(n)]
+        policies = await self.store.get_many([Paths(ns).policy(n) for n in names])
+        states = await asyncio.gather(*(self._service_state(ns, n) for n in names), return_exceptions=True)
+        out = admin_pb2.ListServicesResponse()
+        for name, state, policy in zip(names, states, policies, strict=True):
+            if isinstance(state, NotFound):  # removed between the two reads
+                continue
+            if isinstance(state, BaseException):
+                raise state
+            serving = sum(1 for k, inst in state.instances.items()
+                          if is_serving(inst, state.overrides.get(k, (None, 0))[0]))
+            out.services.add(namespace=ns, name=name, protocol=state.record.protocol,
+                             instances=len(state.instances), serving=serving, has_policy=policy is not None)
+        return out
+
+    @rpc(Role.VIEWER)
+    async def GetService(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        state = await self._service_state(ns, svc)
+        load = self._endpoint_load(ns, svc)
+        out = admin_pb2.Service(namespace=ns, name=svc, protocol=state.record.protocol)
+        for key in sorted(set(state.instances) | set(state.overrides)):
+            out.endpoints.append(self._endpoint(ns, svc, key, state, load))
+        return out
+
+    # ------------------------------------------------------------------ overrides
+
+    @rpc(Role.OPERATOR)
+    async def SetWeight(self, request, caller):  # noqa: N802
+        if not 0 <= request.weight <= MAX_WEIGHT:
+            raise AdminError(f"weight: {request.weight} is outside 0..{MAX_WEIGHT}")
+        return await self._override_write(
+            caller, "SetWeight", request,
+            lambda cur: dataclasses.replace(cur or Override(), weight=request.weight), f"weight={request.weight}")
+
+    @rpc(Role.OPERATOR)
+    async def SetEnabled(self, request, caller):  # noqa: N802
+        return await self._override_write(
+            caller, "SetEnabled", request,
+            lambda cur: dataclasses.replace(cur or Override(), enabled=request.enabled),
+            f"enabled={str(request.enabled).lower()}")
+
+    @rpc(Role.OPERATOR)
+    async def ClearOverride(self, request, caller):  # noqa: N802
+        return await self._override_write(caller, "ClearOverride", request, lambda cur: None, "cleared")
+
+    # ------------------------------------------------------------------ policy
+
+    async def _policy(self, ns: str, svc: str) -> admin_pb2.Policy:
+        zn = await self.store.get(Paths(ns).policy(svc))
+        if zn is None:
+            return admin_pb2.Policy(namespace=ns, service=svc, json="{}", version=-1)
+        try:
+            text = encode_policy(decode_policy(zn.data)).decode()
+        except PolicyError:
+            text = zn.data.decode("utf-8", "replace")  # as stored: the operator sees what is wrong
+        return admin_pb2.Policy(namespace=ns, service=svc, json=text, version=zn.version)
+
+    async def _require_service(self, ns: str, svc: str) -> None:
+        if await self.store.get(Paths(ns).service(svc)) is None:
+            raise NotFound(f"service {svc!r} is not registered in namespace {ns!r}")
+
+    @rpc(Role.VIEWER)
+    async def GetPolicy(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        await self._require_service(ns, svc)
+        return await self._policy(ns, svc)
+
+    @rpc(Role.ADMIN)
+    async def SetPolicy(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        expected = _expected(request)
+        policy = decode_policy(request.json or "{}")  # PolicyError names the field
+        await self._require_service(ns, svc)
+        encoded = encode_policy(policy)
+        await self._write(caller, "SetPolicy", ns, svc, Paths(ns).policy(svc), lambda _: encoded, expected,
+                          f"policy of {svc}")
+        return await self._policy(ns, svc)
+
+    @rpc(Role.OPERATOR)
+    async def SetTrafficSplit(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        expected = _expected(request)
+        split = dict(request.split)
+        decode_policy({"split": split})  # the schema's checks: labels, 0..100, sum 100
+        state = await self._service_state(ns, svc)
+        versions = {inst.version for inst in state.instances.values() if inst.version}
+        missing = sorted(v for v, w in split.items() if w > 0 and v not in versions)
+        if missing:
+            raise Precondition(f"split: no registered instance of {svc} has version {missing[0]!r} "
+                               f"(versions: {', '.join(sorted(versions)) or 'none'})")
+
+        def apply(data: bytes | None) -> bytes:
+            try:
+                policy = decode_policy(data)
+            except PolicyError as exc:
+                raise Precondition(f"the current policy of {svc} is invalid ({exc}); replace it with SetPolicy") from None
+            return encode_policy(dataclasses.replace(policy, split=MappingProxyType(split)))
+
+        what = " ".join(f"{k}={v}" for k, v in sorted(split.items())) or "removed"
+        await self._write(caller, "SetTrafficSplit", ns, svc, Paths(ns).policy(svc), apply, expected,
+                          f"split of {svc}: {what}")
+        return await self._policy(ns, svc)
+
+    # ------------------------------------------------------------------ config centre
+
+    async def _config(self, ns: str, svc: str) -> admin_pb2.RuntimeConfig:
+        zn = await self.store.get(Paths(ns).config(svc))
+        out = admin_pb2.RuntimeConfig(namespace=ns, service=svc, version=-1 if zn is None else zn.version)
+        if zn is not None:
+            try:
+                out.values.update(dict(RuntimeValues.decode(zn.data).values))
+            except RecordError as exc:
+                raise Precondition(f"the config znode of {svc} is invalid ({exc}); "
+                                   "SetConfig with expected_version -1 cannot fix it: delete it in ZooKeeper") from None
+        return out
+
+    async def _config_write(self, caller: Caller, rpc_name: str, request: Any,
+                            change: Callable[[dict[str, str]], dict[str, str]], what: str) -> admin_pb2.RuntimeConfig:
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        expected = _expected(request)
+        await self._require_service(ns, svc)
+
+        def apply(data: bytes | None) -> bytes:
+            try:
+                cur = dict(RuntimeValues.decode(data).values) if data is not None else {}
+            except RecordError:
+                cur = {}  # a bad config is replaced
+            return RuntimeValues(change(cur)).encode()
+
+        await self._write(caller, rpc_name, ns, svc, Paths(ns).config(svc), apply, expected, what)
+        return await self._config(ns, svc)
+
+    @rpc(Role.VIEWER)
+    async def GetConfig(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        return await self._config(ns, svc)
+
+    @rpc(Role.OPERATOR)
+    async def SetConfig(self, request, caller):  # noqa: N802
+        values = dict(request.values)
+        if not values:
+            raise AdminError("values: nothing to set")
+        for k, v in values.items():
+            RuntimeValues.check(k, v)
+        keys = ", ".join(sorted(values))
+        return await self._config_write(caller, "SetConfig", request, lambda cur: {**cur, **values},
+                                        f"config of {request.service}: {keys}")
+
+    @rpc(Role.OPERATOR)
+    async def DeleteConfigKey(self, request, caller):  # noqa: N802
+        key = request.key
+
+        def drop(cur: dict[str, str]) -> dict[str, str]:
+            if key not in cur:
+                raise NotFound(f"config of {request.service} has no key {key!r}")
+            return {k: v for k, v in cur.items() if k != key}
+
+        return await self._config_write(caller, "DeleteConfigKey", request, drop,
+                                        f"config of {request.service}: -{key}")
+
+    # ------------------------------------------------------------------ proxies
+
+    @rpc(Role.VIEWER)
+    async def ListProxies(self, request, caller):  # noqa: N802
+        ns = request.namespace
+        out = admin_pb2.ListProxiesResponse()
+        for p in self.proxies.list():
+            n = p.node
+            if ns and n.namespace != ns:
+                continue
+            proxy = out.proxies.add(node_id=n.node_id, service=n.service, namespace=n.namespace,
+                                    instance="" if n.proxyless else f"{n.advertise_host}:{n.inbound_port}",
+                                    connected_since=_ts(p.connected_since))
+            for short in sorted(p.types, key=_type_order):
+                st = p.types[short]
+                t = proxy.types.add(type=short, version_sent=st.version_sent, version_acked=st.version_acked)
+                if st.acked_at is not None:
+                    t.acked_at.CopyFrom(_ts(st.acked_at))
+                if st.nack is not None:
+                    t.last_nack_error, t.last_nack_version = st.nack.error, st.nack.version
+        return out
+
+    @rpc(Role.VIEWER)
+    async def GetProxyConfig(self, request, caller):  # noqa: N802
+        p = self.proxies.get(request.node_id)
+        if p is None:
+            raise NotFound(f"no proxy {request.node_id!r} is connected to this control plane "
+                           "(meshkeeper get proxies lists them)")
+        out = admin_pb2.ProxyConfig(node_id=request.node_id)
+        for short in sorted(p.types, key=_type_order):
+            st = p.types[short]
+            acked = out.types.add(type=short, version=st.version_acked)
+            for r in st.acked_resources:
+                acked.resources_json[r.name] = json_format.MessageToJson(r.any, preserving_proto_field_name=True,
+                                                                         indent=None)
+        return out
+
+    # ------------------------------------------------------------------ events
+
+    async def WatchEvents(self, request, context):  # noqa: N802
+        try:
+            self.auth.check(context.invocation_metadata(), Role.VIEWER, context.peer() or "")
+        except Denied as d:
+            await context.abort(d.code, str(d))
+        unknown = sorted(set(request.kinds) - set(KINDS))
+        if unknown:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"kinds: {unknown[0]!r} is not one of {', '.join(KINDS)}")
+        sub = self.events.subscribe(request.namespace, request.kinds)
+        try:
+            while True:
+                event = await sub.next()
+                if event is None:
+                    return
+                yield event
+        except Overflow as exc:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this watcher fell behind: {exc}")
+        finally:
+            sub.close()
+
+
+def _valid(name: str) -> bool:
+    try:
+        validate_name("service", name)
+    except RecordError:
+        return False
+    return True
+
+
+def _type_order(short: str) -> int:
+    return SHORT_TYPES.index(short) if short in SHORT_TYPES else len(SHORT_TYPES)
+
+
+def _ts(wall: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(wall * 1e9))
+    return ts
+
+
+def add_to_server(server: grpc.aio.Server, admin: AdminService) -> None:
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
+
