@@ -95,9 +95,10 @@ class Mesh:
         return http_get(f"http://127.0.0.1:{self.cp.port('http_port')}/metrics")[2].decode()
 
 
-def start_mesh(procs, zk_hosts: str, ns: str, kz: KazooClient, xds_port: int = 0) -> Mesh:
+def start_mesh(procs, zk_hosts: str, ns: str, kz: KazooClient, xds_port: int = 0,
+               cp_args: tuple[str, ...] = ()) -> Mesh:
     cp = procs.meshkeeper("controlplane", "--zk", zk_hosts, "--xds-port", str(xds_port), "--http-port", "0",
-                          name="controlplane")
+                          *cp_args, name="controlplane")
     target = f"127.0.0.1:{cp.port('xds_port')}"
     catalog = []
     for version, weight in (("v1", 1), ("v1", 2), ("v2", 7)):
