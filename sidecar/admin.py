@@ -2,24 +2,33 @@
 
 ``/ready``          200 ``LIVE`` once the first config is applied and the instance is registered;
                     503 with the state (``PRE_INITIALIZING``, ``INITIALIZING``, ``DRAINING``) before.
-``/config_dump``    the applied listeners, routes, clusters and endpoints, with versions and NACKs.
+``/config_dump``    the applied listeners, routes, clusters, endpoints and runtime, with versions and NACKs.
 ``/clusters``       every cluster: load balancer, panic (now) and its threshold, circuit breaker
                     limits, outlier detection (config, active ejections, detections, success rate
                     average and threshold, or null); every endpoint: weight, serving, active and total
                     requests, and ``ejected``, ``ejections`` (times ejected), ``ejected_until``
                     (seconds from now, or null) with its outlier counters.
 ``/listeners``      the bound listener ports.
-``/server_info``    node identity, state, uptime, xDS connection, load reporting (LRS) state.
+``/server_info``    node identity, state, uptime, xDS connection (and whether it uses TLS), load
+                    reporting (LRS) state.
 ``/stats/prometheus`` Prometheus text exposition.
+``/runtime``        the service's runtime config (RTDS) for the local app (docs/contracts.md):
+                    ``{"service", "namespace", "version", "values"}`` and the header
+                    ``x-meshkeeper-runtime-version``. ``?version=V&wait=S`` holds the answer until
+                    the version differs from V or S seconds passed (default 60, more than 300 is
+                    taken as 300); a ``wait`` that is not a number of seconds >= 0 gets 400.
 
 Handlers only read the runtime; nothing here changes routing.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import time
 from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
 
 from google.protobuf.json_format import MessageToDict
 
@@ -31,7 +40,11 @@ if TYPE_CHECKING:
 
 JSON = "application/json"
 _DUMP_ORDER = ((xds.LISTENER, "listeners"), (xds.ROUTE, "routes"), (xds.CLUSTER, "clusters"),
-               (xds.ENDPOINT, "endpoints"))
+               (xds.ENDPOINT, "endpoints"), (xds.RUNTIME, "runtime"))
+RUNTIME_VERSION_HEADER = "x-meshkeeper-runtime-version"
+DEFAULT_RUNTIME_WAIT = 60.0
+MAX_RUNTIME_WAIT = 300.0
+_QUERY_PAGES = ("/runtime",)  # pages whose handler takes the query
 
 
 def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
@@ -50,6 +63,7 @@ class AdminServer:
             "/listeners": self.listeners,
             "/server_info": self.server_info,
             "/stats/prometheus": self.prometheus,
+            "/runtime": self.runtime_config,
             "/": self.index,
         }
 
@@ -62,7 +76,7 @@ class AdminServer:
         if self._server is not None:
             await self._server.close()
 
-    async def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple[int, str, bytes]:
+    async def handle(self, method: str, path: str, query: dict, headers: dict, body: bytes) -> tuple:
         handler = self._routes.get(path)
         if self.runtime is None:
             return 503, "text/plain", b"PRE_INITIALIZING\n"
@@ -70,7 +84,8 @@ class AdminServer:
             return _json(404, {"error": f"no admin page {path}", "pages": sorted(self._routes)})
         if method not in ("GET", "HEAD"):
             return _json(405, {"error": f"{method} is not allowed on {path}"})
-        return handler()
+        result = handler(query) if path in _QUERY_PAGES else handler()
+        return await result if inspect.isawaitable(result) else result
 
     # ------------------------------------------------------------------ pages
 
@@ -100,7 +115,8 @@ class AdminServer:
             "metadata": rt.node.metadata(),
             "uptime_seconds": round(time.time() - self.started, 3),
             "control_plane": {"target": rt.ads.target, "connected": rt.ads.connected,
-                              "connects": rt.ads.connects} if rt.ads else None,
+                              "connects": rt.ads.connects, "tls": rt.ads.credentials is not None}
+            if rt.ads else None,
             "load_reporting": rt.lrs.admin_view() if rt.lrs is not None else None,
             "registration": None if reg is None else {
                 "path": reg.path, "registered": reg.registered, "app_healthy": reg.healthy,
@@ -130,9 +146,33 @@ class AdminServer:
             }
         return _json(200, out)
 
+    async def runtime_config(self, query: dict[str, str]) -> tuple[int, str, bytes, dict[str, str]]:
+        """``/runtime``, long-polled with ``?version=V&wait=S`` (held while the version is V)."""
+        layer = self.runtime.runtime_layer
+        wait = DEFAULT_RUNTIME_WAIT
+        if "wait" in query:
+            try:
+                wait = float(query["wait"])
+            except ValueError:
+                wait = math.nan
+            if not (math.isfinite(wait) and wait >= 0):
+                return _json(400, {"error": f"wait {query['wait']!r}: expected a number of seconds, 0 or more"})
+            wait = min(wait, MAX_RUNTIME_WAIT)
+        if "version" in query:
+            await layer.wait_change(query["version"], wait)
+        status, ctype, body = _json(200, {"service": self.runtime.node.service,
+                                          "namespace": self.runtime.node.namespace,
+                                          "version": layer.version, "values": dict(layer.values)})
+        return status, ctype, body, {RUNTIME_VERSION_HEADER: _header_value(layer.version)}
+
     def clusters(self) -> tuple[int, str, bytes]:
         return _json(200, {"clusters": self.runtime.clusters_view()})
 
     def prometheus(self) -> tuple[int, str, bytes]:
         body, ctype = self.runtime.metrics.exposition()
         return 200, ctype, body
+
+
+def _header_value(text: str) -> str:
+    """``text`` as a header value: as is when printable ASCII, else percent-encoded."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe="")

@@ -193,3 +193,19 @@ class ListenerConfig:
     # HCM tracing.random_sampling as a ratio (0..1) for new traces; None: the HCM has no tracing
     # config and the sidecar's --trace-sample-ratio applies.
     trace_sample_ratio: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """An RTDS ``Runtime`` resource: its name (the service) and its layer flattened into strings.
+
+    Nested Structs are joined with dots (``{"a": {"b": 1}}`` is ``a.b = "1"``); numbers and
+    booleans are their JSON text. The values are what the sidecar serves the app at ``/runtime``.
+    """
+
+    name: str
+    values: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.values, MappingProxyType):
+            object.__setattr__(self, "values", MappingProxyType(dict(sorted(self.values.items()))))

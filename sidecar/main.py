@@ -12,6 +12,10 @@ accepting, let in-flight requests finish (bounded by ``--drain-timeout``), then 
 ``--workers N`` runs N-1 extra worker processes sharing the listener ports with SO_REUSEPORT;
 each has its own loop, ADS stream and load reporting (LRS) stream. Registration and the admin
 port live in worker 0.
+
+``--xds-ca FILE`` makes the ADS and LRS streams use TLS, trusting that CA for the control plane's
+certificate (which must name the host of ``--cp``); ``--xds-cert FILE --xds-key FILE`` add a client
+certificate for mutual TLS. The files are read (and checked) once at start; workers get the same flags.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import logging
 import os
 import shutil
 import signal
+import ssl
 import subprocess
 import sys
 from typing import BinaryIO, NamedTuple
@@ -41,6 +46,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--app-port", type=port, required=True, help="the local app's port")
     p.add_argument("--namespace", "-n", default="default")
     p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"), help="control plane HOST:PORT")
+    p.add_argument("--xds-ca", metavar="FILE", default="",
+                   help="PEM CA to trust for the control plane's certificate: xDS and LRS use TLS")
+    p.add_argument("--xds-cert", metavar="FILE", default="",
+                   help="PEM client certificate for mutual TLS with the control plane (with --xds-key)")
+    p.add_argument("--xds-key", metavar="FILE", default="", help="PEM private key of --xds-cert")
     p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK", "127.0.0.1:2181"), help="ZooKeeper hosts")
     p.add_argument("--version", default="", help="the instance's version label (subsets)")
     p.add_argument("--zone", default="", help="the instance's zone label (locality)")
@@ -88,7 +98,61 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     cp_host, sep, cp_port = args.cp.rpartition(":")
     if not sep or not cp_host or not cp_port.isdigit():
         p.error(f"--cp {args.cp!r}: expected HOST:PORT")
+    try:
+        args.xds_tls = read_xds_tls(args.xds_ca, args.xds_cert, args.xds_key)
+    except ValueError as exc:
+        p.error(str(exc))
     return args
+
+
+class XdsTls(NamedTuple):
+    """PEM bytes of ``--xds-ca`` and, for mutual TLS, ``--xds-cert`` and ``--xds-key``."""
+
+    ca: bytes
+    cert: bytes | None = None
+    key: bytes | None = None
+
+
+def _no_password() -> bytes:
+    raise ValueError("the key is encrypted (a key without a passphrase is needed)")
+
+
+def read_xds_tls(ca: str, cert: str, key: str) -> XdsTls | None:
+    """Read and check the TLS files of the xDS connection; None without ``--xds-ca``.
+
+    Raises ValueError with a one-line message naming the flag: a missing partner flag, a file that
+    cannot be read, one that holds no PEM certificate (or key), or a key that is not the certificate's.
+    """
+    if bool(cert) != bool(key):
+        raise ValueError("--xds-cert and --xds-key go together (a client certificate and its key)")
+    if cert and not ca:
+        raise ValueError("--xds-cert/--xds-key need --xds-ca (mutual TLS is TLS first)")
+    if not ca:
+        return None
+
+    def read(flag: str, path: str) -> bytes:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            raise ValueError(f"{flag} {path}: cannot read it: {exc.strerror or exc}") from None
+        if b"-----BEGIN " not in data:
+            raise ValueError(f"{flag} {path}: not a PEM file")
+        return data
+
+    tls = XdsTls(read("--xds-ca", ca), read("--xds-cert", cert) if cert else None,
+                 read("--xds-key", key) if key else None)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        ctx.load_verify_locations(cadata=tls.ca.decode("ascii", "replace"))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ValueError(f"--xds-ca {ca}: no usable CA certificate ({exc})") from None
+    if cert:
+        try:
+            ctx.load_cert_chain(cert, key, password=_no_password)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ValueError(f"--xds-cert {cert} / --xds-key {key}: not a certificate and its key ({exc})") from None
+    return tls
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -97,7 +161,7 @@ async def run(args: argparse.Namespace) -> int:
     from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.runtime import SidecarRuntime
-    from sidecar.xds.client import AdsClient
+    from sidecar.xds.client import AdsClient, channel_credentials
     from sidecar.xds.lrs import LoadReporter
 
     loop = asyncio.get_running_loop()
@@ -152,10 +216,12 @@ async def run(args: argparse.Namespace) -> int:
         # 404) until the first full config is applied, in this process and in every worker.
         return bool(runtime.listeners) and workers_serving == len(workers)
 
-    ads = AdsClient(args.cp, node, runtime, on_change=changed)
+    # One set of credentials for both streams to the control plane (None: insecure).
+    credentials = channel_credentials(*args.xds_tls) if args.xds_tls is not None else None
+    ads = AdsClient(args.cp, node, runtime, on_change=changed, credentials=credentials)
     runtime.ads = ads
     ads.start()
-    lrs = LoadReporter(args.cp, node, runtime.clusters)  # every worker reports its own load
+    lrs = LoadReporter(args.cp, node, runtime.clusters, credentials=credentials)  # every worker reports its own load
     runtime.lrs = lrs
     lrs.start()
 
@@ -271,7 +337,8 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,
                 "--otlp-timeout", str(args.otlp_timeout),
                 "--trace-sample-ratio", repr(args.trace_sample_ratio), "--access-log", args.access_log,
-                "--log-level", args.log_level, "--worker-index", str(i), "--ready-fd", str(write_end)]
+                "--log-level", args.log_level, "--worker-index", str(i), "--ready-fd", str(write_end),
+                *worker_tls_flags(args)]
         # Workers die with the primary (setpriv's PR_SET_PDEATHSIG; preexec_fn is unsafe beside gRPC's threads).
         if shutil.which("setpriv"):
             argv = ["setpriv", "--pdeathsig", "TERM", *argv]
@@ -280,6 +347,15 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
         finally:
             os.close(write_end)
     return procs
+
+
+def worker_tls_flags(args: argparse.Namespace) -> list[str]:
+    """The xDS TLS flags a worker gets: the primary's own (relative paths: the cwd is shared)."""
+    out: list[str] = []
+    for flag, value in (("--xds-ca", args.xds_ca), ("--xds-cert", args.xds_cert), ("--xds-key", args.xds_key)):
+        if value:
+            out += [flag, value]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:

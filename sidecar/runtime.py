@@ -3,6 +3,9 @@
 :class:`SidecarRuntime` is the ADS client's ``ConfigSink``. Each ``apply_*`` call gets the
 complete, converted set of one type; it compiles everything it needs first (routers) and only then
 swaps, so a config that fails to compile raises before anything changed and is NACKed.
+
+:class:`RuntimeLayer` holds the service's runtime config (RTDS) that the admin port serves the app
+at ``/runtime``, and wakes the long polls waiting for its version to change.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from meshkeeper import xds
@@ -34,6 +39,48 @@ log = logging.getLogger("meshkeeper.sidecar")
 BOUND_LISTENERS = (xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER)
 
 
+class RuntimeLayer:
+    """The accepted RTDS values of the sidecar's own service and their version.
+
+    ``version`` is the RTDS version accepted last ("" before the first). Waiters park on an
+    :class:`asyncio.Event` that is set (and replaced) whenever the version moves, so any number of
+    long polls wait without polling and all wake at once.
+    """
+
+    def __init__(self) -> None:
+        self.version = ""
+        self.values: Mapping[str, str] = MappingProxyType({})
+        self.updates = 0  # times the version moved
+        self.waiting = 0  # long polls parked now
+        self._changed = asyncio.Event()
+
+    def apply(self, values: Mapping[str, str], version: str) -> bool:
+        """Take ``values`` as of ``version``; True (and waiters woken) when the version moved."""
+        values = MappingProxyType(dict(sorted(values.items())))
+        if version == self.version:
+            # The same version again (a reconnect re-sends it): values follow, no one is woken.
+            self.values = values
+            return False
+        self.version, self.values = version, values
+        self.updates += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+        return True
+
+    async def wait_change(self, version: str, timeout: float) -> None:
+        """Return once ``self.version`` differs from ``version``, or after ``timeout`` seconds."""
+        if self.version != version or timeout <= 0:
+            return
+        event = self._changed
+        self.waiting += 1
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            pass
+        finally:
+            self.waiting -= 1
+
+
 class SidecarRuntime:
     def __init__(self, node: NodeInfo, *, tracer: Tracer | None = None, access_log: AccessLog | None = None) -> None:
         self.node = node
@@ -52,6 +99,7 @@ class SidecarRuntime:
         self.lrs: LoadReporter | None = None
         self.registration: Registration | None = None
         self.draining = False
+        self.runtime_layer = RuntimeLayer()
         self.metrics = SidecarMetrics(self)
 
     # ------------------------------------------------------------------ lifecycle
@@ -114,6 +162,10 @@ class SidecarRuntime:
         routers = self._routers(self.listener_configs, merged)
         self.route_configs = merged
         self._swap(routers)
+
+    def apply_runtime(self, values: Mapping[str, str], version: str) -> None:
+        if self.runtime_layer.apply(values, version):
+            log.info("runtime config version %s: %d keys", version, len(values))
 
     def _routers(self, listeners: dict[str, ListenerConfig], routes: dict[str, RouteConfig]) -> dict[str, Router | None]:
         """Compile the router of every bound listener; raises ValueError before anything changes."""

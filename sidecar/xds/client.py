@@ -2,12 +2,18 @@
 
 One gRPC stream to the control plane carries every type. The client subscribes to all
 listeners and clusters (wildcard), then to the route configurations the listeners name and the
-load assignments of the EDS clusters. Each response is converted and validated as a whole: if
+load assignments of the EDS clusters, and from the first request on to the RTDS Runtime named
+after its own service (runtime config for the app, served at ``/runtime``; it never holds back
+readiness). Each response is converted and validated as a whole: if
 any resource cannot be honoured, the response is NACKed with an error_detail naming it and the
 previous config stays in force; otherwise the whole set is applied in one swap and ACKed.
 
 When the stream breaks the sidecar keeps routing with its last config and reconnects with
 jittered exponential backoff, presenting the versions it holds.
+
+:func:`open_channel` makes the channel of every stream to the control plane (ADS here, LRS in
+:mod:`sidecar.xds.lrs`): insecure, or TLS with the credentials of :func:`channel_credentials`
+(``--xds-ca``, and ``--xds-cert``/``--xds-key`` for mutual TLS).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +33,7 @@ from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
@@ -55,13 +62,18 @@ _CONVERTERS = {
     xds.ROUTE: convert.route_configuration,
     xds.CLUSTER: convert.cluster,
     xds.ENDPOINT: convert.endpoints,
+    xds.RUNTIME: convert.runtime,
 }
 _MESSAGES = {
     xds.LISTENER: listener_pb2.Listener,
     xds.ROUTE: route_pb2.RouteConfiguration,
     xds.CLUSTER: cluster_pb2.Cluster,
     xds.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
+    xds.RUNTIME: rtds_pb2.Runtime,
 }
+# Types whose responses may carry only some of the subscribed names (merged into what is held).
+# An RTDS response is the full state of its names: the service's resource missing means empty.
+_MERGED_TYPES = (xds.ROUTE, xds.ENDPOINT)
 
 
 class ConfigSink(Protocol):
@@ -75,6 +87,10 @@ class ConfigSink(Protocol):
 
     def apply_routes(self, routes: dict[str, RouteConfig]) -> None: ...
 
+    def apply_runtime(self, values: Mapping[str, str], version: str) -> None:
+        """The service's runtime values (empty when the response lacks its resource), as of the
+        RTDS version being accepted; called only for a response that will be ACKed."""
+
 
 @dataclass
 class TypeState:
@@ -82,7 +98,7 @@ class TypeState:
 
     version: str = ""  # last accepted
     nonce: str = ""  # of the last response seen
-    names: tuple[str, ...] = ()  # subscribed (empty = wildcard for LDS/CDS)
+    names: tuple[str, ...] = ()  # subscribed (empty = wildcard for LDS/CDS; RTDS: the own service)
     received: bool = False  # a response was accepted at least once
     accepted: int = 0
     rejected: int = 0
@@ -99,6 +115,21 @@ def backoff(attempt: int, base: float, maximum: float, rng: random.Random) -> fl
     return delay * (0.5 + rng.random() / 2)
 
 
+def channel_credentials(ca: bytes, cert: bytes | None = None, key: bytes | None = None) -> grpc.ChannelCredentials:
+    """TLS trusting the PEM CA ``ca``; with ``cert`` and ``key`` (PEM) the client presents a
+    certificate too (mutual TLS). The server's certificate must name the host of the target."""
+    if (cert is None) != (key is None):
+        raise ValueError("a client certificate needs both the certificate and its key")
+    return grpc.ssl_channel_credentials(root_certificates=ca, private_key=key, certificate_chain=cert)
+
+
+def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None) -> grpc.aio.Channel:
+    """The channel of one stream to the control plane: TLS with ``credentials``, else insecure."""
+    if credentials is None:
+        return grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+    return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
+
+
 def build_node(info: NodeInfo) -> base_pb2.Node:
     meta = struct_pb2.Struct()
     meta.update(info.metadata())
@@ -109,8 +140,11 @@ def build_node(info: NodeInfo) -> base_pb2.Node:
 class AdsClient:
     def __init__(self, target: str, node: NodeInfo, sink: ConfigSink, *,
                  on_change: Callable[[], None] | None = None, rng: random.Random | None = None,
-                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX) -> None:
+                 backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
+        self.credentials = credentials  # None: insecure channel
+        self.service = node.service
         self.node = build_node(node)
         self.sink = sink
         self.on_change = on_change or (lambda: None)
@@ -118,6 +152,7 @@ class AdsClient:
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
         self.state = {t: TypeState() for t in _MESSAGES}
+        self.state[xds.RUNTIME].names = (node.service,)  # fixed: the own service's runtime layer
         self.connected = False
         self._initialized = False
         self.connects = 0
@@ -183,12 +218,13 @@ class AdsClient:
                     return
                 yield req
 
-        async with grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+        async with open_channel(self.target, self.credentials) as channel:
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
             call = stub.StreamAggregatedResources(requests())
-            # Initial subscriptions: wildcard LDS and CDS, plus what we already hold (after a reconnect).
+            # Initial subscriptions: wildcard LDS and CDS, the own service's RTDS layer, plus what
+            # we already hold (after a reconnect).
             first = True
-            for type_url in (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE):
+            for type_url in (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME):
                 st = self.state[type_url]
                 if type_url in xds.WILDCARD_TYPES or st.names:
                     queue.put_nowait(self._request(type_url, nonce="", node=first))
@@ -232,11 +268,15 @@ class AdsClient:
             return
         st.nonce = resp.nonce
         short = xds.SHORT_TYPE[type_url]
-        named = type_url in (xds.ROUTE, xds.ENDPOINT)  # a response may carry only some names: merge
+        named = type_url in _MERGED_TYPES  # a response may carry only some names: merge
         converted, raw, errors = self._convert(type_url, resp, st)
+        if type_url == xds.RUNTIME and errors:
+            # One resource matters (the own service's), so a refused response changes nothing:
+            # the values stay those of the accepted version, which /runtime reports with them.
+            converted = None
         try:
             if converted is not None:
-                self._apply(type_url, converted)
+                self._apply(type_url, converted, resp.version_info)
         except Exception as exc:  # a runtime object refused the set (e.g. a Router); nothing changed
             if not isinstance(exc, ValueError):
                 log.exception("applying %s version %s failed", short, resp.version_info)
@@ -297,6 +337,9 @@ class AdsClient:
                 errors.append(f"a {short} resource has no name")
                 whole = True
                 continue
+            if type_url == xds.RUNTIME and name not in st.names:
+                log.debug("ignoring %s resource %r: not subscribed", short, name)
+                continue
             if name in converted:
                 errors.append(f"{short} resource {name!r} appears twice")
                 whole = True
@@ -312,8 +355,11 @@ class AdsClient:
                     converted[name], raw[name] = st.resources[name], st.raw[name]
         return (None if whole else converted), raw, errors
 
-    def _apply(self, type_url: str, converted: dict[str, Any]) -> None:
-        if type_url == xds.CLUSTER:
+    def _apply(self, type_url: str, converted: dict[str, Any], version: str) -> None:
+        if type_url == xds.RUNTIME:
+            layer = converted.get(self.service)
+            self.sink.apply_runtime(layer.values if layer is not None else {}, version)
+        elif type_url == xds.CLUSTER:
             self.sink.apply_clusters(converted)
         elif type_url == xds.ENDPOINT:
             self.sink.apply_endpoints(converted)

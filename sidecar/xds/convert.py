@@ -10,6 +10,8 @@ accepted and ignored. Unset fields take Envoy's defaults (the defaults of ``side
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -23,7 +25,9 @@ from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (r
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401  (registers the type)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.v3 import percent_pb2
+from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from meshkeeper import xds
@@ -45,6 +49,7 @@ from sidecar.config import (
     RetryPolicyConfig,
     Route,
     RouteConfig,
+    RuntimeConfig,
     VirtualHost,
     WeightedCluster,
 )
@@ -557,3 +562,54 @@ def endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str = "") -> tuple
             out.append(EndpointConfig(address=sa.address, port=sa.port_value, weight=weight,
                                       serving=lbe.health_status in _SERVING, zone=zone))
     return tuple(out)
+
+
+# --------------------------------------------------------------------------- runtime (RTDS)
+
+_JS_SAFE_INTEGER = 2 ** 53  # JSON text of a whole double below this is its integer digits
+
+
+def runtime(msg: rtds_pb2.Runtime) -> RuntimeConfig:
+    """An RTDS Runtime resource: ``name`` and ``layer``, flattened into ``{key: str}``."""
+    where = f"runtime {msg.name!r}"
+    _only(msg, ("name", "layer"), where)
+    values: dict[str, str] = {}
+    _flatten(msg.layer, "", values, where)
+    return RuntimeConfig(name=msg.name, values=values)
+
+
+def _flatten(layer: struct_pb2.Struct, prefix: str, out: dict[str, str], where: str) -> None:
+    for key in sorted(layer.fields):
+        value = layer.fields[key]
+        path = f"{prefix}{key}"
+        if not key:
+            raise XdsError(f"{where} layer: an empty key under {prefix.rstrip('.')!r}" if prefix
+                           else f"{where} layer: an empty key")
+        kind = value.WhichOneof("kind")
+        if kind == "struct_value":
+            _flatten(value.struct_value, f"{path}.", out, where)
+            continue
+        if kind == "string_value":
+            text = value.string_value
+        elif kind == "bool_value":
+            text = "true" if value.bool_value else "false"
+        elif kind == "number_value":
+            text = _number_text(value.number_value, path, where)
+        elif kind == "null_value":
+            raise XdsError(f"{where} layer: key {path!r} is null (values must be strings, numbers or booleans)")
+        elif kind == "list_value":
+            raise XdsError(f"{where} layer: key {path!r} is a list (values must be strings, numbers or booleans)")
+        else:
+            raise XdsError(f"{where} layer: key {path!r} has no value")
+        if path in out:
+            raise XdsError(f"{where} layer: key {path!r} appears twice once nested Structs are joined with dots")
+        out[path] = text
+
+
+def _number_text(v: float, path: str, where: str) -> str:
+    """A double as JSON writes it: 5 -> "5", 0.5 -> "0.5", 1e300 -> "1e+300"."""
+    if not math.isfinite(v):
+        raise XdsError(f"{where} layer: key {path!r} is not a finite number")
+    if v.is_integer() and abs(v) < _JS_SAFE_INTEGER:
+        return str(int(v))
+    return json.dumps(v)

@@ -37,6 +37,9 @@ that endpoint *object*, so a request is reported exactly once:
 * Endpoints with no traffic and nothing in flight in a period are left out (as Envoy does);
   every reported cluster still gets its ClusterStats, so the control plane sees a quiet period.
 
+The channel is the ADS client's kind (:func:`sidecar.xds.client.open_channel`): TLS with the
+same credentials when the sidecar runs with ``--xds-ca``.
+
 With ``--workers N`` each worker process has its own clusters and its own reporter (node ids end
 in ``~wN``); the control plane sums them. When the stream breaks, the reporter reconnects with
 jittered exponential back-off (like :mod:`sidecar.xds.client`) and never stops the sidecar; each
@@ -59,7 +62,7 @@ from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 
 from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo
 from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
-from sidecar.xds.client import BACKOFF_BASE, BACKOFF_MAX, CHANNEL_OPTIONS, STABLE_STREAM, backoff, build_node
+from sidecar.xds.client import BACKOFF_BASE, BACKOFF_MAX, STABLE_STREAM, backoff, build_node, open_channel
 
 log = logging.getLogger("meshkeeper.sidecar.lrs")
 
@@ -125,8 +128,10 @@ def _latency_stat(count: int, total: float) -> load_report_pb2.EndpointLoadMetri
 class LoadReporter:
     def __init__(self, target: str, node: NodeInfo, clusters: ClusterManager, *,
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
-                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None) -> None:
+                 clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
+                 credentials: grpc.ChannelCredentials | None = None) -> None:
         self.target = target
+        self.credentials = credentials  # None: insecure channel (as the ADS client's)
         self.node = build_node(node)
         self.clusters = clusters
         self.backoff_base, self.backoff_max = backoff_base, backoff_max
@@ -203,7 +208,7 @@ class LoadReporter:
                 yield self.build_report()
 
         try:
-            async with grpc.aio.insecure_channel(self.target, options=CHANNEL_OPTIONS) as channel:
+            async with open_channel(self.target, self.credentials) as channel:
                 call = lrs_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(requests())
                 async for resp in call:
                     interval = self.on_response(resp)
