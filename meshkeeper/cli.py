@@ -6,18 +6,41 @@ does not import the control plane and the other way round.
 
 from __future__ import annotations
 
+import difflib
 import sys
+
+from meshkeeper.ctl import is_ctl_argument
 
 USAGE = """usage: meshkeeper <command> [flags]
 
-commands:
+processes:
   controlplane   run the control plane (xDS server, registry watch, HTTP admin)
   sidecar        run the sidecar beside one service instance
   demo           run a local mesh: ZooKeeper, a control plane, demo services and traffic
   doctor         check (--fix: repair) that the OTLP exporter and the Envoy protos import together
 
+operating the mesh (the control plane's admin API):
+  get            get services | get endpoints SVC | get proxies      (-o json for scripts)
+  weight         weight SVC HOST:PORT N              set an endpoint's weight (0 drains it)
+  enable         enable SVC HOST:PORT                put an endpoint back into balancing
+  disable        disable SVC HOST:PORT               take an endpoint out of balancing
+  reset          reset SVC HOST:PORT                 clear an endpoint's override
+  policy         policy get SVC | policy set SVC -f FILE|-           the traffic policy (YAML or JSON)
+  split          split SVC v1=90 v2=10               split traffic between versions
+  config         config get SVC [KEY] | set SVC K=V ... | delete SVC KEY   runtime config (RTDS)
+  proxy-status   the proxies and their xDS sync state (same as `get proxies`; alias ps)
+  proxy-config   proxy-config NODE [--type cds|eds|lds|rds|rtds]     what a proxy ACKed (alias pc)
+  events         registry changes, pushes, NACKs and admin writes as they happen (Ctrl-C stops)
+
+  Every verb takes --cp HOST:PORT (MESHKEEPER_CP, default 127.0.0.1:15010), --token T
+  (MESHKEEPER_TOKEN), -n NAMESPACE, -o table|json|yaml, --timeout SECONDS, --ca FILE
+  [--cert FILE --key FILE]; writes take --if-version N.
+
 `meshkeeper <command> --help` shows a command's flags.
 """
+
+COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "get", "weight", "enable", "disable", "reset",
+            "policy", "split", "config", "proxy-status", "proxy-config", "events")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +62,20 @@ def main(argv: list[str] | None = None) -> int:
         from meshkeeper.demo import run
     elif cmd == "doctor":
         from meshkeeper.deps import main as run
+    elif is_ctl_argument(cmd):  # an operator verb, or a flag of theirs before the verb
+        from meshkeeper.ctl.main import main as ctl
+
+        return int(ctl(argv) or 0)
     else:
-        sys.stderr.write(f"meshkeeper: unknown command {cmd!r} (try: controlplane, sidecar, demo, doctor)\n")
+        sys.stderr.write(f"meshkeeper: {_unknown(cmd)}\n")
         return 2
     return int(run(rest) or 0)
+
+
+def _unknown(cmd: str) -> str:
+    close = difflib.get_close_matches(cmd, COMMANDS, n=1)
+    hint = f"did you mean {close[0]!r}? " if close else ""
+    return f"unknown command {cmd!r} ({hint}`meshkeeper --help` lists the commands)"
 
 
 if __name__ == "__main__":

@@ -78,7 +78,9 @@ class LocalMesh:
         """ZooKeeper, then a control plane watching it."""
         self.zk = ZooKeeper(self.workdir / "zookeeper").start()
         cp = ManagedProcess(
-            meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", "0", "--http-port", "0"),
+            # A local demo: no tokens, every caller may use the admin API (said on start).
+            meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", "0", "--http-port", "0",
+                            "--insecure-admin"),
             role="controlplane",
             log_dir=self.workdir,
         )
@@ -185,6 +187,9 @@ class LocalMesh:
             lines += [
                 f"control plane    xDS {self.cp_address}   HTTP {url}/healthz",
                 f"                 {url}/api/proxies   {url}/api/load   {url}/metrics",
+                f"admin API        no tokens (--insecure-admin): try  meshkeeper get endpoints catalog "
+                f"--cp {self.cp_address}",
+                f"                 or  export MESHKEEPER_CP={self.cp_address};  meshkeeper disable catalog HOST:PORT",
             ]
         for i in self.instances:
             lines.append(

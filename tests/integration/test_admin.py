@@ -445,3 +445,84 @@ def test_watch_events_and_the_audit_log(admin_mesh):
     assert (audit[0]["before"], audit[0]["after"]) == (None, {"weight": 3})
     assert audit[1]["after"] == {"lb": {"policy": "maglev"}}
     assert audit[0]["path"] == Paths(ns).override("catalog", victim)
+
+
+# --------------------------------------------------------------------------- config centre
+
+
+def runtime(sidecar, version: str = "", wait: float | None = None) -> dict:
+    query = "" if wait is None else f"?version={version}&wait={wait}"
+    status, _, body = http_get(f"{sidecar.admin_url}/runtime{query}", timeout=(wait or 0) + 5)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_config_set_reaches_the_app_through_its_sidecar_within_a_second(admin_mesh):
+    ns = admin_mesh.ns
+    op = admin_of(admin_mesh.cp, "operator")
+    catalog_sidecar = admin_mesh.catalog[0][1]
+    before = runtime(catalog_sidecar)
+    assert (before["service"], before["namespace"], before["values"]) == ("catalog", ns, {})
+
+    op.SetConfig(pb.SetConfigRequest(namespace=ns, service="catalog", values={"color": "blue"}))
+    got = wait_until(lambda: (doc := runtime(catalog_sidecar))["values"].get("color") == "blue" and doc, 1.0, 0.02,
+                     message="the app reads color=blue from its sidecar within 1 s")
+    assert got["version"] != before["version"]
+    # Every catalog sidecar has it; the frontend (another service) does not.
+    for _, sc in admin_mesh.catalog:
+        wait_until(lambda sc=sc: runtime(sc)["values"] == {"color": "blue"}, 1.0, 0.02, message="every catalog sidecar")
+    assert runtime(admin_mesh.frontend)["values"] == {}
+
+    # A long poll with the current version is held until the next change, and returns with it.
+    answers: list[dict] = []
+    poll = threading.Thread(target=lambda: answers.append(runtime(catalog_sidecar, got["version"], wait=30)))
+    poll.start()
+    assert not answers  # held: nothing changed yet
+    op.SetConfig(pb.SetConfigRequest(namespace=ns, service="catalog", values={"color": "green", "size": "xl"}))
+    poll.join(5)
+    assert not poll.is_alive(), "the long poll did not return on the change"
+    assert answers[0]["values"] == {"color": "green", "size": "xl"} and answers[0]["version"] != got["version"]
+
+    config = op.DeleteConfigKey(pb.DeleteConfigKeyRequest(namespace=ns, service="catalog", key="color"))
+    assert dict(config.values) == {"size": "xl"} and config.version == 2
+    wait_until(lambda: runtime(catalog_sidecar)["values"] == {"size": "xl"}, 1.0, 0.02, message="key deleted")
+    assert json.loads(admin_mesh.kz.get(Paths(ns).config("catalog"))[0]) == {"size": "xl"}
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+def test_mutual_tls_on_the_grpc_port(procs, zk_server, zk_client, namespace, tmp_path):
+    from tests.harness.tls import make_tls
+
+    tls = make_tls(tmp_path / "tls")
+    cp = procs.controlplane(zk_server.hosts, "--admin-tokens", write_tokens(tmp_path / "tokens"),
+                            "--tls-cert", str(tls.server_cert), "--tls-key", str(tls.server_key),
+                            "--tls-client-ca", str(tls.ca))
+    target = f"127.0.0.1:{cp.port('xds_port')}"
+    app = procs.app("catalog")
+    sidecar = procs.sidecar("catalog", app.port("port"), cp=target, zk=zk_server.hosts, namespace=namespace,
+                            xds_ca=tls.ca, xds_cert=tls.client_cert, xds_key=tls.client_key)
+    key = f"127.0.0.1:{sidecar.port('inbound_port')}"
+
+    def channel(cert: bool) -> grpc.Channel:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=tls.ca.read_bytes(),
+            private_key=tls.client_key.read_bytes() if cert else None,
+            certificate_chain=tls.client_cert.read_bytes() if cert else None)
+        return grpc.secure_channel(target, creds)
+
+    metadata = (("authorization", f"Bearer {TOKENS['operator']}"),)
+    stub = admin_pb2_grpc.AdminServiceStub(channel(cert=True))
+    ep = stub.SetWeight(pb.SetWeightRequest(namespace=namespace, service="catalog", address=key, weight=4),
+                        metadata=metadata, timeout=10)
+    assert ep.effective_weight == 4
+    proxies = stub.ListProxies(pb.ListProxiesRequest(namespace=namespace), metadata=metadata, timeout=10).proxies
+    assert [p.service for p in proxies] == ["catalog"]  # the sidecar's ADS stream runs over mutual TLS
+    for refused in (admin_pb2_grpc.AdminServiceStub(channel(cert=False)),  # no client certificate
+                    admin_pb2_grpc.AdminServiceStub(grpc.insecure_channel(target))):  # plaintext
+        try:
+            refused.ListServices(pb.ListServicesRequest(namespace=namespace), metadata=metadata, timeout=5)
+            raise AssertionError("a call without a client certificate went through")
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE
