@@ -28,7 +28,8 @@ from meshkeeper import xds
 from meshkeeper.policy import Policy
 from meshkeeper.xds import NodeInfo
 
-SERVED_TYPES = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE)  # push order on a change
+# Push order on a change: CDS before EDS, LDS before RDS (as Envoy applies them), RTDS last.
+SERVED_TYPES = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +100,7 @@ class SnapshotCache:
         """Publish a registry snapshot (on the loop) and tell every subscriber."""
         started = time.perf_counter()
         shared = {ns: _pack_all(translate.shared_resources(snapshot, ns).resources)
-                  for ns in snapshot.namespaces}
+                  for ns in {*snapshot.namespaces, *snapshot.configs}}
         self._metrics.snapshot_build.labels(stage="xds").observe(time.perf_counter() - started)
         self._snapshot, self._shared, self._nodes = snapshot, shared, {}
         for notify in list(self._listeners):

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from google.protobuf import timestamp_pb2
 
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper.admin.v1 import admin_pb2
+from meshkeeper.registry import RuntimeValues
 
 QUEUE_LIMIT = 1000
 KINDS = ("registry", "push", "nack", "admin_write")
@@ -131,28 +132,31 @@ def _service_delta(old: ServiceSnapshot | None, new: ServiceSnapshot | None) -> 
         parts.append(f"overrides changed: {', '.join(keys)}")
     if old.policy != new.policy:
         parts.append("policy changed")
-    for name in _extra_fields(old):
-        if getattr(old, name) != getattr(new, name):
-            parts.append(f"{name} changed")
     return "; ".join(parts)
 
 
-def _extra_fields(svc: ServiceSnapshot) -> Iterator[str]:
-    """Fields of a service snapshot beyond those summarised one by one (runtime config, say)."""
-    known = {"name", "namespace", "record", "instances", "overrides", "policy"}
-    for f in getattr(svc, "__dataclass_fields__", {}):
-        if f not in known:
-            yield f
+def _config_delta(old: RuntimeValues | None, new: RuntimeValues | None) -> str:
+    a = dict(old.values) if old is not None else {}
+    b = dict(new.values) if new is not None else {}
+    parts = ([f"+{k}" for k in sorted(set(b) - set(a))] + [f"-{k}" for k in sorted(set(a) - set(b))]
+             + [f"~{k}" for k in sorted(set(a) & set(b)) if a[k] != b[k]])
+    return f"config changed ({', '.join(parts)})" if parts else ""
 
 
 def registry_diff(old: RegistrySnapshot, new: RegistrySnapshot) -> list[tuple[str, str, str]]:
+    """(namespace, service, summary) for every service whose record, instances, overrides, policy
+    or runtime config differ between two snapshots, sorted."""
     out = []
-    for ns in sorted(set(old.namespaces) | set(new.namespaces)):
+    for ns in sorted(set(old.namespaces) | set(new.namespaces) | set(old.configs) | set(new.configs)):
         a, b = old.services(ns), new.services(ns)
-        for svc in sorted(set(a) | set(b)):
-            if a.get(svc) == b.get(svc):
-                continue
-            summary = _service_delta(a.get(svc), b.get(svc))
+        ca, cb = old.configs_of(ns), new.configs_of(ns)
+        for svc in sorted(set(a) | set(b) | set(ca) | set(cb)):
+            parts = []
+            if a.get(svc) != b.get(svc):
+                parts.append(_service_delta(a.get(svc), b.get(svc)))
+            if ca.get(svc) != cb.get(svc):
+                parts.append(_config_delta(ca.get(svc), cb.get(svc)))
+            summary = "; ".join(p for p in parts if p)
             if summary:
                 out.append((ns, svc, summary))
     return out

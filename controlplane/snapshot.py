@@ -4,6 +4,9 @@ mutable :class:`RegistryTree` that the ZooKeeper watch fills in and snapshots ar
 Only ``controlplane.watch`` mutates a tree, on the event loop. Everything downstream (translation,
 the xDS cache, the admin API) reads published snapshots, which never change once built.
 
+Runtime configs (``<ns>/config/<svc>``) live beside the services, not inside them: a config znode
+exists on its own, with or without a service znode of the same name (:attr:`RegistrySnapshot.configs`).
+
 Decoding happens here, once per znode version: a payload that does not validate
 (:class:`meshkeeper.registry.RecordError`) is skipped, logged once per path and ``mzxid``, and
 counted; the path keeps its last good record if it had one, so a bad write never empties a service.
@@ -21,6 +24,7 @@ from meshkeeper.registry import (
     InstanceRecord,
     Override,
     RecordError,
+    RuntimeValues,
     ServiceRecord,
     parse_endpoint_key,
     validate_name,
@@ -45,7 +49,11 @@ class ServiceSnapshot:
 
 @dataclass(frozen=True, eq=False)
 class RegistrySnapshot:
-    """Namespace -> service -> :class:`ServiceSnapshot`, as published under ``version``.
+    """Namespace -> service -> :class:`ServiceSnapshot`, as published under ``version``; and
+    ``configs``: namespace -> service -> :class:`RuntimeValues` of each ``config/<svc>`` znode that
+    ever had a good payload (independent of ``namespaces``: a config may name a service without a
+    service znode, and a service without a config znode has no entry; a namespace without
+    configs has no entry either).
 
     Hashed by identity so translation caches can key on it; compare contents with
     :meth:`same_content`. ``version`` only ever grows within one control-plane process.
@@ -53,12 +61,25 @@ class RegistrySnapshot:
 
     version: int
     namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = field(default_factory=lambda: _EMPTY)
+    configs: Mapping[str, Mapping[str, RuntimeValues]] = field(default_factory=lambda: _EMPTY)
 
     def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
         return self.namespaces.get(namespace, _EMPTY)
 
+    def configs_of(self, namespace: str) -> Mapping[str, RuntimeValues]:
+        """The runtime configs of a namespace, by service name."""
+        return self.configs.get(namespace, _EMPTY)
+
+    def config(self, namespace: str, service: str) -> RuntimeValues | None:
+        """A service's runtime config; None without a (good) config znode."""
+        return self.configs_of(namespace).get(service)
+
+    def runtime_services(self, namespace: str) -> list[str]:
+        """Services that get a Runtime resource: those with a service record or a config, sorted."""
+        return sorted({*self.services(namespace), *self.configs_of(namespace)})
+
     def same_content(self, other: RegistrySnapshot | None) -> bool:
-        return other is not None and self.namespaces == other.namespaces
+        return other is not None and self.namespaces == other.namespaces and self.configs == other.configs
 
     def counts(self) -> tuple[int, int]:
         """(services, instances) over all namespaces."""
@@ -89,6 +110,9 @@ class RegistryTree:
     ``last_good`` (path -> record) outlives :meth:`reset`, so that a resync after a reconnect
     that finds a bad payload still keeps the record served before. ``bad`` holds the paths whose
     current payload is refused; ``on_bad`` is called once per (path, mzxid).
+
+    ``configs`` holds, per namespace, the config znodes seen (service name -> last good
+    :class:`RuntimeValues`, None while the znode never had a good payload).
     """
 
     def __init__(self, on_bad: BadZnodeHook | None = None) -> None:
@@ -97,10 +121,12 @@ class RegistryTree:
         self.last_good: dict[str, object] = {}
         self.bad: set[str] = set()
         self.namespaces: dict[str, dict[str, _ServiceNode]] = {}
+        self.configs: dict[str, dict[str, RuntimeValues | None]] = {}
 
     def reset(self) -> None:
         """Forget the tree (a full re-read follows); keep last good records and log memory."""
         self.namespaces = {}
+        self.configs = {}
         self.bad = set()
 
     # -- refusals
@@ -148,10 +174,12 @@ class RegistryTree:
                                                      lambda v: validate_name("namespace", v))}
         for gone in set(self.namespaces) - ok:
             del self.namespaces[gone]
+            self.configs.pop(gone, None)
         self._prune(root, names)
         new = sorted(ok - set(self.namespaces))
         for n in new:
             self.namespaces[n] = {}
+            self.configs[n] = {}
         return new
 
     def set_services(self, ns: str, services_path: str, names: list[str]) -> list[str]:
@@ -188,6 +216,38 @@ class RegistryTree:
             self._forget(path)
             return
         node.policy = self._decode("policy", path, data, mzxid, _decode_policy)
+
+    # -- runtime configs (``<ns>/config`` children + payloads)
+
+    def set_configs(self, ns: str, configs_path: str, names: list[str]) -> list[str]:
+        """Replace the config znode names of ``ns`` (empty while ``config`` is absent); returns
+        the new names (to be read). A name that is not a valid service name is refused."""
+        configs = self.configs.get(ns)
+        if configs is None:
+            return []
+        ok = {n for n in names if self._valid_name("config", f"{configs_path}/{n}", n,
+                                                     lambda v: validate_name("service", v))}
+        for gone in set(configs) - ok:
+            del configs[gone]
+        self._prune(configs_path, names)
+        new = sorted(ok - set(configs))
+        for n in new:
+            configs[n] = None
+        return new
+
+    def set_config(self, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
+        """A config znode's payload: refused, counted and logged once when invalid, and then
+        its last good values stay."""
+        configs = self.configs.get(ns)
+        if configs is None or svc not in configs:  # its name was refused, or it left meanwhile
+            return
+        configs[svc] = self._decode("config", path, data, mzxid, RuntimeValues.decode)
+
+    def remove_config(self, ns: str, svc: str, path: str) -> None:
+        configs = self.configs.get(ns)
+        if configs is not None:
+            configs.pop(svc, None)
+        self._forget(path)
 
     # -- instances and overrides (children lists + payloads)
 
@@ -250,7 +310,9 @@ class RegistryTree:
                                               overrides=_freeze(node.overrides),
                                               policy=node.policy or DEFAULT_POLICY)
             out[ns] = _freeze(built)
-        return RegistrySnapshot(version=version, namespaces=_freeze(out))
+        configs = {ns: _freeze(good) for ns, cfg in self.configs.items()
+                   if (good := {svc: v for svc, v in cfg.items() if v is not None})}
+        return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=_freeze(configs))
 
 
 def _instance_decoder(key: str) -> Callable[[bytes | None], InstanceRecord]:

@@ -1,16 +1,17 @@
 """Registry snapshot + node -> xDS resources (DESIGN §4, docs/contracts.md). Pure functions.
 
 :func:`shared_resources` builds what every sidecar of a namespace gets (outbound clusters, their
-ClusterLoadAssignments, RouteConfiguration ``outbound``); it is memoised per (snapshot,
-namespace), so a thousand sidecars cost one translation. :func:`node_resources` builds the few
-per-node ones (listeners ``outbound`` and ``inbound``, the static cluster ``inbound|<app_port>``)
-from the node and its own service's policy (:func:`node_policy`, for the inbound rate limit).
-:func:`translate` merges both.
+ClusterLoadAssignments, RouteConfiguration ``outbound``, and one RTDS ``Runtime`` per service);
+it is memoised per (snapshot, namespace), so a thousand sidecars cost one translation.
+:func:`node_resources` builds the few per-node ones (listeners ``outbound`` and ``inbound``, the
+static cluster ``inbound|<app_port>``) from the node and its own service's policy
+(:func:`node_policy`, for the inbound rate limit). :func:`translate` merges both.
 
 A service's traffic policy (``meshkeeper.policy``) lands in Envoy's own fields: the cluster's
 ``outlier_detection``, ``circuit_breakers`` and ``common_lb_config``, the route's ``retry_policy``
-and fault ``typed_per_filter_config``, and the inbound listener's local rate limit
-(docs/xds-support.md lists what the sidecar honours).
+and fault ``typed_per_filter_config``, the route's ``weighted_clusters`` (``split``), and the
+inbound listener's local rate limit (docs/xds-support.md lists what the sidecar honours).
+``match`` is not translated yet.
 
 Messages are Envoy's generated protos (xds-protos). Returned messages may be shared between nodes
 and snapshots: callers must treat them as read-only.
@@ -36,6 +37,7 @@ from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -54,7 +56,7 @@ from meshkeeper.policy import (
     SuccessRate,
     Tracing,
 )
-from meshkeeper.registry import InstanceRecord, effective_weight, is_serving
+from meshkeeper.registry import InstanceRecord, RuntimeValues, effective_weight, is_serving
 from meshkeeper.xds import NodeInfo
 
 CONNECT_TIMEOUT_S = 1  # DESIGN §3 policy default connect_timeout_ms
@@ -83,7 +85,7 @@ Resources = dict[str, dict[str, Message]]  # type URL -> resource name -> messag
 
 
 def empty_resources() -> Resources:
-    return {xds.CLUSTER: {}, xds.ENDPOINT: {}, xds.LISTENER: {}, xds.ROUTE: {}}
+    return {xds.CLUSTER: {}, xds.ENDPOINT: {}, xds.LISTENER: {}, xds.ROUTE: {}, xds.RUNTIME: {}}
 
 
 # --------------------------------------------------------------------------- small builders
@@ -343,10 +345,40 @@ def service_ports(svc: ServiceSnapshot) -> list[int]:
                   {i.app_port for i in svc.instances.values() if i.app_port})
 
 
+def subset_versions(svc: ServiceSnapshot) -> dict[str, list[InstanceRecord]]:
+    """The service's instances by ``version`` label, sorted by version: one subset cluster each.
+    Instances without the label belong to no subset."""
+    by_version: dict[str, list[InstanceRecord]] = defaultdict(list)
+    for inst in svc.instances.values():
+        if inst.version:
+            by_version[inst.version].append(inst)
+    return dict(sorted(by_version.items()))
+
+
+def split_clusters(svc: ServiceSnapshot) -> list[tuple[str, int]]:
+    """``policy.split`` as (subset cluster, weight), sorted by version: subsets without an instance
+    (no subset cluster) and weights of 0 are left out, the rest keep their weights. Empty: no split,
+    or nothing of it left; the route then goes to the whole service."""
+    versions = subset_versions(svc)
+    return [(xds.outbound_cluster(svc.name, svc.namespace, v), w)
+            for v, w in sorted(svc.policy.split.items()) if w > 0 and v in versions]
+
+
+def weighted_clusters(split: Iterable[tuple[str, int]]) -> route_components_pb2.WeightedCluster:
+    """``RouteAction.weighted_clusters``: names and weights only, all the sidecar reads. No
+    ``total_weight``: deprecated in Envoy, which then sums the weights."""
+    return route_components_pb2.WeightedCluster(clusters=[
+        route_components_pb2.WeightedCluster.ClusterWeight(name=name, weight=_u32(w)) for name, w in split])
+
+
 def outbound_route(svc: ServiceSnapshot) -> route_components_pb2.Route:
-    """The service's route: timeout, retry policy and fault injection from its policy."""
+    """The service's route: timeout, retry policy and fault injection from its policy, and with a
+    ``split`` weighted clusters over its version subsets (:func:`split_clusters`)."""
     policy = svc.policy
     route = _route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(policy.timeout_ms))
+    split = split_clusters(svc)
+    if split:
+        route.route.weighted_clusters.CopyFrom(weighted_clusters(split))  # replaces ``cluster`` (a oneof)
     if policy.retry is not None:
         route.route.retry_policy.CopyFrom(retry_policy(policy.retry))
     fault = http_fault(policy.fault)
@@ -361,6 +393,15 @@ def virtual_host(svc: ServiceSnapshot) -> route_components_pb2.VirtualHost:
         domains += [d for d in xds.service_domains(svc.name, svc.namespace, port) if d not in domains]
     return route_components_pb2.VirtualHost(
         name=f"{svc.name}.{svc.namespace}", domains=domains, routes=[outbound_route(svc)])
+
+
+def runtime(svc: str, values: RuntimeValues | None) -> rtds_pb2.Runtime:
+    """The RTDS ``Runtime`` named ``<svc>``: its ``layer`` is a Struct of the config's string
+    values, empty without a config znode."""
+    layer = struct_pb2.Struct()
+    if values is not None:
+        layer.update(dict(values.values))
+    return rtds_pb2.Runtime(name=svc, layer=layer)
 
 
 @dataclass(frozen=True)
@@ -380,17 +421,15 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
         main = xds.outbound_cluster(name, namespace)
         clusters[main] = eds_cluster(main, svc.policy)
         endpoints[main] = load_assignment(main, svc, svc.instances.values())
-        by_version: dict[str, list[InstanceRecord]] = defaultdict(list)
-        for inst in svc.instances.values():
-            if inst.version:
-                by_version[inst.version].append(inst)
-        for version in sorted(by_version):
+        for version, instances in subset_versions(svc).items():
             sub = xds.outbound_cluster(name, namespace, version)
             clusters[sub] = eds_cluster(sub, svc.policy)
-            endpoints[sub] = load_assignment(sub, svc, by_version[version])
+            endpoints[sub] = load_assignment(sub, svc, instances)
         if svc.record.protocol in HTTP_PROTOCOLS:
             route.virtual_hosts.append(virtual_host(svc))
     out[xds.ROUTE][route.name] = route
+    for name in snapshot.runtime_services(namespace):
+        out[xds.RUNTIME][name] = runtime(name, snapshot.config(namespace, name))
     return SharedResources(namespace, MappingProxyType({t: MappingProxyType(r) for t, r in out.items()}))
 
 

@@ -7,6 +7,8 @@ Watched (one-shot ZooKeeper watches, re-armed by every read; no polling)::
     /meshkeeper/<ns>/services/<svc>           data      (ServiceRecord)
     .../<svc>/instances, .../<svc>/overrides  children  (exists-watch while absent)
     .../instances/<key>, .../overrides/<key>  data
+    /meshkeeper/<ns>/config                   children  (runtime configs; exists-watch while absent)
+    /meshkeeper/<ns>/config/<svc>             data      (RuntimeValues; independent of services/<svc>)
 
 kazoo calls back on its own threads; :class:`KazooSource` only hands events and read results to
 the loop with ``call_soon_threadsafe``. All state lives on the loop, in :class:`RegistryWatch`.
@@ -68,6 +70,12 @@ def _classify(path: str) -> tuple | None:
         return None
     parts = path[len(ROOT) + 1:].split("/")
     n = len(parts)
+    if n >= 2 and parts[1] == "config":
+        if n == 2:
+            return ("configs", parts[0])
+        if n == 3:
+            return ("config", parts[0], parts[2])
+        return None
     if n < 2 or parts[1] != "services":
         return None
     ns = parts[0]
@@ -219,7 +227,7 @@ class RegistryWatch:
             if gen != self._gen:
                 return
             new = tree.set_namespaces(ROOT, names or [])
-            follow = [f"{ROOT}/{ns}/services" for ns in new]
+            follow = [f"{ROOT}/{ns}/{sub}" for ns in new for sub in ("services", "config")]
         elif kind == "services":
             ns = what[1]
             names = await self._source.children(path)
@@ -234,6 +242,22 @@ class RegistryWatch:
                 return
             if got is not None:  # a deleted service leaves through its parent's children
                 tree.set_service_data(ns, svc, path, got[0], got[1])
+            follow = []
+        elif kind == "configs":
+            ns = what[1]
+            names = await self._source.children(path)
+            if gen != self._gen:
+                return
+            follow = [f"{path}/{s}" for s in tree.set_configs(ns, path, names or [])]
+        elif kind == "config":
+            _, ns, svc = what
+            got = await self._source.data(path)
+            if gen != self._gen:
+                return
+            if got is None:
+                tree.remove_config(ns, svc, path)
+            else:
+                tree.set_config(ns, svc, path, got[0], got[1])
             follow = []
         elif kind == "policy":
             _, ns, svc = what

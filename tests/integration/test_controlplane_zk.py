@@ -14,7 +14,8 @@ from envoy.config.cluster.v3 import cluster_pb2  # noqa: F401 (registers the typ
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import struct_pb2, symbol_database
+from envoy.service.runtime.v3 import rtds_pb2  # noqa: F401 (registers the type for unpacking)
+from google.protobuf import json_format, struct_pb2, symbol_database
 from kazoo.client import KazooClient
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -168,6 +169,48 @@ def test_endpoints_overrides_and_bad_znodes(zk_server, zk_client, namespace, pro
         wait_until(acked, 10, message="EDS ACK visible in /api/proxies")
         status, _, body = http_get(f"http://127.0.0.1:{http_port}/healthz")
         assert status == 200 and json.loads(body)["registry_snapshot"]["version"] >= 1
+    finally:
+        stream.close()
+
+
+def layers(resp: discovery_pb2.DiscoveryResponse) -> dict[str, dict]:
+    assert resp.type_url == xds.RUNTIME
+    return {name: json_format.MessageToDict(rt.layer) for name, rt in unpack(resp).items()}
+
+
+def test_runtime_config_reaches_an_rtds_subscriber(zk_server, zk_client, namespace, procs):
+    paths = Paths(namespace)
+    seed(zk_client, paths)  # catalog has a service znode; web (the node's service) has none
+    cp = procs.controlplane(zk_server.hosts)
+    xds_port, http_port = cp.port("xds_port"), cp.port("http_port")
+
+    stream = AdsStream(xds_port, node_for(namespace))
+    try:
+        def push(names: list[str]) -> dict[str, dict]:
+            resp = stream.recv(timeout=5)
+            stream.send(xds.RUNTIME, names, resp.version_info, resp.nonce)
+            return layers(resp)
+
+        assert layers(stream.fetch(xds.RUNTIME, ["catalog"])) == {"catalog": {}}  # no config yet: empty
+        zk_client.create(paths.config("catalog"), b'{"color": "blue", "feature.x": "on"}', makepath=True)
+        assert push(["catalog"]) == {"catalog": {"color": "blue", "feature.x": "on"}}
+        zk_client.set(paths.config("catalog"), b'{"color": "green"}')
+        assert push(["catalog"]) == {"catalog": {"color": "green"}}
+
+        # a bad payload is counted and pushes nothing: the next push carries the next good value
+        zk_client.set(paths.config("catalog"), b'{"color": 1}')
+        wait_until(lambda: (metric(http_port, "meshkeeper_registry_bad_znodes_total", kind="config") or 0) >= 1,
+                   10, message="bad config counted")
+        zk_client.set(paths.config("catalog"), b'{"color": "red"}')
+        assert push(["catalog"]) == {"catalog": {"color": "red"}}
+
+        # a name with no service znode: answered empty, then served once its config appears
+        stream.send(xds.RUNTIME, ["catalog", "web"])
+        assert push(["catalog", "web"]) == {"catalog": {"color": "red"}}
+        zk_client.create(paths.config("web"), b'{"mode": "dark"}')
+        assert push(["catalog", "web"]) == {"catalog": {"color": "red"}, "web": {"mode": "dark"}}
+        zk_client.delete(paths.config("catalog"))
+        assert push(["catalog", "web"]) == {"catalog": {}, "web": {"mode": "dark"}}
     finally:
         stream.close()
 

@@ -10,7 +10,8 @@ import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.protobuf import struct_pb2, symbol_database
+from envoy.service.runtime.v3 import rtds_pb2
+from google.protobuf import json_format, struct_pb2, symbol_database
 from google.rpc import status_pb2
 
 from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
@@ -19,7 +20,7 @@ from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
-from meshkeeper.registry import InstanceRecord, Override, ServiceRecord
+from meshkeeper.registry import InstanceRecord, Override, RuntimeValues, ServiceRecord
 from meshkeeper.xds import NodeInfo
 
 NODE_INFO = NodeInfo(node_id=NodeInfo.make_id("127.0.0.1", "web", 15006, "default"), service="web",
@@ -28,15 +29,17 @@ QUIET = 0.3  # how long "no push" is watched for
 
 
 def registry(version: int, *instances: tuple[str, str], overrides: dict | None = None,
-             extra_service: bool = False) -> RegistrySnapshot:
-    """catalog with (host, version-label) instances; optionally a second service."""
+             extra_service: bool = False, configs: dict[str, dict[str, str]] | None = None) -> RegistrySnapshot:
+    """catalog with (host, version-label) instances; optionally a second service and runtime
+    configs (service -> values) in ``default``."""
     recs = {f"{h}:15006": InstanceRecord(address=h, port=15006, labels={"version": v} if v else {})
             for h, v in instances}
     svcs = {"catalog": ServiceSnapshot("catalog", "default", ServiceRecord(), MappingProxyType(recs),
                                        MappingProxyType(dict(overrides or {})))}
     if extra_service:
         svcs["search"] = ServiceSnapshot("search", "default", ServiceRecord(), MappingProxyType({}))
-    return RegistrySnapshot(version, MappingProxyType({"default": MappingProxyType(svcs)}))
+    cfg = {"default": MappingProxyType({k: RuntimeValues(v) for k, v in configs.items()})} if configs else {}
+    return RegistrySnapshot(version, MappingProxyType({"default": MappingProxyType(svcs)}), MappingProxyType(cfg))
 
 
 def node_proto(info: NodeInfo | None = NODE_INFO) -> base_pb2.Node:
@@ -318,4 +321,69 @@ def test_bad_node_metadata_is_refused():
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await c.reader
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    run(main())
+
+
+def runtime_layers(resp: discovery_pb2.DiscoveryResponse) -> dict[str, dict]:
+    out = {}
+    for a in resp.resources:
+        rt = rtds_pb2.Runtime()
+        assert a.Unpack(rt)
+        out[rt.name] = json_format.MessageToDict(rt.layer)
+    return out
+
+
+def test_rtds_subscription_to_a_missing_name_is_answered_empty_then_gets_the_resource():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(registry(1, ("10.0.0.1", "")))
+            c = env.client()
+            c.send(xds.RUNTIME, ["web"], node=node_proto())  # web has neither a service nor a config
+            empty = await c.recv()
+            assert empty.type_url == xds.RUNTIME and list(empty.resources) == []
+            c.ack(empty, ["web"])
+            await env.until(lambda: env.sample("meshkeeper_xds_acks_total", "RTDS") == 1)
+            env.cache.set_snapshot(registry(2, ("10.0.0.1", ""), configs={"catalog": {"a": "b"}}))
+            await c.nothing()  # not subscribed to catalog's config
+            env.cache.set_snapshot(registry(3, ("10.0.0.1", ""), configs={"catalog": {"a": "b"},
+                                                                          "web": {"color": "blue"}}))
+            got = await c.recv()
+            assert got.type_url == xds.RUNTIME and runtime_layers(got) == {"web": {"color": "blue"}}
+            c.ack(got, ["web"])
+            env.cache.set_snapshot(registry(4, ("10.0.0.1", ""), configs={"catalog": {"a": "c"},
+                                                                          "web": {"color": "blue"}}))
+            await c.nothing()  # only catalog's values changed
+            env.cache.set_snapshot(registry(5, ("10.0.0.1", ""), configs={"web": {"color": "red"}}))
+            got = await c.recv()
+            assert runtime_layers(got) == {"web": {"color": "red"}}
+            c.ack(got, ["web"])
+            env.cache.set_snapshot(registry(6, ("10.0.0.1", "")))  # config deleted, no service: gone
+            got = await c.recv()
+            assert list(got.resources) == []
+            await c.close()
+    run(main())
+
+
+def test_rtds_is_pushed_after_the_other_types():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(registry(1, ("10.0.0.1", "v1")))
+            c = env.client()
+            subs = {xds.CLUSTER: [], xds.ENDPOINT: ["outbound|catalog.default"], xds.LISTENER: [],
+                    xds.ROUTE: ["outbound"], xds.RUNTIME: ["catalog"]}
+            first = True
+            for t, names in subs.items():
+                c.send(t, names, node=node_proto() if first else None)
+                first = False
+                resp = await c.recv()
+                assert resp.type_url == t
+                c.ack(resp, names)
+            assert runtime_layers(resp) == {"catalog": {}}  # the service exists: an empty layer
+            # a new endpoint (CDS, EDS) and a config for catalog in one snapshot: RTDS goes last
+            env.cache.set_snapshot(registry(2, ("10.0.0.1", "v1"), ("10.0.0.2", "v2"),
+                                            configs={"catalog": {"k": "v"}}))
+            got = [await c.recv() for _ in range(3)]
+            assert [r.type_url for r in got] == [xds.CLUSTER, xds.ENDPOINT, xds.RUNTIME]
+            assert runtime_layers(got[2]) == {"catalog": {"k": "v"}}
+            await c.close()
     run(main())

@@ -92,3 +92,22 @@ def test_registry_events_are_published_for_changes_only():
     assert sub.queue.qsize() == 1
     event = sub.queue.get_nowait()
     assert (event.namespace, event.service, event.summary) == ("default", "catalog", "instances changed: 10.0.0.1:80")
+
+
+def test_registry_diff_names_config_keys_even_without_a_service():
+    from types import MappingProxyType
+
+    from controlplane.snapshot import RegistrySnapshot
+    from meshkeeper.registry import RuntimeValues
+
+    def with_configs(base, configs):
+        return RegistrySnapshot(base.version, base.namespaces,
+                                MappingProxyType({"default": MappingProxyType(configs)}))
+
+    a = snapshot(1, {"10.0.0.1:80": 10})
+    b = with_configs(a, {"catalog": RuntimeValues({"color": "blue", "size": "s"}), "ghost": RuntimeValues({"k": "v"})})
+    c = with_configs(a, {"catalog": RuntimeValues({"color": "green", "tier": "1"})})
+    assert registry_diff(a, b) == [("default", "catalog", "config changed (+color, +size)"),
+                                   ("default", "ghost", "config changed (+k)")]
+    assert registry_diff(b, c) == [("default", "catalog", "config changed (+tier, -size, ~color)"),
+                                   ("default", "ghost", "config changed (-k)")]

@@ -27,6 +27,7 @@ from sidecar.config import (
     RateLimitConfig,
     RetryPolicyConfig,
     Route,
+    WeightedCluster,
 )
 from sidecar.xds import convert
 
@@ -140,3 +141,12 @@ def test_balancers_the_sidecar_runs(lb):
 def test_balancers_the_sidecar_refuses(lb):
     with pytest.raises(convert.XdsError, match=f"lb_policy {lb.upper()} is not supported"):
         sidecar_view({"lb": {"policy": lb}})
+
+
+def test_split_reaches_the_sidecar_as_weighted_clusters_without_the_missing_subset():
+    # Only a v1 instance is registered: v2 has no subset cluster and is left out; v1 keeps 90.
+    _, route, _, _ = sidecar_view({"split": {"v1": 90, "v2": 10}, "timeout_ms": 2000})
+    assert route == Route(prefix="/", weighted_clusters=(WeightedCluster("outbound|catalog.default|v1", 90),),
+                          timeout=2.0)
+    _, route, _, _ = sidecar_view({"split": {"v2": 100}})
+    assert route == Route(prefix="/", cluster="outbound|catalog.default", timeout=15.0)

@@ -400,3 +400,165 @@ def test_an_unreadable_znode_is_counted_and_does_not_hold_back_snapshots():
         finally:
             w.RETRY_DELAY = old
     run(main())
+
+
+# --------------------------------------------------------------------------- runtime configs
+
+CFG = "/meshkeeper/default/config"
+
+
+def configs(h: Harness, snap: RegistrySnapshot | None = None, ns: str = "default") -> dict[str, dict[str, str]]:
+    snap = snap or h.published[-1]
+    return {svc: dict(v.values) for svc, v in snap.configs_of(ns).items()}
+
+
+def layers(snap: RegistrySnapshot, ns: str = "default") -> dict[str, dict]:
+    """The Runtime resources the snapshot translates to: name -> layer as a dict."""
+    from google.protobuf import json_format
+
+    from controlplane import translate
+    from meshkeeper import xds
+    return {n: json_format.MessageToDict(r.layer)
+            for n, r in translate.shared_resources(snap, ns).resources[xds.RUNTIME].items()}
+
+
+def test_configs_appear_change_go_bad_keep_the_last_good_and_are_deleted():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(f"{CFG}/catalog", {"color": "blue", "feature.x": "on"})
+        h.zk.write(f"{CFG}/billing", {"mode": "dry"})  # no service znode: served all the same
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert configs(h, snap) == {"billing": {"mode": "dry"}, "catalog": {"color": "blue", "feature.x": "on"}}
+        assert "billing" not in snap.services("default")
+        assert layers(snap) == {"billing": {"mode": "dry"}, "catalog": {"color": "blue", "feature.x": "on"}}
+        # a changed value publishes a new snapshot
+        h.zk.write(f"{CFG}/catalog", {"color": "green"})
+        snap = await h.until(lambda: configs(h).get("catalog") == {"color": "green"} and h.published[-1])
+        assert snap.version == 2
+        # a bad payload is skipped, counted once and the last good values stay
+        h.zk.write(f"{CFG}/catalog", {"color": 7})
+        await h.until(lambda: h.bad_count("config") == 1)
+        h.zk.write(f"{CFG}/catalog", b"[not an object]")
+        await h.until(lambda: h.bad_count("config") == 2)
+        await h.quiet()
+        assert configs(h)["catalog"] == {"color": "green"}
+        assert len(h.published) == 2  # nothing the sidecars see changed
+        assert CFG + "/catalog" in h.watch._tree.bad
+        # fixed: served again
+        h.zk.write(f"{CFG}/catalog", {"color": "red"})
+        await h.until(lambda: configs(h).get("catalog") == {"color": "red"})
+        assert CFG + "/catalog" not in h.watch._tree.bad
+        # deleted: the config leaves the snapshot; the service's Runtime stays, empty
+        h.zk.delete(f"{CFG}/catalog")
+        snap = await h.until(lambda: "catalog" not in configs(h) and h.published[-1])
+        assert layers(snap) == {"billing": {"mode": "dry"}, "catalog": {}}
+        h.zk.delete(f"{CFG}/billing")
+        snap = await h.until(lambda: not configs(h) and h.published[-1])
+        assert layers(snap) == {"catalog": {}}
+        assert h.bad_count("config") == 2
+    run(main())
+
+
+def test_config_dir_created_after_start_is_picked_up_and_its_removal_empties_configs():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert configs(h, snap) == {}
+        assert f"{CFG}" in h.zk.exists_watches  # absent: watched for creation
+        h.zk.write(f"{CFG}/catalog", {"color": "blue"})  # creates config/ too
+        await h.until(lambda: configs(h) == {"catalog": {"color": "blue"}})
+        h.zk.write(f"{CFG}/search", {"limit": "10"})
+        await h.until(lambda: set(configs(h)) == {"catalog", "search"})
+        h.zk.delete(CFG)
+        await h.until(lambda: configs(h) == {})
+        h.zk.write(f"{CFG}/catalog", {"color": "black"})  # and back
+        await h.until(lambda: configs(h) == {"catalog": {"color": "black"}})
+    run(main())
+
+
+def test_config_with_a_bad_service_name_is_refused_and_counted():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(f"{CFG}/Bad_Name", {"color": "blue"})
+        h.zk.write(f"{CFG}/catalog", {"color": "blue"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert configs(h, snap) == {"catalog": {"color": "blue"}}
+        assert h.bad_count("config") == 1
+        assert f"{CFG}/Bad_Name" not in h.zk.data_watches  # never read
+        # another config arriving re-reads the children: the refusal is not counted again
+        h.zk.write(f"{CFG}/search", {"a": "b"})
+        await h.until(lambda: "search" in configs(h))
+        assert h.bad_count("config") == 1
+    run(main())
+
+
+def test_configs_are_per_namespace_and_leave_with_their_namespace():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(f"{CFG}/catalog", {"env": "dev"})
+        h.zk.write("/meshkeeper/prod/config/catalog", {"env": "prod"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert configs(h, snap) == {"catalog": {"env": "dev"}}
+        assert configs(h, snap, "prod") == {"catalog": {"env": "prod"}}
+        assert snap.config("prod", "catalog").values == {"env": "prod"}
+        assert snap.config("prod", "nope") is None and snap.config("nope", "catalog") is None
+        h.zk.delete("/meshkeeper/prod")
+        await h.until(lambda: "prod" not in h.published[-1].namespaces)
+        assert configs(h, ns="prod") == {} and configs(h) == {"catalog": {"env": "dev"}}
+    run(main())
+
+
+def test_reconnect_rereads_configs_and_an_unchanged_tree_publishes_nothing():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(f"{CFG}/catalog", {"color": "blue"})
+        h.zk.on_state("CONNECTED")
+        await h.next_snapshot(0)
+        h.zk.on_state("SUSPENDED")
+        h.zk.data_watches.clear()  # the change below is missed while disconnected
+        h.zk.write(f"{CFG}/catalog", {"color": "red"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(1)
+        assert configs(h, snap) == {"catalog": {"color": "red"}}
+        h.zk.on_state("LOST")
+        h.zk.on_state("CONNECTED")
+        await h.quiet()
+        assert len(h.published) == 2  # re-read, same content: no new snapshot
+        h.zk.write(f"{CFG}/catalog", {"color": "red", "size": "xl"})  # watches were re-armed
+        await h.until(lambda: configs(h)["catalog"] == {"color": "red", "size": "xl"})
+    run(main())
+
+
+def test_tree_reset_keeps_the_last_good_config_and_same_content_sees_configs():
+    path = f"{CFG}/catalog"
+    tree = RegistryTree()
+    tree.set_namespaces("/meshkeeper", ["default"])
+    assert tree.set_configs("default", CFG, ["catalog"]) == ["catalog"]
+    tree.set_config("default", "catalog", path, b'{"color":"blue"}', 1)
+    first = tree.build(1)
+    assert tree.build(2).same_content(first)
+    tree.reset()
+    tree.set_namespaces("/meshkeeper", ["default"])
+    tree.set_configs("default", CFG, ["catalog"])
+    tree.set_config("default", "catalog", path, b'{"color": 1}', 2)
+    assert tree.build(2).same_content(first)  # the bad payload changed nothing
+    assert path in tree.bad
+    tree.set_config("default", "catalog", path, b'{"color":"red"}', 3)
+    changed = tree.build(3)
+    assert not changed.same_content(first)
+    assert changed.namespaces == first.namespaces  # only the config differs
+    tree.remove_config("default", "catalog", path)
+    assert tree.build(4).configs == {} and path not in tree.last_good
+    # a config znode that never had a good payload is not in the snapshot
+    tree.set_configs("default", CFG, ["catalog", "search"])
+    tree.set_config("default", "search", f"{CFG}/search", b"nope", 5)
+    assert tree.build(5).configs == {}
