@@ -14,7 +14,7 @@ go-control-plane apply them):
   carry) differs from the last one sent; the first request of a type is always answered.
 * LDS and CDS are wildcard when ``resource_names`` is empty and always carry the node's full set
   (leaving one out deletes it at the client); RDS and EDS carry the subscribed names that exist.
-* On a registry change types are pushed in the order CDS, EDS, LDS, RDS.
+* On a registry change types are pushed in the order CDS, EDS, LDS, RDS, RTDS.
 
 The server knows only :class:`controlplane.cache.ConfigWatcher` and the proxy registry.
 """

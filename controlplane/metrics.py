@@ -87,7 +87,7 @@ class Metrics:
         self.lrs_reports = Counter(
             "meshkeeper_lrs_reports", "Load reports (LoadStatsRequests after the first) received",
             registry=r)
-        for t in ("CDS", "EDS", "LDS", "RDS"):
+        for t in ("CDS", "EDS", "LDS", "RDS", "RTDS"):
             for m in (self.pushes, self.acks, self.nacks):
                 m.labels(type=t)
         for t in ZK_EVENT_TYPES:
@@ -114,7 +114,7 @@ class ProxyTypeRow(NamedTuple):
     """One connected proxy's record of one xDS type, as the per-proxy series show it."""
 
     node_id: str
-    type: str  # CDS, EDS, LDS, RDS
+    type: str  # CDS, EDS, LDS, RDS, RTDS
     pushes: int
     nacks: int
     last_push_ack_latency: float | None  # seconds; None until a push of this stream was ACKed
