@@ -526,3 +526,34 @@ def test_mutual_tls_on_the_grpc_port(procs, zk_server, zk_client, namespace, tmp
             raise AssertionError("a call without a client certificate went through")
         except grpc.RpcError as exc:
             assert exc.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# --------------------------------------------------------------------------- traffic split
+
+
+def test_traffic_split_by_version(admin_mesh):
+    ns = admin_mesh.ns
+    op = admin_of(admin_mesh.cp, "operator")
+    client = Client(admin_mesh.frontend.port("outbound_port"))
+    # v1 = instances 0 and 1 (weights 1 and 2), v2 = instance 2 (weight 7): 30/70 by weight alone.
+    policy = op.SetTrafficSplit(pb.SetTrafficSplitRequest(namespace=ns, service="catalog", split={"v1": 80, "v2": 20}))
+    assert json.loads(policy.json) == {"split": {"v1": 80, "v2": 20}}
+
+    def v2_share(n: int = 400) -> float:
+        who, codes = client.split(n)
+        assert codes == {200: n}
+        return who[admin_mesh.app_instance(2)] / n
+
+    wait_until(lambda: abs(v2_share() - 0.2) <= 0.06, 5, message="v2 gets 20%")
+    who, codes = client.split(1500)
+    assert codes == {200: 1500}
+    shares = [who[admin_mesh.app_instance(i)] / 1500 for i in range(3)]
+    # Within v1, endpoint weights 1:2 still apply: 80% * 1/3 and 80% * 2/3.
+    for got, want in zip(shares, (0.8 / 3, 1.6 / 3, 0.2), strict=True):
+        assert abs(got - want) <= 0.04, shares
+    # The split keeps the rest of the policy, and clearing it restores the weights alone.
+    admin_of(admin_mesh.cp, "admin").SetPolicy(pb.SetPolicyRequest(namespace=ns, service="catalog",
+                                                                    json='{"timeout_ms": 4000, "split": {"v1": 80, "v2": 20}}'))
+    cleared = op.SetTrafficSplit(pb.SetTrafficSplitRequest(namespace=ns, service="catalog", split={}))
+    assert json.loads(cleared.json) == {"timeout_ms": 4000}
+    wait_until(lambda: abs(v2_share() - 0.7) <= 0.06, 5, message="back to 70% by weight")
