@@ -86,9 +86,15 @@ def rpc(role: Role) -> Callable:
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable:
         @functools.wraps(fn)
         async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            peer = context.peer() or ""
             try:
-                caller = self.auth.check(context.invocation_metadata(), role, context.peer() or "")
+                caller = self.auth.check(context.invocation_metadata(), role, peer)
             except Denied as d:
+                if role > Role.VIEWER:  # a refused write attempt is audited too
+                    audit_log.info("audit %s", json.dumps({
+                        "rpc": fn.__name__, "peer": peer, "result": d.code.name.lower(), "error": str(d),
+                        "namespace": getattr(request, "namespace", ""), "service": getattr(request, "service", "")},
+                        sort_keys=True))
                 await context.abort(d.code, str(d))
             try:
                 return await fn(self, request, caller)

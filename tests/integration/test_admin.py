@@ -70,8 +70,9 @@ def admin_of(cp, role: str | None = None) -> Admin:
     return Admin(f"127.0.0.1:{cp.port('xds_port')}", role)
 
 
-def register(kz, ns: str, svc: str, *instances: tuple[int, str]) -> list[str]:
-    """Service and instance znodes written directly (no sidecars): the admin API reads ZooKeeper."""
+def register(kz, ns: str, svc: str, *instances: tuple[int, str], ephemeral: bool = True) -> list[str]:
+    """Service and instance znodes written directly (no sidecars): the admin API reads ZooKeeper.
+    The instances are ephemeral like a sidecar's, unless the test closes ``kz`` early."""
     paths = Paths(ns)
     kz.ensure_path(paths.services)
     if not kz.exists(paths.service(svc)):
@@ -79,7 +80,7 @@ def register(kz, ns: str, svc: str, *instances: tuple[int, str]) -> list[str]:
     keys = []
     for port, version in instances:
         rec = InstanceRecord("127.0.0.1", port, labels={"version": version})
-        kz.create(paths.instance(svc, rec.key), rec.encode(), makepath=True, ephemeral=True)
+        kz.create(paths.instance(svc, rec.key), rec.encode(), makepath=True, ephemeral=ephemeral)
         keys.append(rec.key)
     return keys
 
@@ -557,3 +558,33 @@ def test_traffic_split_by_version(admin_mesh):
     cleared = op.SetTrafficSplit(pb.SetTrafficSplitRequest(namespace=ns, service="catalog", split={}))
     assert json.loads(cleared.json) == {"timeout_ms": 4000}
     wait_until(lambda: abs(v2_share() - 0.7) <= 0.06, 5, message="back to 70% by weight")
+
+
+def test_zookeeper_down_is_unavailable_and_nothing_is_lost(procs, zk, tmp_path):
+    from kazoo.client import KazooClient
+
+    kz = KazooClient(hosts=zk.hosts, timeout=5.0)
+    kz.start(timeout=10)
+    try:
+        (key,) = register(kz, "default", "catalog", (7010, "v1"), ephemeral=False)
+    finally:
+        kz.stop()
+        kz.close()
+    cp = procs.controlplane(zk.hosts, "--admin-tokens", write_tokens(tmp_path / "tokens"))
+    op = admin_of(cp, "operator")
+    req = pb.SetWeightRequest(service="catalog", address=key, weight=2)
+    wait_until(lambda: op.code("SetWeight", req) == grpc.StatusCode.OK, 10, message="a write once connected")
+    zk.stop()
+    # Reads and writes fail fast with UNAVAILABLE and say why; the control plane stays up.
+    refused = wait_until(lambda: (c := op.code("SetWeight", pb.SetWeightRequest(
+        service="catalog", address=key, weight=9))) != grpc.StatusCode.OK and c, 10, message="refused while down")
+    assert refused == grpc.StatusCode.UNAVAILABLE
+    try:
+        op.GetService(pb.GetServiceRequest(service="catalog"))
+        raise AssertionError("a read succeeded without ZooKeeper")
+    except grpc.RpcError as exc:
+        assert exc.code() == grpc.StatusCode.UNAVAILABLE and "ZooKeeper" in exc.details(), exc.details()
+    zk.start()
+    # Back: the write made before the outage is there, the refused one is not.
+    ep = wait_until(lambda: op.endpoint("default", "catalog", key), 15, message="reads work again")
+    assert ep.effective_weight == 2

@@ -125,9 +125,10 @@ def test_every_verb_end_to_end(cli_mesh, tmp_path):
     # The audit trail has every write, by name.
     audit = [json.loads(line.split("audit ", 1)[1]) for line in mesh.cp.stderr_text().splitlines()
              if "meshkeeper.controlplane.audit" in line]
-    assert [(a["rpc"], a["who"], a["result"]) for a in audit] == [
+    assert [(a["rpc"], a.get("who"), a["result"]) for a in audit] == [
         ("SetEnabled", "otto", "ok"), ("SetEnabled", "otto", "ok"), ("SetWeight", "otto", "ok"),
-        ("SetWeight", "otto", "aborted"), ("ClearOverride", "otto", "ok"), ("SetPolicy", "ada", "ok"),
+        ("SetWeight", "otto", "aborted"), ("ClearOverride", "otto", "ok"),
+        ("SetPolicy", None, "permission_denied"), ("SetPolicy", "ada", "ok"),
         ("SetTrafficSplit", "otto", "ok"), ("SetTrafficSplit", "otto", "ok"), ("SetConfig", "otto", "ok"),
         ("DeleteConfigKey", "otto", "ok")]
     assert json.loads(mesh.kz.get(Paths(ns).config("catalog"))[0]) == {"color": "blue"}
