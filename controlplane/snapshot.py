@@ -187,14 +187,20 @@ class RegistryTree:
         svcs = self.namespaces.get(ns)
         if svcs is None:
             return []
-        ok = {n for n in names if self._valid_name("service", f"{services_path}/{n}", n,
+        return self._replace_children("service", services_path, names, svcs, _ServiceNode)
+
+    def _replace_children(self, kind: str, parent: str, names: list[str], entries: dict,
+                          make: Callable[[], object]) -> list[str]:
+        """Keep the ``entries`` named in ``names`` (service names; others are refused as
+        ``kind``), add the new ones as ``make()``; returns the new names, to be read."""
+        ok = {n for n in names if self._valid_name(kind, f"{parent}/{n}", n,
                                                      lambda v: validate_name("service", v))}
-        for gone in set(svcs) - ok:
-            del svcs[gone]
-        self._prune(services_path, names)
-        new = sorted(ok - set(svcs))
+        for gone in set(entries) - ok:
+            del entries[gone]
+        self._prune(parent, names)
+        new = sorted(ok - set(entries))
         for n in new:
-            svcs[n] = _ServiceNode()
+            entries[n] = make()
         return new
 
     def _service(self, ns: str, svc: str) -> _ServiceNode | None:
@@ -225,15 +231,7 @@ class RegistryTree:
         configs = self.configs.get(ns)
         if configs is None:
             return []
-        ok = {n for n in names if self._valid_name("config", f"{configs_path}/{n}", n,
-                                                     lambda v: validate_name("service", v))}
-        for gone in set(configs) - ok:
-            del configs[gone]
-        self._prune(configs_path, names)
-        new = sorted(ok - set(configs))
-        for n in new:
-            configs[n] = None
-        return new
+        return self._replace_children("config", configs_path, names, configs, lambda: None)
 
     def set_config(self, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
         """A config znode's payload: refused, counted and logged once when invalid, and then
