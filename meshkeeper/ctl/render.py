@@ -335,7 +335,7 @@ def _routes(resources: Mapping[str, Any]) -> Table:
     table = new_table("NAME", "VIRTUAL HOST", "DOMAINS", "MATCH", "DESTINATION")
     for name, rc in resources.items():
         for vh in _get(rc, "virtual_hosts", []) or []:
-            domains = ",".join(_get(vh, "domains", []) or []) or "-"
+            domains = _domains(_get(vh, "domains", []) or [])
             for r in _get(vh, "routes", []) or [{}]:
                 add_row(table, name, _get(vh, "name", "-"), domains, _match(r), _destination(r))
     return table
@@ -406,3 +406,11 @@ def event_line(ev: pb.Event) -> str:
     if ev.summary:
         parts.append(" ".join(ev.summary.split()))
     return "  ".join(parts)
+
+
+def _domains(domains: list[str], shown: int = 2) -> str:
+    """The first domains and how many more, as istioctl shows them (``-o json`` has them all)."""
+    if not domains:
+        return "-"
+    more = len(domains) - shown
+    return ", ".join(domains[:shown]) + (f" + {more} more" if more > 0 else "")

@@ -699,7 +699,7 @@ def test_proxy_config_summaries(mk, fake):
     assert row(res, "outbound", "127.0.0.1")[2:] == ["15001", "outbound"]
     assert row(res, "inbound", "10.0.0.1") == ["inbound", "10.0.0.1", "15006", "inbound (inline)"]
     assert row(res, "outbound", "catalog.default") == [
-        "outbound", "catalog.default", "catalog,catalog.default", "prefix:/",
+        "outbound", "catalog.default", "catalog, catalog.default", "prefix:/",
         "outbound|catalog.default|v1 90, outbound|catalog.default|v2 10"]
     assert row(res, "catalog", "feature.x") == ["catalog", "feature.x", "on"]
     assert fake.requests("GetProxyConfig")[0].node_id == NODE_A
@@ -902,3 +902,12 @@ def test_tls_failures_are_one_line(tls, tls_fake, capsys, flags):
     res = invoke(capsys, "get", "services", "--cp", tls_fake.cp, "--token", VIEWER, *extra)
     one_line_error(res, 1, f"cannot reach the control plane at {tls_fake.cp} (")
     assert tls_fake.requests("ListServices") == []
+
+
+def test_route_domains_are_shortened_like_istioctl():
+    from meshkeeper.ctl.render import _domains
+
+    assert _domains([]) == "-"
+    assert _domains(["catalog"]) == "catalog"
+    assert _domains(["catalog", "catalog.default", "catalog:80", "catalog.default:80"]) == (
+        "catalog, catalog.default + 2 more")
