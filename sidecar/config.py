@@ -7,6 +7,7 @@ builds new ones and swaps them in whole.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -148,9 +149,44 @@ class WeightedCluster:
     weight: int
 
 
+# A header name as RFC 9110 writes a token, lower-case (as HTTP/2 and Envoy's matchers use them).
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9a-z]+")
+# Pseudo-headers a HeaderMatch may name: the request method, matched exactly.
+PSEUDO_HEADERS = frozenset({":method"})
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderMatch:
+    """One ``RouteMatch.headers`` entry: exactly one of ``exact``, ``prefix``, ``present``.
+
+    Envoy's semantics: a missing header fails every match except ``present``; ``invert`` flips
+    the outcome of a header that is there (``present`` flips either way). ``ignore_case`` compares
+    ASCII letters case-insensitively. With a header repeated, the match holds if any one value
+    matches (Envoy would match the values joined with commas). Values are compared without the
+    whitespace around them. ``:method`` (the request method) may only be matched exactly.
+    """
+
+    name: str
+    exact: str | None = None
+    prefix: str | None = None
+    present: bool | None = None  # True: the header is there; False: it is not
+    invert: bool = False
+    ignore_case: bool = False
+
+    def __post_init__(self) -> None:
+        if not (_HEADER_NAME.fullmatch(self.name) or self.name in PSEUDO_HEADERS):
+            raise ValueError(f"header match: {self.name!r} is not a lower-case header name")
+        if sum(x is not None for x in (self.exact, self.prefix, self.present)) != 1:
+            raise ValueError(f"header match {self.name!r}: needs exactly one of exact, prefix, present")
+        if self.prefix == "":
+            raise ValueError(f"header match {self.name!r}: an empty prefix")
+        if self.name in PSEUDO_HEADERS and self.exact is None:
+            raise ValueError(f"header match {self.name!r}: a pseudo-header may only be matched exactly")
+
+
 @dataclass(frozen=True, slots=True)
 class Route:
-    """A route: a path-prefix match and where it goes."""
+    """A route: a path-prefix match, header matches (all must hold), and where it goes."""
 
     prefix: str = "/"
     cluster: str = ""
@@ -158,6 +194,7 @@ class Route:
     timeout: float = DEFAULT_ROUTE_TIMEOUT  # 0 disables, as in Envoy
     retry_policy: RetryPolicyConfig | None = None
     fault: FaultConfig | None = None
+    headers: tuple[HeaderMatch, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

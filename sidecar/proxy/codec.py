@@ -5,7 +5,7 @@
 - ``REQUEST_HEADER_KIND``: request headers the connection manager handles itself instead of
   forwarding. Hop-by-hop headers (RFC 9110 §7.6.1: Connection and the headers it names,
   Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, Upgrade) never cross the proxy;
-  framing is re-applied on each side.
+  framing is re-applied on each side. ``UNMATCHABLE_HEADERS``: those a route cannot match on.
 """
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ REQUEST_HEADER_KIND: dict[bytes, int] = {
     **{name: H_TRACE for name in TRACE_HEADERS if name != b"x-request-id"},
     b"x-request-id": H_REQUEST_ID,
 }
+
+# Request headers a route cannot match on: the connection manager consumes them instead of
+# forwarding them (Host routes by domain; hop-by-hop headers; trace and request-id headers, taken
+# while tracing is on). Content-Length is forwarded, so it stays matchable.
+UNMATCHABLE_HEADERS = frozenset(name.decode() for name, kind in REQUEST_HEADER_KIND.items() if kind != H_CONTENT_LENGTH)
 
 # Connection tokens that name no header to strip.
 CONNECTION_OPTIONS = frozenset((b"close", b"keep-alive", b"upgrade", b""))

@@ -7,9 +7,14 @@ absolute-form URI), case-insensitively, in Envoy's order of precedence:
 2. ``name:*`` — that name with any port (``catalog:*`` matches ``catalog:8080``, not ``catalog``);
 3. ``*`` — the default virtual host.
 
-Within a virtual host the first route whose prefix starts the path (query string included, as
-Envoy's ``prefix`` match) wins. Weighted clusters are split by smooth weighted round robin, so a
-split of 90/10 sends exactly 9 of every 10 requests to the first cluster, and tests are exact.
+Within a virtual host the first route, in order, whose prefix starts the path (query string
+included, as Envoy's ``prefix`` match) and whose header matches all hold wins. Header matches
+(``sidecar.config.HeaderMatch`` has the semantics) read the request head as the connection manager
+stores it (``Exchange.headers``: six request-line pieces, then (name, ": ", value, CRLF) per
+header): a virtual host none of whose routes match on headers never looks at it, so routing by
+authority and path costs what it did before; the others scan the head for the names they match.
+Weighted clusters are split by smooth weighted round robin, so a split of 90/10 sends exactly 9 of
+every 10 requests to the first cluster, and tests are exact.
 
 A Router is immutable after construction except for the positions of its weighted splits; the xDS
 layer builds a new one per RouteConfiguration and swaps it into the listener. Construction raises
@@ -18,17 +23,85 @@ layer builds a new one per RouteConfiguration and swaps it into the listener. Co
 
 from __future__ import annotations
 
-from sidecar.config import Route, RouteConfig, VirtualHost
+from collections.abc import Iterable, Mapping, Sequence
+
+from sidecar.config import HeaderMatch, Route, RouteConfig, VirtualHost
+from sidecar.proxy.codec import UNMATCHABLE_HEADERS
 from sidecar.upstream.lb import SmoothWeightedRoundRobin
 
 AUTHORITY_CACHE_SIZE = 1024
+HEAD_FIRST_HEADER = 6  # index of the first header name in an Exchange.headers piece list
+
+# HeaderMatcher kinds
+_EXACT = 0
+_PREFIX = 1
+_PRESENT = 2
+_METHOD = 3  # ":method", exact
+_OWS = b" \t"
+
+
+class HeaderMatcher:
+    """A compiled :class:`~sidecar.config.HeaderMatch`: ``matches(head, method)``."""
+
+    __slots__ = ("name", "kind", "value", "present", "invert", "ignore_case")
+
+    def __init__(self, match: HeaderMatch) -> None:
+        if match.name in UNMATCHABLE_HEADERS:
+            raise ValueError(f"header match {match.name!r}: the sidecar consumes that header, a route cannot match it")
+        self.name = match.name.encode()
+        self.invert = match.invert
+        self.ignore_case = match.ignore_case
+        self.present = bool(match.present)
+        value = match.exact if match.exact is not None else match.prefix or ""
+        self.value = value.lower().encode() if match.ignore_case else value.encode()
+        if match.name == ":method":
+            self.kind = _METHOD
+        elif match.present is not None:
+            self.kind = _PRESENT
+        else:
+            self.kind = _EXACT if match.exact is not None else _PREFIX
+
+    def matches(self, head: Sequence[bytes], method: bytes) -> bool:
+        kind = self.kind
+        if kind == _METHOD:
+            return ((method.lower() if self.ignore_case else method) == self.value) != self.invert
+        name = self.name
+        size = len(name)
+        found = matched = False
+        for i in range(HEAD_FIRST_HEADER, len(head), 4):
+            key = head[i]
+            if len(key) != size or key.lower() != name:
+                continue
+            found = True
+            if kind == _PRESENT:
+                break
+            value = head[i + 2].rstrip(_OWS)
+            if self.ignore_case:
+                value = value.lower()
+            if value == self.value if kind == _EXACT else value.startswith(self.value):
+                matched = True
+                break
+        if kind == _PRESENT:
+            return (found == self.present) != self.invert
+        return found and matched != self.invert  # a missing header never matches, inverted or not
+
+
+def head_of(headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]) -> list[bytes]:
+    """An ``Exchange.headers``-shaped piece list of ``headers``, for :meth:`Router.resolve` outside
+    the connection manager (:meth:`Router.lookup`, tests)."""
+    pairs = headers.items() if isinstance(headers, Mapping) else headers
+    head = [b"", b" ", b"", b" HTTP/1.1\r\nhost: ", b"", b"\r\n"]
+    for name, value in pairs:
+        head += (name.encode() if isinstance(name, str) else name, b": ",
+                 value.encode() if isinstance(value, str) else value, b"\r\n")
+    return head
 
 
 class RouteEntry:
     """A compiled route. ``cluster()`` names the target cluster of one request."""
 
-    __slots__ = ("route", "name", "prefix", "timeout", "retry", "per_try_timeout", "timed", "fault", "_cluster",
-                 "_split")
+    __slots__ = ("route", "name", "prefix", "headers", "timeout", "retry", "per_try_timeout", "timed", "fault",
+                 "_cluster", "_split")
 
     def __init__(self, route: Route, faults: bool = True, vhost_name: str = "") -> None:
         self.route = route
@@ -36,6 +109,8 @@ class RouteEntry:
         # service, ``<svc>.<ns>``, in what the control plane sends; ``inbound`` on the inbound side).
         self.name = vhost_name
         self.prefix = route.prefix.encode()
+        # None: the route matches on the path alone.
+        self.headers = tuple(HeaderMatcher(m) for m in route.headers) or None
         self.timeout = route.timeout if route.timeout > 0 else 0.0
         # Read per request: None when the route has no retry policy / no fault to inject.
         self.retry = route.retry_policy if route.retry_policy is not None and route.retry_policy.num_retries > 0 else None
@@ -70,16 +145,32 @@ class RouteEntry:
 
 
 class _CompiledVirtualHost:
-    __slots__ = ("vhost", "routes")
+    __slots__ = ("vhost", "routes", "by_headers")
 
     def __init__(self, vhost: VirtualHost, faults: bool) -> None:
         self.vhost = vhost
         self.routes = tuple(RouteEntry(r, faults, vhost.name) for r in vhost.routes)
+        self.by_headers = any(entry.headers is not None for entry in self.routes)
 
     def match(self, path: bytes) -> RouteEntry | None:
+        """The first route whose prefix matches: for virtual hosts without header matches."""
         for entry in self.routes:
             if path.startswith(entry.prefix):
                 return entry
+        return None
+
+    def match_request(self, path: bytes, head: Sequence[bytes], method: bytes) -> RouteEntry | None:
+        """The first route whose prefix and header matches all match."""
+        for entry in self.routes:
+            if path.startswith(entry.prefix):
+                matchers = entry.headers
+                if matchers is None:
+                    return entry
+                for m in matchers:
+                    if not m.matches(head, method):
+                        break
+                else:
+                    return entry
         return None
 
 
@@ -145,20 +236,30 @@ class Router:
         cache[authority] = found
         return found
 
-    def resolve(self, authority: bytes, path: bytes) -> RouteEntry | None:
-        """The compiled route for a request, or None (404 NR)."""
+    def resolve(self, authority: bytes, path: bytes, head: Sequence[bytes] = (), method: bytes = b"") -> RouteEntry | None:
+        """The compiled route for a request, or None (404 NR).
+
+        ``head``: the request's headers as ``Exchange.headers`` holds them (see :func:`head_of`),
+        ``method`` its method; only read by a virtual host with header matches.
+        """
         vhost = self.virtual_host(authority)
         if vhost is None:
             return None
+        if vhost.by_headers:
+            return vhost.match_request(path, head, method)
         return vhost.match(path)
 
-    def lookup(self, authority: str | bytes, path: str | bytes) -> Route | None:
+    def lookup(self, authority: str | bytes, path: str | bytes,
+               headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]] = (),
+               method: str | bytes = b"GET") -> Route | None:
         """The matching Route config, or None: a convenience over :meth:`resolve`."""
         if isinstance(authority, str):
             authority = authority.encode()
         if isinstance(path, str):
             path = path.encode()
-        entry = self.resolve(authority, path)
+        if isinstance(method, str):
+            method = method.encode()
+        entry = self.resolve(authority, path, head_of(headers), method)
         return entry.route if entry is not None else None
 
 

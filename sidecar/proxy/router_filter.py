@@ -105,7 +105,8 @@ class RouterFilter:
                 return
             ex.host = authority
         router = rt.router
-        entry = router.resolve(authority, path) if router is not None else None
+        # The head is as parsed (no hop-by-hop stripping yet); only routes with header matches read it.
+        entry = router.resolve(authority, path, ex.headers, ex.method) if router is not None else None
         if entry is None:
             rt.stats.no_route += 1
             self._local_reply(ex, errors.NO_ROUTE)

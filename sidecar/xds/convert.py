@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from collections.abc import Iterable
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
@@ -43,6 +44,7 @@ from sidecar.config import (
     ClusterConfig,
     EndpointConfig,
     FaultConfig,
+    HeaderMatch,
     ListenerConfig,
     OutlierConfig,
     RateLimitConfig,
@@ -53,6 +55,7 @@ from sidecar.config import (
     VirtualHost,
     WeightedCluster,
 )
+from sidecar.proxy.codec import UNMATCHABLE_HEADERS
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 _SERVING = (health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY, health_check_pb2.DEGRADED)
@@ -292,7 +295,8 @@ def route_configuration(msg: route_pb2.RouteConfiguration, fault_filter: bool = 
 def _route(r: route_components_pb2.Route, where: str, fault_filter: bool) -> Route:
     where = f"{where} route {r.name!r}" if r.name else f"{where} route"
     _only(r, ("name", "match", "route", "metadata", "typed_per_filter_config"), where)
-    _only(r.match, ("prefix",), f"{where} match")
+    _only(r.match, ("prefix", "headers"), f"{where} match")
+    headers = tuple(header_match(h, f"{where} match") for h in r.match.headers)
     if r.WhichOneof("action") != "route":
         raise XdsError(f"{where}: only the route action is supported")
     action = r.route
@@ -304,6 +308,7 @@ def _route(r: route_components_pb2.Route, where: str, fault_filter: bool) -> Rou
         "retry_policy": retry_policy(action.retry_policy, f"{where} retry_policy")
         if action.HasField("retry_policy") else None,
         "fault": fault if fault_filter else None,
+        "headers": headers,
     }
     which = action.WhichOneof("cluster_specifier")
     if which == "cluster":
@@ -317,6 +322,60 @@ def _route(r: route_components_pb2.Route, where: str, fault_filter: bool) -> Rou
             raise XdsError(f"{where}: weighted_clusters need a positive total weight")
         return Route(weighted_clusters=tuple(wcs), **common)
     raise XdsError(f"{where}: route action needs cluster or weighted_clusters")
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # an RFC 9110 token
+
+
+def header_match(msg: route_components_pb2.HeaderMatcher, where: str) -> HeaderMatch:
+    """One ``RouteMatch.headers`` entry: ``string_match`` ``exact`` or ``prefix`` (``ignore_case``
+    allowed), ``present_match``, the deprecated ``exact_match`` / ``prefix_match``, and
+    ``invert_match``; no specifier at all is a presence match, as in Envoy. The name is lower-cased
+    (Envoy matches names case-insensitively); of the pseudo-headers only ``:method`` is honoured,
+    matched exactly. Headers the sidecar consumes itself (Host, hop-by-hop, trace context,
+    x-request-id) cannot be matched."""
+    name = msg.name.lower()
+    where = f"{where} header {msg.name!r}"
+    _only(msg, ("name", "string_match", "exact_match", "prefix_match", "present_match", "invert_match"), where)
+    if name.startswith(":"):
+        if name != ":method":
+            raise XdsError(f"{where}: pseudo-header {msg.name!r} is not supported (only :method, matched exactly)")
+    elif not _HEADER_NAME.fullmatch(name):
+        raise XdsError(f"{where}: name {msg.name!r} is not a valid header name")
+    elif name in UNMATCHABLE_HEADERS:
+        raise XdsError(f"{where}: header {msg.name!r} is consumed by the sidecar itself and cannot be matched"
+                       + (" (route on virtual host domains)" if name == "host" else ""))
+    kind = msg.WhichOneof("header_match_specifier")
+    exact = prefix = present = None
+    ignore_case = False
+    if kind == "string_match":
+        swhere = f"{where} string_match"
+        _only(msg.string_match, ("exact", "prefix", "ignore_case"), swhere)
+        pattern = msg.string_match.WhichOneof("match_pattern")
+        if pattern == "exact":
+            exact = msg.string_match.exact
+        elif pattern == "prefix":
+            prefix = msg.string_match.prefix
+        else:
+            raise XdsError(f"{swhere}: needs exact or prefix")
+        ignore_case = msg.string_match.ignore_case
+    elif kind == "exact_match":
+        exact = msg.exact_match
+        if not exact:  # Envoy: an empty exact_match matches any value
+            exact, present = None, True
+    elif kind == "prefix_match":
+        prefix = msg.prefix_match
+    else:  # present_match, or nothing: present
+        present = msg.present_match if kind == "present_match" else True
+    if prefix == "":
+        raise XdsError(f"{where}: prefix must not be empty")
+    if name == ":method" and exact is None:
+        raise XdsError(f"{where}: :method may only be matched exactly (string_match.exact)")
+    try:
+        return HeaderMatch(name=name, exact=exact, prefix=prefix, present=present, invert=msg.invert_match,
+                           ignore_case=ignore_case)
+    except ValueError as exc:
+        raise XdsError(f"{where}: {exc}") from None
 
 
 def retry_policy(msg: route_components_pb2.RetryPolicy, where: str) -> RetryPolicyConfig:

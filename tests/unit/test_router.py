@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from sidecar.config import Route, RouteConfig, VirtualHost, WeightedCluster
+from sidecar.config import HeaderMatch, Route, RouteConfig, VirtualHost, WeightedCluster
 from sidecar.proxy.router import Router
 
 
@@ -59,6 +59,20 @@ def test_first_matching_prefix_wins() -> None:
     assert r.lookup("nowhere", "/x") is None
 
 
+def test_header_routes_share_first_match_wins_with_prefix_routes() -> None:
+    r = Router(RouteConfig("r", (VirtualHost("catalog", ("catalog",), (
+        Route("/api", "api-canary", headers=(HeaderMatch("x-canary", exact="1"),)),
+        Route("/api", "api"),
+        Route("/", "canary", headers=(HeaderMatch("x-canary", present=True),)),
+        Route("/", "catalog"),
+    )),)))
+    assert r.lookup("catalog", "/api/x", {"x-canary": "1"}).cluster == "api-canary"
+    assert r.lookup("catalog", "/api/x", {"x-canary": "2"}).cluster == "api"  # the prefix route comes first
+    assert r.lookup("catalog", "/x", {"x-canary": "2"}).cluster == "canary"
+    assert r.lookup("catalog", "/x").cluster == "catalog"
+    assert cluster_of(r, "catalog", "/api/x") == "api"  # resolve without a head: no headers
+
+
 def test_ipv6_authority() -> None:
     r = Router(RouteConfig("r", (VirtualHost("v6", ("[::1]", "[::1]:*"), (Route("/", "v6"),)),)))
     assert cluster_of(r, "[::1]", "/") == "v6"
@@ -86,6 +100,7 @@ def test_route_timeout_zero_disables() -> None:
     (VirtualHost("a", ("*",), (Route("/", "c"),)), VirtualHost("b", ("*",), (Route("/", "c"),))),
     (VirtualHost("a", ("a",), (Route("/"),)),),
     (VirtualHost("a", ("a",), (Route("/", weighted_clusters=(WeightedCluster("x", 0),)),)),),
+    (VirtualHost("a", ("a",), (Route("/", "c", headers=(HeaderMatch("host", exact="a"),)),)),),  # route on domains
 ])
 def test_unsupported_configs_are_refused(vhosts: tuple[VirtualHost, ...]) -> None:
     with pytest.raises(ValueError):
