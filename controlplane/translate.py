@@ -38,6 +38,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.service.runtime.v3 import rtds_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -49,6 +50,7 @@ from meshkeeper.policy import (
     CircuitBreaker,
     FailurePercentage,
     Fault,
+    Match,
     Outlier,
     Policy,
     RateLimit,
@@ -371,14 +373,8 @@ def weighted_clusters(split: Iterable[tuple[str, int]]) -> route_components_pb2.
         route_components_pb2.WeightedCluster.ClusterWeight(name=name, weight=_u32(w)) for name, w in split])
 
 
-def outbound_route(svc: ServiceSnapshot) -> route_components_pb2.Route:
-    """The service's route: timeout, retry policy and fault injection from its policy, and with a
-    ``split`` weighted clusters over its version subsets (:func:`split_clusters`)."""
-    policy = svc.policy
-    route = _route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(policy.timeout_ms))
-    split = split_clusters(svc)
-    if split:
-        route.route.weighted_clusters.CopyFrom(weighted_clusters(split))  # replaces ``cluster`` (a oneof)
+def _apply_policy(route: route_components_pb2.Route, policy: Policy) -> route_components_pb2.Route:
+    """Retry policy and fault injection of the service's policy, on one of its routes."""
     if policy.retry is not None:
         route.route.retry_policy.CopyFrom(retry_policy(policy.retry))
     fault = http_fault(policy.fault)
@@ -387,12 +383,47 @@ def outbound_route(svc: ServiceSnapshot) -> route_components_pb2.Route:
     return route
 
 
+def outbound_route(svc: ServiceSnapshot) -> route_components_pb2.Route:
+    """The service's route: timeout, retry policy and fault injection from its policy, and with a
+    ``split`` weighted clusters over its version subsets (:func:`split_clusters`)."""
+    policy = svc.policy
+    route = _route_to(xds.outbound_cluster(svc.name, svc.namespace), _millis(policy.timeout_ms))
+    split = split_clusters(svc)
+    if split:
+        route.route.weighted_clusters.CopyFrom(weighted_clusters(split))  # replaces ``cluster`` (a oneof)
+    return _apply_policy(route, policy)
+
+
+def header_matcher(m: Match) -> route_components_pb2.HeaderMatcher:
+    """``{"header": h, "equals": v}``: header ``h`` is exactly ``v``; without ``equals``: present."""
+    if m.equals:
+        return route_components_pb2.HeaderMatcher(name=m.header, string_match=string_pb2.StringMatcher(exact=m.equals))
+    return route_components_pb2.HeaderMatcher(name=m.header, present_match=True)
+
+
+def match_routes(svc: ServiceSnapshot) -> list[route_components_pb2.Route]:
+    """``policy.match``, in order: one route per entry, sending requests with the header to the
+    subset cluster, ahead of the default route (the first matching route wins, as in Envoy). An
+    entry whose subset has no instance (no subset cluster) is left out: its requests follow the
+    default route."""
+    policy, versions = svc.policy, subset_versions(svc)
+    routes = []
+    for i, m in enumerate(policy.match):
+        if m.subset not in versions:
+            continue
+        route = _route_to(xds.outbound_cluster(svc.name, svc.namespace, m.subset), _millis(policy.timeout_ms))
+        route.name = f"match-{i}"
+        route.match.headers.append(header_matcher(m))
+        routes.append(_apply_policy(route, policy))
+    return routes
+
+
 def virtual_host(svc: ServiceSnapshot) -> route_components_pb2.VirtualHost:
     domains = list(xds.service_domains(svc.name, svc.namespace))
     for port in service_ports(svc):
         domains += [d for d in xds.service_domains(svc.name, svc.namespace, port) if d not in domains]
     return route_components_pb2.VirtualHost(
-        name=f"{svc.name}.{svc.namespace}", domains=domains, routes=[outbound_route(svc)])
+        name=f"{svc.name}.{svc.namespace}", domains=domains, routes=[*match_routes(svc), outbound_route(svc)])
 
 
 def runtime(svc: str, values: RuntimeValues | None) -> rtds_pb2.Runtime:

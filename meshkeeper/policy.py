@@ -25,6 +25,14 @@ RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-statu
             "refused-stream", "retriable-4xx")
 _HASH_ON_RE = re.compile(r"^(header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_-]+|source_ip)$")
 _MAX_MS = 24 * 3600 * 1000
+_HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")  # a lower-case header name (an HTTP token)
+# Request headers a route cannot match on: the sidecar consumes them instead of forwarding them
+# (Host routes by domain; hop-by-hop headers; trace and request-id headers). A match on one would be
+# NACKed with the whole route configuration, so the policy refuses it first.
+UNMATCHABLE_HEADERS = frozenset((
+    "host", "connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+    "expect", "x-request-id", "traceparent", "tracestate", "b3", "x-b3-traceid", "x-b3-spanid",
+    "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags"))
 _SUBSET_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?$")  # a version label value
 
 
@@ -244,6 +252,12 @@ def _check(p: Policy) -> None:
     for i, m in enumerate(p.match):
         if not m.header or not m.subset:
             raise PolicyError(f"policy.match[{i}]: header and subset are required")
+        if not _HEADER_RE.match(m.header):
+            raise PolicyError(f"policy.match[{i}].header: {m.header!r} is not a lower-case header name")
+        if m.header in UNMATCHABLE_HEADERS:
+            raise PolicyError(f"policy.match[{i}].header: {m.header!r} cannot be matched (the sidecar consumes it)")
+        if not _SUBSET_RE.match(m.subset):
+            raise PolicyError(f"policy.match[{i}].subset: {m.subset!r} is not a version label")
     if p.fault.abort_percent and not 200 <= p.fault.abort_status <= 599:
         raise PolicyError("policy.fault.abort_status: must be an HTTP status 200..599 when abort_percent is set")
     if p.fault.delay_percent and not p.fault.delay_ms:

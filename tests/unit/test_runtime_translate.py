@@ -18,7 +18,7 @@ from controlplane import translate as tr
 from controlplane.cache import SERVED_TYPES, SnapshotCache
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
-from meshkeeper.policy import decode_policy
+from meshkeeper.policy import PolicyError, decode_policy
 from meshkeeper.registry import InstanceRecord, RuntimeValues, ServiceRecord
 from meshkeeper.xds import NodeInfo
 from sidecar.config import FaultConfig, Route, WeightedCluster
@@ -109,7 +109,7 @@ def test_runtime_serializes_deterministically():
 def catalog_route(svc: ServiceSnapshot):
     res = tr.translate(snapshot(svc), NODE)
     [vh] = [vh for vh in res[xds.ROUTE]["outbound"].virtual_hosts if vh.name == "catalog.default"]
-    return res, vh.routes[0]
+    return res, vh.routes[-1]  # the default route: policy.match routes come before it
 
 
 def split_of(route) -> list[tuple[str, int]]:
@@ -129,7 +129,7 @@ def sidecar_route(svc: ServiceSnapshot) -> Route:
     res = tr.translate(snapshot(svc), NODE)
     routes = convert.route_configuration(over_the_wire(res[xds.ROUTE]["outbound"]))
     [vh] = [vh for vh in routes.virtual_hosts if vh.name == "catalog.default"]
-    return vh.routes[0]
+    return vh.routes[-1]
 
 
 def test_split_becomes_weighted_clusters_over_the_subset_clusters():
@@ -174,7 +174,7 @@ def test_split_keeps_timeout_retry_and_fault_and_the_sidecar_accepts_it():
     assert route.route.timeout.seconds == 2 and route.route.timeout.nanos == 500_000_000
     assert route.route.retry_policy.num_retries.value == 3
     assert xds.FAULT_FILTER in route.typed_per_filter_config
-    assert [(m.prefix, len(m.headers)) for m in [route.match]] == [("/", 0)]  # match: not translated yet
+    assert (route.name, route.match.prefix, len(route.match.headers)) == ("default", "/", 0)
     got = sidecar_route(svc)
     assert got.weighted_clusters == (WeightedCluster(f"{MAIN}|v1", 75), WeightedCluster(f"{MAIN}|v2", 25))
     assert got.cluster == "" and got.timeout == 2.5
@@ -233,3 +233,41 @@ def test_rtds_fetch_of_a_name_that_does_not_exist_is_empty_until_it_appears():
     assert [r.name for r in got.resources] == ["search"] and got.version != none.version
     # a wildcard fetch (names None) has every Runtime of the namespace
     assert [r.name for r in cache.fetch(NODE, xds.RUNTIME, None).resources] == ["catalog", "search"]
+
+
+def test_match_routes_go_first_to_their_subset_with_the_same_policy():
+    svc = replace(CATALOG, policy=decode_policy({
+        "split": {"v1": 90, "v2": 10}, "timeout_ms": 2500, "retry": {"attempts": 1},
+        "match": [{"header": "x-canary", "equals": "1", "subset": "v2"}, {"header": "x-debug", "subset": "v1"},
+                  {"header": "x-gone", "equals": "y", "subset": "v9"}]}))
+    res = tr.translate(snapshot(svc), NODE)
+    [vh] = [vh for vh in res[xds.ROUTE]["outbound"].virtual_hosts if vh.name == "catalog.default"]
+    assert [r.name for r in vh.routes] == ["match-0", "match-1", "default"]  # v9 has no instance: left out
+    canary, debug, _ = vh.routes
+    assert canary.route.cluster == f"{MAIN}|v2" and debug.route.cluster == f"{MAIN}|v1"
+    assert (canary.match.headers[0].name, canary.match.headers[0].string_match.exact) == ("x-canary", "1")
+    assert debug.match.headers[0].present_match
+    assert canary.route.timeout.seconds == 2 and canary.route.retry_policy.num_retries.value == 1
+    # The sidecar's converter accepts the whole route configuration.
+    routes = convert.route_configuration(over_the_wire(res[xds.ROUTE]["outbound"]))
+    [got] = [vh for vh in routes.virtual_hosts if vh.name == "catalog.default"]
+    assert [r.cluster for r in got.routes[:2]] == [f"{MAIN}|v2", f"{MAIN}|v1"]
+    assert got.routes[2].weighted_clusters == (WeightedCluster(f"{MAIN}|v1", 90), WeightedCluster(f"{MAIN}|v2", 10))
+
+
+@pytest.mark.parametrize(("match", "message"), [
+    ({"header": "X-Canary", "subset": "v2"}, "policy.match[0].header: 'X-Canary' is not a lower-case header name"),
+    ({"header": "host", "equals": "a", "subset": "v2"}, "policy.match[0].header: 'host' cannot be matched"),
+    ({"header": "x-a", "subset": "v 2"}, "policy.match[0].subset: 'v 2' is not a version label"),
+])
+def test_match_entries_the_sidecar_could_not_honour_are_refused_by_the_policy(match, message):
+    with pytest.raises(PolicyError) as info:
+        decode_policy({"match": [match]})
+    assert str(info.value).startswith(message)
+
+
+def test_the_policy_refuses_every_header_the_sidecar_cannot_match():
+    from meshkeeper.policy import UNMATCHABLE_HEADERS
+    from sidecar.proxy.codec import UNMATCHABLE_HEADERS as SIDECAR_UNMATCHABLE
+
+    assert SIDECAR_UNMATCHABLE <= UNMATCHABLE_HEADERS
