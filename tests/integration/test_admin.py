@@ -588,3 +588,27 @@ def test_zookeeper_down_is_unavailable_and_nothing_is_lost(procs, zk, tmp_path):
     # Back: the write made before the outage is there, the refused one is not.
     ep = wait_until(lambda: op.endpoint("default", "catalog", key), 15, message="reads work again")
     assert ep.effective_weight == 2
+
+
+def test_header_match_sends_canary_requests_to_their_subset(admin_mesh):
+    ns = admin_mesh.ns
+    admin = admin_of(admin_mesh.cp, "admin")
+    admin.SetPolicy(pb.SetPolicyRequest(namespace=ns, service="catalog", json=json.dumps(
+        {"split": {"v1": 100}, "match": [{"header": "x-canary", "equals": "1", "subset": "v2"}]})))
+    port = admin_mesh.frontend.port("outbound_port")
+    canary = Client(port)
+
+    def instances(n: int, headers: dict[str, str]) -> Counter:
+        who = Counter()
+        for _ in range(n):
+            status, got, _ = http_get(f"http://127.0.0.1:{port}/", {"Host": "catalog", **headers})
+            assert status == 200
+            who[got["x-app-instance"]] += 1
+        return who
+
+    v2 = admin_mesh.app_instance(2)
+    wait_until(lambda: set(instances(20, {"x-canary": "1"})) == {v2}, 5, message="canary requests reach v2 only")
+    assert set(instances(50, {"x-canary": "1"})) == {v2}
+    assert v2 not in instances(100, {"x-canary": "0"})  # the header must equal 1
+    who, codes = canary.split(100)
+    assert codes == {200: 100} and who[v2] == 0  # everything else: v1 only
