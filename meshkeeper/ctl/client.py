@@ -43,9 +43,12 @@ class Target:
 
 def _read(flag: str, path: str) -> bytes:
     try:
-        return Path(path).read_bytes()
+        data = Path(path).read_bytes()
     except OSError as exc:
         raise CtlError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if b"-----BEGIN " not in data:
+        raise CtlError(f"{flag} {path}: not a PEM file (expected -----BEGIN ...)")
+    return data
 
 
 def open_channel(target: Target) -> grpc.Channel:

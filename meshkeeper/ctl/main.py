@@ -20,6 +20,7 @@ from meshkeeper.admin.v1 import admin_pb2 as pb
 from meshkeeper.cliargs import ArgumentParser, seconds
 from meshkeeper.ctl import render
 from meshkeeper.ctl.client import DEFAULT_CP, Client, CtlError, Target
+from meshkeeper.registry import MAX_WEIGHT
 
 EVENT_KINDS = ("registry", "push", "nack", "admin_write")
 PROXY_TYPES = ("cds", "eds", "lds", "rds", "rtds")
@@ -27,6 +28,9 @@ S = argparse.SUPPRESS
 
 
 # --------------------------------------------------------------------------- argument types
+
+
+MAX_VERSION = 2**31 - 1  # a ZooKeeper version is a signed 32-bit int
 
 
 def _hostport(text: str) -> str:
@@ -41,7 +45,7 @@ def _version(text: str) -> int:
         n = int(text)
     except ValueError:
         n = -2
-    if n < -1:
+    if not -1 <= n <= MAX_VERSION:
         raise argparse.ArgumentTypeError(f"{text!r} is not a version (a number, -1: must not exist yet)")
     return n
 
@@ -51,8 +55,8 @@ def _weight(text: str) -> int:
         n = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a weight (a whole number, 0 drains)") from None
-    if n < 0:
-        raise argparse.ArgumentTypeError(f"{n} is not a weight (0 or more; 0 drains)")
+    if not 0 <= n <= MAX_WEIGHT:
+        raise argparse.ArgumentTypeError(f"{n} is not a weight (0..{MAX_WEIGHT}; 0 drains)")
     return n
 
 
@@ -372,7 +376,7 @@ def cmd_split(args: argparse.Namespace, client: Client) -> int:
         args.parser.error("give VERSION=PERCENT pairs (like v1=90 v2=10), or --clear")
     split: dict[str, int] = {}
     for name, value in _pairs(args.parser, args.split, "VERSION=PERCENT, like v1=90").items():
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             args.parser.error(f"{name}={value}: the percent must be a whole number 0-100")
         split[name] = int(value)
     total = sum(split.values())
