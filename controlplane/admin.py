@@ -79,9 +79,26 @@ def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def _audit(entry: dict[str, Any]) -> None:
+    audit_log.info("audit %s", json.dumps(entry, sort_keys=True))
+
+
+def _attempt(rpc_name: str, request: Any, peer: str, caller: Caller | None) -> dict[str, Any]:
+    """The audit fields every write attempt has, whatever becomes of it."""
+    entry: dict[str, Any] = {"rpc": rpc_name, "peer": peer, "namespace": getattr(request, "namespace", ""),
+                             "service": getattr(request, "service", "")}
+    if caller is not None:
+        entry.update(who=caller.name, role=caller.role.label)
+    if "expected_version" in type(request).DESCRIPTOR.fields_by_name:
+        entry["expected_version"] = request.expected_version if request.HasField("expected_version") else None
+    return entry
+
+
 def rpc(role: Role) -> Callable:
     """Authorise the call for ``role``, pass the :class:`Caller` on, and turn the errors above
-    into gRPC status codes with their messages."""
+    into gRPC status codes with their messages. Every write attempt that fails, at auth or after,
+    is one audit line here; :meth:`AdminService._write` writes the line of a success."""
+    write = role > Role.VIEWER
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable:
         @functools.wraps(fn)
@@ -90,16 +107,18 @@ def rpc(role: Role) -> Callable:
             try:
                 caller = self.auth.check(context.invocation_metadata(), role, peer)
             except Denied as d:
-                if role > Role.VIEWER:  # a refused write attempt is audited too
-                    audit_log.info("audit %s", json.dumps({
-                        "rpc": fn.__name__, "peer": peer, "result": d.code.name.lower(), "error": str(d),
-                        "namespace": getattr(request, "namespace", ""), "service": getattr(request, "service", "")},
-                        sort_keys=True))
+                if write:
+                    _audit({**_attempt(fn.__name__, request, peer, None), "result": d.code.name.lower(),
+                            "error": str(d)})
                 await context.abort(d.code, str(d))
             try:
                 return await fn(self, request, caller)
             except Exception as exc:
                 status = _status_of(exc)
+                if write:
+                    result = "unknown" if getattr(exc, "outcome_unknown", False) else status[1] if status else "error"
+                    _audit({**_attempt(fn.__name__, request, peer, caller), "path": getattr(exc, "audit_path", None),
+                            "result": result, "error": str(exc) or type(exc).__name__})
                 if status is None:
                     raise
                 await context.abort(status[0], str(exc))
@@ -230,19 +249,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     async def _write(self, caller: Caller, rpc_name: str, ns: str, svc: str, path: str,
                      change: Callable[[bytes | None], bytes | None], expected: int | None,
                      what: str) -> Written:
-        entry: dict[str, Any] = {"who": caller.name, "role": caller.role.label, "peer": caller.peer,
-                                 "rpc": rpc_name, "namespace": ns, "service": svc, "path": path,
-                                 "expected_version": expected}
         try:
             written = await self.store.update(path, change, expected)
         except Exception as exc:
-            status = _status_of(exc)
-            entry.update(result=status[1] if status else "error", error=str(exc), before=None, after=None)
-            audit_log.info("audit %s", json.dumps(entry, sort_keys=True))
+            exc.audit_path = path  # the rpc wrapper writes the failure's audit line
             raise
         before, after = _json_text(written.before), _json_text(written.after)
-        entry.update(result="ok", before=before, after=after, version=written.version)
-        audit_log.info("audit %s", json.dumps(entry, sort_keys=True))
+        _audit({"who": caller.name, "role": caller.role.label, "peer": caller.peer, "rpc": rpc_name,
+                "namespace": ns, "service": svc, "path": path, "expected_version": expected, "result": "ok",
+                "before": before, "after": after, "version": written.version})
         self.events.publish("admin_write", namespace=ns, service=svc, who=caller.name,
                             summary=f"{rpc_name} {what} by {caller.name}",
                             before=_dump(before), after=_dump(after))
@@ -391,8 +406,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             try:
                 out.values.update(dict(RuntimeValues.decode(zn.data).values))
             except RecordError as exc:
-                raise Precondition(f"the config znode of {svc} is invalid ({exc}); "
-                                   "SetConfig with expected_version -1 cannot fix it: delete it in ZooKeeper") from None
+                raise Precondition(f"the config znode of {svc} is invalid ({exc}); a SetConfig with "
+                                   f"expected_version {zn.version} replaces it") from None
         return out
 
     async def _config_write(self, caller: Caller, rpc_name: str, request: Any,
@@ -404,9 +419,14 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         def apply(data: bytes | None) -> bytes:
             try:
                 cur = dict(RuntimeValues.decode(data).values) if data is not None else {}
-            except RecordError:
-                cur = {}  # a bad config is replaced
-            return RuntimeValues(change(cur)).encode()
+            except RecordError as exc:
+                if expected is None:  # never drop values silently: replacing a bad znode is asked for
+                    raise Precondition(f"the config znode of {svc} is invalid ({exc}); name its version "
+                                       "(expected_version) to replace it") from None
+                cur = {}
+            encoded = RuntimeValues(change(cur)).encode()
+            RuntimeValues.decode(encoded)  # what the control plane will accept: key count and size
+            return encoded
 
         await self._write(caller, rpc_name, ns, svc, Paths(ns).config(svc), apply, expected, what)
         return await self._config(ns, svc)
@@ -414,7 +434,10 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     @rpc(Role.VIEWER)
     async def GetConfig(self, request, caller):  # noqa: N802
         ns, svc = _namespace(request.namespace), _service(request.service)
-        return await self._config(ns, svc)
+        config = await self._config(ns, svc)
+        if config.version == -1:  # a config may exist without its service, but neither: a typo
+            await self._require_service(ns, svc)
+        return config
 
     @rpc(Role.OPERATOR)
     async def SetConfig(self, request, caller):  # noqa: N802

@@ -2,7 +2,8 @@
 
 ``--admin-tokens FILE`` holds one token per line, ``<token> <name> <viewer|operator|admin>``;
 ``#`` starts a comment. The file is re-read when its modification time or size changes, so tokens
-rotate without a restart; a file that no longer parses keeps the last good tokens and logs why.
+rotate without a restart; a file that no longer parses keeps the last good tokens and logs why,
+and removing the file revokes every token until it is back.
 Tokens are kept as SHA-256 digests and looked up by digest.
 
 Without a token file, reads are open and writes are refused unless the control plane was started
@@ -85,6 +86,13 @@ class TokenFile:
                 return
             with open(self.path, encoding="utf-8") as f:
                 tokens = parse_tokens(f.read(), self.path)
+        except FileNotFoundError:
+            if initial:
+                raise TokenFileError(f"{self.path}: No such file or directory") from None
+            if self._tokens or self._stamp is not None:  # removing the file revokes every token
+                log.error("admin tokens: %s is gone; every token is refused until it is back", self.path)
+            self._stamp, self._tokens = None, {}
+            return
         except (OSError, UnicodeDecodeError, TokenFileError) as exc:
             if initial:
                 raise TokenFileError(str(exc) if isinstance(exc, TokenFileError)

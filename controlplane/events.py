@@ -6,8 +6,9 @@ service), ``push`` (a response sent to a proxy), ``nack`` (a proxy refused one) 
 ``admin_write``. Producers call :meth:`EventBus.publish`; building an event is skipped while
 nobody watches (``bus.active``), so pushes to many sidecars cost nothing extra.
 
-Each subscriber has a bounded queue. One that falls :data:`QUEUE_LIMIT` events behind is ended
-(its stream gets RESOURCE_EXHAUSTED) rather than buffering without bound or slowing producers.
+Each subscriber has a bounded queue. One that falls :data:`QUEUE_LIMIT` events behind is dropped
+at once (its queue freed, nothing more fed to it) and its stream ends with RESOURCE_EXHAUSTED when
+it next reads, rather than buffering without bound or slowing producers.
 """
 
 from __future__ import annotations
@@ -50,8 +51,13 @@ class Subscription:
         if self.overflowed or not self.wants(event):
             return
         if self.queue.qsize() >= QUEUE_LIMIT:
+            # Done with this watcher: free what it holds and stop feeding it now, even if its
+            # stream is stuck sending to a client that stopped reading; its next read ends it.
             self.overflowed = True
+            while not self.queue.empty():
+                self.queue.get_nowait()
             self.queue.put_nowait(_OVERFLOW)
+            self.close()
             return
         self.queue.put_nowait(event)
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kazoo.exceptions import BadVersionError, NodeExistsError, NoNodeError, NotEmptyError, ZookeeperError
+from kazoo.exceptions import BadVersionError, KazooException, NodeExistsError, NoNodeError, NotEmptyError
 
 from controlplane.zksource import bridge
 
@@ -28,7 +28,13 @@ MAX_ATTEMPTS = 10  # unconditional writes retried this often against concurrent 
 
 
 class Unavailable(Exception):
-    """ZooKeeper cannot be reached (not connected, or a call timed out or lost its connection)."""
+    """ZooKeeper cannot be reached (not connected, or a call timed out or lost its connection).
+    ``sent``: the request may have reached ZooKeeper. ``outcome_unknown``: it was a write, which
+    ZooKeeper may have applied although no answer came."""
+
+    def __init__(self, message: str, sent: bool = True, outcome_unknown: bool = False) -> None:
+        super().__init__(message)
+        self.sent, self.outcome_unknown = sent, outcome_unknown
 
 
 class Conflict(Exception):
@@ -60,7 +66,7 @@ class ZkStore:
 
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if not self.client.connected:
-            raise Unavailable("not connected to ZooKeeper")
+            raise Unavailable("not connected to ZooKeeper", sent=False)
         loop = self._loop or asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
@@ -69,7 +75,7 @@ class ZkStore:
             raise Unavailable(f"ZooKeeper did not answer within {self.timeout:g} s") from None
         except (NoNodeError, NodeExistsError, BadVersionError, NotEmptyError):
             raise
-        except ZookeeperError as exc:  # connection loss, session expiry, ...
+        except KazooException as exc:  # connection loss or drop, session expiry, ...
             raise Unavailable(f"ZooKeeper: {type(exc).__name__}") from None
 
     async def get(self, path: str) -> Znode | None:
@@ -117,4 +123,9 @@ class ZkStore:
             except (BadVersionError, NodeExistsError, NoNodeError):
                 if expected is not None:
                     raise Conflict(f"{path} changed while it was being written") from None
+            except Unavailable as exc:
+                if not exc.sent:
+                    raise
+                raise Unavailable(f"{exc}; the write may or may not have been applied: read it again",
+                                  outcome_unknown=True) from None
         raise Conflict(f"{path} kept changing: {MAX_ATTEMPTS} attempts lost to concurrent writes")

@@ -35,6 +35,7 @@ _LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,62}$")
 _CONFIG_KEY_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
 MAX_CONFIG_VALUE = 16 * 1024  # characters per value
 MAX_CONFIG_KEYS = 1024
+MAX_CONFIG_BYTES = 512 * 1024  # the encoded znode; ZooKeeper refuses payloads over 1 MiB by default
 
 
 class RecordError(ValueError):
@@ -293,6 +294,8 @@ class RuntimeValues:
 
     @classmethod
     def decode(cls, data: bytes | str | None) -> RuntimeValues:
+        if data is not None and len(data) > MAX_CONFIG_BYTES:
+            raise RecordError(f"config: {len(data)} bytes, at most {MAX_CONFIG_BYTES}")
         obj = _load("config", data)
         if len(obj) > MAX_CONFIG_KEYS:
             raise RecordError(f"config: {len(obj)} keys, at most {MAX_CONFIG_KEYS}")

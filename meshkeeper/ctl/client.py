@@ -3,6 +3,8 @@ errors turned into one line people understand (docs/contracts.md, "Admin API")."
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,12 +129,36 @@ class Client:
             raise CtlError(explain(err, self.target, what, if_version)) from None
 
     def stream(self, method: str, request: Any) -> Iterator[Any]:
-        """A server stream without a deadline; ends when the server ends it."""
+        """A server stream without a deadline; ends when the server ends it.
+
+        A thread of its own reads the call, so that Ctrl-C lands in this thread's wait on a plain
+        queue, never inside gRPC's own locks (where it can leave the call unable to cancel)."""
         call = getattr(self.stub, method)(request, metadata=self.metadata)
+        items: queue.Queue = queue.Queue()
+
+        def pump() -> None:
+            try:
+                for item in call:
+                    items.put((True, item))
+                items.put((False, None))
+            except BaseException as exc:  # noqa: BLE001 (handed to the reading thread)
+                items.put((False, exc))
+
+        threading.Thread(target=pump, name=f"{method}-stream", daemon=True).start()
         try:
-            yield from call
-        except grpc.RpcError as err:
-            raise CtlError(explain(err, self.target)) from None
+            while True:
+                try:
+                    more, value = items.get(timeout=0.25)
+                except queue.Empty:
+                    continue
+                if more:
+                    yield value
+                    continue
+                if isinstance(value, grpc.RpcError):
+                    raise CtlError(explain(value, self.target)) from None
+                if value is not None:
+                    raise value
+                return
         finally:
             call.cancel()
 

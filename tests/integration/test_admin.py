@@ -612,3 +612,58 @@ def test_header_match_sends_canary_requests_to_their_subset(admin_mesh):
     assert v2 not in instances(100, {"x-canary": "0"})  # the header must equal 1
     who, codes = canary.split(100)
     assert codes == {200: 100} and who[v2] == 0  # everything else: v1 only
+
+
+def test_failed_write_attempts_are_audited_too(admin_cp, zk_client, namespace):
+    (key,) = register(zk_client, namespace, "catalog", (7020, "v1"))
+    req = dict(namespace=namespace, service="catalog")
+    attempts = [
+        ("operator", "SetWeight", pb.SetWeightRequest(**req, address=key, weight=99999), "invalid"),
+        ("operator", "SetEnabled", pb.SetEnabledRequest(**req, address="127.0.0.1:9", enabled=False), "not_found"),
+        ("admin", "SetPolicy", pb.SetPolicyRequest(**req, json='{"retry": {"attempts": -1}}'), "invalid"),
+        ("operator", "SetTrafficSplit", pb.SetTrafficSplitRequest(**req, split={"v7": 100}), "refused"),
+        ("operator", "SetConfig", pb.SetConfigRequest(**req, values={"a": "b"}, expected_version=4), "aborted"),
+        ("viewer", "SetConfig", pb.SetConfigRequest(**req, values={"a": "b"}), "permission_denied"),
+        (None, "ClearOverride", pb.ClearOverrideRequest(**req, address=key), "unauthenticated"),
+    ]
+    for role, rpc, request, _ in attempts:
+        assert admin_of(admin_cp, role).code(rpc, request) != grpc.StatusCode.OK
+    audit = [json.loads(line.split("audit ", 1)[1]) for line in admin_cp.stderr_text().splitlines()
+             if "meshkeeper.controlplane.audit" in line]
+    assert [(a["rpc"], a["result"]) for a in audit] == [(rpc, result) for _, rpc, _, result in attempts]
+    assert all(a["error"] and a["service"] == "catalog" and a["peer"].startswith("ipv4:127.0.0.1") for a in audit)
+    assert [a.get("who") for a in audit] == ["otto", "otto", "ada", "otto", "otto", None, None]
+    assert audit[4]["expected_version"] == 4 and audit[4]["path"] == Paths(namespace).config("catalog")
+    assert TOKENS["operator"] not in admin_cp.stderr_text()  # tokens never reach the log
+
+
+def test_config_limits_and_a_bad_config_znode(admin_cp, zk_client, namespace):
+    register(zk_client, namespace, "catalog", (7021, "v1"))
+    op = admin_of(admin_cp, "operator")
+    req = dict(namespace=namespace, service="catalog")
+    path = Paths(namespace).config("catalog")
+
+    def refused(rpc: str, request, code: grpc.StatusCode, text: str) -> None:
+        try:
+            getattr(op, rpc)(request)
+            raise AssertionError(f"{rpc} went through")
+        except grpc.RpcError as exc:
+            assert exc.code() == code and text in exc.details(), exc.details()
+
+    refused("SetConfig", pb.SetConfigRequest(**req, values={f"k{i}": "v" for i in range(1100)}),
+            grpc.StatusCode.INVALID_ARGUMENT, "1100 keys, at most 1024")
+    refused("SetConfig", pb.SetConfigRequest(**req, values={f"k{i}": "x" * 16000 for i in range(40)}),
+            grpc.StatusCode.INVALID_ARGUMENT, "at most 524288")
+    assert not zk_client.exists(path)
+    refused("GetConfig", pb.GetConfigRequest(namespace=namespace, service="nope"), grpc.StatusCode.NOT_FOUND,
+            "'nope' is not registered")
+    # A hand-written bad znode is never dropped silently: replacing it names its version.
+    zk_client.create(path, b'{"color": 5}', makepath=True)
+    refused("GetConfig", pb.GetConfigRequest(**req), grpc.StatusCode.FAILED_PRECONDITION,
+            "config.color: expected a string, got 5")
+    refused("SetConfig", pb.SetConfigRequest(**req, values={"size": "xl"}), grpc.StatusCode.FAILED_PRECONDITION,
+            "name its version")
+    assert zk_client.get(path)[0] == b'{"color": 5}'
+    fixed = op.SetConfig(pb.SetConfigRequest(**req, values={"color": "blue"}, expected_version=0))
+    assert (dict(fixed.values), fixed.version) == ({"color": "blue"}, 1)
+

@@ -128,7 +128,7 @@ def test_every_verb_end_to_end(cli_mesh, tmp_path):
     assert [(a["rpc"], a.get("who"), a["result"]) for a in audit] == [
         ("SetEnabled", "otto", "ok"), ("SetEnabled", "otto", "ok"), ("SetWeight", "otto", "ok"),
         ("SetWeight", "otto", "aborted"), ("ClearOverride", "otto", "ok"),
-        ("SetPolicy", None, "permission_denied"), ("SetPolicy", "ada", "ok"),
+        ("SetPolicy", None, "permission_denied"), ("SetPolicy", "ada", "ok"), ("SetPolicy", "ada", "invalid"),
         ("SetTrafficSplit", "otto", "ok"), ("SetTrafficSplit", "otto", "ok"), ("SetConfig", "otto", "ok"),
         ("DeleteConfigKey", "otto", "ok")]
     assert json.loads(mesh.kz.get(Paths(ns).config("catalog"))[0]) == {"color": "blue"}

@@ -110,3 +110,14 @@ def test_token_file_is_reread_when_it_changes_and_a_bad_rewrite_keeps_the_old_to
     token_file.write_text("broken line\n")
     os.utime(token_file, ns=(2, 2))
     assert auth.check(bearer("rotated-token-0123456789"), Role.VIEWER).name == "vera"
+
+
+def test_removing_the_token_file_revokes_every_token(token_file):
+    auth = Authorizer(TokenFile(str(token_file)))
+    assert auth.check(bearer("admin-token-0123456789"), Role.ADMIN).name == "ada"
+    token_file.unlink()
+    with pytest.raises(Denied) as info:
+        auth.check(bearer("admin-token-0123456789"), Role.VIEWER)
+    assert info.value.code == grpc.StatusCode.UNAUTHENTICATED
+    token_file.write_text(TOKENS)
+    assert auth.check(bearer("admin-token-0123456789"), Role.ADMIN).name == "ada"

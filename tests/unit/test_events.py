@@ -53,16 +53,20 @@ async def test_nothing_is_built_while_nobody_watches():
     assert bus.published == 1 and not bus.active
 
 
-async def test_a_watcher_that_falls_behind_is_ended_not_buffered_without_bound():
+async def test_a_watcher_that_falls_behind_is_dropped_not_buffered_without_bound():
     bus = EventBus()
-    slow = bus.subscribe()
-    for i in range(QUEUE_LIMIT + 50):
-        bus.publish("push", summary=str(i))
-    assert slow.queue.qsize() == QUEUE_LIMIT + 1  # the events, then the overflow mark
+    slow, fast = bus.subscribe(), bus.subscribe()
     for i in range(QUEUE_LIMIT):
-        assert (await slow.next()).summary == str(i)
+        bus.publish("push", summary=str(i))
+        assert (await fast.next()).summary == str(i)
+    assert slow.queue.qsize() == QUEUE_LIMIT and bus.active
+    bus.publish("push", summary="one too many")
+    # The slow one is dropped at once, its queue freed; its stream ends on its next read.
+    assert slow.queue.qsize() == 1 and bus._subs == {fast}
     with pytest.raises(Overflow):
         await slow.next()
+    bus.publish("push", summary="later")
+    assert slow.queue.qsize() == 0 and (await fast.next()).summary == "one too many"
 
 
 async def test_close_ends_every_subscription():

@@ -183,7 +183,7 @@ def test_silent_collector_is_cut_off_at_shutdown(tracers: Callable[..., Tracer])
             t = time.perf_counter()
             record(tracer)
             slowest = max(slowest, time.perf_counter() - t)
-        assert slowest < 0.05
+        assert slowest < 1.0  # never waits on the export (30 s here); generous for a loaded CI machine
         t = time.monotonic()
         tracer.shutdown(timeout=0.5)
         assert time.monotonic() - t < 5
