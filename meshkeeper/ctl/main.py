@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -456,6 +458,10 @@ def cmd_proxy_config(args: argparse.Namespace, client: Client) -> int:
 
 
 def cmd_events(args: argparse.Namespace, client: Client) -> int:
+    # Ctrl-C ends the stream even when started from a shell that ignores SIGINT for background
+    # jobs (Python then installs no handler of its own); on the main thread only, as signals require.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     kinds = [k for group in args.kind or [] for k in group]  # --kind push,nack --kind registry
     req = pb.WatchEventsRequest(namespace="" if args.all_namespaces else args.namespace, kinds=kinds)
     for ev in client.stream("WatchEvents", req):
