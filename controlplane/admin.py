@@ -209,8 +209,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 overrides[key] = (Override(), zn.version)  # shown as none; a write replaces it
         return _ServiceState(record, instances, overrides)
 
-    def _endpoint(self, ns: str, svc: str, key: str, state: _ServiceState,
-                  load: dict[str, Any] | None) -> admin_pb2.Endpoint:
+    @staticmethod
+    def _endpoint(key: str, state: _ServiceState, load: dict[str, Any] | None) -> admin_pb2.Endpoint:
         inst = state.instances.get(key)
         override, version = state.overrides.get(key, (None, -1))
         ep = admin_pb2.Endpoint(address=key, registered=inst is not None, version=version)
@@ -285,7 +285,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         await self._write(caller, rpc_name, ns, svc, Paths(ns).override(svc, key), apply, expected,
                           f"{svc} {key} {what}")
         state = await self._service_state(ns, svc)
-        return self._endpoint(ns, svc, key, state, self._endpoint_load(ns, svc))
+        return self._endpoint(key, state, self._endpoint_load(ns, svc))
 
     # ------------------------------------------------------------------ registry
 
@@ -315,7 +315,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         load = self._endpoint_load(ns, svc)
         out = admin_pb2.Service(namespace=ns, name=svc, protocol=state.record.protocol)
         for key in sorted(set(state.instances) | set(state.overrides)):
-            out.endpoints.append(self._endpoint(ns, svc, key, state, load))
+            out.endpoints.append(self._endpoint(key, state, load))
         return out
 
     # ------------------------------------------------------------------ overrides
