@@ -130,6 +130,20 @@ def open_channel(target: str, credentials: grpc.ChannelCredentials | None = None
     return grpc.aio.secure_channel(target, credentials, options=CHANNEL_OPTIONS)
 
 
+STOP_GRACE = 2.0  # seconds a cancelled stream task gets to close its channel
+
+
+async def stop_task(task: asyncio.Task, what: str) -> None:
+    """Cancel a stream's task and wait for it, but not forever: a gRPC channel that is closing
+    while its TLS handshake fails has been seen to never finish, and shutdown must go on."""
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=STOP_GRACE)
+    if not done:
+        log.warning("%s stream did not stop within %.0f s; leaving it behind", what, STOP_GRACE)
+    elif not task.cancelled() and task.exception() is not None:
+        log.debug("%s stream ended with %r", what, task.exception())
+
+
 def build_node(info: NodeInfo) -> base_pb2.Node:
     meta = struct_pb2.Struct()
     meta.update(info.metadata())
@@ -166,11 +180,7 @@ class AdsClient:
 
     async def stop(self) -> None:
         if self._task:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._task, "xds")
 
     @property
     def initialized(self) -> bool:

@@ -62,7 +62,15 @@ from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 
 from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo
 from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
-from sidecar.xds.client import BACKOFF_BASE, BACKOFF_MAX, STABLE_STREAM, backoff, build_node, open_channel
+from sidecar.xds.client import (
+    BACKOFF_BASE,
+    BACKOFF_MAX,
+    STABLE_STREAM,
+    backoff,
+    build_node,
+    open_channel,
+    stop_task,
+)
 
 log = logging.getLogger("meshkeeper.sidecar.lrs")
 
@@ -157,11 +165,7 @@ class LoadReporter:
 
     async def stop(self) -> None:
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            await stop_task(self._task, "load reporting")
             self._task = None
 
     def admin_view(self) -> dict[str, Any]:

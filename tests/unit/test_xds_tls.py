@@ -230,3 +230,27 @@ def test_workers_get_the_same_tls_flags(tls, monkeypatch):
         assert (worker.xds_ca, worker.xds_cert, worker.xds_key) == (str(tls.ca), str(tls.client_cert),
                                                                     str(tls.client_key))
         assert worker.xds_tls == args.xds_tls and worker.worker_index > 0
+
+
+async def test_stopping_a_stream_that_will_not_end_does_not_hang_shutdown(monkeypatch, caplog):
+    from sidecar.xds import client as client_module
+
+    monkeypatch.setattr(client_module, "STOP_GRACE", 0.1)
+    stuck = asyncio.Event()
+
+    async def never_ends() -> None:
+        while not stuck.is_set():
+            try:
+                await stuck.wait()
+            except asyncio.CancelledError:
+                continue  # what a channel stuck in close looks like from outside
+
+    task = asyncio.get_running_loop().create_task(never_ends())
+    await asyncio.sleep(0)
+    started = asyncio.get_running_loop().time()
+    await client_module.stop_task(task, "xds")
+    assert asyncio.get_running_loop().time() - started < 2
+    assert "xds stream did not stop" in caplog.text
+    stuck.set()  # let it end
+    await asyncio.wait({task}, timeout=5)
+    assert task.done()
