@@ -282,9 +282,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             new = change(cur)
             return None if new is None else new.encode()
 
-        await self._write(caller, rpc_name, ns, svc, Paths(ns).override(svc, key), apply, expected,
-                          f"{svc} {key} {what}")
-        state = await self._service_state(ns, svc)
+        written = await self._write(caller, rpc_name, ns, svc, Paths(ns).override(svc, key), apply, expected,
+                                    f"{svc} {key} {what}")
+        # The endpoint as written, without reading the whole service again.
+        if written.after is None:
+            state.overrides.pop(key, None)
+        else:
+            state.overrides[key] = (Override.decode(written.after), written.version)
         return self._endpoint(key, state, self._endpoint_load(ns, svc))
 
     # ------------------------------------------------------------------ registry

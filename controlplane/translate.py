@@ -9,9 +9,9 @@ static cluster ``inbound|<app_port>``) from the node and its own service's polic
 
 A service's traffic policy (``meshkeeper.policy``) lands in Envoy's own fields: the cluster's
 ``outlier_detection``, ``circuit_breakers`` and ``common_lb_config``, the route's ``retry_policy``
-and fault ``typed_per_filter_config``, the route's ``weighted_clusters`` (``split``), and the
-inbound listener's local rate limit (docs/xds-support.md lists what the sidecar honours).
-``match`` is not translated yet.
+and fault ``typed_per_filter_config``, the route's ``weighted_clusters`` (``split``), header-matched
+routes to subsets ahead of it (``match``), and the inbound listener's local rate limit
+(docs/xds-support.md lists what the sidecar honours).
 
 Messages are Envoy's generated protos (xds-protos). Returned messages may be shared between nodes
 and snapshots: callers must treat them as read-only.
