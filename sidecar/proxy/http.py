@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
+from sidecar import quickack
 from sidecar.proxy import codec, errors, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.router_filter import BUFFER_LIMIT, R_BUFFER, R_PIPELINE, R_UPSTREAM, RouterFilter
@@ -146,6 +147,10 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
                 self._head_raw += len(data)
                 if self._head_raw > codec.MAX_REQUEST_HEADERS_BYTES:
                     self._reject(errors.HEADERS_TOO_LARGE)
+            if self._parsing is not None and not self._input_closed and self.transport is not None:
+                # More of this request is to come: a client that wrote the head and then the body
+                # with Nagle on waits for our ACK of what we just read (sidecar.quickack).
+                quickack.ack_now(self.transport)
         self.batch_end()
 
     # --- request parser callbacks ---------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
+from sidecar import quickack
 from sidecar.upstream.stats import ClusterStats
 
 DEFAULT_MAX_IDLE = 1024  # idle connections kept per endpoint and worker (Envoy's max_connections default)
@@ -232,6 +233,10 @@ class UpstreamConnection(asyncio.Protocol):
                 self._head_raw += len(data)
                 if self._head_raw > MAX_RESPONSE_HEADERS_BYTES:
                     self._protocol_error()
+            if not self._finished and self.handler is not None and self.transport is not None:
+                # More of this response is to come: an app that wrote the head and then the body
+                # with Nagle on waits for our ACK of what we just read (sidecar.quickack).
+                quickack.ack_now(self.transport)
         handler.batch_end()
 
     # --- parser callbacks ---------------------------------------------------------------------
