@@ -291,3 +291,21 @@ def test_drain_lets_in_flight_requests_finish(sidecar: Sidecar, backends: list[B
         fresh.request("GET", "/", headers={"Host": "svc"})
         fresh.getresponse()
     busy.close()
+
+
+def test_both_sides_write_with_nagle_off(sidecar: Sidecar, backends: list[BackendServer]) -> None:
+    # Our own writes never wait for a peer's delayed ACK (sidecar.quickack covers the peers' Nagle).
+    sidecar.route("c", [(backends[0].port, 1)])
+    conn = sidecar.connection()
+    assert get(conn) == (200, b"a")
+
+    def nodelay() -> tuple[list[int], list[int]]:
+        down = [c.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                for c in sidecar.runtime.connections if c.transport is not None]
+        up = [pc.transport.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+              for ep in sidecar.clusters.get("c").endpoints.values() for pc in ep.pool._idle]
+        return down, up
+
+    down, up = sidecar.call(nodelay)
+    conn.close()
+    assert down and up and all(down) and all(up), (down, up)
