@@ -10,6 +10,7 @@ Envoy's breakers are counters compared with limits, checked where a request woul
   connection of its endpoint to come free (counted as ``upstream_cx_overflow``). An endpoint with no
   connection at all may still open one, as in Envoy, so a request is never queued where nothing can
   ever serve it.
+- ``max_connections`` for TCP (:func:`cluster_connection_allowed`): the same counters, no queue.
 - retries: with a retry budget, active retries may be ``retry_budget_percent`` of the active plus
   pending requests but at least ``min_retry_concurrency``; without one, ``max_retries``.
 
@@ -42,6 +43,15 @@ def connection_allowed(cluster: Cluster, endpoint: Endpoint) -> bool:
         return True
     pool = endpoint.pool
     return pool.cx_active == 0 and pool.opening == 0
+
+
+def cluster_connection_allowed(cluster: Cluster) -> bool:
+    """``max_connections`` for a caller that never queues (the L4 proxy, ``sidecar.l4``): one more
+    connection of the cluster, opening ones included, must stay within the limit. The per-endpoint
+    exception of :func:`connection_allowed` exists so a queued request can always be served; a TCP
+    connection over the limit is refused at once instead (``upstream_cx_overflow``)."""
+    stats = cluster.stats
+    return stats.upstream_cx_active + stats.upstream_cx_opening < cluster.breakers.max_connections
 
 
 def retry_allowed(cluster: Cluster) -> bool:

@@ -397,10 +397,16 @@ class ConnectionPool:
 
     async def connect(self) -> UpstreamConnection:
         """Open a new connection within the cluster's connect timeout; raises :class:`ConnectFailure`."""
+        return await self.connect_with(lambda: UpstreamConnection(self))
+
+    async def connect_with(self, protocol_factory: Callable[[], Any]) -> Any:
+        """:meth:`connect` with another protocol (the L4 proxy's, ``sidecar.l4``): the same connect
+        timeout and failure counters. The protocol must call :meth:`opened` once connected and
+        :meth:`lost` when its connection is gone, as :class:`UpstreamConnection` does."""
         connector = self._connector or asyncio.get_running_loop().create_connection
         try:
             async with asyncio.timeout(self.connect_timeout if self.connect_timeout > 0 else None):
-                _, protocol = await connector(lambda: UpstreamConnection(self), self.host, self.port)
+                _, protocol = await connector(protocol_factory, self.host, self.port)
         except TimeoutError:
             self.stats.upstream_cx_connect_fail += 1
             self.stats.upstream_cx_connect_timeout += 1

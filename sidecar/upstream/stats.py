@@ -45,7 +45,11 @@ CLUSTER_STATS: tuple[str, ...] = (
     "upstream_rq_pending_active",
     "upstream_rq_pending_overflow",  # max_pending_requests (or max_requests) was full: 503 UO
     "upstream_cx_overflow",  # max_connections was reached (the request waited as pending)
-    "upstream_cx_idle_timeout",  # pooled connections closed after idle_timeout
+    "upstream_cx_idle_timeout",  # pooled connections closed after idle_timeout (TCP: the tcp_proxy idle_timeout)
+    # bytes and connect attempts (counted by the L4 proxy, sidecar.l4)
+    "upstream_cx_rx_bytes_total",  # bytes received from upstream connections
+    "upstream_cx_tx_bytes_total",  # bytes sent to upstream connections
+    "upstream_cx_connect_attempts_exceeded",  # connections given up after max_connect_attempts failures
     # load balancing and outlier detection (sidecar.upstream.outlier)
     "lb_healthy_panic",  # picks made in panic mode (too few healthy hosts: all hosts used)
     "outlier_detection_ejections_active",
