@@ -4,8 +4,10 @@ mutable :class:`RegistryTree` that the ZooKeeper watch fills in and snapshots ar
 Only ``controlplane.watch`` mutates a tree, on the event loop. Everything downstream (translation,
 the xDS cache, the admin API) reads published snapshots, which never change once built.
 
-Runtime configs (``<ns>/config/<svc>``) live beside the services, not inside them: a config znode
-exists on its own, with or without a service znode of the same name (:attr:`RegistrySnapshot.configs`).
+Runtime configs (``<ns>/config/<svc>``) and virtual IPs (``<ns>/vips/<svc>``) live beside the
+services, not inside them: such a znode exists on its own, with or without a service znode of the
+same name (:attr:`RegistrySnapshot.configs`, :attr:`RegistrySnapshot.vips`). The tree keeps both
+in one shape, a *side table* per kind: namespace -> service -> last good record.
 
 Decoding happens here, once per znode version: a payload that does not validate
 (:class:`meshkeeper.registry.RecordError`) is skipped, logged once per path and ``mzxid``, and
@@ -26,6 +28,8 @@ from meshkeeper.registry import (
     RecordError,
     RuntimeValues,
     ServiceRecord,
+    VipRecord,
+    is_reserved_root_child,
     parse_endpoint_key,
     validate_name,
 )
@@ -53,7 +57,8 @@ class RegistrySnapshot:
     ``configs``: namespace -> service -> :class:`RuntimeValues` of each ``config/<svc>`` znode that
     ever had a good payload (independent of ``namespaces``: a config may name a service without a
     service znode, and a service without a config znode has no entry; a namespace without
-    configs has no entry either).
+    configs has no entry either); and ``vips``: namespace -> service -> virtual IP, in the same
+    shape (a service whose VIP is not allocated yet has no entry).
 
     Hashed by identity so translation caches can key on it; compare contents with
     :meth:`same_content`. ``version`` only ever grows within one control-plane process.
@@ -62,6 +67,7 @@ class RegistrySnapshot:
     version: int
     namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = field(default_factory=lambda: _EMPTY)
     configs: Mapping[str, Mapping[str, RuntimeValues]] = field(default_factory=lambda: _EMPTY)
+    vips: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: _EMPTY)
 
     def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
         return self.namespaces.get(namespace, _EMPTY)
@@ -74,12 +80,17 @@ class RegistrySnapshot:
         """A service's runtime config; None without a (good) config znode."""
         return self.configs_of(namespace).get(service)
 
+    def vip(self, namespace: str, service: str) -> str | None:
+        """The service's virtual IP; None until the control plane has allocated one."""
+        return self.vips.get(namespace, _EMPTY).get(service)
+
     def runtime_services(self, namespace: str) -> list[str]:
         """Services that get a Runtime resource: those with a service record or a config, sorted."""
         return sorted({*self.services(namespace), *self.configs_of(namespace)})
 
     def same_content(self, other: RegistrySnapshot | None) -> bool:
-        return other is not None and self.namespaces == other.namespaces and self.configs == other.configs
+        return (other is not None and self.namespaces == other.namespaces and self.configs == other.configs
+                and self.vips == other.vips)
 
     def counts(self) -> tuple[int, int]:
         """(services, instances) over all namespaces."""
@@ -111,9 +122,12 @@ class RegistryTree:
     that finds a bad payload still keeps the record served before. ``bad`` holds the paths whose
     current payload is refused; ``on_bad`` is called once per (path, mzxid).
 
-    ``configs`` holds, per namespace, the config znodes seen (service name -> last good
-    :class:`RuntimeValues`, None while the znode never had a good payload).
+    ``tables`` holds the side tables: kind (``config``, ``vip``) -> namespace -> the znodes seen
+    (service name -> last good record, None while the znode never had a good payload).
     """
+
+    TABLES: Mapping[str, Callable[[bytes | None], object]] = MappingProxyType(
+        {"config": RuntimeValues.decode, "vip": VipRecord.decode})
 
     def __init__(self, on_bad: BadZnodeHook | None = None) -> None:
         self._on_bad = on_bad
@@ -121,12 +135,12 @@ class RegistryTree:
         self.last_good: dict[str, object] = {}
         self.bad: set[str] = set()
         self.namespaces: dict[str, dict[str, _ServiceNode]] = {}
-        self.configs: dict[str, dict[str, RuntimeValues | None]] = {}
+        self.tables: dict[str, dict[str, dict[str, object | None]]] = {k: {} for k in self.TABLES}
 
     def reset(self) -> None:
         """Forget the tree (a full re-read follows); keep last good records and log memory."""
         self.namespaces = {}
-        self.configs = {}
+        self.tables = {k: {} for k in self.TABLES}
         self.bad = set()
 
     # -- refusals
@@ -170,16 +184,19 @@ class RegistryTree:
 
     def set_namespaces(self, root: str, names: list[str]) -> list[str]:
         """Replace the namespace list; returns the names that are new (to be read)."""
+        names = [n for n in names if not is_reserved_root_child(n)]
         ok = {n for n in names if self._valid_name("namespace", f"{root}/{n}", n,
                                                      lambda v: validate_name("namespace", v))}
         for gone in set(self.namespaces) - ok:
             del self.namespaces[gone]
-            self.configs.pop(gone, None)
+            for table in self.tables.values():
+                table.pop(gone, None)
         self._prune(root, names)
         new = sorted(ok - set(self.namespaces))
         for n in new:
             self.namespaces[n] = {}
-            self.configs[n] = {}
+            for table in self.tables.values():
+                table[n] = {}
         return new
 
     def set_services(self, ns: str, services_path: str, names: list[str]) -> list[str]:
@@ -223,28 +240,28 @@ class RegistryTree:
             return
         node.policy = self._decode("policy", path, data, mzxid, _decode_policy)
 
-    # -- runtime configs (``<ns>/config`` children + payloads)
+    # -- side tables: runtime configs (``<ns>/config``) and virtual IPs (``<ns>/vips``)
 
-    def set_configs(self, ns: str, configs_path: str, names: list[str]) -> list[str]:
-        """Replace the config znode names of ``ns`` (empty while ``config`` is absent); returns
-        the new names (to be read). A name that is not a valid service name is refused."""
-        configs = self.configs.get(ns)
-        if configs is None:
+    def set_table_names(self, kind: str, ns: str, parent: str, names: list[str]) -> list[str]:
+        """Replace the znode names of a side table of ``ns`` (empty while its parent is absent);
+        returns the new names (to be read). A name that is not a valid service name is refused."""
+        table = self.tables[kind].get(ns)
+        if table is None:
             return []
-        return self._replace_children("config", configs_path, names, configs, lambda: None)
+        return self._replace_children(kind, parent, names, table, lambda: None)
 
-    def set_config(self, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
-        """A config znode's payload: refused, counted and logged once when invalid, and then
-        its last good values stay."""
-        configs = self.configs.get(ns)
-        if configs is None or svc not in configs:  # its name was refused, or it left meanwhile
+    def set_table_entry(self, kind: str, ns: str, svc: str, path: str, data: bytes | None, mzxid: int) -> None:
+        """A side-table znode's payload: refused, counted and logged once when invalid, and then
+        its last good record stays."""
+        table = self.tables[kind].get(ns)
+        if table is None or svc not in table:  # its name was refused, or it left meanwhile
             return
-        configs[svc] = self._decode("config", path, data, mzxid, RuntimeValues.decode)
+        table[svc] = self._decode(kind, path, data, mzxid, self.TABLES[kind])
 
-    def remove_config(self, ns: str, svc: str, path: str) -> None:
-        configs = self.configs.get(ns)
-        if configs is not None:
-            configs.pop(svc, None)
+    def remove_table_entry(self, kind: str, ns: str, svc: str, path: str) -> None:
+        table = self.tables[kind].get(ns)
+        if table is not None:
+            table.pop(svc, None)
         self._forget(path)
 
     # -- instances and overrides (children lists + payloads)
@@ -308,9 +325,14 @@ class RegistryTree:
                                               overrides=_freeze(node.overrides),
                                               policy=node.policy or DEFAULT_POLICY)
             out[ns] = _freeze(built)
-        configs = {ns: _freeze(good) for ns, cfg in self.configs.items()
-                   if (good := {svc: v for svc, v in cfg.items() if v is not None})}
-        return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=_freeze(configs))
+        configs = self._built_table("config", lambda rec: rec)
+        vips = self._built_table("vip", lambda rec: rec.address)
+        return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=configs, vips=vips)
+
+    def _built_table(self, kind: str, value: Callable[[object], object]) -> Mapping:
+        """namespace -> service -> value of the good records; namespaces without one left out."""
+        return _freeze({ns: _freeze(good) for ns, entries in self.tables[kind].items()
+                        if (good := {svc: value(rec) for svc, rec in entries.items() if rec is not None})})
 
 
 def _instance_decoder(key: str) -> Callable[[bytes | None], InstanceRecord]:

@@ -9,6 +9,8 @@ Watched (one-shot ZooKeeper watches, re-armed by every read; no polling)::
     .../instances/<key>, .../overrides/<key>  data
     /meshkeeper/<ns>/config                   children  (runtime configs; exists-watch while absent)
     /meshkeeper/<ns>/config/<svc>             data      (RuntimeValues; independent of services/<svc>)
+    /meshkeeper/<ns>/vips                     children  (virtual IPs; exists-watch while absent)
+    /meshkeeper/<ns>/vips/<svc>               data      (VipRecord, written by controlplane.vips)
 
 kazoo calls back on its own threads; :class:`KazooSource` only hands events and read results to
 the loop with ``call_soon_threadsafe``. All state lives on the loop, in :class:`RegistryWatch`.
@@ -42,6 +44,8 @@ RETRY_DELAY = 0.5  # a read that failed while connected is retried after this
 # control plane cannot pass, say) stops holding back snapshots: the znode is counted as bad
 # ("unreadable") and its last good state is served, while reads keep being retried.
 MAX_BLOCKING_RETRIES = 5
+# Children of a namespace read as side tables of the tree: znode name -> kind (RegistryTree.TABLES).
+SIDE_TABLES = {"config": "config", "vips": "vip"}
 
 
 class ZkSource(Protocol):
@@ -70,11 +74,11 @@ def _classify(path: str) -> tuple | None:
         return None
     parts = path[len(ROOT) + 1:].split("/")
     n = len(parts)
-    if n >= 2 and parts[1] == "config":
+    if n >= 2 and parts[1] in SIDE_TABLES:
         if n == 2:
-            return ("configs", parts[0])
+            return ("table", SIDE_TABLES[parts[1]], parts[0])
         if n == 3:
-            return ("config", parts[0], parts[2])
+            return ("table_entry", SIDE_TABLES[parts[1]], parts[0], parts[2])
         return None
     if n < 2 or parts[1] != "services":
         return None
@@ -227,7 +231,7 @@ class RegistryWatch:
             if gen != self._gen:
                 return
             new = tree.set_namespaces(ROOT, names or [])
-            follow = [f"{ROOT}/{ns}/{sub}" for ns in new for sub in ("services", "config")]
+            follow = [f"{ROOT}/{ns}/{sub}" for ns in new for sub in ("services", *SIDE_TABLES)]
         elif kind == "services":
             ns = what[1]
             names = await self._source.children(path)
@@ -243,21 +247,21 @@ class RegistryWatch:
             if got is not None:  # a deleted service leaves through its parent's children
                 tree.set_service_data(ns, svc, path, got[0], got[1])
             follow = []
-        elif kind == "configs":
-            ns = what[1]
+        elif kind == "table":
+            _, table, ns = what
             names = await self._source.children(path)
             if gen != self._gen:
                 return
-            follow = [f"{path}/{s}" for s in tree.set_configs(ns, path, names or [])]
-        elif kind == "config":
-            _, ns, svc = what
+            follow = [f"{path}/{s}" for s in tree.set_table_names(table, ns, path, names or [])]
+        elif kind == "table_entry":
+            _, table, ns, svc = what
             got = await self._source.data(path)
             if gen != self._gen:
                 return
             if got is None:
-                tree.remove_config(ns, svc, path)
+                tree.remove_table_entry(table, ns, svc, path)
             else:
-                tree.set_config(ns, svc, path, got[0], got[1])
+                tree.set_table_entry(table, ns, svc, path, got[0], got[1])
             follow = []
         elif kind == "policy":
             _, ns, svc = what

@@ -11,10 +11,17 @@ Layout under ``/meshkeeper/<ns>``::
     services/<svc>/overrides/<host>:<port> persistent  Override
     services/<svc>/policy                  persistent  traffic policy
     config/<svc>                           persistent  runtime config
+    vips/<svc>                             persistent  VipRecord: the service's virtual IP (DESIGN §10)
+
+and, for the whole mesh, ``/meshkeeper/_vips/<ip>`` (persistent, :class:`VipClaim`): which service
+holds a virtual IP, created in one transaction with ``<ns>/vips/<svc>`` so that two control planes
+can never give one address to two services. Names under the root that start with ``_`` are not
+namespaces (a namespace is a DNS label, which cannot start with ``_``).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Mapping
@@ -23,6 +30,7 @@ from types import MappingProxyType
 from typing import Any
 
 ROOT = "/meshkeeper"
+VIP_CLAIMS = f"{ROOT}/_vips"  # mesh-wide: one child per virtual IP in use
 DEFAULT_NAMESPACE = "default"
 DEFAULT_WEIGHT = 10
 MAX_WEIGHT = 10_000
@@ -92,6 +100,23 @@ class Paths:
 
     def config(self, svc: str) -> str:
         return f"{self.configs}/{svc}"
+
+    @property
+    def vips(self) -> str:
+        return f"{self.base}/vips"
+
+    def vip(self, svc: str) -> str:
+        return f"{self.vips}/{svc}"
+
+
+def vip_claim(address: str) -> str:
+    """The mesh-wide claim of one virtual IP: ``/meshkeeper/_vips/<ip>``."""
+    return f"{VIP_CLAIMS}/{address}"
+
+
+def is_reserved_root_child(name: str) -> bool:
+    """Children of the root that are not namespaces (``_vips``)."""
+    return name.startswith("_")
 
 
 def endpoint_key(address: str, port: int) -> str:
@@ -305,3 +330,50 @@ class RuntimeValues:
 
     def encode(self) -> bytes:
         return _dump(dict(self.values))
+
+
+def _ipv4(kind: str, value: Any) -> str:
+    try:
+        return str(ipaddress.IPv4Address(value))
+    except (ipaddress.AddressValueError, ValueError, TypeError):
+        raise RecordError(f"{kind}.address: expected an IPv4 address, got {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class VipRecord:
+    """``vips/<svc>``: the virtual IP that the mesh DNS answers for the service and that the
+    sidecars' outbound listeners match the original destination against (DESIGN §10). Allocated by
+    the control plane, never by hand; released when the service znode is deleted."""
+
+    address: str
+
+    FIELDS = ("address",)
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> VipRecord:
+        obj = _load("vip", data)
+        _refuse_unknown("vip", obj, cls.FIELDS)
+        return cls(address=_ipv4("vip", obj.get("address")))
+
+    def encode(self) -> bytes:
+        return _dump({"address": self.address})
+
+
+@dataclass(frozen=True, slots=True)
+class VipClaim:
+    """``/meshkeeper/_vips/<ip>``: the service holding that virtual IP, mesh-wide."""
+
+    namespace: str
+    service: str
+
+    FIELDS = ("namespace", "service")
+
+    @classmethod
+    def decode(cls, data: bytes | str | None) -> VipClaim:
+        obj = _load("vip claim", data)
+        _refuse_unknown("vip claim", obj, cls.FIELDS)
+        return cls(namespace=validate_name("namespace", obj.get("namespace")),
+                   service=validate_name("service", obj.get("service")))
+
+    def encode(self) -> bytes:
+        return _dump({"namespace": self.namespace, "service": self.service})

@@ -542,23 +542,53 @@ def test_tree_reset_keeps_the_last_good_config_and_same_content_sees_configs():
     path = f"{CFG}/catalog"
     tree = RegistryTree()
     tree.set_namespaces("/meshkeeper", ["default"])
-    assert tree.set_configs("default", CFG, ["catalog"]) == ["catalog"]
-    tree.set_config("default", "catalog", path, b'{"color":"blue"}', 1)
+    assert tree.set_table_names("config", "default", CFG, ["catalog"]) == ["catalog"]
+    tree.set_table_entry("config", "default", "catalog", path, b'{"color":"blue"}', 1)
     first = tree.build(1)
     assert tree.build(2).same_content(first)
     tree.reset()
     tree.set_namespaces("/meshkeeper", ["default"])
-    tree.set_configs("default", CFG, ["catalog"])
-    tree.set_config("default", "catalog", path, b'{"color": 1}', 2)
+    tree.set_table_names("config", "default", CFG, ["catalog"])
+    tree.set_table_entry("config", "default", "catalog", path, b'{"color": 1}', 2)
     assert tree.build(2).same_content(first)  # the bad payload changed nothing
     assert path in tree.bad
-    tree.set_config("default", "catalog", path, b'{"color":"red"}', 3)
+    tree.set_table_entry("config", "default", "catalog", path, b'{"color":"red"}', 3)
     changed = tree.build(3)
     assert not changed.same_content(first)
     assert changed.namespaces == first.namespaces  # only the config differs
-    tree.remove_config("default", "catalog", path)
+    tree.remove_table_entry("config", "default", "catalog", path)
     assert tree.build(4).configs == {} and path not in tree.last_good
     # a config znode that never had a good payload is not in the snapshot
-    tree.set_configs("default", CFG, ["catalog", "search"])
-    tree.set_config("default", "search", f"{CFG}/search", b"nope", 5)
+    tree.set_table_names("config", "default", CFG, ["catalog", "search"])
+    tree.set_table_entry("config", "default", "search", f"{CFG}/search", b"nope", 5)
     assert tree.build(5).configs == {}
+
+
+# --------------------------------------------------------------------------- virtual IPs
+
+VIPS = "/meshkeeper/default/vips"
+
+
+def test_vips_are_read_beside_services_and_the_claims_dir_is_not_a_namespace():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write("/meshkeeper/_vips/240.240.0.9", {"namespace": "default", "service": "catalog"})
+        h.zk.write(f"{VIPS}/catalog", {"address": "240.240.0.9"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert snap.vip("default", "catalog") == "240.240.0.9"
+        assert set(snap.namespaces) == {"default"}  # "_vips" is reserved, not a namespace ...
+        assert h.bad_count("namespace") == 0  # ... and not a bad znode either
+        # a VIP allocated later publishes a new snapshot; a bad one is refused and the last good stays
+        h.zk.write(f"{SVC.rpartition('/')[0]}/billing", {"protocol": "tcp"})
+        h.zk.write(f"{VIPS}/billing", {"address": "240.240.0.10"})
+        snap = await h.until(lambda: h.published[-1].vip("default", "billing") and h.published[-1])
+        assert snap.vip("default", "billing") == "240.240.0.10"
+        h.zk.write(f"{VIPS}/billing", {"address": "not-an-ip"})
+        await h.until(lambda: h.bad_count("vip") == 1)
+        assert h.published[-1].vip("default", "billing") == "240.240.0.10"
+        h.zk.delete(f"{VIPS}/billing")
+        snap = await h.until(lambda: h.published[-1].vip("default", "billing") is None and h.published[-1])
+        assert snap.vip("default", "catalog") == "240.240.0.9"
+    run(main())
