@@ -18,6 +18,7 @@ processes:
   sidecar        run the sidecar beside one service instance
   demo           run a local mesh: ZooKeeper, a control plane, demo services and traffic
   doctor         check (--fix: repair) that the OTLP exporter and the Envoy protos import together
+  iptables       install (--cleanup: remove) transparent mode's capture rules in this network namespace
 
 operating the mesh (the control plane's admin API):
   get            get services | get endpoints SVC | get proxies      (-o json for scripts)
@@ -39,7 +40,7 @@ operating the mesh (the control plane's admin API):
 `meshkeeper <command> --help` shows a command's flags.
 """
 
-COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "get", "weight", "enable", "disable", "reset",
+COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "get", "weight", "enable", "disable", "reset",
             "policy", "split", "config", "proxy-status", "proxy-config", "events")
 
 
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         from meshkeeper.demo import run
     elif cmd == "doctor":
         from meshkeeper.deps import main as run
+    elif cmd == "iptables":
+        from sidecar.interception.iptables import main as run
     elif is_ctl_argument(cmd):  # an operator verb, or a flag of theirs before the verb
         from meshkeeper.ctl.main import main as ctl
 
