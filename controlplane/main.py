@@ -31,6 +31,7 @@ from controlplane.lrs import add_to_server as add_lrs_to_server
 from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry
 from controlplane.snapshot import RegistrySnapshot
+from controlplane.vips import DEFAULT_VIP_CIDR, VipAllocator, parse_cidr
 from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
 from controlplane.web import Web
 from controlplane.zksource import KazooSource
@@ -69,6 +70,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tls-key", metavar="FILE", help="the private key of --tls-cert")
     p.add_argument("--tls-client-ca", metavar="FILE",
                    help="with --tls-cert: require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR,
+                   help="range the services' virtual IPs are allocated from, for the mesh DNS and "
+                        "transparent mode (default %(default)s; every replica must use the same)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     for flag in ("xds_port", "http_port"):
@@ -82,6 +86,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    try:
+        args.vip_cidr = parse_cidr(args.vip_cidr)
+    except ValueError as exc:
+        p.error(str(exc))
     try:
         args.tokens = TokenFile(args.admin_tokens) if args.admin_tokens else None
         args.tls = _read_tls(args)
@@ -119,11 +127,15 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     events = EventBus()
     proxies = ProxyRegistry(metrics, events=events)
 
+    source = KazooSource(args.zk, args.zk_session_timeout)
+    vips = VipAllocator(ZkStore(source.client), args.vip_cidr,
+                        on_change=lambda action, *_: metrics.vip_changes.labels(action=action).inc())
+
     def publish(snapshot: RegistrySnapshot) -> None:
         events.registry_changed(cache.snapshot, snapshot)
         cache.set_snapshot(snapshot)
+        vips.on_snapshot(snapshot)
 
-    source = KazooSource(args.zk, args.zk_session_timeout)
     watch = RegistryWatch(source, publish, metrics=metrics, debounce=args.debounce_ms / 1000)
 
     load = LoadStore(args.load_report_interval)
@@ -176,6 +188,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         events.close()
         await server.stop(SHUTDOWN_GRACE)
         await web.close()
+        await vips.close()
         await watch.stop()
     return 0
 

@@ -51,6 +51,10 @@ class Metrics:
         self.push_ack_latency = Histogram(
             "meshkeeper_xds_push_ack_latency_seconds", "Time from sending a response to its ACK",
             ["type"], buckets=_LATENCY_BUCKETS, registry=r)
+        # virtual IPs (controlplane.vips)
+        self.vip_changes = Counter(
+            "meshkeeper_vips_changes_total", "Virtual IPs allocated or released by this replica",
+            ["action"], registry=r)
         # registry watch
         self.zk_state = Gauge(
             "meshkeeper_zookeeper_connection_state",

@@ -67,10 +67,13 @@ class ZkStore:
     async def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if not self.client.connected:
             raise Unavailable("not connected to ZooKeeper", sent=False)
+        return await self._settle(getattr(self.client, method)(*args, **kwargs))
+
+    async def _settle(self, async_result: Any) -> Any:
         loop = self._loop or asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.timeout):
-                return await bridge(loop, getattr(self.client, method)(*args, **kwargs))
+                return await bridge(loop, async_result)
         except TimeoutError:
             raise Unavailable(f"ZooKeeper did not answer within {self.timeout:g} s") from None
         except (NoNodeError, NodeExistsError, BadVersionError, NotEmptyError):
@@ -91,6 +94,27 @@ class ZkStore:
             return sorted(await self._call("get_children_async", path))
         except NoNodeError:
             return None
+
+    async def ensure(self, path: str) -> None:
+        """Create ``path`` and its parents, empty, where they are missing."""
+        await self._call("ensure_path_async", path)
+
+    async def transaction(self, ops: list[tuple[str, ...]]) -> list[Any]:
+        """Apply ``ops`` (``("create", path, data)``, ``("delete", path, version)``,
+        ``("check", path, version)``) all or none, ZooKeeper's multi. Returns one result per op:
+        the created path or True, or the exception that refused it (``NodeExistsError``, ...; the
+        others then hold ``RolledBackError``)."""
+        if not self.client.connected:
+            raise Unavailable("not connected to ZooKeeper", sent=False)
+        t = self.client.transaction()
+        for op, path, arg in ops:
+            if op == "create":
+                t.create(path, arg)
+            elif op == "delete":
+                t.delete(path, version=arg)
+            else:
+                t.check(path, arg)
+        return list(await self._settle(t.commit_async()))
 
     async def get_many(self, paths: list[str]) -> list[Znode | None]:
         return list(await asyncio.gather(*(self.get(p) for p in paths)))

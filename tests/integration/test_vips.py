@@ -1,0 +1,112 @@
+"""Virtual IPs against a real ZooKeeper: two replicas allocating at once never collide and agree,
+a VIP stays while its service exists and is released only once the service znode is gone
+(controlplane.vips)."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Iterator
+
+import pytest
+from kazoo.client import KazooClient
+
+from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+from controlplane.vips import VipAllocator, candidates, parse_cidr
+from controlplane.zkstore import ZkStore
+from meshkeeper.registry import VIP_CLAIMS, Paths, ServiceRecord, VipClaim, VipRecord, vip_claim
+
+pytestmark = pytest.mark.integration
+
+# Ranges of their own per test, apart from the default one other tests of the session use.
+CIDR = parse_cidr("240.241.7.0/24")
+CIDR_SKIP = parse_cidr("240.241.8.0/24")
+
+
+@pytest.fixture
+def clients(zk_server) -> Iterator[list[KazooClient]]:
+    out = []
+    try:
+        for _ in range(2):
+            c = KazooClient(hosts=zk_server.hosts, timeout=5.0)
+            c.start(timeout=10)
+            out.append(c)
+        yield out
+    finally:
+        for c in out:
+            c.stop()
+            c.close()
+
+
+def snapshot(ns: str, services: list[str], vips: dict[str, str] | None = None) -> RegistrySnapshot:
+    svcs = {s: ServiceSnapshot(name=s, namespace=ns, record=ServiceRecord()) for s in services}
+    return RegistrySnapshot(version=1, namespaces={ns: svcs}, vips={ns: vips or {}})
+
+
+def records(client: KazooClient, ns: str) -> dict[str, str]:
+    paths = Paths(ns)
+    if not client.exists(paths.vips):
+        return {}
+    return {svc: VipRecord.decode(client.get(paths.vip(svc))[0]).address for svc in client.get_children(paths.vips)}
+
+
+def test_two_replicas_allocating_at_once_give_each_service_one_address_of_its_own(clients, namespace):
+    services = [f"svc-{i}" for i in range(60)]
+    for c in clients[:1]:
+        for s in services:
+            c.create(Paths(namespace).service(s), ServiceRecord().encode(), makepath=True)
+
+    async def both() -> None:
+        allocators = [VipAllocator(ZkStore(c), CIDR) for c in clients]
+        snap = snapshot(namespace, services)
+        await asyncio.gather(*(a.reconcile(snap) for a in allocators))
+        assert sum(a.allocated for a in allocators) == len(services)  # no service allocated twice
+
+    asyncio.run(both())
+    got = records(clients[1], namespace)
+    assert sorted(got) == sorted(services)
+    assert len(set(got.values())) == len(services)  # no address shared
+    assert all(ipaddress.IPv4Address(a) in CIDR for a in got.values())
+    for svc, address in got.items():  # every record has its claim, naming it
+        assert VipClaim.decode(clients[0].get(vip_claim(address))[0]) == VipClaim(namespace, svc)
+
+
+def test_the_first_candidate_is_the_same_everywhere_and_a_taken_one_is_skipped(clients, namespace):
+    first = next(candidates(CIDR_SKIP, namespace, "catalog"))
+    assert first == next(candidates(CIDR_SKIP, namespace, "catalog"))
+    c = clients[0]
+    c.ensure_path(VIP_CLAIMS)
+    c.create(vip_claim(first), VipClaim(namespace, "someone-else").encode())
+    try:
+        c.create(Paths(namespace).service("catalog"), ServiceRecord().encode(), makepath=True)
+        asyncio.run(VipAllocator(ZkStore(c), CIDR_SKIP).reconcile(snapshot(namespace, ["catalog"])))
+        got = records(c, namespace)["catalog"]
+        assert got != first and got == list(candidates(CIDR_SKIP, namespace, "catalog"))[1]
+    finally:
+        c.delete(vip_claim(first))
+
+
+def test_a_vip_is_released_only_when_the_service_znode_is_gone(clients, namespace):
+    c = clients[0]
+    paths = Paths(namespace)
+    for s in ("catalog", "billing"):
+        c.create(paths.service(s), ServiceRecord().encode(), makepath=True)
+
+    async def run() -> None:
+        alloc = VipAllocator(ZkStore(c), CIDR)
+        await alloc.reconcile(snapshot(namespace, ["catalog", "billing"]))
+        vips = records(c, namespace)
+        # a replica whose snapshot lacks billing while ZooKeeper still has it releases nothing
+        await alloc.reconcile(snapshot(namespace, ["catalog"], vips))
+        assert records(c, namespace) == vips and alloc.released == 0
+        # billing deleted: its record and its claim go; catalog keeps its address
+        c.delete(paths.service("billing"), recursive=True)
+        await alloc.reconcile(snapshot(namespace, ["catalog"], vips))
+        assert records(c, namespace) == {"catalog": vips["catalog"]}
+        assert not c.exists(vip_claim(vips["billing"]))
+        assert alloc.released == 1
+        # the same snapshot again (the watch not caught up yet) changes nothing more
+        await alloc.reconcile(snapshot(namespace, ["catalog"], vips))
+        assert alloc.released == 1
+
+    asyncio.run(run())
