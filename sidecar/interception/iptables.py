@@ -130,14 +130,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     config = config_from(args, parser)
     if args.dry_run and not args.cleanup:
-        for family in (apply.IPV4, apply.IPV6):
-            print(f"# {family.restore} --noflush", *rules.generate(config, family.version), sep="\n")
+        sys.stdout.write(render(config))
         return 0
     try:
         return _reconcile(config, args.cleanup, args.dry_run)
     except apply.InterceptionError as exc:
         sys.stderr.write(f"meshkeeper iptables: {exc}\n")
         return 1
+
+
+def render(config: CaptureConfig) -> str:
+    """What ``--dry-run`` prints: each family's ``iptables-restore`` input, under a comment line
+    naming the tool (one family's part can be piped to that tool as it is)."""
+    out = []
+    for family in (apply.IPV4, apply.IPV6):
+        out += [f"# {family.restore} --noflush", *rules.generate(config, family.version)]
+    return "\n".join(out) + "\n"
 
 
 def _reconcile(config: CaptureConfig, cleanup: bool, dry_run: bool) -> int:

@@ -13,7 +13,8 @@ Pure functions over text, so the plan is tested without a kernel. What counts as
   nothing, not even the jump's position among other tools' rules);
 - every other rule of ours in a built-in chain is deleted (``-D`` with the text it was saved as:
   duplicates, or jumps of a run with other flags);
-- each chain of ours that we want is declared, which creates it or flushes it, then refilled;
+- each chain of ours that we want is declared, which creates it or flushes it, then refilled
+  (unless all of them already hold exactly the wanted rules);
 - each chain of ours that we no longer want is flushed, then deleted (``-X``).
 
 The transaction is empty (``[]``) when there is nothing to do, e.g. ``--cleanup`` of a clean
@@ -104,14 +105,16 @@ def _plan_table(want: Table, have: Table) -> list[str]:
         [r for r in have.rules if chain_of(r) == c] == [r for r in chain_rules if chain_of(r) == c]
         for c in want.chains
     )
-    if in_place and not stale and not delete and set(wanted_jumps) == keep:
+    missing = [r for r in wanted_jumps if r not in keep]
+    if in_place and not stale and not delete and not missing:
         return []  # already exactly as wanted (or, for cleanup, nothing of ours there)
+    refill = [] if in_place else want.chains  # chains already as wanted are left alone
     return [
         f"*{want.name}",
         *delete,
-        *(f":{c} - [0:0]" for c in [*want.chains, *stale]),  # creates or flushes
+        *(f":{c} - [0:0]" for c in [*refill, *stale]),  # creates or flushes
         *(f"-X {c}" for c in stale),
-        *chain_rules,
-        *(r for r in wanted_jumps if r not in keep),
+        *(r for r in chain_rules if refill),
+        *missing,
         "COMMIT",
     ]
