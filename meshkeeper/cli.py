@@ -19,6 +19,10 @@ processes:
   demo           run a local mesh: ZooKeeper, a control plane, demo services and traffic
   doctor         check (--fix: repair) that the OTLP exporter and the Envoy protos import together
   iptables       install (--cleanup: remove) transparent mode's capture rules in this network namespace
+  injector       run the Kubernetes sidecar-injection webhook (HTTPS admission server)
+
+Kubernetes:
+  inject         inject -f FILE|-                    add the sidecar to manifests (as istioctl kube-inject)
 
 operating the mesh (the control plane's admin API):
   get            get services | get endpoints SVC | get proxies      (-o json for scripts)
@@ -40,7 +44,7 @@ operating the mesh (the control plane's admin API):
 `meshkeeper <command> --help` shows a command's flags.
 """
 
-COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "get", "weight", "enable", "disable", "reset",
+COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "get", "weight", "enable", "disable", "reset",
             "policy", "split", "config", "proxy-status", "proxy-config", "events")
 
 
@@ -65,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from meshkeeper.deps import main as run
     elif cmd == "iptables":
         from sidecar.interception.iptables import main as run
+    elif cmd == "inject":
+        from controlplane.injector.inject import main as run
+    elif cmd == "injector":
+        from controlplane.injector.webhook import main as run
     elif is_ctl_argument(cmd):  # an operator verb, or a flag of theirs before the verb
         from meshkeeper.ctl.main import main as ctl
 
