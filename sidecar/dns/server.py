@@ -210,7 +210,7 @@ class MeshDns:
             cache = self._cache
             if len(cache) >= MESH_CACHE_SIZE:
                 cache.clear()
-            cache[data[2:]] = (is_a, out[2:])
+            cache[data[2:]] = (is_a, bytes(out[2:]))
         elif udp:
             reply.rr = []
             reply.header.tc = 1

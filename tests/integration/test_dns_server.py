@@ -417,3 +417,28 @@ def test_against_dnslib_server_over_udp_and_tcp() -> None:
     finally:
         server.stop()
         tcp_server.stop()
+
+
+def test_a_tcp_connection_stops_reading_at_its_inflight_limit() -> None:
+    from sidecar.dns.protocols import MAX_TCP_INFLIGHT
+
+    async def body() -> None:
+        up = await Upstream().start()
+        dns = await started([up.addr], timeout=0.3)
+        reader, writer = await asyncio.open_connection("127.0.0.1", dns.port)
+        n = 3 * MAX_TCP_INFLIGHT + 4
+        writer.write(b"".join(len(m).to_bytes(2, "big") + m
+                              for m in (q(f"silent.q{i}.example", qid=i).pack() for i in range(n))))
+        ids, most = [], 0
+        while len(ids) < n:
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 5), "big")
+            ans = DNSRecord.parse(await reader.readexactly(size))
+            assert ans.header.rcode == RCODE.SERVFAIL
+            ids.append(ans.header.id)
+            most = max(most, dns.pending)
+        assert sorted(ids) == list(range(n)) and most <= MAX_TCP_INFLIGHT
+        assert dns.snapshot()["unanswered_queries"] == n
+        writer.close()
+        await dns.stop()
+        await up.stop()
+    run(body)
