@@ -133,6 +133,7 @@ class TcpConnection(asyncio.Protocol):
         if self.closed:
             return
         self.transport.write(len(data).to_bytes(2, "big") + data)
+        self.last_activity = self.dns.loop.time()
         self.dns.stats.downstream_tx_responses += 1
 
     def forward_done(self) -> None:
@@ -170,7 +171,9 @@ class TcpConnection(asyncio.Protocol):
             dns.stats.downstream_cx_tcp_idle_timeout += 1
             self.close()
             return
-        self.idle_timer = dns.loop.call_at(max(due, dns.loop.time() + 0.05), self._idle_check)
+        # busy with forwarded queries: look again once they are answered or timed out
+        now = dns.loop.time()
+        self.idle_timer = dns.loop.call_at(max(due, now + dns.timeout) if self.inflight else due, self._idle_check)
 
     def close(self) -> None:
         if self.transport is not None and not self.transport.is_closing():

@@ -9,7 +9,8 @@ UDP, TCP over TCP. No answer within ``timeout``, or every upstream failing, give
 UDP forwarding: by default one connected socket per upstream, the query's id rewritten to a random
 free id and restored in the answer (an answer must also echo the question). bench/dns.py measured
 this against one socket per query (``udp_socket_per_query=True``, the client's id kept, a random
-source port as extra spoofing defence) and the shared socket was cheaper (see the docstring there).
+source port as extra spoofing defence): 38 against 56 µs of server CPU per forwarded answer, so the
+shared socket is the default (the per-query mode is kept for the comparison and for hardening).
 TCP forwarding opens one upstream connection per query, in a task (TCP is rare: truncated answers).
 
 Bounds: ``max_pending`` forwarded queries in flight (beyond: SERVFAIL at once, counted),
