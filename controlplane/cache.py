@@ -21,7 +21,7 @@ from typing import Protocol
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from controlplane import translate
+from controlplane import translate, transparent
 from controlplane.metrics import Metrics
 from controlplane.snapshot import RegistrySnapshot
 from meshkeeper import xds
@@ -79,7 +79,7 @@ def _pack_all(res: Mapping[str, Mapping[str, Message]]) -> dict[str, dict[str, R
 @lru_cache(maxsize=8192)
 def _node_packed(node: NodeInfo, policy: Policy) -> dict[str, dict[str, Resource]]:
     # Per-node resources depend on the node and its own service's policy, not on the rest of the registry.
-    return _pack_all(translate.node_resources(node, policy))
+    return _pack_all(transparent.node_resources(node, policy))
 
 
 class SnapshotCache:
@@ -90,6 +90,7 @@ class SnapshotCache:
         self._snapshot: RegistrySnapshot | None = None
         self._shared: dict[str, dict[str, dict[str, Resource]]] = {}
         self._nodes: dict[NodeInfo, dict[str, dict[str, Resource]]] = {}
+        self._transparent: dict[str, dict[str, dict[str, Resource]]] = {}
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -102,7 +103,7 @@ class SnapshotCache:
         shared = {ns: _pack_all(translate.shared_resources(snapshot, ns).resources)
                   for ns in {*snapshot.namespaces, *snapshot.configs}}
         self._metrics.snapshot_build.labels(stage="xds").observe(time.perf_counter() - started)
-        self._snapshot, self._shared, self._nodes = snapshot, shared, {}
+        self._snapshot, self._shared, self._nodes, self._transparent = snapshot, shared, {}, {}
         for notify in list(self._listeners):
             notify()
 
@@ -117,7 +118,18 @@ class SnapshotCache:
             got = {t: dict(items) for t, items in _node_packed(node, policy).items()}
             for t, items in shared.items():
                 got[t].update(items)
+            extra = transparent.shared_for(self._snapshot, node)
+            if extra is not None:
+                for t, items in self._transparent_packed(node.namespace, extra).items():
+                    got[t].update(items)
             self._nodes[node] = got
+        return got
+
+    def _transparent_packed(self, namespace: str, extra) -> dict[str, dict[str, Resource]]:
+        """Transparent mode's namespace resources, packed once per snapshot and namespace."""
+        got = self._transparent.get(namespace)
+        if got is None:
+            got = self._transparent[namespace] = _pack_all(extra)
         return got
 
     def resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]] | None:

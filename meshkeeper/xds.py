@@ -48,12 +48,31 @@ OUTBOUND_LISTENER = "outbound"
 INBOUND_LISTENER = "inbound"
 OUTBOUND_ROUTE = "outbound"
 INBOUND_ROUTE = "inbound"
+# Transparent mode (DESIGN §10), sent only to sidecars with interception "redirect": the filter
+# chains a redirected connection is matched against by its original destination (service VIPs and
+# registered instance addresses), the mesh DNS's table, and where the rest goes.
+VIRTUAL_OUTBOUND_LISTENER = "virtual_outbound"
+DNS_LISTENER = "dns"
+PASSTHROUGH_CLUSTER = "PassthroughCluster"  # ORIGINAL_DST: to wherever the app dialled (allow_any)
+BLACKHOLE_CLUSTER = "BlackHoleCluster"  # no endpoints: refused and counted (registry_only)
+TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
+DNS_FILTER = "type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig"
+ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"
+INTERCEPTION_MODES = ("none", "redirect")
+OUTBOUND_POLICIES = ("allow_any", "registry_only")
 
 
 def outbound_cluster(svc: str, ns: str, subset: str = "") -> str:
     """``outbound|<svc>.<ns>`` or, for a version subset, ``outbound|<svc>.<ns>|<version>``."""
     base = f"outbound|{svc}.{ns}"
     return f"{base}|{subset}" if subset else base
+
+
+def passthrough_cluster(svc: str, ns: str) -> str:
+    """``passthrough|<svc>.<ns>``: an ORIGINAL_DST cluster with the service's policy, for apps that
+    dial one of its instances by address (the Dubbo/thrift style): the call goes to that instance,
+    through the mesh, counted under the service."""
+    return f"passthrough|{svc}.{ns}"
 
 
 def inbound_cluster(app_port: int) -> str:
@@ -102,10 +121,12 @@ class NodeInfo:
     advertise_host: str = "127.0.0.1"
     version: str = ""
     protocol: str = "http"
+    interception: str = "none"  # "redirect": transparent mode (DESIGN §10)
+    outbound_policy: str = "allow_any"  # where traffic for no known service goes: allow_any | registry_only
     proxyless: bool = False
 
     META_FIELDS = ("service", "namespace", "app_port", "inbound_port", "outbound_port", "admin_port",
-                   "advertise_host", "version", "protocol")
+                   "advertise_host", "version", "protocol", "interception", "outbound_policy")
 
     @staticmethod
     def make_id(advertise_host: str, service: str, inbound_port: int, namespace: str) -> str:
@@ -145,4 +166,14 @@ class NodeInfo:
             advertise_host=str(metadata.get("advertise_host") or "127.0.0.1"),
             version=str(metadata.get("version") or ""),
             protocol=str(metadata.get("protocol") or "http"),
+            interception=_one_of(metadata, "interception", INTERCEPTION_MODES),
+            outbound_policy=_one_of(metadata, "outbound_policy", OUTBOUND_POLICIES),
         )
+
+
+def _one_of(metadata: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:
+    """A metadata value from ``allowed``; absent means the first (older sidecars send none)."""
+    v = metadata.get(key) or allowed[0]
+    if v not in allowed:
+        raise ValueError(f"node metadata {key}: {v!r} is not one of {', '.join(allowed)}")
+    return str(v)

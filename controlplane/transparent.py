@@ -1,0 +1,228 @@
+"""Transparent mode's xDS (DESIGN §10): what a sidecar with ``interception: redirect`` gets on top
+of :mod:`controlplane.translate`. Pure functions; :func:`namespace_resources` is memoised per
+(snapshot, namespace). :func:`node_resources` and :func:`translate` are translate's functions of the
+same names with this mode added: the xDS cache and the tests call these.
+
+In Envoy's vocabulary, as Istio lays it out:
+
+* Listener ``virtual_outbound`` (``bind_to_port: false``): the filter chains a redirected outbound
+  connection is matched against by its original destination (Envoy's ``original_dst`` listener
+  filter, then filter-chain matching on the destination):
+
+  - a service's VIP, any port (``prefix_ranges: <vip>/32``): an ``http``/``grpc`` service gets an
+    HttpConnectionManager whose inline RouteConfiguration holds the service's own virtual host with
+    ``domains: ["*"]`` (so whatever Host the app wrote, the VIP already said which service it
+    meant; splits, header matches, retries and faults as on RDS ``outbound``); a ``tcp`` service
+    gets ``tcp_proxy`` to ``outbound|<svc>.<ns>`` (weighted clusters under a split);
+  - a registered instance's address and port (``prefix_ranges: <ip>/32``, ``destination_port``):
+    the same filters, to the ORIGINAL_DST cluster ``passthrough|<svc>.<ns>`` that carries the
+    service's policy: an app that read ZooKeeper itself and dialled that instance reaches it,
+    through the mesh, counted under the service. Loopback addresses (explicit-mode registrations)
+    are never an original destination and get no chain.
+
+* The node's ``outbound`` listener (:func:`controlplane.translate.outbound_listener`) gets the
+  ``original_dst`` listener filter, its HCM chain matched on its own port (apps that dial 15001
+  themselves), and a ``default_filter_chain``: ``tcp_proxy`` to ``PassthroughCluster`` under
+  ``allow_any``, to ``BlackHoleCluster`` under ``registry_only``.
+
+* Clusters ``PassthroughCluster`` (ORIGINAL_DST, ``CLUSTER_PROVIDED``) and ``BlackHoleCluster``
+  (STATIC, no endpoints), Istio's names.
+
+* Listener ``dns`` (UDP): ``envoy.filters.udp.dns_filter`` with an inline DnsTable: ``<svc>`` and
+  ``<svc>.<ns>`` of every service of the namespace with a VIP. The sidecar adds its own
+  ``--dns-domain`` suffix to the qualified names and forwards every other name to the resolvers
+  of its resolv.conf (Envoy would take them from ``client_config``; a pod's resolver is the
+  pod's business, not the control plane's). Its socket, like the others, comes from the
+  sidecar's flags (``--dns-port``).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from types import MappingProxyType
+
+from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, udp_socket_config_pb2
+from envoy.config.listener.v3 import listener_components_pb2, listener_pb2, udp_listener_config_pb2
+from envoy.config.route.v3 import route_pb2
+from envoy.data.dns.v3 import dns_table_pb2
+from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2
+from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
+from google.protobuf import wrappers_pb2
+from google.protobuf.message import Message
+
+from controlplane import translate as tr
+from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+from meshkeeper import xds
+from meshkeeper.policy import Policy
+from meshkeeper.xds import NodeInfo
+
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
+DNS_TTL_S = 30
+DNS_PORT = 15053  # informational: the sidecar binds --dns-port
+LOOPBACK_PREFIXES = ("127.", "::1", "localhost")
+
+
+def _cidr(address: str) -> address_pb2.CidrRange:
+    return address_pb2.CidrRange(address_prefix=address, prefix_len=tr._u32(128 if ":" in address else 32))
+
+
+def _tcp_proxy(stat_prefix: str, svc: ServiceSnapshot | None, cluster: str) -> listener_components_pb2.Filter:
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix=stat_prefix, cluster=cluster)
+    split = tr.split_clusters(svc) if svc is not None and cluster == xds.outbound_cluster(svc.name, svc.namespace) else []
+    if split:
+        proxy.weighted_clusters.CopyFrom(tcp_proxy_pb2.TcpProxy.WeightedCluster(clusters=[
+            tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=n, weight=w) for n, w in split]))
+    return listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=tr._pack(proxy))
+
+
+def _http(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> listener_components_pb2.Filter:
+    vhost = tr.virtual_host(svc)
+    del vhost.domains[:]
+    vhost.domains.append("*")
+    if cluster != xds.outbound_cluster(svc.name, svc.namespace):  # an instance chain: to that instance only
+        del vhost.routes[:]
+        vhost.routes.append(tr._apply_policy(tr._route_to(cluster, tr._millis(svc.policy.timeout_ms)), svc.policy))
+    hcm = hcm_pb2.HttpConnectionManager(
+        stat_prefix=stat_prefix, route_config=route_pb2.RouteConfiguration(name=vhost.name, virtual_hosts=[vhost]),
+        http_filters=[tr._fault_filter(), tr._router_filter()])
+    hcm.request_headers_timeout.CopyFrom(tr._seconds(tr.REQUEST_HEADERS_TIMEOUT_S))
+    hcm.common_http_protocol_options.CopyFrom(tr._http_options())
+    return listener_components_pb2.Filter(name=tr.HCM_FILTER, typed_config=tr._pack(hcm))
+
+
+def _filters(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> list[listener_components_pb2.Filter]:
+    if svc.record.protocol in tr.HTTP_PROTOCOLS:
+        return [_http(stat_prefix, svc, cluster)]
+    return [_tcp_proxy(stat_prefix, svc, cluster)]
+
+
+def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_components_pb2.FilterChain]:
+    """The service's filter chains of ``virtual_outbound``: its VIP (any port), then each registered
+    instance address that is not loopback (that address and port)."""
+    name = f"{svc.name}.{svc.namespace}"
+    chains = []
+    if vip:
+        chains.append(listener_components_pb2.FilterChain(
+            name=f"{name}|vip",
+            filter_chain_match=listener_components_pb2.FilterChainMatch(prefix_ranges=[_cidr(vip)]),
+            filters=_filters(f"outbound_{name}", svc, xds.outbound_cluster(svc.name, svc.namespace))))
+    direct = xds.passthrough_cluster(svc.name, svc.namespace)
+    for key, inst in sorted(svc.instances.items()):
+        if inst.address.startswith(LOOPBACK_PREFIXES):
+            continue
+        chains.append(listener_components_pb2.FilterChain(
+            name=f"{name}|{key}",
+            filter_chain_match=listener_components_pb2.FilterChainMatch(
+                prefix_ranges=[_cidr(inst.address)], destination_port=tr._u32(inst.port)),
+            filters=_filters(f"outbound_{name}", svc, direct)))
+    return chains
+
+
+def original_dst_cluster(name: str, svc: ServiceSnapshot | None = None) -> cluster_pb2.Cluster:
+    """An ORIGINAL_DST cluster: each connection or request goes where it was dialled; with ``svc``
+    it carries that service's connect timeout, circuit breakers and outlier detection."""
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.ORIGINAL_DST,
+                            lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+                            connect_timeout=tr._seconds(tr.CONNECT_TIMEOUT_S))
+    if svc is not None:
+        policy = svc.policy
+        c.connect_timeout.CopyFrom(tr._millis(policy.connect_timeout_ms))
+        c.circuit_breakers.CopyFrom(tr.circuit_breakers(policy.circuit_breaker))
+        if policy.outlier is not None:
+            c.outlier_detection.CopyFrom(tr.outlier_detection(policy.outlier))
+    return c
+
+
+def blackhole_cluster() -> cluster_pb2.Cluster:
+    return cluster_pb2.Cluster(name=xds.BLACKHOLE_CLUSTER, type=cluster_pb2.Cluster.STATIC,
+                               connect_timeout=tr._seconds(tr.CONNECT_TIMEOUT_S))
+
+
+def dns_table(snapshot: RegistrySnapshot, namespace: str) -> dns_table_pb2.DnsTable:
+    """``<svc>`` and ``<svc>.<ns>`` -> the service's VIP, for every service with one."""
+    table = dns_table_pb2.DnsTable()
+    for name in sorted(snapshot.services(namespace)):
+        vip = snapshot.vip(namespace, name)
+        if vip is None:
+            continue
+        for domain in (name, f"{name}.{namespace}"):
+            vd = table.virtual_domains.add(name=domain)
+            vd.endpoint.address_list.address.append(vip)
+            vd.answer_ttl.CopyFrom(tr._seconds(DNS_TTL_S))
+    return table
+
+
+def dns_listener(table: dns_table_pb2.DnsTable) -> listener_pb2.Listener:
+    config = dns_filter_pb2.DnsFilterConfig(stat_prefix="dns")
+    config.server_config.inline_dns_table.CopyFrom(table)
+    address = address_pb2.Address(socket_address=address_pb2.SocketAddress(
+        protocol=address_pb2.SocketAddress.UDP, address="0.0.0.0", port_value=DNS_PORT))
+    return listener_pb2.Listener(
+        name=xds.DNS_LISTENER, address=address,
+        udp_listener_config=udp_listener_config_pb2.UdpListenerConfig(
+            downstream_socket_config=udp_socket_config_pb2.UdpSocketConfig()),
+        listener_filters=[listener_components_pb2.ListenerFilter(name=DNS_FILTER_NAME, typed_config=tr._pack(config))])
+
+
+@lru_cache(maxsize=16)
+def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingProxyType:
+    """Type URL -> name -> message: what every redirect-mode sidecar of ``namespace`` adds."""
+    listener = listener_pb2.Listener(
+        name=xds.VIRTUAL_OUTBOUND_LISTENER, traffic_direction=base_pb2.OUTBOUND,
+        address=tr._socket("0.0.0.0", 0), bind_to_port=wrappers_pb2.BoolValue(value=False))
+    clusters: dict[str, Message] = {
+        xds.PASSTHROUGH_CLUSTER: original_dst_cluster(xds.PASSTHROUGH_CLUSTER),
+        xds.BLACKHOLE_CLUSTER: blackhole_cluster(),
+    }
+    for name, svc in sorted(snapshot.services(namespace).items()):
+        listener.filter_chains.extend(service_chains(svc, snapshot.vip(namespace, name)))
+        direct = xds.passthrough_cluster(name, namespace)
+        clusters[direct] = original_dst_cluster(direct, svc)
+    return MappingProxyType({
+        xds.LISTENER: MappingProxyType({listener.name: listener,
+                                        xds.DNS_LISTENER: dns_listener(dns_table(snapshot, namespace))}),
+        xds.CLUSTER: MappingProxyType(clusters),
+    })
+
+
+def redirect_outbound(listener: listener_pb2.Listener, port: int, outbound_policy: str) -> listener_pb2.Listener:
+    """Make a node's ``outbound`` listener a transparent one (see the module docstring); returns it."""
+    listener.listener_filters.add(name=xds.ORIGINAL_DST_FILTER,
+                                  typed_config=tr._pack(original_dst_pb2.OriginalDst()))
+    listener.filter_chains[0].filter_chain_match.destination_port.value = port
+    listener.filter_chains[0].name = "explicit"
+    target = xds.PASSTHROUGH_CLUSTER if outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
+    listener.default_filter_chain.CopyFrom(listener_components_pb2.FilterChain(
+        name=target, filters=[_tcp_proxy(target, None, target)]))
+    return listener
+
+
+def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
+    """:func:`controlplane.translate.node_resources`, with the ``outbound`` listener made a
+    transparent one for a redirect-mode node."""
+    out = tr.node_resources(node, policy)
+    outbound = out[xds.LISTENER].get(xds.OUTBOUND_LISTENER)
+    if node.interception == "redirect" and outbound is not None:
+        out[xds.LISTENER][xds.OUTBOUND_LISTENER] = redirect_outbound(outbound, node.outbound_port, node.outbound_policy)
+    return out
+
+
+def shared_for(snapshot: RegistrySnapshot, node: NodeInfo) -> MappingProxyType | None:
+    """The namespace-wide resources a node gets beyond translate's shared ones, or None."""
+    if node.interception != "redirect" or node.proxyless:
+        return None
+    return namespace_resources(snapshot, node.namespace)
+
+
+def translate(snapshot: RegistrySnapshot, node: NodeInfo) -> tr.Resources:
+    """All resources of ``node`` by type URL and name, transparent mode included."""
+    out = node_resources(node, tr.node_policy(snapshot, node))
+    for type_url, items in tr.shared_resources(snapshot, node.namespace).resources.items():
+        out[type_url].update(items)
+    for type_url, items in (shared_for(snapshot, node) or {}).items():
+        out[type_url].update(items)
+    return out
