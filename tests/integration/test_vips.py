@@ -9,12 +9,25 @@ import ipaddress
 from collections.abc import Iterator
 
 import pytest
+from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 from kazoo.client import KazooClient
 
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from controlplane.vips import VipAllocator, candidates, parse_cidr
 from controlplane.zkstore import ZkStore
-from meshkeeper.registry import VIP_CLAIMS, Paths, ServiceRecord, VipClaim, VipRecord, vip_claim
+from meshkeeper import xds
+from meshkeeper.registry import (
+    VIP_CLAIMS,
+    InstanceRecord,
+    Paths,
+    ServiceRecord,
+    VipClaim,
+    VipRecord,
+    vip_claim,
+)
+from meshkeeper.xds import NodeInfo
+from tests.harness import wait_until
+from tests.harness.ads import AdsStream, unpack
 
 pytestmark = pytest.mark.integration
 
@@ -110,3 +123,43 @@ def test_a_vip_is_released_only_when_the_service_znode_is_gone(clients, namespac
         assert alloc.released == 1
 
     asyncio.run(run())
+
+
+def test_the_control_plane_allocates_vips_and_sends_them_to_redirect_mode_sidecars(zk_server, zk_client, namespace,
+                                                                                     procs):
+    """A real control plane: a new service gets a VIP in ZooKeeper, a redirect-mode ADS client gets
+    it in its DNS table and VIP filter chain, and deleting the service releases it."""
+    paths = Paths(namespace)
+    zk_client.create(paths.service("catalog"), b'{"protocol": "http"}', makepath=True)
+    zk_client.create(paths.instance("catalog", "10.9.0.2:8080"),
+                     InstanceRecord("10.9.0.2", 8080, app_port=8080).encode(), makepath=True)
+    cp = procs.controlplane(zk_server.hosts)
+    wait_until(lambda: records(zk_client, namespace).get("catalog"), 10, message="catalog's VIP allocated")
+    vip = records(zk_client, namespace)["catalog"]
+    assert ipaddress.IPv4Address(vip) in ipaddress.IPv4Network("240.240.0.0/16")
+
+    node = NodeInfo(node_id=NodeInfo.make_id("10.9.0.3", "web", 15006, namespace), service="web",
+                    namespace=namespace, app_port=8080, inbound_port=15006, outbound_port=15001,
+                    interception="redirect")
+    stream = AdsStream(cp.port("xds_port"), node)
+    try:
+        def table() -> dict[str, list[str]]:
+            lds = unpack(stream.fetch(xds.LISTENER))
+            if xds.DNS_LISTENER not in lds:
+                return {}
+            config = dns_filter_pb2.DnsFilterConfig()
+            assert lds[xds.DNS_LISTENER].listener_filters[0].typed_config.Unpack(config)
+            return {d.name: list(d.endpoint.address_list.address)
+                    for d in config.server_config.inline_dns_table.virtual_domains}
+        got = wait_until(lambda: table() or None, 10, message="the DNS table over LDS")
+        assert got == {"catalog": [vip], f"catalog.{namespace}": [vip]}
+        lds = unpack(stream.fetch(xds.LISTENER))
+        chains = {c.name: c for c in lds[xds.VIRTUAL_OUTBOUND_LISTENER].filter_chains}
+        assert chains[f"catalog.{namespace}|vip"].filter_chain_match.prefix_ranges[0].address_prefix == vip
+        assert f"catalog.{namespace}|10.9.0.2:8080" in chains
+    finally:
+        stream.close()
+    # the VIP stays while instances come and go, and goes with the service
+    zk_client.delete(paths.service("catalog"), recursive=True)
+    wait_until(lambda: "catalog" not in records(zk_client, namespace), 10, message="catalog's VIP released")
+    assert not zk_client.exists(vip_claim(vip))
