@@ -242,9 +242,9 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
     args += ["--protocol", protocol]
     if annotations.get(A_HEALTH_PATH):
         args += ["--health-path", annotations[A_HEALTH_PATH]]
-    def ready() -> dict[str, Any]:
-        return {"httpGet": {"path": "/ready", "port": ADMIN_PORT}}
-
+    # Readiness only, no startupProbe: the sidecar's /ready waits for its registration, which waits
+    # for the app to be healthy, and a native sidecar's startupProbe holds the app back until it
+    # passes, so the two would wait on each other forever.
     native = {"restartPolicy": "Always"} if config.native_sidecar else {}
     return {
         "name": PROXY_NAME,
@@ -262,8 +262,8 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
             {"name": "mk-dns", "containerPort": DNS_PORT, "protocol": "UDP"},
             {"name": "mk-dns-tcp", "containerPort": DNS_PORT, "protocol": "TCP"},
         ],
-        "startupProbe": {**ready(), "periodSeconds": 1, "failureThreshold": 600, "timeoutSeconds": 2},
-        "readinessProbe": {**ready(), "periodSeconds": 5, "failureThreshold": 3, "timeoutSeconds": 2},
+        "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": 5,
+                           "failureThreshold": 3, "timeoutSeconds": 2},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": {
             "runAsUser": config.proxy_uid, "runAsGroup": config.proxy_uid, "runAsNonRoot": True,
