@@ -7,10 +7,29 @@ callback that runs client or upstream input is wrapped so that it never raises i
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from sidecar.dns.server import MeshDns
+from sidecar.dns.stats import DnsStats
+
+
+class MeshDns(Protocol):
+    """What these protocols need of ``sidecar.dns.server.MeshDns`` (declared here, so that the two
+    modules do not import each other)."""
+
+    loop: asyncio.AbstractEventLoop
+    stats: DnsStats
+    tcp_connections: set[Any]
+    max_tcp_connections: int
+    tcp_idle_timeout: float
+    timeout: float
+
+    def query(self, data: bytes, addr: Any, conn: Any) -> bytes | None: ...
+
+    def internal_error(self, where: str) -> None: ...
+
+    def upstream_answer(self, index: int, data: bytes) -> None: ...
+
+    def upstream_failed(self, index: int) -> None: ...
 
 MAX_TCP_INFLIGHT = 32  # forwarded queries of one TCP connection in flight before it stops reading
 
