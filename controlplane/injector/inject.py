@@ -35,7 +35,7 @@ def add_injection_flags(p: argparse.ArgumentParser) -> None:
                    help="uid the proxy runs as; its traffic is never captured (default %(default)s)")
     p.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction, default=defaults.native_sidecar,
                    help="the proxy as a native sidecar (init container, restartPolicy Always; Kubernetes "
-                        "1.28+); --no-native-sidecar: a regular first container (default: native)")
+                        "1.29+, 1.28 with its feature gate); --no-native-sidecar: a regular first container (default: native)")
 
 
 def config_from(args: argparse.Namespace) -> InjectConfig:

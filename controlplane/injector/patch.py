@@ -5,7 +5,7 @@ What injection adds (docs/kubernetes.md says it for users):
 - init container ``meshkeeper-init``: ``meshkeeper iptables ...`` (DESIGN §10) as root with
   NET_ADMIN and NET_RAW, installing the capture rules in the pod's network namespace;
 - the proxy ``meshkeeper-proxy``: ``meshkeeper sidecar ... --interception redirect`` as the proxy
-  uid, registering ``$(POD_IP):<app port>``. As a native sidecar (Kubernetes 1.28+, the default) it
+  uid, registering ``$(POD_IP):<app port>``. As a native sidecar (Kubernetes 1.29+; the default) it
   is an init container with ``restartPolicy: Always`` right after ``meshkeeper-init``, so it starts
   before the app and the app's own init containers, stops after them, and Jobs complete; otherwise
   it is the first regular container;

@@ -24,7 +24,7 @@ from meshkeeper import __version__
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy" / "kubernetes"
 GOLDEN = ROOT / "tests" / "golden" / "inject"
-KUBERNETES_VERSION = "1.30.0"  # native sidecars (restartPolicy on init containers) are GA-shaped since 1.29
+KUBERNETES_VERSION = "1.30.0"  # native sidecars (init containers' restartPolicy): beta, on by default, since 1.29
 NOT_KUBERNETES_SCHEMAS = {"kustomization.yaml"}  # kustomize's own file
 CRD_FILES = {"cert-manager.yaml"}  # cert-manager's kinds: no schema ships with Kubernetes
 
