@@ -124,7 +124,8 @@ def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_compo
 
 def original_dst_cluster(name: str, svc: ServiceSnapshot | None = None) -> cluster_pb2.Cluster:
     """An ORIGINAL_DST cluster: each connection or request goes where it was dialled; with ``svc``
-    it carries that service's connect timeout, circuit breakers and outlier detection."""
+    it carries that service's connect timeout and circuit breakers. No outlier detection: the
+    hosts are whatever the app dialled, and the app asked for that one."""
     c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.ORIGINAL_DST,
                             lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
                             connect_timeout=tr._seconds(tr.CONNECT_TIMEOUT_S))
@@ -132,8 +133,6 @@ def original_dst_cluster(name: str, svc: ServiceSnapshot | None = None) -> clust
         policy = svc.policy
         c.connect_timeout.CopyFrom(tr._millis(policy.connect_timeout_ms))
         c.circuit_breakers.CopyFrom(tr.circuit_breakers(policy.circuit_breaker))
-        if policy.outlier is not None:
-            c.outlier_detection.CopyFrom(tr.outlier_detection(policy.outlier))
     return c
 
 

@@ -17,6 +17,7 @@ DEFAULT_ROUTE_TIMEOUT = 15.0  # Envoy's RouteAction.timeout default
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's HttpProtocolOptions.idle_timeout default (both directions)
 DEFAULT_PANIC_THRESHOLD = 50.0  # Envoy's common_lb_config.healthy_panic_threshold default, percent
 LB_ROUND_ROBIN = "round_robin"
+DISCOVERY_ORIGINAL_DST = "ORIGINAL_DST"  # each connection or request goes where it was dialled
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +133,7 @@ class EndpointConfig:
 @dataclass(frozen=True, slots=True)
 class ClusterConfig:
     name: str
-    discovery: str = "EDS"  # "EDS" or "STATIC"
+    discovery: str = "EDS"  # "EDS", "STATIC" or "ORIGINAL_DST" (endpoints made per original destination)
     lb_policy: str = LB_ROUND_ROBIN
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
     outlier: OutlierConfig | None = None  # None: no outlier detection
@@ -230,6 +231,54 @@ class ListenerConfig:
     # HCM tracing.random_sampling as a ratio (0..1) for new traces; None: the HCM has no tracing
     # config and the sidecar's --trace-sample-ratio applies.
     trace_sample_ratio: float | None = None
+    # A listener whose only network filter is tcp_proxy (then no rds_name / route_config).
+    tcp: TcpRoute | None = None
+    # Transparent mode: the outbound listener's original_dst filter and default chain.
+    transparent: TransparentConfig | None = None
+    # ``virtual_outbound`` (bind_to_port false): the chains redirected connections are matched against.
+    chains: tuple[FilterChain, ...] = ()
+    # ``dns`` (a UDP listener with the DNS filter): the mesh names it answers.
+    dns: DnsTableConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TcpRoute:
+    """A ``tcp_proxy`` network filter: the cluster (or weighted clusters) connections go to."""
+
+    stat_prefix: str
+    clusters: tuple[WeightedCluster, ...]
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # 0: none
+
+
+@dataclass(frozen=True, slots=True)
+class FilterChain:
+    """One filter chain of a listener: what it matches (the connection's original destination:
+    an exact address, ``port`` 0 for any) and its network filter, an HTTP connection manager
+    (``http``) or a ``tcp_proxy`` (``tcp``)."""
+
+    name: str
+    address: str = ""  # "" matches any address
+    port: int = 0
+    http: ListenerConfig | None = None
+    tcp: TcpRoute | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DnsTableConfig:
+    """The ``dns`` listener's inline table: name (lower case, no trailing dot) -> addresses."""
+
+    names: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: MappingProxyType({}))
+
+
+@dataclass(frozen=True, slots=True)
+class TransparentConfig:
+    """What makes a bound listener a transparent one (DESIGN §10): it reads each connection's
+    original destination; the HCM of the listener serves connections dialled to ``explicit_port``
+    (apps that dial the sidecar themselves), the others are matched against the chains of
+    ``virtual_outbound``, and what matches none goes to ``default_chain``."""
+
+    explicit_port: int = 0
+    default_chain: FilterChain | None = None
 
 
 @dataclass(frozen=True, slots=True)

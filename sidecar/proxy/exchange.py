@@ -22,7 +22,7 @@ class Exchange:
         "method", "url", "host", "headers", "keep_alive", "http10", "ka_token", "chunked", "has_body",
         "expect", "conn_tokens", "headers_done", "complete", "discard", "pending", "pending_size",
         # routing and upstream
-        "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed",
+        "entry", "cluster", "endpoint", "conn", "connecting", "deadline", "retried", "failed", "original_dst",
         # retries, circuit breakers, fault injection (see router_filter)
         "sent", "sent_size", "retries", "tried", "try_deadline", "wait", "waiter", "pending_cx", "attached", "retry_active", "discarding",
         # response
@@ -58,6 +58,9 @@ class Exchange:
         self.connecting: asyncio.Task[None] | None = None
         self.deadline = 0.0  # loop time the route timeout fires at; 0: none
         self.retried = False  # replayed once after a stale pooled connection
+        # (host, port) an ORIGINAL_DST cluster sends this request to: the connection's original
+        # destination (transparent mode); None: such a cluster has nowhere to send it.
+        self.original_dst: tuple[str, int] | None = None
         # Body bytes already sent upstream, kept for a retry while the route has a retry policy
         # (None: no policy, or the body outgrew RETRY_BUFFER_LIMIT and cannot be retried).
         self.sent: list[bytes] | None = None

@@ -57,6 +57,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         "_read_paused", "_write_paused", "_buffered", "_batch", "_batching", "_error_after",
         "_awaiting_head", "_count_raw", "_head_size", "_head_raw", "_read_len", "_timer", "_timer_at",
         "_rq_begun", "_swept", "_swept_at",  # listener timeouts (check_timeouts)
+        "original_dst",  # transparent mode: where the app dialled (set before connection_made)
     )
 
     def __init__(self, runtime: ListenerRuntime) -> None:
@@ -85,6 +86,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         # One route-timeout timer per connection, re-armed lazily (see _arm_timeout).
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
+        self.original_dst: tuple[str, int] | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -157,6 +159,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         ex = Exchange()
+        ex.original_dst = self.original_dst
         self._parsing = ex
         self._rq_begun += 1
         self._head_size = 0

@@ -178,7 +178,10 @@ class RouterFilter:
         if cluster.stats.upstream_rq_active >= cluster.breakers.max_requests:
             self._overflow(ex)  # full already: refused at once, without opening a connection first
             return
-        endpoint = cluster.pick(ex.tried) if ex.tried else cluster.pick()
+        if cluster.original_dst:  # to where the app dialled (transparent mode's passthrough clusters)
+            endpoint = cluster.original_dst_host(*ex.original_dst) if ex.original_dst is not None else None
+        else:
+            endpoint = cluster.pick(ex.tried) if ex.tried else cluster.pick()
         if endpoint is None:
             cluster.stats.upstream_cx_none_healthy += 1
             self._release_try(ex, failed=False)

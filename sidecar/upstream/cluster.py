@@ -34,7 +34,7 @@ from operator import attrgetter
 from random import random as default_random
 from typing import Any
 
-from sidecar.config import ClusterConfig, EndpointConfig, OutlierConfig
+from sidecar.config import DISCOVERY_ORIGINAL_DST, ClusterConfig, EndpointConfig, OutlierConfig
 from sidecar.upstream.lb import LB_POLICIES, Balancer, make_balancer
 from sidecar.upstream.lb_random import WeightedRandom
 from sidecar.upstream.outlier import HostMonitor, OutlierDetector, Scheduler
@@ -42,6 +42,9 @@ from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
 from sidecar.upstream.stats import ClusterStats, Histogram
 
 DISCOVERY_STATIC = "STATIC"
+# An ORIGINAL_DST cluster makes an endpoint per destination on first use and keeps at most this
+# many; beyond it the idle ones (no request, no connection) are dropped first.
+MAX_ORIGINAL_DST_HOSTS = 1024
 
 _active_requests = attrgetter("active_requests")
 
@@ -130,6 +133,10 @@ class Cluster:
             self.set_endpoints(config.static_endpoints)
 
     @property
+    def original_dst(self) -> bool:
+        return self.config.discovery == DISCOVERY_ORIGINAL_DST
+
+    @property
     def panic(self) -> bool:
         """True while too few endpoints are healthy and picks use all serving endpoints."""
         return self._panic
@@ -148,6 +155,29 @@ class Cluster:
         if exclude:
             return self._pick_other(lb, exclude)
         return lb.pick()
+
+    def original_dst_host(self, address: str, port: int) -> Endpoint | None:
+        """ORIGINAL_DST clusters (Envoy's original destination load balancer): the endpoint for
+        ``address:port``, made on first use with the cluster's pool settings; None when the cluster
+        is full of busy hosts (counted as overflow by the caller)."""
+        key = f"{address}:{port}"
+        endpoint = self.endpoints.get(key)
+        if endpoint is not None:
+            return endpoint
+        if len(self.endpoints) >= MAX_ORIGINAL_DST_HOSTS and not self._drop_idle_hosts():
+            return None
+        cfg = EndpointConfig(address, port)
+        pool = ConnectionPool(address, port, connect_timeout=self.config.connect_timeout, stats=self.stats,
+                              max_idle=self._max_idle, idle_timeout=self.config.idle_timeout,
+                              connector=self._connector)
+        endpoint = self.endpoints[key] = Endpoint(cfg, pool)
+        return endpoint
+
+    def _drop_idle_hosts(self) -> bool:
+        idle = [k for k, ep in self.endpoints.items() if not ep.active_requests and not ep.pool.cx_active]
+        for key in idle[: max(1, len(idle) // 2)]:
+            self.endpoints.pop(key).pool.close()
+        return bool(idle)
 
     def _pick_other(self, lb: Balancer[Endpoint], exclude: Collection[Endpoint]) -> Endpoint | None:
         # Ask the balancer first (keeps its rotation and shares); if it keeps answering tried
@@ -308,8 +338,8 @@ class ClusterManager:
         if cluster is None:
             self._pending_endpoints[cluster_name] = tuple(endpoints)
             return
-        if cluster.config.discovery == DISCOVERY_STATIC:
-            return  # a STATIC cluster's endpoints come from its own config only
+        if cluster.config.discovery in (DISCOVERY_STATIC, DISCOVERY_ORIGINAL_DST):
+            return  # their endpoints come from their own config, or from each connection
         cluster.set_endpoints(endpoints)
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ from google.rpc import status_pb2
 from meshkeeper import __version__, xds
 from meshkeeper.xds import NodeInfo
 from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
-from sidecar.xds import convert
+from sidecar.xds import convert, listeners
 
 log = logging.getLogger("meshkeeper.sidecar.xds")
 
@@ -58,7 +58,7 @@ CHANNEL_OPTIONS = (
 )
 
 _CONVERTERS = {
-    xds.LISTENER: convert.listener,
+    xds.LISTENER: listeners.listener,
     xds.ROUTE: convert.route_configuration,
     xds.CLUSTER: convert.cluster,
     xds.ENDPOINT: convert.endpoints,

@@ -24,6 +24,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401  (registers the type for Any)
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401  (registers the type)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
@@ -38,6 +39,7 @@ from sidecar.config import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_PANIC_THRESHOLD,
     DEFAULT_ROUTE_TIMEOUT,
+    DISCOVERY_ORIGINAL_DST,
     LB_ROUND_ROBIN,
     RETRY_ON_SUPPORTED,
     CircuitBreakerConfig,
@@ -52,6 +54,7 @@ from sidecar.config import (
     Route,
     RouteConfig,
     RuntimeConfig,
+    TcpRoute,
     VirtualHost,
     WeightedCluster,
 )
@@ -120,15 +123,25 @@ def _unpack(any_msg, message: Message, where: str) -> Message:
 
 
 def listener(msg: listener_pb2.Listener) -> ListenerConfig:
+    """A plain listener: one filter chain with one HTTP connection manager (transparent mode's
+    listeners are :mod:`sidecar.xds.listeners`')."""
     where = f"listener {msg.name!r}"
     _only(msg, ("name", "address", "filter_chains", "stat_prefix", "metadata", "traffic_direction"), where)
     if len(msg.filter_chains) != 1:
         raise XdsError(f"{where}: exactly one filter chain is supported, got {len(msg.filter_chains)}")
     chain = msg.filter_chains[0]
     _only(chain, ("filters", "name", "metadata"), f"{where} filter chain")
+    return network_filter(msg.name, chain, where)
+
+
+def network_filter(name: str, chain, where: str) -> ListenerConfig:
+    """A filter chain's one network filter: an HTTP connection manager (as a listener config with
+    its routes) or, when ``tcp_proxy`` converts too, a tcp_proxy."""
     if len(chain.filters) != 1:
-        raise XdsError(f"{where}: exactly one network filter (http_connection_manager) is supported")
+        raise XdsError(f"{where}: exactly one network filter (http_connection_manager or tcp_proxy) is supported")
     flt = chain.filters[0]
+    if flt.typed_config.type_url == xds.TCP_PROXY:
+        return ListenerConfig(name=name, tcp=tcp_proxy(flt, where))
     if flt.typed_config.type_url != xds.HCM:
         raise XdsError(f"{where}: network filter {flt.typed_config.type_url or flt.name!r} is not supported")
     hcm = _HCM()
@@ -141,7 +154,7 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
         raise XdsError(f"{where}: codec_type {_HCM.CodecType.Name(hcm.codec_type)} is not supported (HTTP/1.1 only)")
     rate_limit, fault_filter = _http_filters(hcm.http_filters, where)
     common = {
-        "name": msg.name, "rate_limit": rate_limit, "fault_filter": fault_filter,
+        "name": name, "rate_limit": rate_limit, "fault_filter": fault_filter,
         "request_headers_timeout": _duration(hcm, "request_headers_timeout", 0.0, where),
         "idle_timeout": _idle_timeout(hcm, "common_http_protocol_options", where),
         "trace_sample_ratio": _trace_sample_ratio(hcm, where),
@@ -157,6 +170,28 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
     if which == "route_config":
         return ListenerConfig(route_config=route_configuration(hcm.route_config, fault_filter), **common)
     raise XdsError(f"{where}: http_connection_manager needs rds or route_config")
+
+
+def tcp_proxy(flt, where: str) -> TcpRoute:
+    """``envoy.filters.network.tcp_proxy``: its cluster or weighted clusters, and its idle timeout."""
+    msg = tcp_proxy_pb2.TcpProxy()
+    if not flt.typed_config.Unpack(msg):
+        raise XdsError(f"{where}: cannot decode tcp_proxy")
+    where = f"{where} tcp_proxy"
+    _only(msg, ("stat_prefix", "cluster", "weighted_clusters", "idle_timeout"), where)
+    which = msg.WhichOneof("cluster_specifier")
+    if which == "cluster":
+        clusters = (WeightedCluster(msg.cluster, 1),)
+    elif which == "weighted_clusters":
+        for w in msg.weighted_clusters.clusters:
+            _only(w, ("name", "weight"), f"{where} weighted_clusters")
+        clusters = tuple(WeightedCluster(w.name, w.weight) for w in msg.weighted_clusters.clusters if w.weight)
+    else:
+        clusters = ()
+    if not clusters or not all(c.name for c in clusters):
+        raise XdsError(f"{where}: needs a cluster or weighted clusters with a weight")
+    return TcpRoute(stat_prefix=msg.stat_prefix, clusters=clusters,
+                    idle_timeout=_duration(msg, "idle_timeout", DEFAULT_IDLE_TIMEOUT, where))
 
 
 def _trace_sample_ratio(hcm: Message, where: str) -> float | None:
@@ -463,6 +498,8 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     _only(msg, ("name", "type", "eds_cluster_config", "connect_timeout", "lb_policy", "load_assignment",
                 "alt_stat_name", "metadata", "outlier_detection", "circuit_breakers", "common_lb_config",
                 "typed_extension_protocol_options"), where)
+    if msg.type == cluster_pb2.Cluster.ORIGINAL_DST:
+        return _original_dst_cluster(msg, where)
     if msg.lb_policy not in _LB_POLICIES:
         name = cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)
         supported = ", ".join(cluster_pb2.Cluster.LbPolicy.Name(p) for p in _LB_POLICIES)
@@ -488,6 +525,22 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     if msg.type == cluster_pb2.Cluster.STATIC:
         return ClusterConfig(discovery="STATIC", static_endpoints=endpoints(msg.load_assignment, where), **common)
     raise XdsError(f"{where}: type {cluster_pb2.Cluster.DiscoveryType.Name(msg.type)} is not supported")
+
+
+def _original_dst_cluster(msg: cluster_pb2.Cluster, where: str) -> ClusterConfig:
+    """An ORIGINAL_DST cluster (lb_policy CLUSTER_PROVIDED): no endpoints of its own; each
+    connection or request goes to its original destination. Outlier detection is refused: the
+    hosts are whatever the app dialled."""
+    _only(msg, ("name", "type", "connect_timeout", "lb_policy", "alt_stat_name", "metadata", "circuit_breakers",
+                "common_lb_config", "typed_extension_protocol_options"), where)
+    if msg.lb_policy != cluster_pb2.Cluster.CLUSTER_PROVIDED:
+        raise XdsError(f"{where}: an ORIGINAL_DST cluster needs lb_policy CLUSTER_PROVIDED")
+    timeout = _seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else DEFAULT_CONNECT_TIMEOUT
+    if timeout <= 0:
+        raise XdsError(f"{where}: connect_timeout must be positive")
+    return ClusterConfig(name=msg.name, discovery=DISCOVERY_ORIGINAL_DST, connect_timeout=timeout,
+                         circuit_breakers=circuit_breakers(msg.circuit_breakers, f"{where} circuit_breakers"),
+                         idle_timeout=_upstream_idle_timeout(msg, where))
 
 
 _OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
