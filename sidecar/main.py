@@ -31,6 +31,7 @@ import subprocess
 import sys
 from typing import BinaryIO, NamedTuple
 
+from meshkeeper import xds
 from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
@@ -56,6 +57,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--zone", default="", help="the instance's zone label (locality)")
     p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
     p.add_argument("--protocol", choices=("http", "tcp"), default="http")
+    p.add_argument("--interception", choices=xds.INTERCEPTION_MODES, default="none",
+                   help="redirect: transparent mode (run `meshkeeper iptables` first; DESIGN §10): connections "
+                        "are dispatched by their original destination and the mesh DNS serves on --dns-port; "
+                        "the instance registers <advertise-host>:<app-port>. none (default): apps dial the sidecar")
+    p.add_argument("--outbound-policy", choices=xds.OUTBOUND_POLICIES, default="allow_any",
+                   help="where traffic for no known service goes: allow_any (default: to where it was "
+                        "going, PassthroughCluster) or registry_only (refused, BlackHoleCluster)")
+    p.add_argument("--dns-port", type=port, default=15053, help="the mesh DNS's port (UDP and TCP) in transparent mode")
+    p.add_argument("--dns-domain", default="mesh.local",
+                   help="the mesh DNS also answers <svc>.<ns>.<this> (default %(default)s)")
+    p.add_argument("--resolv-conf", default="/etc/resolv.conf", metavar="FILE",
+                   help="where the mesh DNS finds the resolvers it forwards other names to")
     p.add_argument("--health-path", default="/health")
     p.add_argument("--health-interval", type=seconds, default=1.0)
     p.add_argument("--advertise-host", default="127.0.0.1", help="address callers dial to reach the inbound listener")
@@ -188,7 +201,9 @@ async def run(args: argparse.Namespace) -> int:
         node_id += f"~w{args.worker_index}"
     node = NodeInfo(node_id=node_id, service=args.service, namespace=args.namespace, app_port=args.app_port,
                     inbound_port=inbound_port, outbound_port=outbound_port, admin_port=admin_port,
-                    advertise_host=args.advertise_host, version=args.version, protocol=args.protocol)
+                    advertise_host=args.advertise_host, version=args.version, protocol=args.protocol,
+                    interception=args.interception, outbound_policy=args.outbound_policy)
+    transparent = args.interception == "redirect"
 
     try:
         tracer = _tracer(args, node)
@@ -200,6 +215,18 @@ async def run(args: argparse.Namespace) -> int:
         print(f"meshkeeper sidecar: cannot open the access log: {exc}", file=sys.stderr)
         return 1
     runtime = SidecarRuntime(node, tracer=tracer, access_log=access_log)
+    dns_port = 0
+    if transparent and primary:
+        from sidecar.dns import MeshDns, read_resolv_conf
+
+        # 127.0.0.1: the capture rules redirect the app's queries there, and the answer must leave
+        # from the address the app's kernel expects it from (docs/transparent.md).
+        runtime.dns, runtime.dns_domain = MeshDns(read_resolv_conf(args.resolv_conf)), args.dns_domain.strip(".").lower()
+        try:
+            dns_port = await runtime.dns.start("127.0.0.1", args.dns_port)
+        except OSError as exc:
+            print(f"meshkeeper sidecar: cannot bind the DNS port: {exc}", file=sys.stderr)
+            return 1
     registration: Registration | None = None
     config_ready = asyncio.Event()
     workers: list[Worker] = []
@@ -227,7 +254,10 @@ async def run(args: argparse.Namespace) -> int:
 
     if primary:
         labels = {k: v for k, v in (("version", args.version), ("zone", args.zone)) if v}
-        record = InstanceRecord(address=args.advertise_host, port=inbound_port, weight=args.weight,
+        # Transparent mode registers the address callers dial, the app's own port: their sidecars
+        # send there, and this pod's capture rules bring it to the inbound listener (DESIGN §3).
+        record = InstanceRecord(address=args.advertise_host, port=args.app_port if transparent else inbound_port,
+                                weight=args.weight,
                                 labels=labels, protocol=args.protocol, app_port=args.app_port)
         if args.protocol == "tcp":
             def check():
@@ -248,7 +278,8 @@ async def run(args: argparse.Namespace) -> int:
     # primary's, shared by their access logs.
     announce = os.fdopen(args.ready_fd, "w") if args.ready_fd >= 0 else sys.stdout
     print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
-          f"admin_port={admin_port} node={node_id}", file=announce, flush=True)
+          f"admin_port={admin_port}" + (f" dns_port={dns_port}" if dns_port else "") + f" node={node_id}",
+          file=announce, flush=True)
 
     async def worker_serving(w: Worker) -> None:
         nonlocal workers_serving
@@ -281,6 +312,8 @@ async def run(args: argparse.Namespace) -> int:
         log.warning("drain timeout: reset the connections still open")
     await ads.stop()
     await lrs.stop()
+    if runtime.dns is not None:
+        await runtime.dns.stop()
     if admin is not None:
         await admin.stop()
     for w in workers:
@@ -332,6 +365,7 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
         argv = [sys.executable, "-m", "meshkeeper.cli", "sidecar", "--service", args.service,
                 "--app-port", str(args.app_port), "--namespace", args.namespace, "--cp", args.cp,
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
+                "--interception", args.interception, "--outbound-policy", args.outbound_policy,
                 "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
                 "--inbound-port", str(inbound_port), "--admin-port", "0", "--drain-timeout", str(args.drain_timeout),
                 "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,

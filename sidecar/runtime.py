@@ -19,9 +19,21 @@ from typing import TYPE_CHECKING, Any
 
 from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
-from sidecar.config import DEFAULT_IDLE_TIMEOUT, ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
+from sidecar.config import (
+    DEFAULT_IDLE_TIMEOUT,
+    DISCOVERY_ORIGINAL_DST,
+    ClusterConfig,
+    EndpointConfig,
+    FilterChain,
+    ListenerConfig,
+    RouteConfig,
+    TcpRoute,
+)
+from sidecar.interception import dispatch
+from sidecar.interception.dispatch import DispatchHolder, DispatchTable, Target
+from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
 from sidecar.metrics import SidecarMetrics
-from sidecar.proxy.listener import Listener, ListenerRuntime, start_listener
+from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener, ListenerRuntime
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.upstream.cluster import ClusterManager
@@ -29,6 +41,7 @@ from sidecar.xds.convert import XdsError
 
 if TYPE_CHECKING:
     from sidecar.accesslog import AccessLog
+    from sidecar.dns import MeshDns
     from sidecar.registration import Registration
     from sidecar.tracing.export import Tracer
     from sidecar.xds.client import AdsClient
@@ -37,6 +50,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshkeeper.sidecar")
 
 BOUND_LISTENERS = (xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER)
+# Transparent mode's listeners (DESIGN §10): accepted only from a sidecar with --interception redirect.
+TRANSPARENT_LISTENERS = (xds.VIRTUAL_OUTBOUND_LISTENER, xds.DNS_LISTENER)
 
 
 class RuntimeLayer:
@@ -93,6 +108,15 @@ class SidecarRuntime:
             rt.access_log = access_log
             rt.set_tracing(tracer, None)
         self.listeners: list[Listener] = []
+        # Every accepted connection goes through a dispatcher (sidecar.interception.dispatch): in
+        # explicit mode always to the listener's own filter, in transparent mode by its original
+        # destination to a filter chain. Chains have runtimes of their own, kept across updates.
+        self.transparent = node.interception == "redirect"
+        self.dispatch = {name: DispatchHolder(name) for name in BOUND_LISTENERS}
+        self.chain_runtimes: dict[str, ListenerRuntime] = {}
+        self.tcp_runtimes: dict[tuple[str, str], TcpProxyRuntime] = {}
+        self.dns: MeshDns | None = None  # the mesh DNS (transparent mode), started by sidecar.main
+        self.dns_domain = ""
         self.listener_configs: dict[str, ListenerConfig] = {}
         self.route_configs: dict[str, RouteConfig] = {}
         self.ads: AdsClient | None = None
@@ -105,8 +129,10 @@ class SidecarRuntime:
     # ------------------------------------------------------------------ lifecycle
 
     async def start_listeners(self, outbound: socket.socket, inbound: socket.socket) -> None:
-        self.listeners = [await start_listener(self.listener_runtimes[xds.OUTBOUND_LISTENER], outbound),
-                          await start_listener(self.listener_runtimes[xds.INBOUND_LISTENER], inbound)]
+        self.listeners = []
+        for name, sock in ((xds.OUTBOUND_LISTENER, outbound), (xds.INBOUND_LISTENER, inbound)):
+            server = await dispatch.serve(self.dispatch[name], sock, DEFAULT_BACKLOG)
+            self.listeners.append(Listener(self.listener_runtimes[name], server, sock))
 
     async def drain(self, delay: float, limit: float) -> bool:
         """Drain like Istio's terminationDrainDuration, then Envoy's drain.
@@ -117,11 +143,16 @@ class SidecarRuntime:
         requests get up to ``limit`` seconds before the rest are reset.
         """
         self.draining = True
-        for rt in self.listener_runtimes.values():
+        chains = list(self.chain_runtimes.values())
+        for rt in (*self.listener_runtimes.values(), *chains):
             rt.start_draining()
         if delay > 0:
             await asyncio.sleep(delay)
-        results = await asyncio.gather(*(lst.drain(limit) for lst in self.listeners))
+        results = await asyncio.gather(*(lst.drain(limit) for lst in self.listeners),
+                                       *(rt.wait_idle(limit) for rt in chains))
+        for rt, finished in zip(chains, results[len(self.listeners):], strict=True):
+            if not finished:
+                rt.abort_all()
         return all(results)
 
     # ------------------------------------------------------------------ ConfigSink
@@ -142,13 +173,24 @@ class SidecarRuntime:
             self.lrs.sync()
 
     def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None:
-        unknown = sorted(set(listeners) - set(BOUND_LISTENERS))
+        known = (*BOUND_LISTENERS, *TRANSPARENT_LISTENERS) if self.transparent else BOUND_LISTENERS
+        unknown = sorted(set(listeners) - set(known))
         if unknown:
-            raise XdsError(f"listener {unknown[0]!r}: this sidecar binds only {', '.join(BOUND_LISTENERS)}")
+            raise XdsError(f"listener {unknown[0]!r}: this sidecar binds only {', '.join(known)}"
+                           + ("" if self.transparent else " (transparent mode's listeners need --interception redirect)"))
+        for name in BOUND_LISTENERS:
+            cfg = listeners.get(name)
+            if cfg is not None and cfg.transparent is not None and not self.transparent:
+                raise XdsError(f"listener {name!r}: original_dst needs --interception redirect")
         routers = self._routers(listeners, self.route_configs)
         buckets = self._rate_limits(listeners)
+        plan = self._plan_dispatch(listeners)  # raises before anything changed
+        dns_table = self._dns_table(listeners.get(xds.DNS_LISTENER))
         self.listener_configs = dict(listeners)
         self._swap(routers)
+        self._swap_dispatch(*plan)
+        if dns_table is not None and self.dns is not None:
+            self.dns.set_table(dns_table)
         for name, bucket in buckets.items():
             cfg = listeners.get(name)
             self.listener_runtimes[name].set_tracing(self.tracer, cfg.trace_sample_ratio if cfg is not None else None)
@@ -194,10 +236,117 @@ class SidecarRuntime:
         for name, router in routers.items():
             self.listener_runtimes[name].router = router
 
+    # ------------------------------------------------------------------ dispatch (transparent mode)
+
+    def _plan_dispatch(self, listeners: dict[str, ListenerConfig]):
+        """The dispatch tables of the bound listeners, with the chain and tcp_proxy runtimes they
+        use (new ones built, kept ones reused); raises ValueError before anything is swapped."""
+        chain_rts: dict[str, tuple[ListenerRuntime, Router, ListenerConfig]] = {}
+        tcp_rts: dict[tuple[str, str], TcpProxyRuntime] = {}
+        tables: dict[str, DispatchTable] = {}
+
+        def http_target(name: str, cfg: ListenerConfig) -> Target:
+            rt = self.chain_runtimes.get(name) or self._chain_runtime(name)
+            chain_rts[name] = (rt, Router(cfg.route_config), cfg)
+            return Target(name, http=rt)
+
+        def tcp_target(name: str, route: TcpRoute, local: bool = False) -> Target:
+            choices = []
+            for wc in route.clusters:
+                key = (route.stat_prefix or name, wc.name)
+                cfg = TcpProxyConfig(stat_prefix=key[0], cluster=wc.name, idle_timeout=route.idle_timeout)
+                rt = tcp_rts.get(key) or self.tcp_runtimes.get(key) or TcpProxyRuntime(cfg, self.clusters)
+                if rt.config != cfg:
+                    rt.set_config(cfg)
+                tcp_rts[key] = rt
+                cluster = self.clusters.get(wc.name)
+                original = cluster is not None and cluster.config.discovery == DISCOVERY_ORIGINAL_DST
+                choices.append((rt, wc.weight, original))
+            return Target(name, tcp=tuple(choices), local_passthrough=local)
+
+        def chain_target(chain: FilterChain, local: bool = False) -> Target:
+            if chain.http is not None:
+                if chain.http.route_config is None:
+                    raise XdsError(f"filter chain {chain.name!r}: its HTTP connection manager needs an inline route_config")
+                return http_target(chain.name, chain.http)
+            return tcp_target(chain.name, chain.tcp, local)
+
+        virtual = listeners.get(xds.VIRTUAL_OUTBOUND_LISTENER)
+        for name in BOUND_LISTENERS:
+            cfg = listeners.get(name)
+            if cfg is None:
+                tables[name] = DispatchTable()
+                continue
+            main = tcp_target(name, cfg.tcp) if cfg.tcp is not None else Target(name, http=self.listener_runtimes[name])
+            t = cfg.transparent
+            if t is None:
+                tables[name] = DispatchTable(main=main)
+                continue
+            exact: dict[tuple[str, int], Target] = {}
+            any_port: dict[str, Target] = {}
+            if name == xds.OUTBOUND_LISTENER and virtual is not None:
+                for chain in virtual.chains:
+                    target = chain_target(chain)
+                    if chain.port:
+                        exact[(chain.address, chain.port)] = target
+                    else:
+                        any_port[chain.address] = target
+            default = None
+            if t.default_chain is not None:
+                default = chain_target(t.default_chain, local=name == xds.INBOUND_LISTENER)
+            tables[name] = DispatchTable(main=main, explicit_port=t.explicit_port, exact=MappingProxyType(exact),
+                                         any_port=MappingProxyType(any_port), default=default)
+        return tables, chain_rts, tcp_rts
+
+    def _chain_runtime(self, name: str) -> ListenerRuntime:
+        rt = ListenerRuntime(name, self.clusters)
+        rt.service, rt.namespace = self.node.service, self.node.namespace
+        rt.access_log = self.access_log
+        if self.draining:
+            rt.start_draining()
+        return rt
+
+    def _swap_dispatch(self, tables, chain_rts, tcp_rts) -> None:
+        for rt, router, cfg in chain_rts.values():
+            rt.router = router
+            rt.set_tracing(self.tracer, cfg.trace_sample_ratio)
+            rt.set_limits(rt.rate_limit_for(cfg.rate_limit), cfg.request_headers_timeout, cfg.idle_timeout)
+        self.chain_runtimes = {name: rt for name, (rt, _, _) in chain_rts.items()}
+        for key, rt in self.tcp_runtimes.items():
+            if key not in tcp_rts:
+                rt.close()
+        self.tcp_runtimes = tcp_rts
+        for name, table in tables.items():
+            self.dispatch[name].table = table
+
+    def _dns_table(self, cfg: ListenerConfig | None):
+        """The mesh DNS's table from the ``dns`` listener: its names, and the qualified ones
+        (``<svc>.<ns>``) also under ``--dns-domain``. None: no table (no listener, or no DNS)."""
+        if cfg is None or cfg.dns is None or self.dns is None:
+            return None
+        from sidecar.dns import DnsTable
+
+        names = dict(cfg.dns.names)
+        if self.dns_domain:
+            for name, addresses in cfg.dns.names.items():
+                if "." in name:
+                    names.setdefault(f"{name}.{self.dns_domain}", addresses)
+        try:
+            return DnsTable(names)
+        except ValueError as exc:
+            raise XdsError(f"listener {xds.DNS_LISTENER!r}: {exc}") from None
+
     # ------------------------------------------------------------------ views
 
     def clusters_view(self) -> list[dict[str, Any]]:
         return self.clusters.admin_view()
 
     def listeners_view(self) -> list[dict[str, Any]]:
-        return [rt.admin_view() for rt in self.listener_runtimes.values()]
+        out = [rt.admin_view() for rt in (*self.listener_runtimes.values(), *self.chain_runtimes.values())]
+        for holder in self.dispatch.values():
+            out.append({"name": f"{holder.name} (original destination)", "draining": self.draining,
+                        "stats": holder.stats.snapshot()})
+        for (prefix, cluster), rt in sorted(self.tcp_runtimes.items()):
+            out.append({"name": f"tcp_proxy {prefix} -> {cluster}", "draining": self.draining,
+                        "stats": rt.stats.snapshot()})
+        return out

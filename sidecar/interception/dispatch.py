@@ -1,0 +1,158 @@
+"""Transparent mode's accept path: the filter chain of a connection, by its original destination.
+
+A listener in transparent mode (``--interception redirect``) serves its socket with
+:class:`Dispatcher`: on accept it reads the connection's original destination (SO_ORIGINAL_DST,
+Envoy's ``original_dst`` listener filter), picks a :class:`Target` from the current
+:class:`DispatchTable` and hands the transport to that target's protocol (``set_protocol``), so
+the connection costs one lookup and nothing per byte afterwards:
+
+* not redirected (the app dialled the sidecar's port itself, explicit mode) or redirected to the
+  listener's ``explicit_port`` (the inbound listener's app port): the listener's own filter
+  (``main``: its HTTP connection manager, or tcp_proxy);
+* else the first of: a chain for that address and port (a registered instance), a chain for that
+  address on any port (a service VIP), the listener's default chain (``PassthroughCluster``,
+  ``BlackHoleCluster``, or for the inbound listener ``InboundPassthroughCluster``);
+* nothing at all (no config yet): the connection is closed and counted.
+
+An HTTP target is an :class:`~sidecar.proxy.http.HttpConnectionManager` on the chain's listener
+runtime, told the original destination (ORIGINAL_DST clusters send there). A TCP target is a
+:class:`~sidecar.l4.proxy.TcpProxy`: for an ORIGINAL_DST cluster it connects to the original
+destination (``local_passthrough``: to the same port on 127.0.0.1, the inbound case, so that the
+proxy's own connection to the app is not captured again), else it balances over the cluster.
+Weighted clusters of a tcp_proxy are chosen per connection by weight.
+
+The table is built by :mod:`sidecar.runtime` on every LDS update and swapped whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from sidecar.interception.original_dst import original_dst
+from sidecar.l4 import TcpProxy, TcpProxyRuntime
+from sidecar.proxy.http import HttpConnectionManager
+from sidecar.proxy.listener import ListenerRuntime
+
+LOOPBACK = "127.0.0.1"
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a connection goes: an HCM on ``http``, or a tcp_proxy over ``tcp`` (runtime, weight,
+    whether its cluster is ORIGINAL_DST)."""
+
+    name: str
+    http: ListenerRuntime | None = None
+    tcp: tuple[tuple[TcpProxyRuntime, int, bool], ...] = ()
+    local_passthrough: bool = False
+
+    def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
+        if self.http is not None:
+            hcm = HttpConnectionManager(self.http)
+            hcm.original_dst = dst
+            return hcm
+        runtime, original = self._choose(rand)
+        if not original or dst is None:
+            return TcpProxy(runtime)
+        return TcpProxy(runtime, original_dst=(LOOPBACK, dst[1]) if self.local_passthrough else dst)
+
+    def _choose(self, rand: Callable[[], float]) -> tuple[TcpProxyRuntime, bool]:
+        choices = self.tcp
+        if len(choices) == 1:
+            return choices[0][0], choices[0][2]
+        point = rand() * sum(w for _, w, _ in choices)
+        for runtime, weight, original in choices:
+            point -= weight
+            if point < 0:
+                return runtime, original
+        return choices[-1][0], choices[-1][2]
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchTable:
+    main: Target | None = None
+    explicit_port: int = 0
+    exact: Mapping[tuple[str, int], Target] = field(default_factory=lambda: _EMPTY)
+    any_port: Mapping[str, Target] = field(default_factory=lambda: _EMPTY)
+    default: Target | None = None
+
+    def target(self, dst: tuple[str, int] | None, local: tuple[str, int]) -> tuple[Target | None, bool]:
+        """(the target, whether the connection was redirected)."""
+        if dst is None or dst == local or dst[1] == self.explicit_port:
+            return self.main, False
+        got = self.exact.get(dst)
+        if got is None:
+            got = self.any_port.get(dst[0], self.default)
+        return got, True
+
+
+class DispatchStats:
+    __slots__ = ("redirected", "not_redirected", "no_chain")
+
+    def __init__(self) -> None:
+        self.redirected = 0
+        self.not_redirected = 0
+        self.no_chain = 0  # no table yet, or no chain and no default: closed
+
+    def snapshot(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class DispatchHolder:
+    """The current table of one listener (swapped whole by the xDS layer) and its counters."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.table = DispatchTable()
+        self.stats = DispatchStats()
+        self.random: Callable[[], float] = random.random
+
+
+class Dispatcher(asyncio.Protocol):
+    """Installed per accepted connection; replaces itself with the target's protocol at once."""
+
+    __slots__ = ("_holder",)
+
+    def __init__(self, holder: DispatchHolder) -> None:
+        self._holder = holder
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        holder = self._holder
+        sock = transport.get_extra_info("socket")
+        try:
+            dst = original_dst(sock) if sock is not None else None
+            local = sock.getsockname()[:2] if sock is not None else ("", 0)
+        except OSError:  # the peer is already gone
+            transport.abort()
+            return
+        target, redirected = holder.table.target(dst, local)
+        if target is None:
+            holder.stats.no_chain += 1
+            transport.abort()
+            return
+        if redirected:
+            holder.stats.redirected += 1
+        else:
+            holder.stats.not_redirected += 1
+        proto = target.protocol(dst if redirected else None, holder.random)
+        transport.set_protocol(proto)
+        proto.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:  # never: the target's protocol took over
+        pass
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        pass
+
+
+async def serve(holder: DispatchHolder, sock, backlog: int) -> asyncio.AbstractServer:
+    """Serve a bound socket with :class:`Dispatcher` (it listens from now on)."""
+    loop = asyncio.get_running_loop()
+    sock.setblocking(False)
+    return await loop.create_server(lambda: Dispatcher(holder), sock=sock, backlog=backlog)
