@@ -36,6 +36,7 @@ from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
+from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.matcher.v3 import string_pb2
@@ -66,6 +67,7 @@ ROUTE_TIMEOUT_S = 15  # DESIGN §3 policy default timeout_ms (Envoy's route time
 LOCAL_APP_HOST = "127.0.0.1"
 OUTBOUND_BIND = "127.0.0.1"
 HCM_FILTER = "envoy.filters.network.http_connection_manager"
+TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
 ROUTER_FILTER = xds.ROUTER_FILTER
 # Both listeners. Envoy has no request_headers_timeout by default; 10 s keeps a slowloris client
 # from holding a connection open by trickling its request head.
@@ -501,6 +503,16 @@ def inbound_listener(host: str, port: int, app_port: int,
     return _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
 
 
+def inbound_tcp_listener(host: str, port: int, app_port: int) -> listener_pb2.Listener:
+    """The inbound listener of a ``tcp`` service: ``tcp_proxy`` to the local app (an L7 listener
+    would answer a thrift client with an HTTP 400)."""
+    proxy = tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=xds.inbound_cluster(app_port))
+    return listener_pb2.Listener(
+        name=xds.INBOUND_LISTENER, address=_socket(host, port), traffic_direction=base_pb2.INBOUND,
+        filter_chains=[listener_components_pb2.FilterChain(filters=[
+            listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_pack(proxy))])])
+
+
 def inbound_cluster(app_port: int) -> cluster_pb2.Cluster:
     name = xds.inbound_cluster(app_port)
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
@@ -525,7 +537,10 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
     if node.proxyless:
         return out
     out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port, policy.tracing)
-    if node.app_port:
+    if node.app_port and node.protocol == "tcp":
+        out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_tcp_listener(node.advertise_host, node.inbound_port,
+                                                                       node.app_port)
+    elif node.app_port:
         out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_listener(
             node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit, policy.tracing)
         cluster = inbound_cluster(node.app_port)

@@ -23,10 +23,13 @@ In Envoy's vocabulary, as Istio lays it out:
 * The node's ``outbound`` listener (:func:`controlplane.translate.outbound_listener`) gets the
   ``original_dst`` listener filter, its HCM chain matched on its own port (apps that dial 15001
   themselves), and a ``default_filter_chain``: ``tcp_proxy`` to ``PassthroughCluster`` under
-  ``allow_any``, to ``BlackHoleCluster`` under ``registry_only``.
+  ``allow_any``, to ``BlackHoleCluster`` under ``registry_only``. Its ``inbound`` listener gets
+  the same filter, its own chain matched on the app's port, and a default chain to
+  ``InboundPassthroughCluster``: the pod's other ports reach the app unchanged (the sidecar dials
+  them on 127.0.0.1, so that its own connection is not captured again).
 
-* Clusters ``PassthroughCluster`` (ORIGINAL_DST, ``CLUSTER_PROVIDED``) and ``BlackHoleCluster``
-  (STATIC, no endpoints), Istio's names.
+* Clusters ``PassthroughCluster``, ``InboundPassthroughCluster`` (ORIGINAL_DST,
+  ``CLUSTER_PROVIDED``) and ``BlackHoleCluster`` (STATIC, no endpoints), Istio's names.
 
 * Listener ``dns`` (UDP): ``envoy.filters.udp.dns_filter`` with an inline DnsTable: ``<svc>`` and
   ``<svc>.<ns>`` of every service of the namespace with a VIP. The sidecar adds its own
@@ -59,7 +62,7 @@ from meshkeeper import xds
 from meshkeeper.policy import Policy
 from meshkeeper.xds import NodeInfo
 
-TCP_PROXY_FILTER = "envoy.filters.network.tcp_proxy"
+TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
 DNS_TTL_S = 30
 DNS_PORT = 15053  # informational: the sidecar binds --dns-port
@@ -175,6 +178,7 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
         address=tr._socket("0.0.0.0", 0), bind_to_port=wrappers_pb2.BoolValue(value=False))
     clusters: dict[str, Message] = {
         xds.PASSTHROUGH_CLUSTER: original_dst_cluster(xds.PASSTHROUGH_CLUSTER),
+        xds.INBOUND_PASSTHROUGH_CLUSTER: original_dst_cluster(xds.INBOUND_PASSTHROUGH_CLUSTER),
         xds.BLACKHOLE_CLUSTER: blackhole_cluster(),
     }
     for name, svc in sorted(snapshot.services(namespace).items()):
@@ -188,15 +192,15 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
     })
 
 
-def redirect_outbound(listener: listener_pb2.Listener, port: int, outbound_policy: str) -> listener_pb2.Listener:
-    """Make a node's ``outbound`` listener a transparent one (see the module docstring); returns it."""
+def redirect(listener: listener_pb2.Listener, port: int, default_cluster: str) -> listener_pb2.Listener:
+    """Make a node's bound listener a transparent one (see the module docstring): the
+    ``original_dst`` filter, its own chain for ``port``, the rest to ``default_cluster``."""
     listener.listener_filters.add(name=xds.ORIGINAL_DST_FILTER,
                                   typed_config=tr._pack(original_dst_pb2.OriginalDst()))
     listener.filter_chains[0].filter_chain_match.destination_port.value = port
-    listener.filter_chains[0].name = "explicit"
-    target = xds.PASSTHROUGH_CLUSTER if outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
+    listener.filter_chains[0].name = "explicit" if listener.name == xds.OUTBOUND_LISTENER else "app"
     listener.default_filter_chain.CopyFrom(listener_components_pb2.FilterChain(
-        name=target, filters=[_tcp_proxy(target, None, target)]))
+        name=default_cluster, filters=[_tcp_proxy(default_cluster, None, default_cluster)]))
     return listener
 
 
@@ -204,9 +208,15 @@ def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
     """:func:`controlplane.translate.node_resources`, with the ``outbound`` listener made a
     transparent one for a redirect-mode node."""
     out = tr.node_resources(node, policy)
+    if node.interception != "redirect":
+        return out
     outbound = out[xds.LISTENER].get(xds.OUTBOUND_LISTENER)
-    if node.interception == "redirect" and outbound is not None:
-        out[xds.LISTENER][xds.OUTBOUND_LISTENER] = redirect_outbound(outbound, node.outbound_port, node.outbound_policy)
+    if outbound is not None:
+        target = xds.PASSTHROUGH_CLUSTER if node.outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
+        redirect(outbound, node.outbound_port, target)
+    inbound = out[xds.LISTENER].get(xds.INBOUND_LISTENER)
+    if inbound is not None:  # the app's port through the inbound filter; other ports of the pod passed through
+        redirect(inbound, node.app_port, xds.INBOUND_PASSTHROUGH_CLUSTER)
     return out
 
 

@@ -55,6 +55,7 @@ VIRTUAL_OUTBOUND_LISTENER = "virtual_outbound"
 DNS_LISTENER = "dns"
 PASSTHROUGH_CLUSTER = "PassthroughCluster"  # ORIGINAL_DST: to wherever the app dialled (allow_any)
 BLACKHOLE_CLUSTER = "BlackHoleCluster"  # no endpoints: refused and counted (registry_only)
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughCluster"  # the pod's other ports, to the app unchanged
 TCP_PROXY = "type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy"
 DNS_FILTER = "type.googleapis.com/envoy.extensions.filters.udp.dns_filter.v3.DnsFilterConfig"
 ORIGINAL_DST_FILTER = "envoy.filters.listener.original_dst"

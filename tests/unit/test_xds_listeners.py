@@ -41,7 +41,9 @@ def test_the_control_planes_transparent_listeners_convert_whole():
     assert (direct.address, direct.port, direct.http) == ("10.1.0.4", 9090, None)
     assert direct.tcp.clusters == (WeightedCluster("passthrough|orders.default", 1),)
     assert got[xds.DNS_LISTENER].dns.names["catalog.default"] == ("240.240.0.7",)
-    assert got[xds.INBOUND_LISTENER].transparent is None
+    inbound = got[xds.INBOUND_LISTENER].transparent
+    assert inbound.explicit_port == REDIRECT.app_port  # the app's port through the inbound HCM ...
+    assert inbound.default_chain.tcp.clusters[0].name == xds.INBOUND_PASSTHROUGH_CLUSTER  # ... the rest passed
 
 
 def test_registry_only_sends_the_rest_to_the_black_hole():
