@@ -8,8 +8,8 @@ other and the host over the bridge, nothing else: the host does not route for th
 off on every interface made here, so no traffic leaves 10.241.<x>.0/24.
 
 ``x`` is the first byte of the 4-hex ``suffix`` and is claimed by an ``flock`` on
-``/run/meshkeeper-pods/<x>.lock`` held for the network's lifetime, so parallel runs never share a
-subnet. A leftover with our prefixes whose lock nobody holds belongs to a crashed run: it is
+``/run/meshkeeper-pods/<x>.lock`` held for the network's lifetime (and unlinked before it is
+released), so parallel runs never share a subnet. A leftover with our prefixes whose lock nobody holds belongs to a crashed run: it is
 removed (processes, namespaces, veths, bridge, /etc/netns files, firewall rules) before a network
 starts (:func:`sweep_stale`). :meth:`PodNetwork.close` removes everything of its own the same way,
 whatever happened in the test (an exception, KeyboardInterrupt).
@@ -84,6 +84,7 @@ PROXY_UID = 1337
 BRIDGE_PREFIX, VETH_PREFIX, NETNS_PREFIX = "mkbr", "mkv", "mkpod-"
 RULE_TAG = "meshkeeper-pods-"
 STATE_DIR = Path("/run/meshkeeper-pods")
+ETC_NETNS = Path("/etc/netns")
 SUPERNET = ipaddress.ip_network("10.241.0.0/16")
 # 10.241.83/84.0/24 are tests/integration/test_iptables_netns.py's (isolated, but keep apart).
 RESERVED_X = frozenset({0, 83, 84, 255})
@@ -136,15 +137,39 @@ def _probe() -> str | None:
 
 
 def _try_lock(x: int) -> int | None:
-    """An fd holding the exclusive lock on subnet ``x``, or None when another network holds it."""
-    STATE_DIR.mkdir(mode=0o755, exist_ok=True)
-    fd = os.open(STATE_DIR / f"{x}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
+    """An fd holding the exclusive lock on subnet ``x``, or None when another network holds it.
+
+    The holder unlinks the lock file before releasing it (:func:`_unlock`), so a lock taken on a
+    file that is no longer the one at the path is worthless: compare inodes after locking.
+    """
+    path = STATE_DIR / f"{x}.lock"
+    for _ in range(5):
+        STATE_DIR.mkdir(mode=0o755, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except FileNotFoundError:  # the directory was just removed by a closing network
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)  # locked a file its holder had just unlinked: try the path again
+    return None
+
+
+def _unlock(x: int, fd: int) -> None:
+    """Remove the lock file of ``x`` (and the state directory when empty), then release the lock."""
+    with contextlib.suppress(FileNotFoundError):
+        (STATE_DIR / f"{x}.lock").unlink()
+    with contextlib.suppress(OSError):
+        STATE_DIR.rmdir()
+    os.close(fd)
 
 
 def _our_rules(suffix: str | None = None) -> list[tuple[str, list[str]]]:
@@ -170,7 +195,7 @@ def leftovers() -> dict[str, list[str]]:
         name = line.split()[0] if line.strip() else ""
         if (m := _NAMES.match(name)) and m.group("n"):
             found.setdefault(m.group("n"), []).append(f"netns:{name}")
-    for path in Path("/etc/netns").glob(f"{NETNS_PREFIX}*") if Path("/etc/netns").is_dir() else ():
+    for path in ETC_NETNS.glob(f"{NETNS_PREFIX}*") if ETC_NETNS.is_dir() else ():
         if (m := _NAMES.match(path.name)) and m.group("n"):
             found.setdefault(m.group("n"), []).append(f"etc:{path}")
     for path in STATE_DIR.glob("????") if STATE_DIR.is_dir() else ():
@@ -229,7 +254,10 @@ def sweep_stale(held_x: int | None = None) -> list[str]:
             removed.append(suffix)
         finally:
             if fd is not None:
-                os.close(fd)
+                _unlock(x, fd)
+    if removed:  # a crashed run's set_resolv_conf may have made /etc/netns: remove it when empty
+        with contextlib.suppress(OSError):
+            ETC_NETNS.rmdir()
     return removed
 
 
@@ -421,7 +449,7 @@ class Pod:
 
     def set_resolv_conf(self, nameservers: Sequence[str], search: Sequence[str] = ()) -> Path:
         """Write /etc/netns/<ns>/resolv.conf: processes started afterwards see it as /etc/resolv.conf."""
-        directory = Path("/etc/netns") / self.netns
+        directory = ETC_NETNS / self.netns
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "resolv.conf"
         lines = [f"nameserver {ns}" for ns in nameservers] + ([f"search {' '.join(search)}"] if search else [])
@@ -505,7 +533,8 @@ class PodNetwork:
         self.host_ip = ""
         self.subnet: ipaddress.IPv4Network | None = None
         self.uid_prelude = ""
-        self._lock_fd: int | None = None
+        self._lock: tuple[int, int] | None = None  # (x, fd) of the subnet lock
+        self._etc_netns_existed = True
 
     def __enter__(self) -> PodNetwork:
         return self.open()
@@ -518,6 +547,7 @@ class PodNetwork:
         reason = unavailable_reason()
         if reason:
             raise PodNetworkUnavailable(reason)
+        self._etc_netns_existed = ETC_NETNS.is_dir()
         try:
             self._claim_subnet()
             self._make_bridge()
@@ -535,7 +565,7 @@ class PodNetwork:
             if any(subnet.overlaps(net) for net in in_use):
                 continue
             if (fd := _try_lock(x)) is not None:
-                self._lock_fd = fd
+                self._lock = (x, fd)
                 sweep_stale(held_x=x)
                 self.suffix, self.subnet = f"{x:02x}{secrets.randbelow(256):02x}", subnet
                 self.bridge, self.host_ip = f"{BRIDGE_PREFIX}{self.suffix}", str(subnet[1])
@@ -638,9 +668,12 @@ class PodNetwork:
                 step()
             except BaseException as exc:  # finish the teardown, report afterwards
                 pending = pending or exc
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if not self._etc_netns_existed:  # set_resolv_conf made it; leave it as we found it
+            with contextlib.suppress(OSError):
+                ETC_NETNS.rmdir()
+        if self._lock is not None:
+            _unlock(*self._lock)
+            self._lock = None
         self.pods.clear()
         if pending is not None:
             raise pending
