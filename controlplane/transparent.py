@@ -170,6 +170,13 @@ def dns_listener(table: dns_table_pb2.DnsTable) -> listener_pb2.Listener:
         listener_filters=[listener_components_pb2.ListenerFilter(name=DNS_FILTER_NAME, typed_config=tr._pack(config))])
 
 
+# Every sidecar's: where traffic for no known service goes, by its outbound policy.
+POLICY_CLUSTERS: MappingProxyType = MappingProxyType({
+    xds.PASSTHROUGH_CLUSTER: original_dst_cluster(xds.PASSTHROUGH_CLUSTER),
+    xds.BLACKHOLE_CLUSTER: blackhole_cluster(),
+})
+
+
 @lru_cache(maxsize=16)
 def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingProxyType:
     """Type URL -> name -> message: what every redirect-mode sidecar of ``namespace`` adds."""
@@ -177,9 +184,7 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
         name=xds.VIRTUAL_OUTBOUND_LISTENER, traffic_direction=base_pb2.OUTBOUND,
         address=tr._socket("0.0.0.0", 0), bind_to_port=wrappers_pb2.BoolValue(value=False))
     clusters: dict[str, Message] = {
-        xds.PASSTHROUGH_CLUSTER: original_dst_cluster(xds.PASSTHROUGH_CLUSTER),
         xds.INBOUND_PASSTHROUGH_CLUSTER: original_dst_cluster(xds.INBOUND_PASSTHROUGH_CLUSTER),
-        xds.BLACKHOLE_CLUSTER: blackhole_cluster(),
     }
     for name, svc in sorted(snapshot.services(namespace).items()):
         listener.filter_chains.extend(service_chains(svc, snapshot.vip(namespace, name)))
@@ -199,21 +204,29 @@ def redirect(listener: listener_pb2.Listener, port: int, default_cluster: str) -
                                   typed_config=tr._pack(original_dst_pb2.OriginalDst()))
     listener.filter_chains[0].filter_chain_match.destination_port.value = port
     listener.filter_chains[0].name = "explicit" if listener.name == xds.OUTBOUND_LISTENER else "app"
-    listener.default_filter_chain.CopyFrom(listener_components_pb2.FilterChain(
-        name=default_cluster, filters=[_tcp_proxy(default_cluster, None, default_cluster)]))
+    listener.default_filter_chain.CopyFrom(default_chain(default_cluster))
     return listener
 
 
+def default_chain(cluster: str) -> listener_components_pb2.FilterChain:
+    return listener_components_pb2.FilterChain(name=cluster, filters=[_tcp_proxy(cluster, None, cluster)])
+
+
 def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
-    """:func:`controlplane.translate.node_resources`, with the ``outbound`` listener made a
-    transparent one for a redirect-mode node."""
+    """:func:`controlplane.translate.node_resources`, with the outbound policy: every sidecar's
+    ``outbound`` listener gets a default chain to ``PassthroughCluster`` or ``BlackHoleCluster``
+    (in explicit mode it serves proxy requests, absolute-form or CONNECT, for hosts outside the
+    mesh), and both clusters; a redirect-mode node's listeners are made transparent ones."""
     out = tr.node_resources(node, policy)
-    if node.interception != "redirect":
-        return out
     outbound = out[xds.LISTENER].get(xds.OUTBOUND_LISTENER)
-    if outbound is not None:
-        target = xds.PASSTHROUGH_CLUSTER if node.outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
-        redirect(outbound, node.outbound_port, target)
+    if outbound is None:  # a proxyless client
+        return out
+    target = xds.PASSTHROUGH_CLUSTER if node.outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
+    out[xds.CLUSTER].update(POLICY_CLUSTERS)
+    if node.interception != "redirect":
+        outbound.default_filter_chain.CopyFrom(default_chain(target))
+        return out
+    redirect(outbound, node.outbound_port, target)
     inbound = out[xds.LISTENER].get(xds.INBOUND_LISTENER)
     if inbound is not None:  # the app's port through the inbound filter; other ports of the pod passed through
         redirect(inbound, node.app_port, xds.INBOUND_PASSTHROUGH_CLUSTER)

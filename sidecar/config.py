@@ -275,10 +275,13 @@ class TransparentConfig:
     """What makes a bound listener a transparent one (DESIGN §10): it reads each connection's
     original destination; the HCM of the listener serves connections dialled to ``explicit_port``
     (apps that dial the sidecar themselves), the others are matched against the chains of
-    ``virtual_outbound``, and what matches none goes to ``default_chain``."""
+    ``virtual_outbound``, and what matches none goes to ``default_chain``. Without
+    ``original_dst`` (explicit mode) only ``default_chain`` is set: the outbound policy, which
+    the HCM applies to proxy requests (absolute-form, CONNECT) for hosts outside the mesh."""
 
     explicit_port: int = 0
     default_chain: FilterChain | None = None
+    original_dst: bool = True  # False: explicit mode, only the default chain (the outbound policy)
 
 
 @dataclass(frozen=True, slots=True)

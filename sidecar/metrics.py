@@ -69,7 +69,7 @@ class SidecarCollector:
             "meshkeeper_requests", "Responses by listener, route, cluster and status class (route and cluster "
             "are empty for requests answered before routing, such as 429 RL and 404 NR)",
             labels=["listener", "route", "cluster", "code_class"])
-        for lrt in rt.listener_runtimes.values():
+        for lrt in (*rt.listener_runtimes.values(), *rt.chain_runtimes.values()):
             downstream_time.add_metric([lrt.name], lrt.rq_time.buckets(), lrt.rq_time.sum)
             for (route, cluster), counts in sorted(lrt.route_stats.items()):
                 for i, n in enumerate(counts):
@@ -112,6 +112,12 @@ class SidecarCollector:
                     fam = down[stat] = kind(mname, f"Envoy-style listener statistic {stat}", labels=["listener"])
                 fam.add_metric([listener["name"]], value)
         yield from down.values()
+
+        dns = rt.dns
+        if dns is not None:  # the mesh DNS (transparent mode): its Envoy dns_filter-style counters
+            for stat, value in dns.snapshot().items():
+                kind = GaugeMetricFamily if _is_gauge(stat) else CounterMetricFamily
+                yield kind(f"meshkeeper_dns_{stat}", f"Mesh DNS statistic {stat}", value=value)
 
         ads = rt.ads
         if ads is not None:

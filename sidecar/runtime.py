@@ -180,7 +180,7 @@ class SidecarRuntime:
                            + ("" if self.transparent else " (transparent mode's listeners need --interception redirect)"))
         for name in BOUND_LISTENERS:
             cfg = listeners.get(name)
-            if cfg is not None and cfg.transparent is not None and not self.transparent:
+            if cfg is not None and cfg.transparent is not None and cfg.transparent.original_dst and not self.transparent:
                 raise XdsError(f"listener {name!r}: original_dst needs --interception redirect")
         routers = self._routers(listeners, self.route_configs)
         buckets = self._rate_limits(listeners)
@@ -279,7 +279,7 @@ class SidecarRuntime:
                 continue
             main = tcp_target(name, cfg.tcp) if cfg.tcp is not None else Target(name, http=self.listener_runtimes[name])
             t = cfg.transparent
-            if t is None:
+            if t is None or not t.original_dst:
                 tables[name] = DispatchTable(main=main)
                 continue
             exact: dict[tuple[str, int], Target] = {}
@@ -318,6 +318,11 @@ class SidecarRuntime:
         self.tcp_runtimes = tcp_rts
         for name, table in tables.items():
             self.dispatch[name].table = table
+        for name in BOUND_LISTENERS:
+            cfg = self.listener_configs.get(name)
+            default = cfg.transparent.default_chain if cfg is not None and cfg.transparent is not None else None
+            self.listener_runtimes[name].default_cluster = (
+                default.tcp.clusters[0].name if default is not None and default.tcp is not None else None)
 
     def _dns_table(self, cfg: ListenerConfig | None):
         """The mesh DNS's table from the ``dns`` listener: its names, and the qualified ones

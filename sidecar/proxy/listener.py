@@ -115,6 +115,10 @@ class ListenerRuntime:
         self.service = ""  # the mesh attributes of spans
         self.namespace = ""
         self.rq_time = Histogram()  # downstream request time: first byte in to last byte out
+        # The cluster of the listener's default filter chain (the outbound policy: PassthroughCluster
+        # or BlackHoleCluster), for proxy requests (absolute-form, CONNECT) to hosts outside the
+        # mesh; None: no default chain, such requests get 404 NR.
+        self.default_cluster: str | None = None
         # Responses by (route name, cluster name) and status class 1xx..5xx; a route never seen
         # has no entry. Names are bounded by the config, never by requests.
         self.route_stats: dict[tuple[str, str], list[int]] = {}

@@ -51,7 +51,7 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
 def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
     _only(msg, (*_LISTENER_FIELDS, "listener_filters", "default_filter_chain"), where)
     names = [f.name for f in msg.listener_filters]
-    if names != [xds.ORIGINAL_DST_FILTER]:
+    if names not in ([], [xds.ORIGINAL_DST_FILTER]):
         raise XdsError(f"{where}: listener_filters {names} are not supported (only {xds.ORIGINAL_DST_FILTER})")
     if len(msg.filter_chains) != 1:
         raise XdsError(f"{where}: exactly one filter chain is supported, got {len(msg.filter_chains)}")
@@ -68,7 +68,7 @@ def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
             raise XdsError(f"{where} default_filter_chain: only tcp_proxy is supported")
         default = FilterChain(name=d.name or "default", tcp=got.tcp)
     transparent = TransparentConfig(explicit_port=chain.filter_chain_match.destination_port.value,
-                                    default_chain=default)
+                                    default_chain=default, original_dst=bool(names))
     return replace(config, transparent=transparent)
 
 

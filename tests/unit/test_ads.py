@@ -155,8 +155,8 @@ def test_nothing_is_sent_before_the_first_snapshot_then_ack_is_recorded():
             env.cache.set_snapshot(registry(1, ("10.0.0.1", "v1")))
             resp = await c.recv()
             assert resp.type_url == xds.CLUSTER and resp.nonce
-            assert sorted(names_of(resp)) == ["inbound|8080", "outbound|catalog.default",
-                                              "outbound|catalog.default|v1"]
+            assert sorted(names_of(resp)) == ["BlackHoleCluster", "PassthroughCluster", "inbound|8080",
+                                              "outbound|catalog.default", "outbound|catalog.default|v1"]
             c.ack(resp)
             await env.until(lambda: env.sample("meshkeeper_xds_acks_total", "CDS") == 1)
             [p] = env.proxies.to_json()
@@ -258,8 +258,9 @@ def test_eds_follows_resource_names_and_wildcard_cds_is_complete():
             await c.nothing()  # a name we do not have changes nothing
             c.send(xds.CLUSTER, [])
             cds = await c.recv()
-            assert sorted(names_of(cds)) == ["inbound|8080", "outbound|catalog.default",
-                                             "outbound|catalog.default|v1", "outbound|catalog.default|v2"]
+            assert sorted(names_of(cds)) == ["BlackHoleCluster", "PassthroughCluster", "inbound|8080",
+                                             "outbound|catalog.default", "outbound|catalog.default|v1",
+                                             "outbound|catalog.default|v2"]
             await c.close()
     run(main())
 

@@ -47,13 +47,19 @@ def unpack(msg, filt):
     return msg
 
 
-def test_an_explicit_mode_sidecar_gets_nothing_of_transparent_mode():
+def test_an_explicit_mode_sidecar_gets_only_the_outbound_policy():
     res = transparent.translate(snap(), NODE)
     assert set(res[xds.LISTENER]) == {xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER}
-    assert xds.PASSTHROUGH_CLUSTER not in res[xds.CLUSTER]
-    assert res == tr.translate(snap(), NODE)
+    assert xds.INBOUND_PASSTHROUGH_CLUSTER not in res[xds.CLUSTER]
+    plain = tr.translate(snap(), NODE)
+    assert set(res[xds.CLUSTER]) - set(plain[xds.CLUSTER]) == {xds.PASSTHROUGH_CLUSTER, xds.BLACKHOLE_CLUSTER}
     outbound = res[xds.LISTENER][xds.OUTBOUND_LISTENER]
-    assert not outbound.listener_filters and not outbound.HasField("default_filter_chain")
+    assert not outbound.listener_filters  # no original_dst: apps dial the sidecar
+    proxy = unpack(tcp_proxy_pb2.TcpProxy(), outbound.default_filter_chain.filters[0])
+    assert proxy.cluster == xds.PASSTHROUGH_CLUSTER
+    strict = replace(NODE, outbound_policy="registry_only")
+    outbound = transparent.translate(snap(), strict)[xds.LISTENER][xds.OUTBOUND_LISTENER]
+    assert unpack(tcp_proxy_pb2.TcpProxy(), outbound.default_filter_chain.filters[0]).cluster == xds.BLACKHOLE_CLUSTER
 
 
 def test_a_vip_chain_carries_the_services_own_routes_whatever_the_host():
