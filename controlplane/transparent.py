@@ -219,7 +219,7 @@ def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
     mesh), and both clusters; a redirect-mode node's listeners are made transparent ones."""
     out = tr.node_resources(node, policy)
     outbound = out[xds.LISTENER].get(xds.OUTBOUND_LISTENER)
-    if outbound is None:  # a proxyless client
+    if outbound is None or not node.outbound_policy:  # a proxyless client, or a sidecar that predates this
         return out
     target = xds.PASSTHROUGH_CLUSTER if node.outbound_policy == "allow_any" else xds.BLACKHOLE_CLUSTER
     out[xds.CLUSTER].update(POLICY_CLUSTERS)

@@ -123,7 +123,9 @@ class NodeInfo:
     version: str = ""
     protocol: str = "http"
     interception: str = "none"  # "redirect": transparent mode (DESIGN §10)
-    outbound_policy: str = "allow_any"  # where traffic for no known service goes: allow_any | registry_only
+    # Where traffic for no known service goes: allow_any | registry_only; "" from a sidecar older than
+    # the outbound policy (it would NACK the default chain and the ORIGINAL_DST clusters: it gets neither).
+    outbound_policy: str = "allow_any"
     proxyless: bool = False
 
     META_FIELDS = ("service", "namespace", "app_port", "inbound_port", "outbound_port", "admin_port",
@@ -168,7 +170,7 @@ class NodeInfo:
             version=str(metadata.get("version") or ""),
             protocol=str(metadata.get("protocol") or "http"),
             interception=_one_of(metadata, "interception", INTERCEPTION_MODES),
-            outbound_policy=_one_of(metadata, "outbound_policy", OUTBOUND_POLICIES),
+            outbound_policy=_one_of(metadata, "outbound_policy", OUTBOUND_POLICIES) if "outbound_policy" in metadata else "",
         )
 
 

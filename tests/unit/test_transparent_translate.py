@@ -135,8 +135,11 @@ def test_the_cache_serves_the_same_and_packs_the_namespace_part_once():
 def test_node_metadata_names_the_mode_and_refuses_unknown_values():
     meta = REDIRECT.metadata()
     assert NodeInfo.from_node(REDIRECT.node_id, "web", meta) == REDIRECT
-    assert NodeInfo.from_node(NODE.node_id, "web", {k: v for k, v in meta.items()
-                                                    if k not in ("interception", "outbound_policy")}) == NODE
+    older = NodeInfo.from_node(NODE.node_id, "web", {k: v for k, v in meta.items()
+                                                     if k not in ("interception", "outbound_policy")})
+    assert older == replace(NODE, outbound_policy="")
+    # a sidecar older than the outbound policy gets what it got before (it would NACK the rest)
+    assert transparent.translate(snap(), older) == tr.translate(snap(), older)
     with pytest.raises(ValueError, match="interception"):
         NodeInfo.from_node(NODE.node_id, "web", {**meta, "interception": "tproxy"})
 
