@@ -281,6 +281,8 @@ class SidecarRuntime:
             t = cfg.transparent
             if t is None or not t.original_dst:
                 tables[name] = DispatchTable(main=main)
+                if t is not None and t.default_chain is not None and t.default_chain.tcp is not None:
+                    tcp_target(t.default_chain.name, t.default_chain.tcp)  # its runtime tunnels CONNECT
                 continue
             exact: dict[tuple[str, int], Target] = {}
             any_port: dict[str, Target] = {}
@@ -321,8 +323,13 @@ class SidecarRuntime:
         for name in BOUND_LISTENERS:
             cfg = self.listener_configs.get(name)
             default = cfg.transparent.default_chain if cfg is not None and cfg.transparent is not None else None
-            self.listener_runtimes[name].default_cluster = (
-                default.tcp.clusters[0].name if default is not None and default.tcp is not None else None)
+            if name != xds.OUTBOUND_LISTENER or default is None or default.tcp is None:
+                default = None  # the inbound default chain is the pod's other ports, no policy for proxy requests
+            lrt = self.listener_runtimes[name]
+            lrt.default_cluster = default.tcp.clusters[0].name if default is not None else None
+            # The default chain's tcp_proxy (kept in tcp_runtimes above) tunnels the HCM's CONNECTs.
+            lrt.default_tcp = (tcp_rts.get((default.tcp.stat_prefix or default.name, lrt.default_cluster))
+                               if default is not None else None)
 
     def _dns_table(self, cfg: ListenerConfig | None):
         """The mesh DNS's table from the ``dns`` listener: its names, and the qualified ones

@@ -50,6 +50,13 @@ uvloop's add_reader/add_writer: ``bench/l4_proxy.py --splice``) moved a 100 MB d
 and a pipe of 1 MiB against uvloop's 256 KiB reads straight into its buffer win nothing, and it
 would bypass the transports that flow control, half-close and abort are built on.
 
+Outcome hook (``on_upstream``, for a protocol that hands its transport over and must answer the
+client first, as the HTTP connection manager does for ``CONNECT``): called once with ``""`` when
+the upstream is connected (before any byte is relayed either way), or with the Envoy flag of the
+failure before the downstream is closed: ``UO`` (max_connections), ``UH`` (no endpoint), ``NC``
+(no such cluster), ``UF`` (connect failure or timeout), ``DC`` (the downstream left first). What
+it writes to the downstream transport is flushed by the close that follows.
+
 Callbacks never raise, never log on success; a failure logs once per cause and is counted.
 Transports keep ``TCP_NODELAY``, which uvloop and asyncio set on every TCP transport.
 """
@@ -57,6 +64,7 @@ Transports keep ``TCP_NODELAY``, which uvloop and asyncio set on every TCP trans
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from sidecar.l4.runtime import TcpProxyRuntime, TcpProxyStats, log_once
 from sidecar.upstream import breaker
@@ -124,9 +132,11 @@ class TcpProxy(asyncio.Protocol):
         "_flow_paused", "_closed", "_open", "_up_reset",
         # idle sweep
         "_activity", "_swept", "_swept_at",
+        "_on_upstream",
     )
 
-    def __init__(self, runtime: TcpProxyRuntime, original_dst: tuple[str, int] | None = None) -> None:
+    def __init__(self, runtime: TcpProxyRuntime, original_dst: tuple[str, int] | None = None,
+                 on_upstream: Callable[[str], None] | None = None) -> None:
         self._rt = runtime
         self._stats: TcpProxyStats = runtime.stats
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -154,6 +164,7 @@ class TcpProxy(asyncio.Protocol):
         self._activity = 0  # reads and drains, for the idle sweep
         self._swept = -1
         self._swept_at = 0.0
+        self._on_upstream = on_upstream  # the outcome hook (see the module doc); None once called
 
     # --- asyncio.Protocol (downstream) ----------------------------------------------------------
 
@@ -174,6 +185,7 @@ class TcpProxy(asyncio.Protocol):
         cluster = rt.clusters.get(rt.config.cluster)
         if cluster is None:
             self._stats.downstream_cx_no_route += 1
+            self._report("NC")
             self._close(abort=False)
             return
         self._cluster = cluster
@@ -231,6 +243,7 @@ class TcpProxy(asyncio.Protocol):
         stats = cluster.stats
         if not breaker.cluster_connection_allowed(cluster):
             stats.upstream_cx_overflow += 1
+            self._report("UO")
             self._close(abort=False)
             return
         dst = self._original_dst
@@ -242,6 +255,7 @@ class TcpProxy(asyncio.Protocol):
             endpoint = cluster.pick(tried) if tried else cluster.pick()
             if endpoint is None:
                 stats.upstream_cx_none_healthy += 1
+                self._report("UH")
                 self._close(abort=False)
                 return
             endpoint.total_requests += 1
@@ -264,6 +278,7 @@ class TcpProxy(asyncio.Protocol):
             log_once("l4-connect-bug", "tcp_proxy: unexpected error connecting upstream", exc_info=exc)
             if self._pool is pool and self._upstream is None:
                 self._release(error=True)
+                self._report("UF")
                 self._close(abort=True)
         finally:
             if self._pool is pool:
@@ -291,6 +306,7 @@ class TcpProxy(asyncio.Protocol):
             self._connect_next()
             return
         self._cstats.upstream_cx_connect_attempts_exceeded += 1
+        self._report("UF")
         self._close(abort=False)
 
     def _upstream_connected(self, upstream: TcpUpstream, transport: asyncio.Transport) -> None:
@@ -308,6 +324,8 @@ class TcpProxy(asyncio.Protocol):
                 detector.report_status(endpoint, CONNECT_SUCCESS_STATUS)
         limit = self._rt.config.buffer_limit
         transport.set_write_buffer_limits(high=limit, low=limit // 2)
+        if self._on_upstream is not None:
+            self._report("")
         if self._down_write_paused:
             transport.pause_reading()
         early = self._early
@@ -392,6 +410,8 @@ class TcpProxy(asyncio.Protocol):
         first = not self._closed
         self._closed = True
         if first:
+            if self._on_upstream is not None:
+                self._report("DC")  # no outcome was reported: the downstream went away first
             self._release(error=self._up_reset)
             self._early = []
         for transport in (self._down, self._up):
@@ -400,6 +420,17 @@ class TcpProxy(asyncio.Protocol):
                     transport.abort()
                 elif first:
                     transport.close()
+
+    def _report(self, flag: str) -> None:
+        """Call the outcome hook, once (see the module doc)."""
+        hook = self._on_upstream
+        if hook is None:
+            return
+        self._on_upstream = None
+        try:
+            hook(flag)
+        except Exception as exc:  # a bug in the hook: the pair goes on (or closes) without it
+            log_once("l4-hook-bug", "tcp_proxy: unexpected error in the upstream outcome hook", exc_info=exc)
 
     def _release(self, error: bool) -> None:
         """Count the attempt or connection on its endpoint (LRS, least_request), once."""

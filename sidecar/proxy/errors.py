@@ -4,6 +4,14 @@ Each carries the response flag in ``x-meshkeeper-flags`` and a small JSON body
 ``{"error": "...", "flags": "..."}``. The bytes of every reply are built once at import, in a
 keep-alive and a ``Connection: close`` variant, so answering an error costs one write.
 
+The outbound policy (``sidecar.proxy.passthrough``): a proxy request (absolute-form or ``CONNECT``)
+for a host outside the mesh, under ``registry_only`` (the listener's default cluster is
+``BlackHoleCluster``), gets **502** with the flag **UH**: 502 is what Istio answers for
+BlackHoleCluster, UH what Envoy (and our L4 path) reports for a connection to that cluster, which
+has no hosts; the body names the host, the policy and the cluster. A ``CONNECT`` to a mesh
+service's name is not tunnelled: 404 NR, as Envoy answers a CONNECT no ``connect_matcher`` route
+takes (send plain HTTP to a mesh service and the mesh routes it).
+
 Also here: :func:`log_once`, so a data-path failure is logged the first time each cause is seen
 and only counted afterwards.
 """
@@ -60,6 +68,21 @@ RATE_LIMITED = LocalReply("RL", 429, "local rate limited")
 RETRY_BODY_TOO_LONG = LocalReply(
     "URX", 503, "upstream failed and the request body outgrew the retry buffer before the retry")
 REQUEST_HEADER_TIMEOUT = LocalReply("DT", 408, "request header timeout", always_close=True)
+
+CONNECT_TO_MESH = LocalReply(
+    "NR", 404, "CONNECT to a mesh service is not tunnelled: send plain HTTP (http://<service>/...) and the mesh routes it")
+BAD_CONNECT = LocalReply("DPE", 400, "CONNECT needs an authority-form target (host:port) and must not be pipelined",
+                         always_close=True)
+OUTSIDE_MESH_REFUSED_FLAG = "UH"
+OUTSIDE_MESH_REFUSED_STATUS = 502
+
+
+def outside_mesh_refused(host: str, cluster: str) -> LocalReply:
+    """The refusal of a proxy request for ``host`` outside the mesh under ``registry_only`` (built
+    per request: it names the host)."""
+    return LocalReply(OUTSIDE_MESH_REFUSED_FLAG, OUTSIDE_MESH_REFUSED_STATUS,
+                      f"{host} is outside the mesh and the outbound policy is registry_only ({cluster})")
+
 
 UPSTREAM_RESETS = {"UC": UPSTREAM_RESET, "UPE": UPSTREAM_PROTOCOL_ERROR}
 

@@ -58,6 +58,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         "_awaiting_head", "_count_raw", "_head_size", "_head_raw", "_read_len", "_timer", "_timer_at",
         "_rq_begun", "_swept", "_swept_at",  # listener timeouts (check_timeouts)
         "original_dst",  # transparent mode: where the app dialled (set before connection_made)
+        "_tunnel",  # the protocol a CONNECT handed the connection to (sidecar.proxy.passthrough)
     )
 
     def __init__(self, runtime: ListenerRuntime) -> None:
@@ -87,6 +88,7 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
         self.original_dst: tuple[str, int] | None = None
+        self._tunnel: asyncio.Protocol | None = None
 
     # --- asyncio.Protocol -------------------------------------------------------------------
 
@@ -429,13 +431,59 @@ class HttpConnectionManager(RouterFilter, asyncio.Protocol):
             self._error_after = reply
 
     def _after_upgrade(self, data: bytes, exc: HttpParserUpgrade) -> None:
-        # Upgrades are not proxied (Upgrade is hop-by-hop and stripped); CONNECT was answered in
-        # _dispatch. The parser stops after such a message: parse what follows it.
+        # Upgrades are not proxied (Upgrade is hop-by-hop and stripped); CONNECT was answered or
+        # tunnelled in _dispatch. The parser stops after such a message: what follows it is the
+        # tunnel's, or parsed as the next request.
+        offset = exc.args[0] if exc.args else len(data)
+        tunnel = self._tunnel
+        if tunnel is not None:
+            if offset < len(data):
+                tunnel.data_received(data[offset:])
+            return
         if self._closing or self._input_closed:
             return
-        offset = exc.args[0] if exc.args else len(data)
         if offset < len(data):
             self.data_received(data[offset:])
+
+    def hand_over(self, protocol: asyncio.Protocol) -> asyncio.Transport | None:
+        """Give the connection to ``protocol`` (a CONNECT tunnel, ``sidecar.proxy.passthrough``),
+        which the caller then installs on the returned transport. What this connection batched is
+        written first; the active exchange leaves with its new owner, who accounts for it; the
+        listener forgets the connection. None, nothing changed, if the exchange being parsed is
+        not the active one (a CONNECT pipelined behind another request: what followed it was read
+        as HTTP) or the connection is closing."""
+        transport = self.transport
+        if transport is None or self._input_closed or self._parsing is not self._active:
+            return None
+        batch = self._batch
+        if batch:
+            transport.write(b"".join(batch))
+            batch.clear()
+        self._tunnel = protocol
+        self.transport = None
+        self._input_closed = self._closing = True
+        self._active = None  # the parser still completes the message (on_message_complete)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._rt.connection_closed(self)
+        return transport
+
+    def handed_over_done(self, ex: Exchange) -> None:
+        """The outcome of the exchange given away with :meth:`hand_over` is known (``ex.status``,
+        or none if the client left first): account for it as :meth:`_finish` would."""
+        if ex.done:
+            return
+        self._end(ex)
+        status = ex.status
+        if status:
+            stats = self._rt.stats
+            if status < 300:
+                stats.downstream_rq_2xx += 1
+            elif status < 500:
+                stats.downstream_rq_4xx += 1
+            else:
+                stats.downstream_rq_5xx += 1
 
     def _abort(self) -> None:
         """Reset the downstream connection (a response was cut short)."""

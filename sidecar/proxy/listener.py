@@ -51,6 +51,7 @@ from sidecar.upstream.stats import Counters, Histogram
 
 if TYPE_CHECKING:
     from sidecar.accesslog import AccessLog
+    from sidecar.l4 import TcpProxyRuntime
     from sidecar.tracing.export import Tracer
 
 DEFAULT_DRAIN_TIME = 5.0
@@ -119,6 +120,9 @@ class ListenerRuntime:
         # or BlackHoleCluster), for proxy requests (absolute-form, CONNECT) to hosts outside the
         # mesh; None: no default chain, such requests get 404 NR.
         self.default_cluster: str | None = None
+        # The tcp_proxy of that default chain, which tunnels CONNECT requests (set by the sidecar's
+        # runtime with the dispatch tables); None: no tunnel can be made.
+        self.default_tcp: TcpProxyRuntime | None = None
         # Responses by (route name, cluster name) and status class 1xx..5xx; a route never seen
         # has no entry. Names are bounded by the config, never by requests.
         self.route_stats: dict[tuple[str, str], list[int]] = {}

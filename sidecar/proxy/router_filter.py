@@ -15,7 +15,7 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from sidecar.proxy import codec, errors, telemetry
+from sidecar.proxy import codec, errors, passthrough, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.upstream import breaker
 from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
@@ -101,16 +101,29 @@ class RouterFilter:
             authority, path = _absolute_form(url)
             if authority is None:
                 ex.keep_alive = False
-                self._local_reply(ex, errors.NO_ROUTE if ex.method == b"CONNECT" else errors.BAD_REQUEST)
+                if ex.method != b"CONNECT":
+                    self._local_reply(ex, errors.BAD_REQUEST)
+                elif rt.default_cluster is None:
+                    self._local_reply(ex, errors.NO_ROUTE)
+                else:  # the outbound policy: a tunnel, or refused
+                    reply = passthrough.connect(self, rt, ex)
+                    if reply is not None:
+                        self._local_reply(ex, reply)
                 return
             ex.host = authority
         router = rt.router
         # The head is as parsed (no hop-by-hop stripping yet); only routes with header matches read it.
         entry = router.resolve(authority, path, ex.headers, ex.method) if router is not None else None
         if entry is None:
-            rt.stats.no_route += 1
-            self._local_reply(ex, errors.NO_ROUTE)
-            return
+            if rt.default_cluster is None or url[:1] == b"/":
+                rt.stats.no_route += 1
+                self._local_reply(ex, errors.NO_ROUTE)
+                return
+            # A proxy request (absolute-form) for a host outside the mesh: the outbound policy.
+            entry = passthrough.outside_mesh(rt, ex, authority)
+            if entry.__class__ is errors.LocalReply:
+                self._local_reply(ex, entry)
+                return
         cluster = rt.clusters.get(entry.cluster())
         if cluster is None:
             rt.stats.no_cluster += 1
@@ -299,7 +312,9 @@ class RouterFilter:
         except ConnectFailure as exc:
             ex.connecting = None
             if not ex.done and self.transport is not None and ex.endpoint is endpoint:
-                errors.log_once(f"uf:{endpoint.key}", "upstream connect failure: %s", exc)
+                # Per endpoint, but per cluster for ORIGINAL_DST ones: their hosts are whatever apps dial.
+                cause = ex.cluster.name if ex.cluster.original_dst else endpoint.key
+                errors.log_once(f"uf:{cause}", "upstream connect failure: %s", exc)
                 self.batch_begin()
                 self._upstream_failed(ex, LOCAL_CONNECT_FAILURE, errors.CONNECT_FAILURE)
                 self.batch_end()
