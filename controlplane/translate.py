@@ -537,14 +537,16 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
     if node.proxyless:
         return out
     out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port, policy.tracing)
-    if node.app_port and node.protocol == "tcp":
-        out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_tcp_listener(node.advertise_host, node.inbound_port,
-                                                                       node.app_port)
-    elif node.app_port:
-        out[xds.LISTENER][xds.INBOUND_LISTENER] = inbound_listener(
-            node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit, policy.tracing)
-        cluster = inbound_cluster(node.app_port)
-        out[xds.CLUSTER][cluster.name] = cluster
+    if not node.app_port:
+        return out
+    if node.protocol == "tcp":
+        listener = inbound_tcp_listener(node.advertise_host, node.inbound_port, node.app_port)
+    else:
+        listener = inbound_listener(node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit,
+                                    policy.tracing)
+    out[xds.LISTENER][xds.INBOUND_LISTENER] = listener
+    cluster = inbound_cluster(node.app_port)
+    out[xds.CLUSTER][cluster.name] = cluster
     return out
 
 

@@ -29,6 +29,7 @@ from meshkeeper.demo.process import app_argv, http_get, wait_until
 from meshkeeper.registry import Paths
 from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_reason
 from tests.harness.processes import ProcessGroup
+from tests.harness.thrift_apps import ThriftClient, blob_pattern, call_argv, serve_argv
 
 pytestmark = pytest.mark.integration
 
@@ -37,6 +38,8 @@ APP_UID = 1000
 APP_PORT = 8080
 CALLS = 400
 EXTERNAL = "external.test"  # a name only the test's resolver knows
+THRIFT_PORT = 9090
+FIFTY_MB = 50 * 1024 * 1024
 
 
 @pytest.fixture(autouse=True)
@@ -109,6 +112,13 @@ def mesh(tmp_path_factory) -> Iterator[SimpleNamespace]:
                                "--port", str(APP_PORT)), role="app", uid=APP_UID, name=f"{name}-app")
             pod.sidecar(service, APP_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
                         weight=weight, **flags)
+        for name, weight in (("d1", 1), ("d2", 3)):  # a thrift service: protocol tcp, balanced at L4
+            pod = pods[name] = net.add_pod(name)
+            pod.set_resolv_conf([net.host_ip])
+            pod.capture()
+            pod.start(serve_argv(name, THRIFT_PORT), role="app", uid=APP_UID, name=f"{name}-app")
+            pod.sidecar("orders", THRIFT_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
+                        weight=weight, protocol="tcp")
         kz = KazooClient(hosts=zk.hosts, timeout=5.0)
         kz.start(timeout=10)
         try:
@@ -264,3 +274,47 @@ def test_mesh_dns_answers_mesh_names_forwards_the_rest_and_survives_garbage(mesh
         sock.close()
     assert stat(a, "meshkeeper_dns_downstream_rx_invalid") == before + 10_000
     assert [str(r.rdata) for r in query("catalog").rr] == [vip]
+
+
+def thrift_counts(pod, host: str, n: int) -> dict[str, int]:
+    """``n`` whoami calls by the thrift client in ``pod`` (uid 1000), each on a new connection."""
+    out = pod.check_output(call_argv(host, THRIFT_PORT, "whoami", count=n), uid=APP_UID, timeout=120)
+    return json.loads(out) if n > 1 else {out.strip(): 1}
+
+
+def test_a_thrift_service_is_balanced_by_weight_at_l4_and_carries_50mb_byte_exact(mesh):
+    a = mesh.pods["a"]
+    wait_until(lambda: thrift_counts(a, "orders", 1), 30, message="orders reachable by name from pod a")
+    counts = thrift_counts(a, "orders", 200)
+    assert sum(counts.values()) == 200 and abs(counts.get("d2", 0) / 200 - 0.75) <= 0.08, counts
+    vip = json.loads(mesh.kz.get(Paths(NS).vip("orders"))[0])["address"]
+    with ThriftClient(vip, THRIFT_PORT, timeout=60, connect=a.connect) as client:  # root in pod a: captured
+        assert client.echo("ping") == "ping"
+        data = client.blob(FIFTY_MB)
+    assert len(data) == FIFTY_MB and data == blob_pattern(FIFTY_MB)
+    cluster = f"outbound|orders.{NS}"
+    assert stat(a, "meshkeeper_upstream_cx_rx_bytes_total", cluster=cluster) >= FIFTY_MB
+    assert stat(a, "meshkeeper_upstream_cx_total", cluster=cluster) >= 201
+
+
+def test_a_killed_thrift_instance_gets_no_new_connections(mesh):
+    a = mesh.pods["a"]
+    [app] = [p for p in mesh.group.processes if p.name == "d2-app"]
+    app.kill()  # SIGKILL: the app is gone, its sidecar and pod stay
+    def only_d1() -> bool:
+        return thrift_counts(a, "orders", 30) == {"d1": 30}
+    wait_until(only_d1, 20, 0.2, message="new connections go to d1 only")
+
+
+def test_a_caller_outside_the_mesh_is_rate_limited_by_the_inbound_sidecar(mesh):
+    b = mesh.pods["b"]
+    policy = Paths(NS).policy("catalog")
+    mesh.kz.create(policy, json.dumps({"rate_limit": {"rps": 1, "burst": 2}}).encode(), makepath=True)
+    try:
+        def limited() -> bool:
+            codes = [http_get(f"http://{b.ip}:{APP_PORT}/", timeout=5)[0] for _ in range(5)]
+            return 429 in codes
+        wait_until(limited, 15, 0.2, message="the outside caller meets b's rate limit")
+        assert stat(b, "meshkeeper_listener_ratelimit_rate_limited", listener="inbound") >= 1
+    finally:
+        mesh.kz.delete(policy)

@@ -147,6 +147,6 @@ def test_node_metadata_names_the_mode_and_refuses_unknown_values():
 def test_a_tcp_sidecar_gets_an_l4_inbound_listener_in_both_modes():
     tcp_node = replace(NODE, protocol="tcp")
     for node in (tcp_node, replace(tcp_node, interception="redirect")):
-        inbound = transparent.translate(snap(), node)[xds.LISTENER][xds.INBOUND_LISTENER]
-        proxy = unpack(tcp_proxy_pb2.TcpProxy(), inbound.filter_chains[0].filters[0])
-        assert proxy.cluster == xds.inbound_cluster(node.app_port)
+        res = transparent.translate(snap(), node)
+        proxy = unpack(tcp_proxy_pb2.TcpProxy(), res[xds.LISTENER][xds.INBOUND_LISTENER].filter_chains[0].filters[0])
+        assert proxy.cluster == xds.inbound_cluster(node.app_port) and proxy.cluster in res[xds.CLUSTER]
