@@ -125,13 +125,11 @@ def connect(hcm: Connection, rt: PolicyListener, ex: Exchange) -> errors.LocalRe
         return errors.NO_CLUSTER
     if not cluster.original_dst:
         return _refuse(ex, cluster, authority)
-    tunnel = Tunnel(hcm, ex)
+    tunnel = Tunnel(hcm, ex, cluster)
     proxy = TcpProxy(rt.default_tcp, original_dst=target, on_upstream=tunnel.on_upstream)
     transport = hcm.hand_over(proxy)
     if transport is None:  # parsed behind another request: what followed it was read as HTTP
         return errors.BAD_CONNECT
-    ex.entry = route_entry(ALLOW_ANY, cluster.name)
-    ex.cluster = cluster
     tunnel.transport = transport
     transport.set_protocol(proxy)
     proxy.connection_made(transport)
@@ -140,18 +138,24 @@ def connect(hcm: Connection, rt: PolicyListener, ex: Exchange) -> errors.LocalRe
 
 class Tunnel:
     """A CONNECT exchange after the hand-over: answers the client when the tunnel's upstream
-    connect ends, then lets the connection manager account for the exchange."""
+    connect ends, then lets the connection manager account for the exchange.
 
-    __slots__ = ("hcm", "ex", "transport")
+    The exchange gets its route only then: the connection manager, which still parses the end of
+    the CONNECT message, would otherwise start the route timeout of a request it no longer has."""
 
-    def __init__(self, hcm: Connection, ex: Exchange) -> None:
+    __slots__ = ("hcm", "ex", "cluster", "transport")
+
+    def __init__(self, hcm: Connection, ex: Exchange, cluster: Cluster) -> None:
         self.hcm = hcm
         self.ex = ex
+        self.cluster = cluster
         self.transport: asyncio.Transport | None = None
 
     def on_upstream(self, flag: str) -> None:
         """TcpProxy's outcome hook: ``""`` connected, else the failure's flag (see sidecar.l4.proxy)."""
         ex = self.ex
+        ex.entry = route_entry(ALLOW_ANY, self.cluster.name)
+        ex.cluster = self.cluster
         transport = self.transport
         if not flag:
             ex.status = 200
