@@ -90,7 +90,7 @@ class SnapshotCache:
         self._snapshot: RegistrySnapshot | None = None
         self._shared: dict[str, dict[str, dict[str, Resource]]] = {}
         self._nodes: dict[NodeInfo, dict[str, dict[str, Resource]]] = {}
-        self._transparent: dict[str, dict[str, dict[str, Resource]]] = {}
+        self._transparent: dict[tuple[str, str], dict[str, dict[str, Resource]]] = {}
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -120,16 +120,17 @@ class SnapshotCache:
                 got[t].update(items)
             extra = transparent.shared_for(self._snapshot, node)
             if extra is not None:
-                for t, items in self._transparent_packed(node.namespace, extra).items():
+                for t, items in self._transparent_packed((node.namespace, node.interception), extra).items():
                     got[t].update(items)
             self._nodes[node] = got
         return got
 
-    def _transparent_packed(self, namespace: str, extra) -> dict[str, dict[str, Resource]]:
-        """Transparent mode's namespace resources, packed once per snapshot and namespace."""
-        got = self._transparent.get(namespace)
+    def _transparent_packed(self, key: tuple[str, str], extra) -> dict[str, dict[str, Resource]]:
+        """The namespace resources of an interception mode (controlplane.transparent), packed once
+        per snapshot, namespace and mode."""
+        got = self._transparent.get(key)
         if got is None:
-            got = self._transparent[namespace] = _pack_all(extra)
+            got = self._transparent[key] = _pack_all(extra)
         return got
 
     def resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]] | None:

@@ -235,9 +235,36 @@ def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
 
 def shared_for(snapshot: RegistrySnapshot, node: NodeInfo) -> MappingProxyType | None:
     """The namespace-wide resources a node gets beyond translate's shared ones, or None."""
-    if node.interception != "redirect" or node.proxyless:
+    if node.proxyless or not node.outbound_policy:
         return None
+    if node.interception != "redirect":
+        return explicit_tcp_listeners(snapshot, node.namespace)
     return namespace_resources(snapshot, node.namespace)
+
+
+def tcp_service_port(svc: ServiceSnapshot) -> int:
+    """The port explicit-mode callers dial for a tcp service: the lowest app port its instances
+    registered (0: none yet)."""
+    return min((i.app_port for i in svc.instances.values() if i.app_port), default=0)
+
+
+@lru_cache(maxsize=16)
+def explicit_tcp_listeners(snapshot: RegistrySnapshot, namespace: str) -> MappingProxyType:
+    """Explicit mode: one listener per ``tcp`` service, ``tcp|<svc>.<ns>`` on 127.0.0.1:<its
+    port> (:func:`tcp_service_port`), tcp_proxy to the service's cluster: an app dials
+    127.0.0.1:9090 for a thrift service on 9090. A sidecar does not bind its own service's (its
+    app holds that port)."""
+    listeners = {}
+    for name, svc in sorted(snapshot.services(namespace).items()):
+        port = tcp_service_port(svc)
+        if svc.record.protocol != "tcp" or not port:
+            continue
+        lname = xds.tcp_listener(name, namespace)
+        listeners[lname] = listener_pb2.Listener(
+            name=lname, address=tr._socket(tr.OUTBOUND_BIND, port), traffic_direction=base_pb2.OUTBOUND,
+            filter_chains=[listener_components_pb2.FilterChain(filters=[
+                _tcp_proxy(f"outbound_{name}.{namespace}", svc, xds.outbound_cluster(name, namespace))])])
+    return MappingProxyType({xds.LISTENER: MappingProxyType(listeners)})
 
 
 def translate(snapshot: RegistrySnapshot, node: NodeInfo) -> tr.Resources:

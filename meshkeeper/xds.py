@@ -76,6 +76,11 @@ def passthrough_cluster(svc: str, ns: str) -> str:
     return f"passthrough|{svc}.{ns}"
 
 
+def tcp_listener(svc: str, ns: str) -> str:
+    """``tcp|<svc>.<ns>``: explicit mode's local listener of a ``tcp`` service (127.0.0.1:<its port>)."""
+    return f"tcp|{svc}.{ns}"
+
+
 def inbound_cluster(app_port: int) -> str:
     return f"inbound|{app_port}"
 

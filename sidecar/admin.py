@@ -126,9 +126,15 @@ class AdminServer:
 
     def listeners(self) -> tuple[int, str, bytes]:
         n = self.runtime.node
-        return _json(200, {"outbound": {"address": "127.0.0.1", "port": n.outbound_port},
-                           "inbound": {"address": n.advertise_host, "port": n.inbound_port},
-                           "admin": {"address": "127.0.0.1", "port": n.admin_port}})
+        out = {"outbound": {"address": "127.0.0.1", "port": n.outbound_port},
+               "inbound": {"address": n.advertise_host, "port": n.inbound_port},
+               "admin": {"address": "127.0.0.1", "port": n.admin_port}}
+        rt = self.runtime
+        if rt.dns is not None and rt.dns.port:
+            out["dns"] = {"address": "127.0.0.1", "port": rt.dns.port}
+        for name, bound in sorted(rt.tcp_listeners.items()):  # explicit mode's tcp services
+            out[name] = {"address": bound.bind[0], "port": bound.bind[1]}
+        return _json(200, out)
 
     def config_dump(self) -> tuple[int, str, bytes]:
         ads = self.runtime.ads

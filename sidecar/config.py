@@ -239,6 +239,8 @@ class ListenerConfig:
     chains: tuple[FilterChain, ...] = ()
     # ``dns`` (a UDP listener with the DNS filter): the mesh names it answers.
     dns: DnsTableConfig | None = None
+    # Listeners the sidecar binds from their address (explicit mode's ``tcp|<svc>.<ns>``): (host, port).
+    bind: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True, slots=True)

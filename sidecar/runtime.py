@@ -96,6 +96,30 @@ class RuntimeLayer:
             self.waiting -= 1
 
 
+class BoundTcpListener:
+    """A socket bound from an LDS address (explicit mode's tcp service listeners), served through a
+    dispatcher whose table holds its tcp_proxy."""
+
+    def __init__(self, name: str, bind: tuple[str, int]) -> None:
+        from sidecar.proxy.listener import bind_socket
+
+        self.name, self.bind = name, bind
+        self.holder = DispatchHolder(name)
+        self.sock = bind_socket(*bind)
+        self.server: asyncio.AbstractServer | None = None
+        self._task = asyncio.get_running_loop().create_task(self._serve())
+
+    async def _serve(self) -> None:
+        self.server = await dispatch.serve(self.holder, self.sock, DEFAULT_BACKLOG)
+
+    def close(self) -> None:
+        self._task.cancel()
+        if self.server is not None:
+            self.server.close()
+        else:
+            self.sock.close()
+
+
 class SidecarRuntime:
     def __init__(self, node: NodeInfo, *, tracer: Tracer | None = None, access_log: AccessLog | None = None) -> None:
         self.node = node
@@ -115,6 +139,9 @@ class SidecarRuntime:
         self.dispatch = {name: DispatchHolder(name) for name in BOUND_LISTENERS}
         self.chain_runtimes: dict[str, ListenerRuntime] = {}
         self.tcp_runtimes: dict[tuple[str, str], TcpProxyRuntime] = {}
+        # Explicit mode's listeners of tcp services (tcp|<svc>.<ns>), bound from their LDS address.
+        self.tcp_listeners: dict[str, BoundTcpListener] = {}
+        self.tcp_listener_errors = 0
         self.dns: MeshDns | None = None  # the mesh DNS (transparent mode), started by sidecar.main
         self.dns_domain = ""
         self.listener_configs: dict[str, ListenerConfig] = {}
@@ -143,6 +170,9 @@ class SidecarRuntime:
         requests get up to ``limit`` seconds before the rest are reset.
         """
         self.draining = True
+        for bound in self.tcp_listeners.values():
+            bound.close()
+        self.tcp_listeners = {}
         chains = list(self.chain_runtimes.values())
         for rt in (*self.listener_runtimes.values(), *chains):
             rt.start_draining()
@@ -174,7 +204,7 @@ class SidecarRuntime:
 
     def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None:
         known = (*BOUND_LISTENERS, *TRANSPARENT_LISTENERS) if self.transparent else BOUND_LISTENERS
-        unknown = sorted(set(listeners) - set(known))
+        unknown = sorted(n for n in set(listeners) - set(known) if listeners[n].bind is None or self.transparent)
         if unknown:
             raise XdsError(f"listener {unknown[0]!r}: this sidecar binds only {', '.join(known)}"
                            + ("" if self.transparent else " (transparent mode's listeners need --interception redirect)"))
@@ -272,6 +302,9 @@ class SidecarRuntime:
             return tcp_target(chain.name, chain.tcp, local)
 
         virtual = listeners.get(xds.VIRTUAL_OUTBOUND_LISTENER)
+        for name, cfg in listeners.items():  # explicit mode's tcp service listeners
+            if cfg.bind is not None:
+                tables[name] = DispatchTable(main=tcp_target(name, cfg.tcp))
         for name in BOUND_LISTENERS:
             cfg = listeners.get(name)
             if cfg is None:
@@ -300,6 +333,28 @@ class SidecarRuntime:
                                          any_port=MappingProxyType(any_port), default=default)
         return tables, chain_rts, tcp_rts
 
+    def _sync_tcp_listeners(self, tables: dict[str, DispatchTable]) -> None:
+        """Bind, update and close explicit mode's tcp service listeners. Not this sidecar's own
+        service's (its app holds that port). A port that cannot be bound is logged and counted
+        (``listener_bind_errors`` on /listeners) and tried again on the next update."""
+        own = xds.tcp_listener(self.node.service, self.node.namespace)
+        binds = {n: c.bind for n, c in self.listener_configs.items() if c.bind is not None}
+        for name in [n for n, b in self.tcp_listeners.items() if binds.get(n) != b.bind]:
+            self.tcp_listeners.pop(name).close()
+        for name, table in tables.items():
+            if name == own:
+                continue
+            bound = self.tcp_listeners.get(name)
+            if bound is None:
+                try:
+                    bound = BoundTcpListener(name, binds[name])
+                except OSError as exc:
+                    self.tcp_listener_errors += 1
+                    log.warning("listener %s: cannot bind %s:%d (%s); not served", name, *binds[name], exc)
+                    continue
+                self.tcp_listeners[name] = bound
+            bound.holder.table = table
+
     def _chain_runtime(self, name: str) -> ListenerRuntime:
         rt = ListenerRuntime(name, self.clusters)
         rt.service, rt.namespace = self.node.service, self.node.namespace
@@ -319,7 +374,9 @@ class SidecarRuntime:
                 rt.close()
         self.tcp_runtimes = tcp_rts
         for name, table in tables.items():
-            self.dispatch[name].table = table
+            if name in self.dispatch:
+                self.dispatch[name].table = table
+        self._sync_tcp_listeners({n: t for n, t in tables.items() if n not in self.dispatch})
         for name in BOUND_LISTENERS:
             cfg = self.listener_configs.get(name)
             default = cfg.transparent.default_chain if cfg is not None and cfg.transparent is not None else None
@@ -358,6 +415,12 @@ class SidecarRuntime:
         for holder in self.dispatch.values():
             out.append({"name": f"{holder.name} (original destination)", "draining": self.draining,
                         "stats": holder.stats.snapshot()})
+        for name, bound in sorted(self.tcp_listeners.items()):
+            out.append({"name": name, "address": f"{bound.bind[0]}:{bound.bind[1]}", "draining": self.draining,
+                        "stats": bound.holder.stats.snapshot()})
+        if self.tcp_listener_errors:
+            out.append({"name": "tcp service listeners", "draining": self.draining,
+                        "stats": {"listener_bind_errors": self.tcp_listener_errors}})
         for (prefix, cluster), rt in sorted(self.tcp_runtimes.items()):
             out.append({"name": f"tcp_proxy {prefix} -> {cluster}", "draining": self.draining,
                         "stats": rt.stats.snapshot()})

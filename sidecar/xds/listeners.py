@@ -33,6 +33,7 @@ from sidecar.xds.convert import XdsError, _only, network_filter
 from sidecar.xds.convert import listener as plain_listener
 
 MAX_DNS_NAMES = 100_000
+TCP_LISTENER_PREFIX = "tcp|"
 
 _LISTENER_FIELDS = ("name", "address", "filter_chains", "stat_prefix", "metadata", "traffic_direction")
 
@@ -43,9 +44,26 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
         return _dns(msg, where)
     if msg.HasField("bind_to_port") and not msg.bind_to_port.value:
         return _virtual(msg, where)
+    if msg.name.startswith(TCP_LISTENER_PREFIX):
+        return _tcp_service(msg, where)
     if not msg.listener_filters and not msg.HasField("default_filter_chain"):
         return plain_listener(msg)
     return _transparent(msg, where)
+
+
+def _tcp_service(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
+    """Explicit mode's listener of a tcp service: tcp_proxy only, bound where it says (loopback)."""
+    config = plain_listener(msg)
+    if config.tcp is None:
+        raise XdsError(f"{where}: a tcp service's listener needs a tcp_proxy")
+    sa = msg.address.socket_address
+    try:
+        host = str(ipaddress.ip_address(sa.address))
+    except ValueError:
+        raise XdsError(f"{where}: address {sa.address!r} is not an IP address") from None
+    if not ipaddress.ip_address(host).is_loopback or not 0 < sa.port_value < 65536:
+        raise XdsError(f"{where}: only a loopback address and a port are supported, got {sa.address}:{sa.port_value}")
+    return replace(config, bind=(host, sa.port_value))
 
 
 def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:

@@ -49,7 +49,11 @@ def unpack(msg, filt):
 
 def test_an_explicit_mode_sidecar_gets_only_the_outbound_policy():
     res = transparent.translate(snap(), NODE)
-    assert set(res[xds.LISTENER]) == {xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER}
+    # ... and a local listener per tcp service, on its app port (the app dials 127.0.0.1:<port>)
+    assert set(res[xds.LISTENER]) == {xds.OUTBOUND_LISTENER, xds.INBOUND_LISTENER, "tcp|orders.default"}
+    tcp = res[xds.LISTENER]["tcp|orders.default"]
+    assert (tcp.address.socket_address.address, tcp.address.socket_address.port_value) == ("127.0.0.1", 8080)
+    assert unpack(tcp_proxy_pb2.TcpProxy(), tcp.filter_chains[0].filters[0]).cluster == "outbound|orders.default"
     assert xds.INBOUND_PASSTHROUGH_CLUSTER not in res[xds.CLUSTER]
     plain = tr.translate(snap(), NODE)
     assert set(res[xds.CLUSTER]) - set(plain[xds.CLUSTER]) == {xds.PASSTHROUGH_CLUSTER, xds.BLACKHOLE_CLUSTER}
