@@ -167,6 +167,15 @@ def stat(pod, name: str, **labels: str) -> float:
     return total
 
 
+def test_the_sidecars_own_connections_are_never_captured(mesh):
+    """Every sidecar has talked to ZooKeeper and the control plane (and b, c to their apps) by now;
+    had any of that been captured, it would have gone out through its own PassthroughCluster."""
+    for name, pod in mesh.pods.items():
+        assert admin(pod, "/ready").strip() == "LIVE", name
+        assert stat(pod, "meshkeeper_upstream_cx_total", cluster="PassthroughCluster") == 0, name
+        assert stat(pod, "meshkeeper_listener_redirected", listener="outbound (original destination)") == 0, name
+
+
 def test_an_unmodified_client_calls_a_service_by_name_balanced_by_weight(mesh):
     a = mesh.pods["a"]
     got = wait_until(lambda: (r := urllib_calls(a, f"http://catalog:{APP_PORT}/", 1)) and "error" not in
