@@ -19,13 +19,13 @@ upstream side counts on the cluster (:data:`sidecar.upstream.stats.CLUSTER_STATS
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Callable
 from typing import Protocol
 
 from sidecar.l4.config import TcpProxyConfig
+from sidecar.sweep import Sweep
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.upstream.pool import Connector
 from sidecar.upstream.stats import Counters
@@ -89,19 +89,15 @@ class TcpProxyRuntime:
         self.stats = TcpProxyStats()
         self.connector = connector
         self.connections: set[Swept] = set()
-        self.sweep_period = sweep_period_for(config.idle_timeout)
         self._clock = clock
-        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep = Sweep(self.sweep, lambda: bool(self.connections), sweep_period_for(config.idle_timeout),
+                            lambda exc: log_once("l4-sweep-bug", "unexpected error in the tcp_proxy idle sweep",
+                                                 exc_info=exc))
 
     def set_config(self, config: TcpProxyConfig) -> None:
         """Swap in a new config (an LDS update); the idle timeout applies to open connections."""
         self.config = config
-        period = sweep_period_for(config.idle_timeout)
-        if period != self.sweep_period:
-            self.sweep_period = period
-            self._stop_sweep()
-            if self.connections:
-                self._start_sweep()
+        self._sweep.set_period(sweep_period_for(config.idle_timeout))
 
     def sweep(self) -> None:
         """Close the connections idle for ``idle_timeout`` (see the module doc). Tests call it."""
@@ -114,11 +110,15 @@ class TcpProxyRuntime:
 
     @property
     def sweeping(self) -> bool:
-        return self._sweep is not None
+        return self._sweep.scheduled
+
+    @property
+    def sweep_period(self) -> float:
+        return self._sweep.period
 
     def close(self) -> None:
         """Stop the sweep (the listener is gone); connections close on their own."""
-        self._stop_sweep()
+        self._sweep.stop()
 
     # --- called by connections -----------------------------------------------------------
 
@@ -126,31 +126,10 @@ class TcpProxyRuntime:
         self.connections.add(conn)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
-        if self._sweep is None:
-            self._start_sweep()
+        self._sweep.start()
 
     def connection_closed(self, conn: Swept) -> None:
         self.connections.discard(conn)
         self.stats.downstream_cx_active -= 1
         if not self.connections:
-            self._stop_sweep()
-
-    # --- internals ----------------------------------------------------------------------------
-
-    def _start_sweep(self) -> None:
-        if self.sweep_period and self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self.sweep_period, self._on_sweep)
-
-    def _stop_sweep(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-
-    def _on_sweep(self) -> None:
-        self._sweep = None
-        try:
-            self.sweep()
-        except Exception as exc:  # a bug: keep sweeping the other connections next time
-            log_once("l4-sweep-bug", "unexpected error in the tcp_proxy idle sweep", exc_info=exc)
-        if self.connections:
-            self._start_sweep()
+            self._sweep.stop()

@@ -44,6 +44,7 @@ from sidecar.proxy import errors
 from sidecar.proxy.http import HttpConnectionManager
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
+from sidecar.sweep import Sweep
 from sidecar.tracing.context import Sampler
 from sidecar.tracing.export import CLIENT, SERVER
 from sidecar.upstream.cluster import ClusterManager
@@ -104,9 +105,10 @@ class ListenerRuntime:
         self.random: Callable[[], float] = random.random  # fault injection and retry jitter
         self.request_headers_timeout = 0.0
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
-        self.sweep_period = sweep_period_for(0.0, DEFAULT_IDLE_TIMEOUT)
         self._clock = clock
-        self._sweep: asyncio.TimerHandle | None = None
+        self._sweep = Sweep(self.sweep, lambda: bool(self.connections), sweep_period_for(0.0, DEFAULT_IDLE_TIMEOUT),
+                            lambda exc: errors.log_once("sweep-bug", "unexpected error in the listener timeouts' sweep",
+                                                        exc_info=exc))
         # Telemetry (sidecar.proxy.telemetry), set by the sidecar from its flags and the listener's
         # config: no tracer means tracing is off (trace headers pass through, no span ids are made).
         self.tracer: Tracer | None = None
@@ -164,12 +166,7 @@ class ListenerRuntime:
         self.rate_limit = rate_limit
         self.request_headers_timeout = request_headers_timeout
         self.idle_timeout = idle_timeout
-        period = sweep_period_for(request_headers_timeout, idle_timeout)
-        if period != self.sweep_period:
-            self.sweep_period = period
-            self._stop_sweep()
-            if self.connections:
-                self._start_sweep()
+        self._sweep.set_period(sweep_period_for(request_headers_timeout, idle_timeout))
 
     def sweep(self) -> None:
         """Time out the connections stuck in a request head or idle for too long (see the module doc)."""
@@ -182,25 +179,11 @@ class ListenerRuntime:
     @property
     def sweeping(self) -> bool:
         """A sweep is scheduled (only while there are connections and a timeout is set)."""
-        return self._sweep is not None
+        return self._sweep.scheduled
 
-    def _start_sweep(self) -> None:
-        if self.sweep_period and self._sweep is None:
-            self._sweep = asyncio.get_running_loop().call_later(self.sweep_period, self._on_sweep)
-
-    def _stop_sweep(self) -> None:
-        if self._sweep is not None:
-            self._sweep.cancel()
-            self._sweep = None
-
-    def _on_sweep(self) -> None:
-        self._sweep = None
-        try:
-            self.sweep()
-        except Exception as exc:  # a bug: keep sweeping the other connections next time
-            errors.log_once("sweep-bug", "unexpected error in the listener timeouts' sweep", exc_info=exc)
-        if self.connections:
-            self._start_sweep()
+    @property
+    def sweep_period(self) -> float:
+        return self._sweep.period
 
     # --- called by connections -----------------------------------------------------------
 
@@ -208,8 +191,7 @@ class ListenerRuntime:
         self.connections.add(conn)
         self.stats.downstream_cx_total += 1
         self.stats.downstream_cx_active += 1
-        if self._sweep is None:
-            self._start_sweep()
+        self._sweep.start()
         # A connection accepted while the listener drains is served: its response says
         # ``Connection: close`` (callers that have not yet learnt that this endpoint is leaving
         # still get their answer), so it closes after one exchange.
@@ -219,7 +201,7 @@ class ListenerRuntime:
             self.connections.remove(conn)
             self.stats.downstream_cx_active -= 1
         if not self.connections:
-            self._stop_sweep()
+            self._sweep.stop()
             if self._idle is not None:
                 self._idle.set()
 
