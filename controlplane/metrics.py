@@ -53,7 +53,8 @@ class Metrics:
             ["type"], buckets=_LATENCY_BUCKETS, registry=r)
         # virtual IPs (controlplane.vips)
         self.vip_changes = Counter(
-            "meshkeeper_vips_changes_total", "Virtual IPs allocated or released by this replica",
+            "meshkeeper_vips_changes_total", "Virtual IPs allocated or released by this replica; failed "
+            "reconciles (ZooKeeper unavailable, the range exhausted) and conflicts (two services on one address)",
             ["action"], registry=r)
         # registry watch
         self.zk_state = Gauge(

@@ -147,10 +147,12 @@ def blackhole_cluster() -> cluster_pb2.Cluster:
 def dns_table(snapshot: RegistrySnapshot, namespace: str) -> dns_table_pb2.DnsTable:
     """``<svc>`` and ``<svc>.<ns>`` -> the service's VIP, for every service with one."""
     table = dns_table_pb2.DnsTable()
+    taken: set[str] = set()
     for name in sorted(snapshot.services(namespace)):
         vip = snapshot.vip(namespace, name)
-        if vip is None:
+        if vip is None or vip in taken:  # none yet, or another service's too (see namespace_resources)
             continue
+        taken.add(vip)
         for domain in (name, f"{name}.{namespace}"):
             vd = table.virtual_domains.add(name=domain)
             vd.endpoint.address_list.address.append(vip)
@@ -186,8 +188,21 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
     clusters: dict[str, Message] = {
         xds.INBOUND_PASSTHROUGH_CLUSTER: original_dst_cluster(xds.INBOUND_PASSTHROUGH_CLUSTER),
     }
+    taken: set[str | None] = set()
+    matches: set[tuple[str, int]] = set()
     for name, svc in sorted(snapshot.services(namespace).items()):
-        listener.filter_chains.extend(service_chains(svc, snapshot.vip(namespace, name)))
+        vip = snapshot.vip(namespace, name)
+        if vip in taken:  # two services on one address (a claim deleted by hand): the first keeps it
+            vip = None
+        taken.add(vip)
+        for chain in service_chains(svc, vip):
+            # An address registered by two services would make two chains match alike, which a
+            # sidecar (as Envoy) refuses with the whole listener: the first service keeps it.
+            m = chain.filter_chain_match
+            key = (m.prefix_ranges[0].address_prefix, m.destination_port.value)
+            if key not in matches:
+                matches.add(key)
+                listener.filter_chains.append(chain)
         direct = xds.passthrough_cluster(name, namespace)
         clusters[direct] = original_dst_cluster(direct, svc)
     return MappingProxyType({

@@ -16,8 +16,10 @@ Allocation has no leader. After every snapshot, each replica's :class:`VipAlloca
 services without a VIP and tries addresses in an order that depends only on the service's name
 (a hash of ``<ns>/<svc>`` into the range, then the next addresses), skipping the claimed ones. Two
 replicas racing for one service try the same address first: one transaction wins, the other finds
-the record there and stops. A record left without its claim (deleted by hand) gets its claim back;
-a claim naming a service that holds no record is reused for it.
+the record there and stops. A claim naming a service that holds no record is reused for it. A
+record left without its claim (the claim deleted by hand) gets its claim back the first time a
+control plane reconciles after it starts (then a whole read of the claims is paid once); if another
+service holds that address by then, the record is left alone and the conflict logged and counted.
 
 Release: a VIP is released only when its service znode is deleted (instances coming and going
 change nothing). Before releasing, the allocator checks in ZooKeeper itself that the service znode
@@ -78,6 +80,7 @@ class VipAllocator:
         self.cidr = cidr
         self._on_change = on_change  # (action, namespace, service, address)
         self._pending: RegistrySnapshot | None = None
+        self._repaired = False  # claims of existing records checked (once, at the first reconcile)
         self._task: asyncio.Task | None = None
         self._retry: asyncio.TimerHandle | None = None
         self.allocated = 0
@@ -107,13 +110,18 @@ class VipAllocator:
             except asyncio.CancelledError:
                 raise
             except Unavailable as exc:
-                self.failures += 1
+                self._failed()
                 log.warning("virtual IPs: ZooKeeper unavailable (%s); retrying", exc)
                 self._schedule_retry(snapshot)
             except Exception:  # never let the allocator die: the next snapshot retries
-                self.failures += 1
+                self._failed()
                 log.exception("virtual IPs: reconcile failed; retrying")
                 self._schedule_retry(snapshot)
+
+    def _failed(self) -> None:
+        self.failures += 1
+        if self._on_change is not None:
+            self._on_change("failed", "", "", "")
 
     def _schedule_retry(self, snapshot: RegistrySnapshot) -> None:
         if self._retry is not None:
@@ -131,14 +139,39 @@ class VipAllocator:
                    for svc in sorted(svcs) if snapshot.vip(ns, svc) is None]
         gone = [(ns, svc, address) for ns, vips in sorted(snapshot.vips.items())
                 for svc, address in sorted(vips.items()) if svc not in snapshot.services(ns)]
-        if not missing and not gone:
+        if not missing and not gone and self._repaired:
             return
         await self.store.ensure(VIP_CLAIMS)
         claims = await self._claims()
+        if not self._repaired:
+            await self._repair(snapshot, claims)
+            self._repaired = True
         for ns, svc in missing:
             await self._allocate(ns, svc, claims)
         for ns, svc, address in gone:
             await self._release(ns, svc, address)
+
+    async def _repair(self, snapshot: RegistrySnapshot, claims: dict[str, VipClaim | None]) -> None:
+        """Give back their claims to records that lost them; count records whose address another
+        service claims (the sidecars then see two services on one VIP: the control plane sends
+        the first one's chain only)."""
+        for ns, vips in sorted(snapshot.vips.items()):
+            for svc, address in sorted(vips.items()):
+                want = VipClaim(ns, svc)
+                claim = claims.get(address, False)
+                if claim == want:
+                    continue
+                if claim is False:
+                    results = await self.store.transaction([("create", vip_claim(address), want.encode())])
+                    if not any(isinstance(r, Exception) for r in results):
+                        claims[address] = want
+                        log.warning("virtual IP %s of %s.%s had lost its claim; claimed again", address, svc, ns)
+                        continue
+                self.failures += 1
+                log.error("virtual IP %s of %s.%s is claimed by %s: two services share it; delete the "
+                          "record of the wrong one to give it a new address", address, svc, ns, claim)
+                if self._on_change is not None:
+                    self._on_change("conflict", ns, svc, address)
 
     async def _claims(self) -> dict[str, VipClaim | None]:
         names = await self.store.children(VIP_CLAIMS) or []
@@ -181,6 +214,7 @@ class VipAllocator:
                 continue
             raise Unavailable(f"allocating a virtual IP for {svc}.{ns}: {_reasons(results)}")
         log.error("virtual IPs: --vip-cidr %s is exhausted; %s.%s has none", self.cidr, svc, ns)
+        self._failed()
 
     async def _release(self, ns: str, svc: str, address: str) -> None:
         paths = Paths(ns)

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.integration
 # Ranges of their own per test, apart from the default one other tests of the session use.
 CIDR = parse_cidr("240.241.7.0/24")
 CIDR_SKIP = parse_cidr("240.241.8.0/24")
+CIDR_REPAIR = parse_cidr("240.241.9.0/24")
 
 
 @pytest.fixture
@@ -163,3 +164,23 @@ def test_the_control_plane_allocates_vips_and_sends_them_to_redirect_mode_sideca
     zk_client.delete(paths.service("catalog"), recursive=True)
     wait_until(lambda: "catalog" not in records(zk_client, namespace), 10, message="catalog's VIP released")
     assert not zk_client.exists(vip_claim(vip))
+
+
+def test_a_record_that_lost_its_claim_gets_it_back_and_a_taken_one_is_counted(clients, namespace):
+    c = clients[0]
+    paths = Paths(namespace)
+    for svc in ("catalog", "billing"):
+        c.create(paths.service(svc), ServiceRecord().encode(), makepath=True)
+    changes: list[str] = []
+
+    async def run() -> None:
+        await VipAllocator(ZkStore(c), CIDR_REPAIR).reconcile(snapshot(namespace, ["catalog", "billing"]))
+        vips = records(c, namespace)
+        c.delete(vip_claim(vips["catalog"]))  # by hand
+        c.set(vip_claim(vips["billing"]), VipClaim(namespace, "someone-else").encode())
+        fresh = VipAllocator(ZkStore(c), CIDR_REPAIR, on_change=lambda action, *_: changes.append(action))
+        await fresh.reconcile(snapshot(namespace, ["catalog", "billing"], vips))
+        assert VipClaim.decode(c.get(vip_claim(vips["catalog"]))[0]) == VipClaim(namespace, "catalog")
+        assert changes == ["conflict"] and fresh.failures == 1
+
+    asyncio.run(run())

@@ -154,3 +154,19 @@ def test_a_tcp_sidecar_gets_an_l4_inbound_listener_in_both_modes():
         res = transparent.translate(snap(), node)
         proxy = unpack(tcp_proxy_pb2.TcpProxy(), res[xds.LISTENER][xds.INBOUND_LISTENER].filter_chains[0].filters[0])
         assert proxy.cluster == xds.inbound_cluster(node.app_port) and proxy.cluster in res[xds.CLUSTER]
+
+
+def test_two_services_never_share_a_chain_or_a_dns_answer():
+    twin = service("shadow", inst("10.1.0.2", port=8080))  # catalog's instance address, registered twice
+    s = snap()
+    svcs = {**s.namespaces["default"], "shadow": twin}
+    vips = {**s.vips["default"], "shadow": "240.240.0.7"}  # and catalog's VIP (a claim deleted by hand)
+    s = RegistrySnapshot(2, MappingProxyType({"default": MappingProxyType(svcs)}),
+                         vips=MappingProxyType({"default": MappingProxyType(vips)}))
+    res = transparent.translate(s, REDIRECT)
+    keys = [(c.filter_chain_match.prefix_ranges[0].address_prefix, c.filter_chain_match.destination_port.value)
+            for c in res[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER].filter_chains]
+    assert len(keys) == len(set(keys))
+    assert "catalog.default|vip" in chains(res) and "shadow.default|vip" not in chains(res)
+    config = unpack(dns_filter_pb2.DnsFilterConfig(), res[xds.LISTENER][xds.DNS_LISTENER].listener_filters[0])
+    assert "shadow" not in {d.name for d in config.server_config.inline_dns_table.virtual_domains}
