@@ -12,7 +12,9 @@ names instances). The service comes from the cluster name (``outbound|<svc>.<ns>
 cluster, so summing a service's main and subset clusters counts each request once. Service numbers
 come from the locality stats (always sent, also by Envoy), endpoint numbers from the endpoint
 stats; latency from the ``rq_latency_seconds`` load metric at each level
-(:data:`meshkeeper.xds.LRS_LATENCY_METRIC`).
+(:data:`meshkeeper.xds.LRS_LATENCY_METRIC`), and its buckets (``rq_latency_seconds_bucket:<bound>``),
+which add up across reporters, so p99 over the last interval is Prometheus' ``histogram_quantile``
+of the summed bucket rates (:func:`histogram_quantile`).
 
 It keeps two things:
 
@@ -44,7 +46,7 @@ from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 from google.protobuf import duration_pb2
 
 from controlplane.metrics import Metrics
-from meshkeeper.xds import LRS_LATENCY_METRIC, parse_outbound_cluster
+from meshkeeper.xds import LRS_LATENCY_METRIC, parse_lrs_bucket, parse_outbound_cluster
 
 log = logging.getLogger("meshkeeper.controlplane.lrs")
 
@@ -64,6 +66,8 @@ class Load:
     latency_sum: float = 0.0  # seconds
     latency_count: float = 0  # requests finished with a latency
     in_progress: int = 0
+    # requests by latency bucket: upper bound (seconds, inf last) -> count, not cumulative
+    buckets: dict[float, float] = field(default_factory=dict)
 
     def add(self, other: Load, per: float = 0.0) -> None:
         """Add ``other``; with ``per`` > 0, add it divided by ``per`` seconds (gauge as is)."""
@@ -73,13 +77,21 @@ class Load:
             self.error += other.error / per
             self.latency_sum += other.latency_sum / per
             self.latency_count += other.latency_count / per
+            for bound, n in other.buckets.items():
+                self.buckets[bound] = self.buckets.get(bound, 0) + n / per
         else:
             self.issued += other.issued
             self.success += other.success
             self.error += other.error
             self.latency_sum += other.latency_sum
             self.latency_count += other.latency_count
+            for bound, n in other.buckets.items():
+                self.buckets[bound] = self.buckets.get(bound, 0) + n
         self.in_progress += other.in_progress
+
+    def quantile(self, q: float) -> float | None:
+        """The ``q`` quantile of latency in seconds from :attr:`buckets`, as ``histogram_quantile``."""
+        return histogram_quantile(q, self.buckets)
 
     def totals_json(self, in_progress: int) -> dict[str, Any]:
         return {"issued": int(self.issued), "success": int(self.success), "error": int(self.error),
@@ -90,7 +102,33 @@ class Load:
         return {"rps": round(self.issued, 3), "success_rps": round(self.success, 3),
                 "error_rps": round(self.error, 3),
                 "error_ratio": _ratio(self.error, self.success + self.error, 4),
-                "mean_latency_seconds": _ratio(self.latency_sum, self.latency_count, 6)}
+                "mean_latency_seconds": _ratio(self.latency_sum, self.latency_count, 6),
+                "p99_latency_seconds": _round(self.quantile(0.99), 6)}
+
+
+def histogram_quantile(q: float, buckets: dict[float, float]) -> float | None:
+    """Prometheus' ``histogram_quantile`` over non-cumulative bucket counts (upper bound -> count):
+    linear interpolation within the bucket the rank falls in, from 0 for the first bucket; in the
+    +Inf bucket the highest finite bound. None without observations."""
+    total = sum(buckets.values())
+    if total <= 0:
+        return None
+    rank = q * total
+    seen, lower = 0.0, 0.0
+    finite = [b for b in buckets if b != float("inf")]
+    for bound in sorted(buckets):
+        n = buckets[bound]
+        if seen + n >= rank and n > 0:
+            if bound == float("inf"):
+                return max(finite) if finite else None
+            return lower + (bound - lower) * (rank - seen) / n
+        seen += n
+        lower = bound
+    return lower if lower != float("inf") else None
+
+
+def _round(v: float | None, digits: int) -> float | None:
+    return None if v is None else round(v, digits)
 
 
 def _ratio(a: float, b: float, digits: int) -> float | None:
@@ -130,12 +168,15 @@ def _address(ep: load_report_pb2.UpstreamEndpointStats) -> str:
     return f"{sa.address}:{sa.port_value}"
 
 
-def _latency(stats: Iterable[load_report_pb2.EndpointLoadMetricStats]) -> tuple[float, int]:
+def _latency(stats: Iterable[load_report_pb2.EndpointLoadMetricStats], buckets: dict[float, float]) -> tuple[float, int]:
+    """(latency sum, requests) of the latency metric; bucket metrics are added to ``buckets``."""
     total, count = 0.0, 0
     for m in stats:
         if m.metric_name == LRS_LATENCY_METRIC:
             total += m.total_metric_value
             count += m.num_requests_finished_with_metric
+        elif (bound := parse_lrs_bucket(m.metric_name)) is not None:
+            buckets[bound] = buckets.get(bound, 0) + m.num_requests_finished_with_metric
     return total, count
 
 
@@ -160,7 +201,7 @@ def _add(load: Load, stats: Any) -> None:
     load.success += stats.total_successful_requests
     load.error += stats.total_error_requests
     load.in_progress += stats.total_requests_in_progress
-    total, count = _latency(stats.load_metric_stats)
+    total, count = _latency(stats.load_metric_stats, load.buckets)
     load.latency_sum += total
     load.latency_count += count
 
@@ -216,18 +257,31 @@ class LoadStore:
         rep.fresh_for = STALE_INTERVALS * max(self.interval, longest)
         rep.rates = rates
 
-    def snapshot(self, namespace: str | None = None) -> dict[str, Any]:
-        """The ``/api/load`` document (controlplane.web documents its shape)."""
+    def _current(self, only: ServiceKey | None = None) -> dict[ServiceKey, ServiceLoad]:
+        """Per-second rates of the fresh reporters' latest reports, summed per service."""
         now = self._clock()
         current: dict[ServiceKey, ServiceLoad] = {}
         for rep in self._reporters.values():
             if rep.at is None or now - rep.at > rep.fresh_for:
                 continue
             for key, load in rep.rates.items():
+                if only is not None and key != only:
+                    continue
                 into = current.get(key)
                 if into is None:
                     into = current[key] = ServiceLoad()
                 into.add(load)
+        return current
+
+    def rates(self, namespace: str, service: str) -> Load:
+        """The service's per-second rates over the last interval (summed over fresh reporters),
+        with latency buckets; an empty :class:`Load` without fresh reports."""
+        got = self._current((namespace, service)).get((namespace, service))
+        return got.load if got is not None else Load()
+
+    def snapshot(self, namespace: str | None = None) -> dict[str, Any]:
+        """The ``/api/load`` document (controlplane.web documents its shape)."""
+        current = self._current()
         services = []
         for key in sorted(set(self._totals) | set(current)):
             ns, svc = key

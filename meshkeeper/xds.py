@@ -43,6 +43,29 @@ WILDCARD_TYPES = (LISTENER, CLUSTER)
 # counts the requests that finished (succeeded or errored) in the interval, total_metric_value sums
 # their latencies in seconds. Envoy reports only ORCA metrics there; this name is ours.
 LRS_LATENCY_METRIC = "rq_latency_seconds"
+# The same requests by latency bucket, so that the control plane can add reports up and derive
+# quantiles (p99) as Prometheus' histogram_quantile does: one entry per non-empty bucket, named
+# "rq_latency_seconds_bucket:<upper bound>" ("+Inf" last), NOT cumulative: num_requests_finished_with_metric
+# counts the requests whose latency fell in (previous bound, bound]; total_metric_value repeats that
+# count (each request contributes 1). Bounds are the sidecar's upstream_rq_time buckets; the bucket
+# below a non-empty one is sent too (with 0 when empty), so every bucket's lower bound is known.
+LRS_LATENCY_BUCKET_PREFIX = LRS_LATENCY_METRIC + "_bucket:"
+
+
+def lrs_bucket_name(bound: float) -> str:
+    return LRS_LATENCY_BUCKET_PREFIX + ("+Inf" if bound == float("inf") else repr(bound))
+
+
+def parse_lrs_bucket(metric_name: str) -> float | None:
+    """The upper bound a bucket metric names (inf for "+Inf"), or None for any other metric."""
+    if not metric_name.startswith(LRS_LATENCY_BUCKET_PREFIX):
+        return None
+    text = metric_name[len(LRS_LATENCY_BUCKET_PREFIX):]
+    try:
+        bound = float("inf") if text == "+Inf" else float(text)
+    except ValueError:
+        return None
+    return bound if bound > 0 else None
 
 OUTBOUND_LISTENER = "outbound"
 INBOUND_LISTENER = "inbound"

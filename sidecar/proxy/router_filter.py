@@ -431,7 +431,7 @@ class RouterFilter:
         if failed or ex.started:  # a try with an outcome: its time counts (LRS, upstream_rq_time)
             elapsed = monotonic() - ex.try_t0
             endpoint.rq_latency_total += elapsed
-            cluster.rq_time.observe(elapsed)
+            endpoint.rq_latency_counts[cluster.rq_time.observe(elapsed)] += 1
         if failed:
             endpoint.rq_error += 1
         if ex.pending_cx:

@@ -39,7 +39,7 @@ from sidecar.upstream.lb import LB_POLICIES, Balancer, make_balancer
 from sidecar.upstream.lb_random import WeightedRandom
 from sidecar.upstream.outlier import HostMonitor, OutlierDetector, Scheduler
 from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
-from sidecar.upstream.stats import ClusterStats, Histogram
+from sidecar.upstream.stats import DURATION_BUCKETS, ClusterStats, Histogram
 
 DISCOVERY_STATIC = "STATIC"
 # An ORIGINAL_DST cluster makes an endpoint per destination on first use and keeps at most this
@@ -53,7 +53,7 @@ class Endpoint:
     """One upstream host of a cluster, as the data path sees it."""
 
     __slots__ = ("config", "key", "authority", "pool", "active_requests", "total_requests", "rq_error",
-                 "rq_success", "rq_latency_total", "outlier")
+                 "rq_success", "rq_latency_total", "rq_latency_counts", "outlier")
 
     def __init__(self, config: EndpointConfig, pool: ConnectionPool) -> None:
         self.config = config
@@ -69,6 +69,9 @@ class Endpoint:
         # Seconds from each try's start (its endpoint picked: connect and pool wait included) to its
         # end, summed over the tries counted in rq_success or rq_error; LRS reports it (sidecar.xds.lrs).
         self.rq_latency_total = 0.0
+        # The same tries by latency bucket (DURATION_BUCKETS slots, +Inf last), for the p99 the
+        # control plane derives from LRS; the cluster's rq_time histogram says which slot.
+        self.rq_latency_counts = [0] * (len(DURATION_BUCKETS) + 1)
         self.outlier: HostMonitor | None = None  # set and written by the cluster's OutlierDetector only
 
     @property

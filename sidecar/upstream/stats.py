@@ -109,9 +109,12 @@ class Histogram:
         self.counts = [0] * (len(bounds) + 1)
         self.sum = 0.0
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect_left(self.bounds, value)] += 1
+    def observe(self, value: float) -> int:
+        """Count ``value``; returns its slot in ``counts`` (callers keep per-endpoint counts with it)."""
+        i = bisect_left(self.bounds, value)
+        self.counts[i] += 1
         self.sum += value
+        return i
 
     def buckets(self) -> list[tuple[str, int]]:
         """Cumulative (upper bound, count) pairs ending with +Inf, as prometheus-client takes them."""

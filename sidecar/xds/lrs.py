@@ -14,7 +14,10 @@ gauge, and (with endpoint granularity) one UpstreamEndpointStats per endpoint th
 Latency is reported the way the API allows named metrics: ``load_metric_stats`` entry
 ``rq_latency_seconds`` (:data:`meshkeeper.xds.LRS_LATENCY_METRIC`) with
 ``num_requests_finished_with_metric`` = tries that ended (succeeded or errored) in the period and
-``total_metric_value`` = the sum of their latencies in seconds, per endpoint and summed per locality.
+``total_metric_value`` = the sum of their latencies in seconds, per endpoint and summed per locality;
+and the same tries by latency bucket (``rq_latency_seconds_bucket:<bound>``, the buckets of
+``upstream_rq_time``; :data:`meshkeeper.xds.LRS_LATENCY_BUCKET_PREFIX`), from which the control
+plane derives p99 over any set of reports.
 
 What is counted (the counters are cumulative ints on :class:`sidecar.upstream.cluster.Endpoint`,
 maintained by the data path): ``total_requests`` (tries issued), ``rq_success``, ``rq_error``,
@@ -60,8 +63,9 @@ from envoy.config.core.v3 import address_pb2
 from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 
-from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo
+from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo, lrs_bucket_name
 from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
+from sidecar.upstream.stats import DURATION_BUCKETS
 from sidecar.xds.client import (
     BACKOFF_BASE,
     BACKOFF_MAX,
@@ -84,12 +88,13 @@ _REPORT = object()  # queue marker: build a report now, right before gRPC writes
 class _Seen:
     """One endpoint object and its counters as last reported."""
 
-    __slots__ = ("endpoint", "issued", "success", "error", "latency")
+    __slots__ = ("endpoint", "issued", "success", "error", "latency", "buckets")
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
         self.issued = self.success = self.error = 0
         self.latency = 0.0
+        self.buckets = [0] * len(endpoint.rq_latency_counts)
 
     def unreported(self) -> bool:
         """Whether the endpoint has load the next report must carry (new tries, or tries in flight)."""
@@ -103,6 +108,13 @@ class _Seen:
         issued, success, error, latency = ep.total_requests, ep.rq_success, ep.rq_error, ep.rq_latency_total
         delta = (issued - self.issued, success - self.success, error - self.error, latency - self.latency)
         self.issued, self.success, self.error, self.latency = issued, success, error, latency
+        return delta
+
+    def take_buckets(self) -> list[int]:
+        """Tries per latency bucket since the last take (DURATION_BUCKETS slots, +Inf last)."""
+        now = list(self.endpoint.rq_latency_counts)
+        delta = [a - b for a, b in zip(now, self.buckets, strict=True)]
+        self.buckets = now
         return delta
 
 
@@ -131,6 +143,19 @@ class _Track:
 def _latency_stat(count: int, total: float) -> load_report_pb2.EndpointLoadMetricStats:
     return load_report_pb2.EndpointLoadMetricStats(
         metric_name=LRS_LATENCY_METRIC, num_requests_finished_with_metric=count, total_metric_value=total)
+
+
+_BOUNDS = (*DURATION_BUCKETS, float("inf"))
+_BUCKET_NAMES = tuple(lrs_bucket_name(b) for b in _BOUNDS)
+
+
+def _bucket_stats(counts: list[int]) -> list[load_report_pb2.EndpointLoadMetricStats]:
+    """The non-empty latency buckets (meshkeeper.xds.LRS_LATENCY_BUCKET_PREFIX), each preceded by
+    the bucket below it (with 0 when empty) so that the receiver knows every bucket's lower bound."""
+    keep = [i for i, n in enumerate(counts) if n > 0]
+    keep = sorted({*keep, *(i - 1 for i in keep if i > 0)})
+    return [load_report_pb2.EndpointLoadMetricStats(metric_name=_BUCKET_NAMES[i], num_requests_finished_with_metric=counts[i],
+                                                    total_metric_value=counts[i]) for i in keep]
 
 
 class LoadReporter:
@@ -292,6 +317,7 @@ class LoadReporter:
         localities: dict[str, tuple[load_report_pb2.UpstreamLocalityStats, list]] = {}
         for seen in (*track.live.values(), *track.gone):
             issued, success, error, latency = seen.take()
+            buckets = seen.take_buckets()
             endpoint = seen.endpoint
             active = endpoint.active_requests
             if not (issued or success or error or active):
@@ -301,8 +327,10 @@ class LoadReporter:
             if entry is None:
                 loc = stats.upstream_locality_stats.add()
                 loc.locality.zone = zone
-                entry = localities[zone] = (loc, [0, 0.0])
-            loc, lat = entry
+                entry = localities[zone] = (loc, [0, 0.0], [0] * len(_BOUNDS))
+            loc, lat, loc_buckets = entry
+            for i, n in enumerate(buckets):
+                loc_buckets[i] += n
             loc.total_issued_requests += issued
             loc.total_successful_requests += success
             loc.total_error_requests += error
@@ -318,8 +346,10 @@ class LoadReporter:
                     total_error_requests=error, total_requests_in_progress=active)
                 if success + error:
                     ep.load_metric_stats.append(_latency_stat(success + error, latency))
-        for loc, (count, total) in localities.values():
+                ep.load_metric_stats.extend(_bucket_stats(buckets))
+        for loc, (count, total), loc_buckets in localities.values():
             if count:
                 loc.load_metric_stats.append(_latency_stat(count, total))
+            loc.load_metric_stats.extend(_bucket_stats(loc_buckets))
         return stats
 

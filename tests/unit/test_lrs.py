@@ -14,9 +14,9 @@ from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 from google.protobuf import duration_pb2
 
-from controlplane.lrs import LoadReportingServer, LoadStore, add_to_server
+from controlplane.lrs import LoadReportingServer, LoadStore, add_to_server, histogram_quantile
 from controlplane.metrics import Metrics
-from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo
+from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo, lrs_bucket_name
 from sidecar.config import ClusterConfig, EndpointConfig
 from sidecar.upstream.cluster import ClusterManager, Endpoint
 from sidecar.xds.lrs import LoadReporter
@@ -329,14 +329,14 @@ def test_store_sums_deltas_into_totals_and_rates_over_the_interval() -> None:
                              "latency_sum_seconds": 1.0, "mean_latency_seconds": 0.05}
     # rates are of the latest report only
     assert svc["rates"] == {"rps": 2.0, "success_rps": 2.0, "error_rps": 0.0, "error_ratio": 0.0,
-                            "mean_latency_seconds": 0.1}
+                            "mean_latency_seconds": 0.1, "p99_latency_seconds": None}
     e1, e2 = svc["endpoints"]
     assert (e1["address"], e2["address"]) == ("10.0.0.1:1", "10.0.0.1:2")
     assert e1["totals"]["issued"] == 14 and e1["totals"]["in_progress"] == 1
     assert e2["totals"] == {"issued": 6, "success": 6, "error": 0, "in_progress": 0,
                             "latency_sum_seconds": 0.1, "mean_latency_seconds": pytest.approx(0.1 / 6, abs=1e-6)}
     assert e2["rates"] == {"rps": 0.0, "success_rps": 0.0, "error_rps": 0.0, "error_ratio": None,
-                           "mean_latency_seconds": None}
+                           "mean_latency_seconds": None, "p99_latency_seconds": None}
 
 
 def test_store_sums_reporters_subsets_and_workers_each_over_its_own_interval() -> None:
@@ -534,3 +534,40 @@ async def test_server_refuses_a_stream_without_a_node() -> None:
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         await server.stop(None)
+
+
+# --------------------------------------------------------------------------- latency buckets and p99
+
+
+def test_histogram_quantile_interpolates_as_prometheus() -> None:
+    assert histogram_quantile(0.99, {}) is None
+    assert histogram_quantile(0.5, {0.1: 10}) == pytest.approx(0.05)
+    # 100 requests: 90 in (0, 0.01], 10 in (0.01, 0.1]: rank 99 is 9/10 of the way into the second
+    assert histogram_quantile(0.99, {0.01: 90, 0.1: 10}) == pytest.approx(0.01 + 0.09 * 0.9)
+    assert histogram_quantile(0.99, {0.01: 1, float("inf"): 99}) == 0.01  # +Inf: the highest finite bound
+
+
+def test_latency_buckets_travel_from_the_reporter_to_a_p99_at_the_store() -> None:
+    clock = Clock()
+    cm = manager((CATALOG, (ep(1),)))
+    cluster = cm.get(CATALOG)
+    endpoint = cluster.endpoints["127.0.0.1:1"]
+    rep = reporter(cm, clock)
+    rep.on_response(response(send_all=True, interval=1.0))
+    for latency in [0.003] * 98 + [0.2, 0.2]:  # what the router does for each finished try
+        hit(endpoint, latency=latency)
+        endpoint.rq_latency_counts[cluster.rq_time.observe(latency)] += 1
+    clock.advance(1.0)
+    req = rep.build_report()
+    loc = by_name(req)[CATALOG].upstream_locality_stats[0]
+    assert {m.metric_name: m.num_requests_finished_with_metric for m in loc.load_metric_stats} == {
+        LRS_LATENCY_METRIC: 100, lrs_bucket_name(0.0025): 0, lrs_bucket_name(0.005): 98,
+        lrs_bucket_name(0.1): 0, lrs_bucket_name(0.25): 2}  # an empty bucket below each: its lower bound
+    assert len(loc.upstream_endpoint_stats[0].load_metric_stats) == 5
+    store = LoadStore(1.0, clock=clock)
+    store.report(store.connect("n"), req.cluster_stats)
+    rates = store.rates("default", "catalog")
+    assert rates.buckets == {0.0025: 0, 0.005: 98.0, 0.1: 0, 0.25: 2.0}
+    assert rates.quantile(0.99) == pytest.approx(0.175)  # rank 99 of 100: half-way into (0.1, 0.25]
+    assert service(store.snapshot())["rates"]["p99_latency_seconds"] == pytest.approx(0.175)
+    assert store.rates("default", "nothing").quantile(0.99) is None
