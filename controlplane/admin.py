@@ -22,6 +22,9 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, timestamp_pb2
 
+from controlplane.alerts.api import alert_message
+from controlplane.alerts.rule import AlertRule
+from controlplane.alerts.state import state_path
 from controlplane.auth import Authorizer, Caller, Denied, Role
 from controlplane.events import KINDS, EventBus, Overflow
 from controlplane.lrs import LoadStore
@@ -502,6 +505,57 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                 acked.resources_json[r.name] = json_format.MessageToJson(r.any, preserving_proto_field_name=True,
                                                                          indent=None)
         return out
+
+    # ------------------------------------------------------------------ alerts
+
+    async def _alert(self, ns: str, name: str) -> admin_pb2.Alert:
+        rule, state = await self.store.get_many([Paths(ns).alert(name), state_path(ns, name)])
+        return alert_message(ns, name, None if rule is None else rule.data, -1 if rule is None else rule.version,
+                             None if state is None else state.data)
+
+    @rpc(Role.VIEWER)
+    async def ListAlerts(self, request, caller):  # noqa: N802
+        ns = _namespace(request.namespace)
+        if request.name:
+            names = [validate_name("alert", request.name)]
+        else:
+            names = [n for n in await self.store.children(Paths(ns).alerts) or [] if _valid(n)]
+        alerts = await asyncio.gather(*(self._alert(ns, n) for n in names))
+        if request.name and alerts[0].version == -1:
+            raise NotFound(f"no alert rule {request.name!r} in namespace {ns!r}")
+        return admin_pb2.ListAlertsResponse(alerts=alerts)
+
+    @rpc(Role.OPERATOR)
+    async def SetAlert(self, request, caller):  # noqa: N802
+        ns, name = _namespace(request.namespace), validate_name("alert", request.name)
+        expected = _expected(request)
+        rule = AlertRule.decode(request.json or "")  # AlertRuleError names the field
+        encoded = rule.encode()
+        await self._write(caller, "SetAlert", ns, rule.service, Paths(ns).alert(name), lambda _: encoded, expected,
+                          f"alert {name}: {rule.expression}")
+        return await self._alert(ns, name)
+
+    @rpc(Role.OPERATOR)
+    async def DeleteAlert(self, request, caller):  # noqa: N802
+        ns, name = _namespace(request.namespace), validate_name("alert", request.name)
+        expected = _expected(request)
+        gone = await self._alert(ns, name)
+        if gone.version == -1:
+            raise NotFound(f"no alert rule {name!r} in namespace {ns!r}")
+
+        def drop(data: bytes | None) -> None:
+            if data is None:
+                raise NotFound(f"no alert rule {name!r} in namespace {ns!r}")
+            return None
+
+        await self._write(caller, "DeleteAlert", ns, gone.service, Paths(ns).alert(name), drop, expected,
+                          f"alert {name} deleted")
+        try:  # its shared state goes with it; a leftover is harmless (rewritten if the rule returns)
+            await self.store.update(state_path(ns, name), lambda _: None)
+        except (Conflict, Unavailable) as exc:
+            log.debug("admin: alert state of %s/%s not deleted: %s", ns, name, exc)
+        gone.version = -1
+        return gone
 
     # ------------------------------------------------------------------ events
 

@@ -2,8 +2,8 @@
 
 Events are ``meshkeeper.admin.v1.Event`` messages: ``registry`` (a service's record, instances,
 overrides, policy or runtime config changed between two published snapshots; one event per
-service), ``push`` (a response sent to a proxy), ``nack`` (a proxy refused one) and
-``admin_write``. Producers call :meth:`EventBus.publish`; building an event is skipped while
+service), ``push`` (a response sent to a proxy), ``nack`` (a proxy refused one), ``admin_write``
+and ``alert`` (a rule fired or resolved; controlplane.alerts.evaluate). Producers call :meth:`EventBus.publish`; building an event is skipped while
 nobody watches (``bus.active``), so pushes to many sidecars cost nothing extra.
 
 Each subscriber has a bounded queue. One that falls :data:`QUEUE_LIMIT` events behind is dropped
@@ -24,7 +24,7 @@ from meshkeeper.admin.v1 import admin_pb2
 from meshkeeper.registry import RuntimeValues
 
 QUEUE_LIMIT = 1000
-KINDS = ("registry", "push", "nack", "admin_write")
+KINDS = ("registry", "push", "nack", "admin_write", "alert")
 
 
 class Overflow(Exception):
@@ -93,13 +93,14 @@ class EventBus:
             sub.queue.put_nowait(_END)
 
     def publish(self, kind: str, *, namespace: str = "", service: str = "", node_id: str = "",
-                who: str = "", summary: str = "", before: str = "", after: str = "") -> None:
+                who: str = "", summary: str = "", before: str = "", after: str = "", alert: str = "",
+                state: str = "") -> None:
         if not self._subs:
             return
         at = timestamp_pb2.Timestamp()
         at.FromNanoseconds(int(self._wall() * 1e9))
         event = admin_pb2.Event(at=at, kind=kind, namespace=namespace, service=service, node_id=node_id,
-                                who=who, summary=summary, before=before, after=after)
+                                who=who, summary=summary, before=before, after=after, alert=alert, state=state)
         self.published += 1
         for sub in list(self._subs):
             sub.offer(event)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 import grpc
@@ -23,6 +24,9 @@ import uvloop
 from controlplane.admin import AdminService
 from controlplane.admin import add_to_server as add_admin_to_server
 from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
+from controlplane.alerts.evaluate import DEFAULT_INTERVAL as DEFAULT_ALERT_INTERVAL
+from controlplane.alerts.evaluate import Evaluator
+from controlplane.alerts.notify import Notifier
 from controlplane.auth import Authorizer, TokenFile, TokenFileError
 from controlplane.cache import SnapshotCache
 from controlplane.events import EventBus
@@ -73,11 +77,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR,
                    help="range the services' virtual IPs are allocated from, for the mesh DNS and "
                         "transparent mode (default %(default)s; every replica must use the same)")
+    p.add_argument("--alert-interval", type=seconds, default=DEFAULT_ALERT_INTERVAL,
+                   help="evaluate the alert rules this often, seconds (default %(default)s; docs/alerts.md)")
+    p.add_argument("--alert-webhook", action="append", default=[], metavar="URL",
+                   help="POST firing and resolved alerts here in Alertmanager's webhook format (repeatable)")
+    p.add_argument("--alert-external-url", default="", metavar="URL",
+                   help="this control plane's HTTP address as receivers should link to it "
+                        "(default http://<host name>:<http port>)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
     for flag in ("xds_port", "http_port"):
         if not 0 <= getattr(args, flag) < 65536:
             p.error(f"--{flag.replace('_', '-')}: not a port")
+    if args.alert_interval <= 0:
+        p.error("--alert-interval must be > 0")
+    for url in args.alert_webhook:
+        if not url.startswith(("http://", "https://")):
+            p.error(f"--alert-webhook {url!r}: expected an http:// or https:// URL")
     if args.zk_session_timeout <= 0 or args.debounce_ms < 0:
         p.error("--zk-session-timeout must be > 0 and --debounce-ms >= 0")
     if args.admin_tokens and args.insecure_admin:
@@ -171,6 +187,11 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 1
 
     watch.start()
+    external = args.alert_external_url or f"http://{socket.gethostname()}:{web.port}"
+    alerts = Evaluator(ZkStore(source.client), lambda: watch.latest, load, proxies, events,
+                       Notifier(args.alert_webhook, metrics=metrics, external_url=external),
+                       interval=args.alert_interval, metrics=metrics)
+    alerts.start()
     print(f"meshkeeper controlplane listening xds_port={xds_port} http_port={web.port}", flush=True)
     log.info("serving xDS, LRS and the admin API on %s%s, HTTP on %s; zookeeper %s", xds_port,
              "" if args.tls is None else " (TLS" + (", client certificates required)" if args.tls[2] else ")"),
@@ -187,6 +208,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         lrs.close_streams()
         events.close()
         await server.stop(SHUTDOWN_GRACE)
+        await alerts.stop()
         await web.close()
         await vips.close()
         await watch.stop()

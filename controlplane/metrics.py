@@ -92,6 +92,26 @@ class Metrics:
         self.lrs_reports = Counter(
             "meshkeeper_lrs_reports", "Load reports (LoadStatsRequests after the first) received",
             registry=r)
+        # alerts (controlplane.alerts)
+        self.alert_rules = Gauge(
+            "meshkeeper_alert_rules", "Alert rules in the last evaluation round", registry=r)
+        self.alert_evaluations = Counter(
+            "meshkeeper_alert_evaluations", "Rule evaluations, by result (ok, failed: state not written)",
+            ["result"], registry=r)
+        self.alert_transitions = Counter(
+            "meshkeeper_alert_transitions", "Transitions this replica made (and notified): firing, resolved",
+            ["state"], registry=r)
+        self.alert_notifications = Counter(
+            "meshkeeper_alert_notifications", "Webhook notifications by result (sent, failed after retries)",
+            ["result"], registry=r)
+        self.alert_notification_retries = Counter(
+            "meshkeeper_alert_notification_retries", "Webhook POSTs retried after a failure", registry=r)
+        for label in ("ok", "failed"):
+            self.alert_evaluations.labels(result=label)
+        for label in ("firing", "resolved"):
+            self.alert_transitions.labels(state=label)
+        for label in ("sent", "failed"):
+            self.alert_notifications.labels(result=label)
         for t in ("CDS", "EDS", "LDS", "RDS", "RTDS"):
             for m in (self.pushes, self.acks, self.nacks):
                 m.labels(type=t)

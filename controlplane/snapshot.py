@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from controlplane.alerts.rule import AlertRule
 from meshkeeper.policy import DEFAULT_POLICY, Policy, PolicyError, decode_policy
 from meshkeeper.registry import (
     InstanceRecord,
@@ -58,7 +59,8 @@ class RegistrySnapshot:
     ever had a good payload (independent of ``namespaces``: a config may name a service without a
     service znode, and a service without a config znode has no entry; a namespace without
     configs has no entry either); and ``vips``: namespace -> service -> virtual IP, in the same
-    shape (a service whose VIP is not allocated yet has no entry).
+    shape (a service whose VIP is not allocated yet has no entry); and ``alerts``: namespace ->
+    rule name -> :class:`AlertRule` (``alerts/<name>``), in the same shape.
 
     Hashed by identity so translation caches can key on it; compare contents with
     :meth:`same_content`. ``version`` only ever grows within one control-plane process.
@@ -68,6 +70,7 @@ class RegistrySnapshot:
     namespaces: Mapping[str, Mapping[str, ServiceSnapshot]] = field(default_factory=lambda: _EMPTY)
     configs: Mapping[str, Mapping[str, RuntimeValues]] = field(default_factory=lambda: _EMPTY)
     vips: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: _EMPTY)
+    alerts: Mapping[str, Mapping[str, AlertRule]] = field(default_factory=lambda: _EMPTY)
 
     def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
         return self.namespaces.get(namespace, _EMPTY)
@@ -90,7 +93,7 @@ class RegistrySnapshot:
 
     def same_content(self, other: RegistrySnapshot | None) -> bool:
         return (other is not None and self.namespaces == other.namespaces and self.configs == other.configs
-                and self.vips == other.vips)
+                and self.vips == other.vips and self.alerts == other.alerts)
 
     def counts(self) -> tuple[int, int]:
         """(services, instances) over all namespaces."""
@@ -122,12 +125,12 @@ class RegistryTree:
     that finds a bad payload still keeps the record served before. ``bad`` holds the paths whose
     current payload is refused; ``on_bad`` is called once per (path, mzxid).
 
-    ``tables`` holds the side tables: kind (``config``, ``vip``) -> namespace -> the znodes seen
+    ``tables`` holds the side tables: kind (``config``, ``vip``, ``alert``) -> namespace -> the znodes seen
     (service name -> last good record, None while the znode never had a good payload).
     """
 
     TABLES: Mapping[str, Callable[[bytes | None], object]] = MappingProxyType(
-        {"config": RuntimeValues.decode, "vip": VipRecord.decode})
+        {"config": RuntimeValues.decode, "vip": VipRecord.decode, "alert": AlertRule.decode})
 
     def __init__(self, on_bad: BadZnodeHook | None = None) -> None:
         self._on_bad = on_bad
@@ -327,7 +330,9 @@ class RegistryTree:
             out[ns] = _freeze(built)
         configs = self._built_table("config", lambda rec: rec)
         vips = self._built_table("vip", lambda rec: rec.address)
-        return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=configs, vips=vips)
+        alerts = self._built_table("alert", lambda rec: rec)
+        return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=configs, vips=vips,
+                                alerts=alerts)
 
     def _built_table(self, kind: str, value: Callable[[object], object]) -> Mapping:
         """namespace -> service -> value of the good records; namespaces without one left out."""

@@ -11,6 +11,8 @@ Watched (one-shot ZooKeeper watches, re-armed by every read; no polling)::
     /meshkeeper/<ns>/config/<svc>             data      (RuntimeValues; independent of services/<svc>)
     /meshkeeper/<ns>/vips                     children  (virtual IPs; exists-watch while absent)
     /meshkeeper/<ns>/vips/<svc>               data      (VipRecord, written by controlplane.vips)
+    /meshkeeper/<ns>/alerts                   children  (alert rules; exists-watch while absent)
+    /meshkeeper/<ns>/alerts/<name>            data      (AlertRule, controlplane.alerts.rule)
 
 kazoo calls back on its own threads; :class:`KazooSource` only hands events and read results to
 the loop with ``call_soon_threadsafe``. All state lives on the loop, in :class:`RegistryWatch`.
@@ -45,7 +47,7 @@ RETRY_DELAY = 0.5  # a read that failed while connected is retried after this
 # ("unreadable") and its last good state is served, while reads keep being retried.
 MAX_BLOCKING_RETRIES = 5
 # Children of a namespace read as side tables of the tree: znode name -> kind (RegistryTree.TABLES).
-SIDE_TABLES = {"config": "config", "vips": "vip"}
+SIDE_TABLES = {"config": "config", "vips": "vip", "alerts": "alert"}
 
 
 class ZkSource(Protocol):

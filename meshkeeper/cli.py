@@ -25,7 +25,7 @@ Kubernetes:
   inject         inject -f FILE|-                    add the sidecar to manifests (as istioctl kube-inject)
 
 operating the mesh (the control plane's admin API):
-  get            get services | get endpoints SVC | get proxies      (-o json for scripts)
+  get            get services | get endpoints SVC | get proxies | get alerts   (-o json for scripts)
   weight         weight SVC HOST:PORT N              set an endpoint's weight (0 drains it)
   enable         enable SVC HOST:PORT                put an endpoint back into balancing
   disable        disable SVC HOST:PORT               take an endpoint out of balancing
@@ -33,9 +33,10 @@ operating the mesh (the control plane's admin API):
   policy         policy get SVC | policy set SVC -f FILE|-           the traffic policy (YAML or JSON)
   split          split SVC v1=90 v2=10               split traffic between versions
   config         config get SVC [KEY] | set SVC K=V ... | delete SVC KEY   runtime config (RTDS)
+  alert          alert set NAME -f FILE|--service SVC --error-ratio X ... | alert delete NAME   alert rules
   proxy-status   the proxies and their xDS sync state (same as `get proxies`; alias ps)
   proxy-config   proxy-config NODE [--type cds|eds|lds|rds|rtds]     what a proxy ACKed (alias pc)
-  events         registry changes, pushes, NACKs and admin writes as they happen (Ctrl-C stops)
+  events         registry changes, pushes, NACKs, admin writes and alerts as they happen (Ctrl-C stops)
 
   Every verb takes --cp HOST:PORT (MESHKEEPER_CP, default 127.0.0.1:15010), --token T
   (MESHKEEPER_TOKEN), -n NAMESPACE, -o table|json|yaml, --timeout SECONDS, --ca FILE
@@ -45,7 +46,7 @@ operating the mesh (the control plane's admin API):
 """
 
 COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "get", "weight", "enable", "disable", "reset",
-            "policy", "split", "config", "proxy-status", "proxy-config", "events")
+            "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events")
 
 
 def main(argv: list[str] | None = None) -> int:

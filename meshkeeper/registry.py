@@ -105,6 +105,14 @@ class Paths:
     def vips(self) -> str:
         return f"{self.base}/vips"
 
+    @property
+    def alerts(self) -> str:
+        return f"{self.base}/alerts"
+
+    def alert(self, name: str) -> str:
+        """An alert rule (controlplane.alerts.rule); its state is elsewhere (controlplane.alerts.state)."""
+        return f"{self.alerts}/{name}"
+
     def vip(self, svc: str) -> str:
         return f"{self.vips}/{svc}"
 

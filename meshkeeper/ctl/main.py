@@ -24,7 +24,9 @@ from meshkeeper.ctl import render
 from meshkeeper.ctl.client import DEFAULT_CP, Client, CtlError, Target
 from meshkeeper.registry import MAX_WEIGHT
 
-EVENT_KINDS = ("registry", "push", "nack", "admin_write")
+EVENT_KINDS = ("registry", "push", "nack", "admin_write", "alert")
+ALERT_CONDITIONS = (("error_ratio", "--error-ratio", float), ("p99_latency_ms", "--p99-latency-ms", float),
+                    ("serving_instances", "--instances-below", int), ("nacks", "--nacks-above", int))
 PROXY_TYPES = ("cds", "eds", "lds", "rds", "rtds")
 S = argparse.SUPPRESS
 
@@ -176,6 +178,25 @@ def build_parser() -> ArgumentParser:
     p = verb(sub, "delete", cmd_config_delete, "delete a key", write=True)
     p.add_argument("service", metavar="SVC")
     p.add_argument("key", metavar="KEY")
+
+    p = verb(what, "alerts", cmd_alerts, "alert rules and their state (inactive, pending, firing)", aliases=["alert"])
+    p.add_argument("name", nargs="?", metavar="NAME")
+    alert = verbs.add_parser("alert", parents=[common], help="alert rules (docs/alerts.md)")
+    sub = alert.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = verb(sub, "set", cmd_alert_set, "create or replace a rule, from a YAML or JSON file or from flags", write=True)
+    p.add_argument("name", metavar="NAME")
+    p.add_argument("-f", "--filename", metavar="FILE", help="the rule; - reads stdin")
+    p.add_argument("--service", metavar="SVC")
+    for cond, flag, kind in ALERT_CONDITIONS:
+        p.add_argument(flag, dest=cond, type=kind, metavar="N", help=f"condition {cond}")
+    p.add_argument("--for", dest="for_", metavar="DURATION", help="how long the condition must hold (30s, 5m)")
+    p.add_argument("--severity", choices=("critical", "warning", "info"))
+    p.add_argument("--min-rps", type=float, metavar="RPS", help="no error_ratio or p99 alert below this rate")
+    p.add_argument("--summary")
+    p.add_argument("--description")
+    p.add_argument("--webhook", action="append", metavar="URL", help="also POST to this URL (repeatable)")
+    p = verb(sub, "delete", cmd_alert_delete, "delete a rule", write=True)
+    p.add_argument("name", metavar="NAME")
 
     p = verb(verbs, "proxy-config", cmd_proxy_config, "what a proxy has ACKed, per xDS type", aliases=["pc"])
     p.add_argument("node", metavar="NODE", help="node id, its unique end (10.0.0.1~catalog-15006.default) or its instance HOST:PORT")
@@ -332,7 +353,7 @@ def cmd_policy_get(args: argparse.Namespace, client: Client) -> int:
                                                                             service=args.service)))
 
 
-def _read_policy(path: str) -> str:
+def _read_policy(path: str, what: str = "policy") -> str:
     """The policy in ``path`` (``-``: stdin), YAML or JSON, as the JSON text the API takes."""
     import yaml
 
@@ -348,7 +369,7 @@ def _read_policy(path: str) -> str:
     except UnicodeDecodeError:
         raise CtlError(f"cannot read {name}: not UTF-8 text") from None
     if not text.strip():
-        raise CtlError(f"{name} is empty; a policy is a mapping of fields ({{}} for the defaults)")
+        raise CtlError(f"{name} is empty; a {what} is a mapping of fields")
     try:
         body = json.loads(text)
     except ValueError:
@@ -360,7 +381,7 @@ def _read_policy(path: str) -> str:
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
             raise CtlError(f"{name} is not valid YAML or JSON: {problem}{where}") from None
     if not isinstance(body, dict):
-        raise CtlError(f"{name}: a policy is a mapping of fields, not a {type(body).__name__}")
+        raise CtlError(f"{name}: a {what} is a mapping of fields, not a {type(body).__name__}")
     try:
         return json.dumps(body)
     except (TypeError, ValueError) as exc:
@@ -473,4 +494,49 @@ def cmd_events(args: argparse.Namespace, client: Client) -> int:
             line = "---\n" + render.dump_yaml(render.to_dict(ev)).rstrip("\n")
         sys.stdout.write(line + "\n")
         sys.stdout.flush()
+    return 0
+
+
+def cmd_alerts(args: argparse.Namespace, client: Client) -> int:
+    resp = client.call("ListAlerts", pb.ListAlertsRequest(namespace=args.namespace, name=args.name or ""))
+    if not render.document(args.output, resp):
+        if resp.alerts:
+            render.alerts(resp.alerts, now=time.time())
+        else:
+            render.note(f"No alert rules in namespace {args.namespace!r}.")
+    return 0
+
+
+def _alert_rule(args: argparse.Namespace) -> str:
+    """The rule's JSON from -f, or from the flags (the control plane validates either)."""
+    conditions = [(cond, getattr(args, cond)) for cond, _, _ in ALERT_CONDITIONS if getattr(args, cond) is not None]
+    flags = {"for": args.for_, "severity": args.severity, "min_rps": args.min_rps, "summary": args.summary,
+             "description": args.description, "webhooks": args.webhook}
+    if args.filename:
+        if args.service or conditions or any(v is not None for v in flags.values()):
+            args.parser.error("give the rule with -f or with flags, not both")
+        return _read_policy(args.filename, "rule")
+    if not args.service or len(conditions) != 1:
+        args.parser.error("give -f FILE, or --service and one condition "
+                          f"({', '.join(flag for _, flag, _ in ALERT_CONDITIONS)})")
+    rule = {"service": args.service, "condition": conditions[0][0], "threshold": conditions[0][1]}
+    rule.update({k: v for k, v in flags.items() if v is not None})
+    return json.dumps(rule)
+
+
+def _print_alert(args: argparse.Namespace, alert: Any) -> int:
+    if not render.document(args.output, alert):
+        render.alerts([alert], now=time.time())
+    return 0
+
+
+def cmd_alert_set(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.SetAlertRequest(namespace=args.namespace, name=args.name, json=_alert_rule(args)), args)
+    return _print_alert(args, client.call("SetAlert", req, f"the alert rule {args.name}", args.if_version))
+
+
+def cmd_alert_delete(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.DeleteAlertRequest(namespace=args.namespace, name=args.name), args)
+    client.call("DeleteAlert", req, f"the alert rule {args.name}", args.if_version)
+    render.note(f"Alert rule {args.name!r} deleted from namespace {args.namespace!r}.")
     return 0

@@ -393,6 +393,20 @@ def proxy_config(cfg: pb.ProxyConfig, types: Sequence[pb.AckedResources]) -> Non
         print_table(table)
 
 
+# --------------------------------------------------------------------------- alerts
+
+
+def alerts(items: Sequence[pb.Alert], now: float) -> None:
+    table = new_table("NAME", "SERVICE", "CONDITION", "FOR", "SEVERITY", "STATE", "VALUE", "SINCE")
+    for a in items:
+        since = a.active_since if a.state in ("pending", "firing") else a.resolved_at
+        when = _seconds(since)
+        add_row(table, a.name, a.service or "-", a.condition or a.error or "-", a.for_duration or "-",
+                a.severity or "-", a.state, f"{a.value:.4g}" if a.HasField("value") else "-",
+                age(now - when) if when else "-")
+    print_table(table)
+
+
 # --------------------------------------------------------------------------- events
 
 

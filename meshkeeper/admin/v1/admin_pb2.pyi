@@ -330,6 +330,74 @@ class AckedResources(_message.Message):
     resources_json: _containers.ScalarMap[str, str]
     def __init__(self, type: _Optional[str] = ..., version: _Optional[str] = ..., resources_json: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
+class ListAlertsRequest(_message.Message):
+    __slots__ = ("namespace", "name")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ...) -> None: ...
+
+class ListAlertsResponse(_message.Message):
+    __slots__ = ("alerts",)
+    ALERTS_FIELD_NUMBER: _ClassVar[int]
+    alerts: _containers.RepeatedCompositeFieldContainer[Alert]
+    def __init__(self, alerts: _Optional[_Iterable[_Union[Alert, _Mapping]]] = ...) -> None: ...
+
+class Alert(_message.Message):
+    __slots__ = ("namespace", "name", "json", "version", "service", "condition", "severity", "for_duration", "state", "value", "active_since", "fired_at", "resolved_at", "error")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    CONDITION_FIELD_NUMBER: _ClassVar[int]
+    SEVERITY_FIELD_NUMBER: _ClassVar[int]
+    FOR_DURATION_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_SINCE_FIELD_NUMBER: _ClassVar[int]
+    FIRED_AT_FIELD_NUMBER: _ClassVar[int]
+    RESOLVED_AT_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    json: str
+    version: int
+    service: str
+    condition: str
+    severity: str
+    for_duration: str
+    state: str
+    value: float
+    active_since: _timestamp_pb2.Timestamp
+    fired_at: _timestamp_pb2.Timestamp
+    resolved_at: _timestamp_pb2.Timestamp
+    error: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., json: _Optional[str] = ..., version: _Optional[int] = ..., service: _Optional[str] = ..., condition: _Optional[str] = ..., severity: _Optional[str] = ..., for_duration: _Optional[str] = ..., state: _Optional[str] = ..., value: _Optional[float] = ..., active_since: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., fired_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., resolved_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetAlertRequest(_message.Message):
+    __slots__ = ("namespace", "name", "json", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    json: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., json: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class DeleteAlertRequest(_message.Message):
+    __slots__ = ("namespace", "name", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    name: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("namespace", "kinds")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -339,7 +407,7 @@ class WatchEventsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., kinds: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("at", "kind", "namespace", "service", "node_id", "who", "summary", "before", "after")
+    __slots__ = ("at", "kind", "namespace", "service", "node_id", "who", "summary", "before", "after", "alert", "state")
     AT_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
@@ -349,6 +417,8 @@ class Event(_message.Message):
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     BEFORE_FIELD_NUMBER: _ClassVar[int]
     AFTER_FIELD_NUMBER: _ClassVar[int]
+    ALERT_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     at: _timestamp_pb2.Timestamp
     kind: str
     namespace: str
@@ -358,4 +428,6 @@ class Event(_message.Message):
     summary: str
     before: str
     after: str
-    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., namespace: _Optional[str] = ..., service: _Optional[str] = ..., node_id: _Optional[str] = ..., who: _Optional[str] = ..., summary: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ...) -> None: ...
+    alert: str
+    state: str
+    def __init__(self, at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[str] = ..., namespace: _Optional[str] = ..., service: _Optional[str] = ..., node_id: _Optional[str] = ..., who: _Optional[str] = ..., summary: _Optional[str] = ..., before: _Optional[str] = ..., after: _Optional[str] = ..., alert: _Optional[str] = ..., state: _Optional[str] = ...) -> None: ...

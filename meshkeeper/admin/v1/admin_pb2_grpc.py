@@ -99,6 +99,21 @@ class AdminServiceStub:
                 request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetProxyConfigRequest.SerializeToString,
                 response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ProxyConfig.FromString,
                 _registered_method=True)
+        self.ListAlerts = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/ListAlerts',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+                _registered_method=True)
+        self.SetAlert = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/SetAlert',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAlertRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.FromString,
+                _registered_method=True)
+        self.DeleteAlert = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/DeleteAlert',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAlertRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.FromString,
+                _registered_method=True)
         self.WatchEvents = channel.unary_stream(
                 '/meshkeeper.admin.v1.AdminService/WatchEvents',
                 request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
@@ -193,8 +208,28 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListAlerts(self, request, context):
+        """Alert rules, /meshkeeper/<ns>/alerts/<name>, with their shared state (docs/alerts.md)
+        (ListAlerts: viewer; SetAlert, DeleteAlert: operator).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAlert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAlert(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchEvents(self, request, context):
-        """Registry changes, pushes, NACKs and admin writes as they happen (viewer).
+        """Registry changes, pushes, NACKs, admin writes and alerts as they happen (viewer).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -267,6 +302,21 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.GetProxyConfig,
                     request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetProxyConfigRequest.FromString,
                     response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ProxyConfig.SerializeToString,
+            ),
+            'ListAlerts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAlerts,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsResponse.SerializeToString,
+            ),
+            'SetAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAlert,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAlertRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.SerializeToString,
+            ),
+            'DeleteAlert': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAlert,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAlertRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.SerializeToString,
             ),
             'WatchEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchEvents,
@@ -625,6 +675,87 @@ class AdminService:
             '/meshkeeper.admin.v1.AdminService/GetProxyConfig',
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetProxyConfigRequest.SerializeToString,
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ProxyConfig.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAlerts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/ListAlerts',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.ListAlertsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/SetAlert',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAlertRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAlert(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/DeleteAlert',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAlertRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Alert.FromString,
             options,
             channel_credentials,
             insecure,
