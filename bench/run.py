@@ -143,8 +143,11 @@ class Sidecar:
         self._register_upstream()
         return self.add(self.extra)
 
-    def add(self, extra: list[str], name: str = "sidecar") -> tuple[ManagedProcess, str]:
-        """One more sidecar on this mesh (pinned to the proxy CPU like the first), ready to route."""
+    def add(self, extra: list[str], name: str = "sidecar", status_port: bool = True) -> tuple[ManagedProcess, str]:
+        """One more sidecar on this mesh (pinned to the proxy CPU like the first), ready to route.
+
+        ``status_port=False`` for a sidecar of an older tree, which has no ``--status-port`` (nor binds 15021).
+        """
         cp = self.mesh.controlplane
         zk_hosts = self.mesh.zk_hosts
         sidecar = ManagedProcess(
@@ -154,7 +157,7 @@ class Sidecar:
                     "sidecar", "--service", "bench", "--app-port", str(self.upstream_port),
                     "--cp", f"127.0.0.1:{cp.port('xds_port')}", "--zk", zk_hosts,
                     "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--workers", "1",
-                    *extra,
+                    *(["--status-port", "0"] if status_port else []), *extra,
                 ),
             ),
             role="sidecar",

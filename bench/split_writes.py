@@ -261,6 +261,12 @@ def which_code(tree: Path | None) -> str:
     return out.stdout.strip()
 
 
+def knows_status_port(tree: Path | None) -> bool:
+    """Whether the sidecar of ``tree`` (None: this one) has ``--status-port``; older ones neither take
+    it nor bind 15021."""
+    return tree is None or "--status-port" in (tree / "sidecar" / "main.py").read_text()
+
+
 def proc_pythonpath(proc: ManagedProcess) -> str:
     try:
         env = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
@@ -292,8 +298,9 @@ class Mesh:
     def add(self, label: str, code: str, service: str, app_port: int) -> tuple[ManagedProcess, str]:
         """A sidecar of ``code`` ("current", "before" or "fix") for ``service`` with its app on ``app_port``."""
         extra = ["--access-log", "off", "--service", service, "--app-port", str(app_port)]
-        with imported_from(self.trees.get(code)):
-            proc, url = self.env.add(extra, name=f"sidecar-{label}")
+        tree = self.trees.get(code)
+        with imported_from(tree):
+            proc, url = self.env.add(extra, name=f"sidecar-{label}", status_port=knows_status_port(tree))
         self.sidecars[label] = (proc, url)
         self.pythonpath[label] = proc_pythonpath(proc)
         return proc, url

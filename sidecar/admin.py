@@ -8,7 +8,7 @@
                     average and threshold, or null); every endpoint: weight, serving, active and total
                     requests, and ``ejected``, ``ejections`` (times ejected), ``ejected_until``
                     (seconds from now, or null) with its outlier counters.
-``/listeners``      the bound listener ports.
+``/listeners``      the bound listener ports (the status port's too: sidecar.status).
 ``/server_info``    node identity, state, uptime, xDS connection (and whether it uses TLS), load
                     reporting (LRS) state.
 ``/stats/prometheus`` Prometheus text exposition.
@@ -54,6 +54,7 @@ def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
 class AdminServer:
     def __init__(self, runtime: SidecarRuntime | None = None) -> None:
         self.runtime = runtime  # set once the sidecar's node (with the admin port) is known
+        self.status_address: tuple[str, int] | None = None  # the status port's (bind, port), when served
         self.started = time.time()
         self._server: HttpServer | None = None
         self._routes = {
@@ -130,6 +131,8 @@ class AdminServer:
                "inbound": {"address": n.advertise_host, "port": n.inbound_port},
                "admin": {"address": "127.0.0.1", "port": n.admin_port}}
         rt = self.runtime
+        if self.status_address is not None:
+            out["status"] = {"address": self.status_address[0], "port": self.status_address[1]}
         if rt.dns is not None and rt.dns.port:
             out["dns"] = {"address": "127.0.0.1", "port": rt.dns.port}
         for name, bound in sorted(rt.tcp_listeners.items()):  # explicit mode's tcp services

@@ -1,7 +1,9 @@
 """``meshkeeper sidecar``: flags, sockets, and the order things start and stop in.
 
 Start: bind the listener sockets (port 0 picks a free port), connect the ADS stream, start
-health-checking the app, serve admin, print the ready line (docs/contracts.md). The listeners
+health-checking the app, serve admin (on 127.0.0.1) and the status port (Istio's 15021, on
+``--status-bind``: readiness and metrics only, for the kubelet and Prometheus; sidecar/status.py),
+print the ready line (docs/contracts.md). The listeners
 listen only once the first full config is applied (as Envoy's before its first LDS), and the
 instance is registered only once the app is healthy and every worker listens.
 
@@ -10,8 +12,8 @@ for ``--drain-delay`` while callers learn of it (answering ``Connection: close``
 accepting, let in-flight requests finish (bounded by ``--drain-timeout``), then exit.
 
 ``--workers N`` runs N-1 extra worker processes sharing the listener ports with SO_REUSEPORT;
-each has its own loop, ADS stream and load reporting (LRS) stream. Registration and the admin
-port live in worker 0.
+each has its own loop, ADS stream and load reporting (LRS) stream. Registration, the admin port
+and the status port live in worker 0.
 
 ``--xds-ca FILE`` makes the ADS and LRS streams use TLS, trusting that CA for the control plane's
 certificate (which must name the host of ``--cp``); ``--xds-cert FILE --xds-key FILE`` add a client
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import shutil
@@ -35,6 +38,7 @@ from meshkeeper import xds
 from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
+from sidecar.status import DEFAULT_STATUS_PORT
 
 log = logging.getLogger("meshkeeper.sidecar")
 
@@ -76,6 +80,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outbound-port", type=port, default=15001)
     p.add_argument("--inbound-port", type=port, default=15006)
     p.add_argument("--admin-port", type=port, default=15000)
+    p.add_argument("--status-port", type=port, default=DEFAULT_STATUS_PORT,
+                   help="readiness (/healthz/ready) and metrics (/stats/prometheus) only, for the kubelet "
+                        "and Prometheus (default %(default)s)")
+    p.add_argument("--status-bind", default="0.0.0.0",
+                   help="address of the status port (default %(default)s: the pod IP too; the admin port "
+                        "stays on 127.0.0.1)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--zk-session-timeout", type=seconds, default=10.0)
     p.add_argument("--drain-delay", type=non_negative_seconds, default=2.0,
@@ -102,6 +112,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--workers must be between 1 and 64")
     if args.app_port == 0:
         p.error("--app-port must name the app's port")
+    try:
+        ipaddress.ip_address(args.status_bind)
+    except ValueError:
+        p.error(f"--status-bind {args.status_bind!r}: expected an IP address (0.0.0.0: all of them)")
+    for flag in ("outbound_port", "inbound_port", "admin_port"):
+        if args.status_port and getattr(args, flag) == args.status_port:
+            p.error(f"--status-port and --{flag.replace('_', '-')} are both {args.status_port}")
     try:
         Paths(args.namespace)
         from meshkeeper.registry import validate_name
@@ -174,6 +191,7 @@ async def run(args: argparse.Namespace) -> int:
     from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.runtime import SidecarRuntime
+    from sidecar.status import StatusServer
     from sidecar.xds.client import AdsClient, channel_credentials
     from sidecar.xds.lrs import LoadReporter
 
@@ -185,6 +203,7 @@ async def run(args: argparse.Namespace) -> int:
     primary = args.worker_index == 0
     reuse = args.workers > 1 or not primary
     admin = AdminServer() if primary else None
+    status = StatusServer(admin) if admin else None
     try:
         # Bound now (the ports are ours), listening only once the first config is in.
         outbound_sock = bind_socket("127.0.0.1", args.outbound_port, reuse_port=reuse, exclusive=primary)
@@ -193,6 +212,14 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"meshkeeper sidecar: cannot bind a listener: {exc}", file=sys.stderr)
         return 1
+    try:
+        status_port = await status.start(args.status_bind, args.status_port) if status else 0
+    except OSError as exc:
+        print(f"meshkeeper sidecar: cannot bind the status port {args.status_bind}:{args.status_port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    if admin is not None:
+        admin.status_address = status.address
     outbound_port = outbound_sock.getsockname()[1]
     inbound_port = inbound_sock.getsockname()[1]
 
@@ -278,7 +305,8 @@ async def run(args: argparse.Namespace) -> int:
     # primary's, shared by their access logs.
     announce = os.fdopen(args.ready_fd, "w") if args.ready_fd >= 0 else sys.stdout
     print(f"meshkeeper sidecar listening outbound_port={outbound_port} inbound_port={inbound_port} "
-          f"admin_port={admin_port}" + (f" dns_port={dns_port}" if dns_port else "") + f" node={node_id}",
+          f"admin_port={admin_port}" + (f" status_port={status_port}" if status_port else "")
+          + (f" dns_port={dns_port}" if dns_port else "") + f" node={node_id}",
           file=announce, flush=True)
 
     async def worker_serving(w: Worker) -> None:
@@ -314,6 +342,8 @@ async def run(args: argparse.Namespace) -> int:
     await lrs.stop()
     if runtime.dns is not None:
         await runtime.dns.stop()
+    if status is not None:
+        await status.stop()
     if admin is not None:
         await admin.stop()
     for w in workers:
@@ -367,7 +397,8 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
                 "--interception", args.interception, "--outbound-policy", args.outbound_policy,
                 "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
-                "--inbound-port", str(inbound_port), "--admin-port", "0", "--drain-timeout", str(args.drain_timeout),
+                "--inbound-port", str(inbound_port), "--admin-port", "0", "--status-port", "0",
+                "--drain-timeout", str(args.drain_timeout),
                 "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,
                 "--otlp-timeout", str(args.otlp_timeout),
                 "--trace-sample-ratio", repr(args.trace_sample_ratio), "--access-log", args.access_log,

@@ -139,7 +139,8 @@ class LocalMesh:
         argv = meshkeeper_argv(
             "sidecar", "--service", service, "--namespace", self.namespace, "--app-port", str(app_port),
             "--version", version, "--weight", str(weight), "--cp", self.cp_address, "--zk", self.zk_hosts,
-            "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", *self.sidecar_args,
+            "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--status-port", "0",
+            *self.sidecar_args,
         )  # fmt: skip
         return self._start(argv, "sidecar", f"sidecar-{name}")
 

@@ -82,6 +82,9 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--proxy-gid", type=_id("gid"), default=None,
                    help="also never capture traffic of this gid (default: uid only)")
     p.add_argument("--admin-port", type=listener_port, default=rules.DEFAULT_ADMIN_PORT)
+    p.add_argument("--status-port", type=listener_port, default=rules.DEFAULT_STATUS_PORT,
+                   help="the sidecar's status port (readiness, metrics): never captured inbound, so the "
+                        "kubelet and Prometheus reach it (default %(default)s)")
     p.add_argument("--outbound-port", type=listener_port, default=rules.DEFAULT_OUTBOUND_PORT)
     p.add_argument("--inbound-port", type=listener_port, default=rules.DEFAULT_INBOUND_PORT)
     p.add_argument("--dns-port", type=listener_port, default=rules.DEFAULT_DNS_PORT)
@@ -102,7 +105,7 @@ def build_parser() -> ArgumentParser:
 
 def config_from(args: argparse.Namespace, parser: ArgumentParser) -> CaptureConfig:
     """The validated config; contradictions between flags end the program with exit code 2."""
-    listeners = {"--admin-port": args.admin_port, "--outbound-port": args.outbound_port,
+    listeners = {"--admin-port": args.admin_port, "--status-port": args.status_port, "--outbound-port": args.outbound_port,
                  "--inbound-port": args.inbound_port, "--dns-port": args.dns_port}
     seen: dict[int, str] = {}
     for flag, value in listeners.items():
@@ -118,7 +121,7 @@ def config_from(args: argparse.Namespace, parser: ArgumentParser) -> CaptureConf
         if any(net.subnet_of(ex) for ex in args.exclude_cidrs if ex.version == net.version):
             parser.error(f"--include-cidrs {net} lies inside --exclude-cidrs: nothing would be captured")
     return CaptureConfig(
-        proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid, admin_port=args.admin_port,
+        proxy_uid=args.proxy_uid, proxy_gid=args.proxy_gid, admin_port=args.admin_port, status_port=args.status_port,
         outbound_port=args.outbound_port, inbound_port=args.inbound_port, dns_port=args.dns_port,
         inbound_ports=args.inbound_ports, exclude_inbound_ports=args.exclude_inbound_ports,
         exclude_outbound_ports=args.exclude_outbound_ports, include_cidrs=args.include_cidrs,

@@ -40,6 +40,7 @@ DNS_CT_INBOUND = "MESHKEEPER_DNS_CT_INBOUND"
 
 DEFAULT_PROXY_UID = 1337
 DEFAULT_ADMIN_PORT = 15000
+DEFAULT_STATUS_PORT = 15021  # readiness and metrics for the kubelet and Prometheus (Istio's status port)
 DEFAULT_OUTBOUND_PORT = 15001
 DEFAULT_INBOUND_PORT = 15006
 DEFAULT_DNS_PORT = 15053
@@ -70,6 +71,7 @@ class CaptureConfig:
     proxy_uid: int = DEFAULT_PROXY_UID
     proxy_gid: int | None = None
     admin_port: int = DEFAULT_ADMIN_PORT
+    status_port: int = DEFAULT_STATUS_PORT
     outbound_port: int = DEFAULT_OUTBOUND_PORT
     inbound_port: int = DEFAULT_INBOUND_PORT
     dns_port: int = DEFAULT_DNS_PORT
@@ -83,7 +85,8 @@ class CaptureConfig:
     @property
     def sidecar_ports(self) -> tuple[int, ...]:
         """The sidecar's own listeners: never captured inbound, whatever the flags say."""
-        return tuple(sorted({self.admin_port, self.outbound_port, self.inbound_port, self.dns_port}))
+        return tuple(sorted({self.admin_port, self.status_port, self.outbound_port, self.inbound_port,
+                             self.dns_port}))
 
     @property
     def captures_inbound(self) -> bool:

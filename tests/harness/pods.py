@@ -425,8 +425,8 @@ class Pod:
                 wait_ready: bool = True, env: Mapping[str, str] | None = None, **flags: object) -> PodProcess:
         """``meshkeeper sidecar`` in the pod as the proxy uid, advertising the pod IP.
 
-        Ports keep their defaults (15001, 15006, 15000, 15053: the pod is a host of its own and the
-        capture rules point there); ``flags`` become ``--flag-name value`` (e.g. ``interception=
+        Ports keep their defaults (15001, 15006, 15000, 15021, 15053: the pod is a host of its own and
+        the capture rules point there); ``flags`` become ``--flag-name value`` (e.g. ``interception=
         "redirect"``). Unless ``wait_ready=False``, waits for ``GET /ready`` inside the pod.
         """
         args = ["sidecar", "--service", service, "--app-port", str(app_port), "--cp", cp, "--zk", zk]

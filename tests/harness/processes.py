@@ -131,7 +131,7 @@ class ProcessGroup:
         for ``GET /ready`` on the admin port.
         """
         args = ["sidecar", "--service", service, "--app-port", str(app_port), "--cp", cp, "--zk", zk]
-        ports = {"outbound_port": 0, "inbound_port": 0, "admin_port": 0}
+        ports = {"outbound_port": 0, "inbound_port": 0, "admin_port": 0, "status_port": 0}
         for key, value in {**ports, **flags}.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
         proc = self.meshkeeper(*args, name=name or f"sidecar-{service}", env=env)

@@ -212,8 +212,9 @@ def test_inbound_goes_to_15006_except_excluded_and_sidecar_ports(captured: Net) 
     app = captured.listen(captured.pod, "0.0.0.0", 8080)
     excluded = captured.listen(captured.pod, "0.0.0.0", 8443)
     admin = captured.listen(captured.pod, "0.0.0.0", 15000)
-    with inbound, app, excluded, admin:
-        for port, lands_on in ((8080, inbound), (8443, excluded), (15000, admin)):
+    status = captured.listen(captured.pod, "0.0.0.0", 15021)  # the kubelet's probes and Prometheus
+    with inbound, app, excluded, admin, status:
+        for port, lands_on in ((8080, inbound), (8443, excluded), (15000, admin), (15021, status)):
             client = captured.new_socket(captured.remote)
             client.connect((POD_IP, port))
             client.sendall(b"hello")

@@ -12,6 +12,10 @@ from meshkeeper.cli import main
     (["sidecar", "--service", "x", "--app-port", "8080", "--cp", "nohostport"], "--cp 'nohostport'"),
     (["sidecar", "--service", "x", "--app-port", "8080", "--weight", "-3"], "--weight -3"),
     (["sidecar", "--app-port", "8080"], "--service"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--status-port", "70000"], "--status-port: 70000 is not a port"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--status-bind", "pod-ip"], "--status-bind 'pod-ip'"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--status-port", "15000"],
+     "--status-port and --admin-port are both 15000"),
     (["controlplane", "--xds-port", "abc"], "'abc' is not a port number"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])

@@ -24,8 +24,8 @@ REFRESH = os.environ.get("MESHKEEPER_REFRESH_GOLDEN") == "1"
 
 CASES = {
     "defaults": [],
-    "custom-ports": ["--proxy-uid", "2000", "--admin-port", "16000", "--outbound-port", "16001",
-                     "--inbound-port", "16006", "--dns-port", "16053"],
+    "custom-ports": ["--proxy-uid", "2000", "--admin-port", "16000", "--status-port", "16021",
+                     "--outbound-port", "16001", "--inbound-port", "16006", "--dns-port", "16053"],
     "inbound-ports": ["--inbound-ports", "8080,9090"],
     "inbound-none": ["--inbound-ports", ""],
     "exclude": ["--exclude-inbound-ports", "22,8443", "--exclude-outbound-ports", "3306,6379",
@@ -110,6 +110,8 @@ def meshkeeper(*args: str) -> subprocess.CompletedProcess[str]:
     (["--inbound-ports", "*,8080"], "'*' cannot be mixed with ports"),
     (["--inbound-ports", "15006"], "15006 is the sidecar's own port (--inbound-port)"),
     (["--outbound-port", "15006"], "--outbound-port and --inbound-port are both 15006"),
+    (["--inbound-ports", "8080,15021"], "15021 is the sidecar's own port (--status-port)"),
+    (["--status-port", "15000"], "--admin-port and --status-port are both 15000"),
     (["--dns-port", "0"], "'0' is not a port number"),
 ])
 def test_bad_flags_are_one_line_exit_2_and_touch_nothing(args: list[str], says: str) -> None:
