@@ -9,7 +9,12 @@ What injection adds (docs/kubernetes.md says it for users):
   is an init container with ``restartPolicy: Always`` right after ``meshkeeper-init``, so it starts
   before the app and the app's own init containers, stops after them, and Jobs complete; otherwise
   it is the first regular container;
-- the annotation ``sidecar.meshkeeper.io/status``, so that a second injection changes nothing.
+- the annotation ``sidecar.meshkeeper.io/status``, so that a second injection changes nothing;
+- Prometheus' scrape annotations pointing at the proxy's status port (``/stats/prometheus`` on
+  15021), as Istio's injection does, unless the pod sets any ``prometheus.io/*`` of its own.
+
+The proxy's readiness probe is ``GET /healthz/ready`` on its status port (15021), which the sidecar
+binds on every address: its admin port (15000) stays on 127.0.0.1, out of the kubelet's reach.
 
 :func:`inject_pod` never mutates its argument. A pod left alone comes back with the reason
 (:class:`Injection`); annotations that cannot be honoured raise :class:`InjectError`.
@@ -32,6 +37,8 @@ DEFAULT_ZK = "zookeeper.meshkeeper-system.svc:2181"
 DEFAULT_IMAGE = f"meshkeeper:{__version__}"
 DEFAULT_PROXY_UID = 1337
 ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, DNS_PORT = 15000, 15001, 15006, 15053  # DESIGN §1
+STATUS_PORT = 15021  # the sidecar's readiness and metrics on the pod IP (Istio's status port)
+READY_PATH, METRICS_PATH = "/healthz/ready", "/stats/prometheus"
 
 INIT_NAME = "meshkeeper-init"
 PROXY_NAME = "meshkeeper-proxy"
@@ -51,6 +58,8 @@ A_EXCLUDE_OUTBOUND = "traffic.sidecar.meshkeeper.io/excludeOutboundPorts"
 A_INCLUDE_CIDRS = "traffic.sidecar.meshkeeper.io/includeOutboundIPRanges"
 A_EXCLUDE_CIDRS = "traffic.sidecar.meshkeeper.io/excludeOutboundIPRanges"
 PROTOCOLS = ("http", "tcp", "grpc")
+# Prometheus' scrape annotations (the convention of the community Helm chart's kubernetes-pods job).
+A_PROMETHEUS_SCRAPE, A_PROMETHEUS_PORT, A_PROMETHEUS_PATH = "prometheus.io/scrape", "prometheus.io/port", "prometheus.io/path"
 
 
 class InjectError(ValueError):
@@ -128,7 +137,8 @@ def inject_pod(pod: Mapping[str, Any], config: InjectConfig, *, namespace: str |
     status = {"version": __version__, "image": config.image, "initContainers": [INIT_NAME],
               "containers": []}
     status["initContainers" if config.native_sidecar else "containers"].append(PROXY_NAME)
-    meta.setdefault("annotations", {})[A_STATUS] = json.dumps(status, separators=(",", ":"))
+    meta["annotations"] = {**annotations, **_prometheus_annotations(annotations),
+                           A_STATUS: json.dumps(status, separators=(",", ":"))}
     return Injection(out)
 
 
@@ -191,6 +201,14 @@ def _inbound_ports(containers: list[dict[str, Any]], app_port: int) -> str:
     if app_port not in ports:
         ports.append(app_port)
     return ",".join(map(str, ports))
+
+
+def _prometheus_annotations(annotations: Mapping[str, str]) -> dict[str, str]:
+    """Scrape the proxy's metrics, unless the pod names a scrape target of its own (then it is the
+    app's: pointing it elsewhere, or at half of it, would lose the app's metrics)."""
+    if any(key.startswith("prometheus.io/") for key in annotations):
+        return {}
+    return {A_PROMETHEUS_SCRAPE: "true", A_PROMETHEUS_PORT: str(STATUS_PORT), A_PROMETHEUS_PATH: METRICS_PATH}
 
 
 # --------------------------------------------------------------------------- the containers
@@ -257,12 +275,13 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
         "ports": [
             {"name": "mk-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
+            {"name": "mk-status", "containerPort": STATUS_PORT, "protocol": "TCP"},
             {"name": "mk-outbound", "containerPort": OUTBOUND_PORT, "protocol": "TCP"},
             {"name": "mk-inbound", "containerPort": INBOUND_PORT, "protocol": "TCP"},
             {"name": "mk-dns", "containerPort": DNS_PORT, "protocol": "UDP"},
             {"name": "mk-dns-tcp", "containerPort": DNS_PORT, "protocol": "TCP"},
         ],
-        "readinessProbe": {"httpGet": {"path": "/ready", "port": ADMIN_PORT}, "periodSeconds": 5,
+        "readinessProbe": {"httpGet": {"path": READY_PATH, "port": STATUS_PORT}, "periodSeconds": 5,
                            "failureThreshold": 3, "timeoutSeconds": 2},
         "resources": {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}},
         "securityContext": {

@@ -157,6 +157,15 @@ def test_mesh_namespace_and_version() -> None:
     assert flag(args, "--namespace") == "k8s-ns" and flag(args, "--version") == "v9"
 
 
+def test_prometheus_scrapes_the_status_port_unless_the_pod_names_its_own_target() -> None:
+    injected = inject_pod(pod(labels={"app": "a"}), InjectConfig()).pod["metadata"]["annotations"]
+    assert {k: v for k, v in injected.items() if k.startswith("prometheus.io/")} == {
+        "prometheus.io/scrape": "true", "prometheus.io/port": "15021", "prometheus.io/path": "/stats/prometheus"}
+    own = {"prometheus.io/port": "9102"}  # the app's metrics: kept, and none of ours mixed in
+    injected = inject_pod(pod(own, {"app": "a"}), InjectConfig()).pod["metadata"]["annotations"]
+    assert {k: v for k, v in injected.items() if k.startswith("prometheus.io/")} == own
+
+
 def test_workload_name_from_a_replicaset_pod() -> None:
     meta = {"generateName": "web-7d9f8c6b5d-", "labels": {"pod-template-hash": "7d9f8c6b5d"}}
     assert workload_name(meta) == "web"

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from controlplane.injector import patch, webhook
+from controlplane.injector.workloads import TEMPLATE_PATHS
 from meshkeeper import __version__
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -200,17 +201,82 @@ def test_dockerfile_matches_the_injection_defaults() -> None:
         assert container["image"] == patch.DEFAULT_IMAGE
 
 
-def test_injected_proxy_flags_parse_with_the_sidecar(capsys: pytest.CaptureFixture[str]) -> None:
+def injected_pods() -> list[tuple[str, dict[str, Any]]]:
+    """(file name, pod) of every injected pod in the golden outputs."""
+    found = []
+    for path in sorted(GOLDEN.glob("*.out.yaml")):
+        for doc in documents(path):
+            if doc["kind"] not in TEMPLATE_PATHS:
+                continue  # a Service, a ConfigMap: no pod
+            pod = doc
+            for key in TEMPLATE_PATHS[doc["kind"]]:
+                pod = pod[key]
+            names = {c["name"] for c in pod["spec"].get("initContainers") or []}
+            if patch.INIT_NAME in names and path.name != "already-injected.out.yaml":
+                found.append((f"{path.name}:{doc['metadata'].get('name')}", pod))
+    return found
+
+
+INJECTED = injected_pods()
+# docs/kubernetes.md, Known gaps: the injector passes --protocol grpc, which the sidecar does not take yet.
+NO_GRPC = pytest.mark.xfail(raises=SystemExit, strict=True, reason="the sidecar has no --protocol grpc yet")
+
+
+def proxy_cases() -> list[Any]:
+    return [pytest.param(name, pod, id=name,
+                         marks=[NO_GRPC] if "grpc" in container(pod, patch.PROXY_NAME)["args"] else [])
+            for name, pod in INJECTED]
+
+
+def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
+    spec = pod["spec"]
+    return next(c for c in (spec.get("initContainers") or []) + spec["containers"] if c["name"] == name)
+
+
+def test_golden_outputs_hold_injected_pods() -> None:
+    assert len(INJECTED) >= 6 and any(name.startswith("pod.out.yaml") for name, _ in INJECTED)
+
+
+def test_injected_proxy_flags_parse_with_the_sidecar() -> None:
     from sidecar.main import parse_args
 
     (pod,) = documents(GOLDEN / "pod.out.yaml")
-    proxy = next(c for c in pod["spec"]["initContainers"] if c["name"] == patch.PROXY_NAME)
-    argv = [a.replace("$(POD_IP)", "10.1.2.3") for a in proxy["args"][1:]]
-    try:
-        parsed = parse_args(argv)
-    except SystemExit:
-        err = capsys.readouterr().err
-        assert "--interception" in err, err  # any other refusal is a real mismatch
-        pytest.skip("the sidecar's flags do not take --interception yet (transparent mode, DESIGN §10)")
+    proxy = container(pod, patch.PROXY_NAME)
+    parsed = parse_args([a.replace("$(POD_IP)", "10.1.2.3") for a in proxy["args"][1:]])
     assert (parsed.service, parsed.namespace, parsed.app_port) == ("catalog", "shop", 8080)
     assert parsed.advertise_host == "10.1.2.3"
+    assert parsed.interception == "redirect"
+
+
+@pytest.mark.parametrize(("name", "pod"), proxy_cases())
+def test_probe_and_scrape_target_the_status_port_the_sidecar_serves(name: str, pod: dict[str, Any]) -> None:
+    from sidecar.main import parse_args
+    from sidecar.status import STATUS_PAGES
+
+    proxy = container(pod, patch.PROXY_NAME)
+    assert proxy["command"] == ["meshkeeper"] and proxy["args"][0] == "sidecar"
+    parsed = parse_args([a.replace("$(POD_IP)", "10.1.2.3") for a in proxy["args"][1:]])
+    probe = proxy["readinessProbe"]["httpGet"]
+    assert probe == {"path": "/healthz/ready", "port": parsed.status_port} and probe["path"] in STATUS_PAGES
+    assert parsed.status_bind == "0.0.0.0", "the kubelet probes the pod IP"
+    assert {"name": "mk-status", "containerPort": parsed.status_port, "protocol": "TCP"} in proxy["ports"]
+    annotations = pod["metadata"].get("annotations") or {}
+    if annotations.get(patch.A_PROMETHEUS_PORT) == str(parsed.status_port):
+        assert annotations[patch.A_PROMETHEUS_PATH] in STATUS_PAGES
+        assert annotations[patch.A_PROMETHEUS_SCRAPE] == "true"
+
+
+@pytest.mark.parametrize(("name", "pod"), INJECTED, ids=[name for name, _ in INJECTED])
+def test_injected_init_flags_parse_with_meshkeeper_iptables(name: str, pod: dict[str, Any]) -> None:
+    from sidecar.interception.iptables import build_parser, config_from
+
+    init = container(pod, patch.INIT_NAME)
+    assert init["command"] == ["meshkeeper"] and init["args"][0] == "iptables"
+    parser = build_parser()
+    config = config_from(parser.parse_args(init["args"][1:]), parser)  # a bad flag exits here
+    proxy = container(pod, patch.PROXY_NAME)
+    assert config.proxy_uid == proxy["securityContext"]["runAsUser"]
+    probe_port = proxy["readinessProbe"]["httpGet"]["port"]
+    # The kubelet's probe and Prometheus reach the status port: never redirected to 15006.
+    assert probe_port in config.sidecar_ports
+    assert config.inbound_ports is None or probe_port not in config.inbound_ports
