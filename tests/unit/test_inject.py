@@ -177,7 +177,8 @@ def test_workload_name_from_a_replicaset_pod() -> None:
 @pytest.mark.parametrize(("annotations", "message"), [
     ({"sidecar.meshkeeper.io/app-port": "http"}, "is not a port number"),
     ({"sidecar.meshkeeper.io/app-port": "70000"}, "is not a port number"),
-    ({"sidecar.meshkeeper.io/protocol": "udp"}, "is not one of http, tcp, grpc"),
+    ({"sidecar.meshkeeper.io/protocol": "udp"}, "is not one of http, tcp"),
+    ({"sidecar.meshkeeper.io/protocol": "grpc"}, "grpc needs HTTP/2 in the sidecar"),
     ({"sidecar.meshkeeper.io/service": "Bad_Name"}, "lowercase DNS label"),
     ({"traffic.sidecar.meshkeeper.io/excludeOutboundIPRanges": "10.0.0.0/33"}, "is not an IP range"),
     ({"traffic.sidecar.meshkeeper.io/excludeOutboundPorts": "53,x"}, "is not a port number"),

@@ -218,14 +218,8 @@ def injected_pods() -> list[tuple[str, dict[str, Any]]]:
 
 
 INJECTED = injected_pods()
-# docs/kubernetes.md, Known gaps: the injector passes --protocol grpc, which the sidecar does not take yet.
-NO_GRPC = pytest.mark.xfail(raises=SystemExit, strict=True, reason="the sidecar has no --protocol grpc yet")
-
-
 def proxy_cases() -> list[Any]:
-    return [pytest.param(name, pod, id=name,
-                         marks=[NO_GRPC] if "grpc" in container(pod, patch.PROXY_NAME)["args"] else [])
-            for name, pod in INJECTED]
+    return [pytest.param(name, pod, id=name) for name, pod in INJECTED]
 
 
 def container(pod: dict[str, Any], name: str) -> dict[str, Any]:
