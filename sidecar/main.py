@@ -125,6 +125,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         validate_name("service", args.service)
     except RecordError as exc:
         p.error(str(exc))
+    if args.interception == "redirect" and args.advertise_host.startswith(("127.", "localhost", "::1")):
+        p.error(f"--advertise-host {args.advertise_host}: in transparent mode it must be the pod's own IP "
+                "(callers' sidecars dial it, and this pod's capture rules bring it to the inbound listener)")
     cp_host, sep, cp_port = args.cp.rpartition(":")
     if not sep or not cp_host or not cp_port.isdigit():
         p.error(f"--cp {args.cp!r}: expected HOST:PORT")

@@ -16,6 +16,11 @@ from meshkeeper.cli import main
     (["sidecar", "--service", "x", "--app-port", "8080", "--status-bind", "pod-ip"], "--status-bind 'pod-ip'"),
     (["sidecar", "--service", "x", "--app-port", "8080", "--status-port", "15000"],
      "--status-port and --admin-port are both 15000"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--interception", "redirect"],
+     "--advertise-host 127.0.0.1: in transparent mode it must be the pod's own IP"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--interception", "tproxy"], "--interception: invalid choice"),
+    (["sidecar", "--service", "x", "--app-port", "8080", "--outbound-policy", "deny"], "--outbound-policy: invalid choice"),
+    (["controlplane", "--vip-cidr", "240.240.0.0/33"], "--vip-cidr '240.240.0.0/33'"),
     (["controlplane", "--xds-port", "abc"], "'abc' is not a port number"),
     (["frobnicate"], "unknown command 'frobnicate'"),
 ])
