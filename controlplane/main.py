@@ -35,6 +35,9 @@ from controlplane.lrs import add_to_server as add_lrs_to_server
 from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry
 from controlplane.snapshot import RegistrySnapshot
+from controlplane.tracestore import add_arguments as add_trace_store_arguments
+from controlplane.tracestore import check_arguments as check_trace_store_arguments
+from controlplane.tracestore import install as install_trace_store
 from controlplane.vips import DEFAULT_VIP_CIDR, VipAllocator, parse_cidr
 from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
 from controlplane.web import Web
@@ -77,6 +80,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR,
                    help="range the services' virtual IPs are allocated from, for the mesh DNS and "
                         "transparent mode (default %(default)s; every replica must use the same)")
+    add_trace_store_arguments(p)
     p.add_argument("--alert-interval", type=seconds, default=DEFAULT_ALERT_INTERVAL,
                    help="evaluate the alert rules this often, seconds (default %(default)s; docs/alerts.md)")
     p.add_argument("--alert-webhook", action="append", default=[], metavar="URL",
@@ -102,6 +106,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--tls-cert and --tls-key go together")
     if args.tls_client_ca and not args.tls_cert:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
+    check_trace_store_arguments(p, args)
     try:
         args.vip_cidr = parse_cidr(args.vip_cidr)
     except ValueError as exc:
@@ -163,6 +168,7 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     add_lrs_to_server(server, lrs)
     auth = Authorizer(args.tokens, args.insecure_admin)
     add_admin_to_server(server, AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load))
+    jaeger = install_trace_store(args, server, metrics, auth)
     try:
         if args.tls is None:
             xds_port = server.add_insecure_port(_hostport(args.bind, args.xds_port))
@@ -180,7 +186,10 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 1
     await server.start()
     try:
-        web = await HttpServer.start(Web(cache, proxies, metrics, lambda: watch.state, load), args.bind, args.http_port)
+        pages = Web(cache, proxies, metrics, lambda: watch.state, load)
+        if jaeger is not None:
+            pages.mounts.append(jaeger)
+        web = await HttpServer.start(pages, args.bind, args.http_port)
     except OSError as exc:
         log.error("cannot bind the HTTP port %s: %s", _hostport(args.bind, args.http_port), exc)
         await server.stop(None)

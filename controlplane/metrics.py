@@ -92,6 +92,24 @@ class Metrics:
         self.lrs_reports = Counter(
             "meshkeeper_lrs_reports", "Load reports (LoadStatsRequests after the first) received",
             registry=r)
+        # built-in trace store (controlplane.tracestore); the gauges read the store at scrape time
+        self.tracestore_spans_received = Counter(
+            "meshkeeper_tracestore_spans_received", "Spans accepted into the trace store over OTLP", registry=r)
+        self.tracestore_spans_refused = Counter(
+            "meshkeeper_tracestore_spans_refused",
+            "Spans refused: reason=batch_too_large (an Export over the per-request limit) or malformed",
+            ["reason"], registry=r)
+        self.tracestore_traces_evicted = Counter(
+            "meshkeeper_tracestore_traces_evicted", "Whole traces evicted to stay within the store's bounds",
+            registry=r)
+        self.tracestore_spans_evicted = Counter(
+            "meshkeeper_tracestore_spans_evicted", "Spans evicted with their traces", registry=r)
+        self.tracestore_spans = Gauge("meshkeeper_tracestore_spans", "Spans in the trace store", registry=r)
+        self.tracestore_traces = Gauge("meshkeeper_tracestore_traces", "Traces in the trace store", registry=r)
+        self.tracestore_bytes = Gauge(
+            "meshkeeper_tracestore_bytes", "Bytes the trace store holds, by its own accounting", registry=r)
+        for reason in ("batch_too_large", "malformed"):
+            self.tracestore_spans_refused.labels(reason=reason)
         # alerts (controlplane.alerts)
         self.alert_rules = Gauge(
             "meshkeeper_alert_rules", "Alert rules in the last evaluation round", registry=r)

@@ -1,7 +1,8 @@
 """The control plane's HTTP port (15014): ``/healthz``, ``/metrics``, ``/api/proxies``, ``/api/load``.
 
 Read-only views over the watch, the xDS cache, the proxy registry and the load store, served by
-:mod:`meshkeeper.httpd`. The dashboard and the rest of the JSON API mount here later.
+:mod:`meshkeeper.httpd`. The dashboard and the rest of the JSON API mount here later; the trace
+store's Jaeger query API (controlplane.tracestore, docs/tracing.md) is mounted on ``mounts``.
 
 ``GET /healthz`` answers 200 while the process serves; ``registry_snapshot`` is null until the
 first complete registry snapshot (until then sidecars get nothing)::
@@ -50,6 +51,7 @@ from controlplane.cache import SnapshotCache
 from controlplane.lrs import LoadStore
 from controlplane.metrics import CONTENT_TYPE, Metrics
 from controlplane.proxies import ProxyRegistry
+from meshkeeper.httpd import Reply
 
 JSON = "application/json"
 TEXT = "text/plain; charset=utf-8"
@@ -70,11 +72,17 @@ class Web:
             "/api/proxies": self.api_proxies,
             "/api/load": self.api_load,
         }
+        # Handlers of whole path trees (the trace store's Jaeger API): (method, path, query, headers)
+        # -> reply, or None for a path they do not own.
+        self.mounts: list[Callable[[str, str, dict[str, str], dict[str, str]], Reply | None]] = []
 
     def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
-                 body: bytes) -> tuple[int, str, bytes]:
+                 body: bytes) -> Reply:
         page = self.routes.get(path.rstrip("/") or "/")
         if page is None:
+            for mount in self.mounts:
+                if (reply := mount(method, path, query, headers)) is not None:
+                    return reply
             return 404, TEXT, f"no page {path}\n".encode()
         if method != "GET":
             return 405, TEXT, b"only GET and HEAD\n"

@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, ZooKeeper data)")
     p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
                    help="OTLP/gRPC collector for the sidecars' spans, e.g. a local Jaeger at 127.0.0.1:4317 "
-                        "(the demo samples every trace)")
+                        "(default: the control plane's own trace store; the demo samples every trace)")
     args = p.parse_args(argv)
     if args.rps <= 0:
         p.error("--rps must be positive")
@@ -66,15 +66,16 @@ def run(argv: list[str] | None = None) -> int:
     args = parse_args(list(sys.argv[1:] if argv is None else argv))
     out = sys.stdout
     live = out.isatty()
-    # The demo samples 100% of traces (the default is 1%), exported when a collector is named.
-    tracing = ("--trace-sample-ratio", "1", *(("--otlp-endpoint", args.otlp_endpoint) if args.otlp_endpoint else ()))
-    mesh = LocalMesh(sidecar_args=tracing)
+    # The demo samples 100% of traces (the default is 1%).
+    mesh = LocalMesh(sidecar_args=("--trace-sample-ratio", "1"))
     traffic: TrafficDriver | None = None
     code = 0
     previous = signal.signal(signal.SIGTERM, _raise_stop)
     try:
         print(f"meshkeeper demo: starting in {mesh.workdir}", flush=True)
         mesh.start_registry()
+        # Spans go to the control plane's built-in trace store unless a collector is named.
+        mesh.sidecar_args = (*mesh.sidecar_args, "--otlp-endpoint", args.otlp_endpoint or mesh.cp_address)
         catalog = [mesh.add_instance("catalog", version, weight) for version, weight in CATALOG]
         frontend = mesh.add_instance("frontend", "v1", 10, call="http://catalog/")
         print("waiting for the sidecars to be ready ...", flush=True)
@@ -82,7 +83,8 @@ def run(argv: list[str] | None = None) -> int:
 
         endpoints = mesh.endpoints()
         endpoints.append(f"traces           every request, exported to {args.otlp_endpoint}" if args.otlp_endpoint
-                         else "traces           not exported: pass --otlp-endpoint HOST:4317 (Jaeger) to see them")
+                         else f"traces           every request, in the control plane's trace store (Jaeger's API): "
+                              f"{mesh.cp_http_url}/api/traces?service=frontend")
         endpoints.append("access logs      one JSON line per request in each sidecar's stdout log")
         print("\n".join(["", *endpoints, ""]), flush=True)
         traffic = TrafficDriver("127.0.0.1", frontend.app_port, args.rps, downstream="catalog")
