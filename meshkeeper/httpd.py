@@ -11,6 +11,12 @@ lower-case names to values (repeats joined with ", "), ``body`` is bytes. The ha
 plain function or a coroutine function, and may return a fourth item, extra response headers.
 HEAD is answered like GET without the body. Keep-alive and pipelining work; idle connections are
 closed after ``idle_timeout``. A handler that raises gets a 500 and one log line with the trace.
+
+A body may also be a :class:`Stream` (Server-Sent Events, for the console): the head goes out
+without a length, each chunk as the iterator yields it, and the connection closes when the
+iterator ends. The iterator is closed when the client goes away, and a client that reads slower
+than the stream writes (more than ``max_buffer`` unsent bytes) is disconnected, so a stuck browser
+tab costs a bounded buffer.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import contextlib
 import inspect
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from email.utils import formatdate
 from http import HTTPStatus
 from typing import Any
@@ -30,7 +36,19 @@ import httptools
 
 log = logging.getLogger("meshkeeper.httpd")
 
-Reply = tuple[int, str, bytes] | tuple[int, str, bytes, Mapping[str, str]]
+
+
+class Stream:
+    """A response body written as it is produced: an async iterator of byte chunks."""
+
+    __slots__ = ("chunks", "max_buffer")
+
+    def __init__(self, chunks: AsyncIterator[bytes], max_buffer: int = 1 << 20) -> None:
+        self.chunks = chunks
+        self.max_buffer = max_buffer
+
+
+Reply = tuple[int, str, bytes | Stream] | tuple[int, str, bytes | Stream, Mapping[str, str]]
 Handler = Callable[[str, str, dict[str, str], dict[str, str], bytes], Reply | Awaitable[Reply]]
 
 DEFAULT_MAX_BODY = 1 << 20
@@ -46,15 +64,18 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-def render_response(status: int, content_type: str, body: bytes, *, keep_alive: bool,
+def render_response(status: int, content_type: str, body: bytes | None, *, keep_alive: bool,
                     head: bool = False, extra: Mapping[str, str] | None = None) -> bytes:
+    """The response; with ``body`` None only the head of a stream (no length, closed at its end)."""
     lines = [f"HTTP/1.1 {status} {_reason(status)}", f"Server: {SERVER_NAME}",
-             f"Date: {formatdate(usegmt=True)}", f"Content-Type: {content_type}",
-             f"Content-Length: {len(body)}", f"Connection: {'keep-alive' if keep_alive else 'close'}"]
+             f"Date: {formatdate(usegmt=True)}", f"Content-Type: {content_type}"]
+    if body is not None:
+        lines.append(f"Content-Length: {len(body)}")
+    lines.append(f"Connection: {'keep-alive' if keep_alive and body is not None else 'close'}")
     for k, v in (extra or {}).items():
         lines.append(f"{k}: {v}")
     head_bytes = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-    return head_bytes if head else head_bytes + body
+    return head_bytes if head or body is None else head_bytes + body
 
 
 class _Request:
@@ -166,6 +187,9 @@ class HttpProtocol(asyncio.Protocol):
                     self._paused = False
                     self._transport.resume_reading()
                 status, ctype, body, extra = await self._call(req)
+                if isinstance(body, Stream):
+                    await self._stream(status, ctype, body, extra, head=req.method == "HEAD")
+                    return
                 out = render_response(status, ctype, body, keep_alive=req.keep_alive,
                                       head=req.method == "HEAD", extra=extra)
                 self._transport.write(out)
@@ -177,7 +201,29 @@ class HttpProtocol(asyncio.Protocol):
             if not self._closing:
                 self._arm_idle()
 
-    async def _call(self, req: _Request) -> tuple[int, str, bytes, Mapping[str, str] | None]:
+    async def _stream(self, status: int, ctype: str, body: Stream, extra: Mapping[str, str] | None,
+                      head: bool) -> None:
+        """Write a :class:`Stream` until it ends or the client goes; then close the connection."""
+        chunks = body.chunks
+        try:
+            self._transport.write(render_response(status, ctype, None, keep_alive=False, extra=extra))
+            if head:
+                return
+            async for chunk in chunks:
+                if self._closing:
+                    return
+                self._transport.write(chunk)
+                if self._transport.get_write_buffer_size() > body.max_buffer:
+                    log.info("closing a stream to a client that does not read (%d bytes unsent)",
+                             self._transport.get_write_buffer_size())
+                    return
+        finally:
+            aclose = getattr(chunks, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            self._close()
+
+    async def _call(self, req: _Request) -> tuple[int, str, bytes | Stream, Mapping[str, str] | None]:
         try:
             url = httptools.parse_url(bytes(req.url))
             path = unquote(url.path.decode("latin-1")) if url.path else "/"
@@ -187,7 +233,7 @@ class HttpProtocol(asyncio.Protocol):
             if inspect.isawaitable(result):
                 result = await result
             status, ctype, body, *rest = result
-            return int(status), ctype, bytes(body), (rest[0] if rest else None)
+            return int(status), ctype, body if isinstance(body, Stream) else bytes(body), (rest[0] if rest else None)
         except asyncio.CancelledError:
             raise
         except httptools.HttpParserInvalidURLError:

@@ -29,6 +29,11 @@ class FakeTransport:
     def resume_reading(self) -> None:
         self.paused = False
 
+    def get_write_buffer_size(self) -> int:
+        return self.unsent
+
+    unsent = 0  # what a client that stopped reading leaves in the buffer
+
 
 def parse_responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
     out = []
@@ -129,6 +134,60 @@ def test_http10_and_connection_close_close_after_the_answer():
         assert t.closed and parse_responses(bytes(t.out))[0][1]["connection"] == "close"
         _, t = await drive(Recorder(), b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
         assert t.closed
+    run(main())
+
+
+def test_stream_writes_chunks_as_they_come_then_closes():
+    async def main():
+        gate = asyncio.Event()
+        closed = []
+
+        async def events():
+            try:
+                yield b"data: one\n\n"
+                await gate.wait()
+                yield b"data: two\n\n"
+            finally:
+                closed.append(True)
+
+        h = Recorder((200, "text/event-stream", httpd.Stream(events()), {"Cache-Control": "no-cache"}))
+        proto, t = await drive(h, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        head, _, body = bytes(t.out).partition(b"\r\n\r\n")
+        assert b"Content-Length" not in head and b"Connection: close" in head and b"Cache-Control: no-cache" in head
+        assert body == b"data: one\n\n" and not t.closed  # the first event is out before the second exists
+        gate.set()
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert bytes(t.out).endswith(b"data: one\n\ndata: two\n\n") and t.closed and closed == [True]
+    run(main())
+
+
+def test_stream_closed_when_the_client_goes_or_stops_reading():
+    async def main():
+        closed = []
+
+        async def forever():
+            try:
+                while True:
+                    yield b"x" * 100
+                    await asyncio.sleep(0)
+            finally:
+                closed.append(True)
+
+        h = Recorder((200, "text/event-stream", httpd.Stream(forever())))
+        proto, t = await drive(h, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n")
+        proto.connection_lost(None)  # the browser tab closed
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert closed == [True]
+
+        closed.clear()
+        h = Recorder((200, "text/event-stream", httpd.Stream(forever(), max_buffer=1000)))
+        proto, t = await drive(h, b"GET /events HTTP/1.1\r\nHost: x\r\n\r\n", settle=False)
+        t.unsent = 5000  # nothing is read: the buffer only grows
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert t.closed and closed == [True]
     run(main())
 
 
