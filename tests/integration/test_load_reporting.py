@@ -84,7 +84,8 @@ def test_lrs_totals_at_the_control_plane_equal_the_requests_sent(procs, zk_serve
     by_address = {e["address"]: e["totals"] for e in svc["endpoints"]}
     assert {a: t["issued"] for a, t in by_address.items()} == dict(sent)
     assert by_address[failing]["error"] == sent[failing] and by_address[failing]["success"] == 0
-    assert set(svc["rates"]) == {"rps", "success_rps", "error_rps", "error_ratio", "mean_latency_seconds"}
+    assert set(svc["rates"]) == {"rps", "success_rps", "error_rps", "error_ratio", "mean_latency_seconds",
+                                 "p99_latency_seconds"}
     # nobody called web: it is listed (its cluster was reported), with nothing in it
     [web_svc] = [s for s in doc["services"] if s["service"] == "web"]
     assert web_svc["totals"]["issued"] == 0 and web_svc["endpoints"] == []
