@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from meshkeeper.demo.process import app_argv, wait_until
+from meshkeeper.demo.process import app_argv, http_get, wait_until
 from tests.harness import pods
 from tests.harness.pods import PodNetwork, unavailable_reason
 from tests.harness.thrift_apps import call_argv, serve_argv
@@ -29,7 +29,7 @@ def _needs_pods() -> None:
 
 
 def test_thrift_in_explicit_mode_is_balanced_by_weight_and_byte_exact(pod_network: PodNetwork, pod_zookeeper):
-    cp = pod_network.controlplane(pod_zookeeper.hosts)
+    cp = pod_network.controlplane(pod_zookeeper.hosts, "--load-report-interval", "0.5")
     cp_addr = f"{pod_network.host_ip}:{cp.port('xds_port')}"
     for name, weight in (("d1", 1), ("d2", 3)):
         pod = pod_network.add_pod(name)
@@ -49,5 +49,10 @@ def test_thrift_in_explicit_mode_is_balanced_by_weight_and_byte_exact(pod_networ
     assert sum(counts.values()) == 200 and abs(counts.get("d2", 0) / 200 - 0.75) <= 0.08, counts
     out = a.check_output(call_argv("127.0.0.1", THRIFT_PORT, "blob", 50 * 1024 * 1024, timeout=60), uid=APP_UID)
     assert "exact=true" in out and f"size={50 * 1024 * 1024}" in out, out
+    # load reports (LRS) of a tcp cluster: a connection counts as a request, as Envoy's TCP pool does
+    def reported() -> int:
+        _, _, body = http_get(f"http://{pod_network.host_ip}:{cp.port('http_port')}/api/load?namespace={NS}")
+        return sum(s["totals"]["issued"] for s in json.loads(body)["services"] if s["service"] == "orders")
+    wait_until(lambda: reported() >= 203, 15, 0.2, message="orders' connections in the control plane's load")
     status, _, body = a.http_get("http://127.0.0.1:15000/listeners")
     assert json.loads(body)[f"tcp|orders.{NS}"] == {"address": "127.0.0.1", "port": THRIFT_PORT}
