@@ -13,10 +13,10 @@ SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 APT_GET    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get
 APT_INSTALL := $(APT_GET) install -y --no-install-recommends
 
-.PHONY: help venv zookeeper test lint demo bench bench-tools proto clean distclean
+.PHONY: help venv zookeeper test lint demo bench bench-tools proto console-vendor clean distclean
 
 help:
-	@echo "targets: venv zookeeper test lint demo bench proto clean distclean"
+	@echo "targets: venv zookeeper test lint demo bench proto console-vendor clean distclean"
 	@echo "  make test PYTEST_ARGS='-k harness'   make bench BENCH_ARGS='--only haproxy,nginx --duration 5'"
 
 # --------------------------------------------------------------------------- environment
@@ -75,6 +75,26 @@ bench: venv zookeeper bench-tools
 # fails when it is stale.
 proto: venv
 	$(BIN)/python proto/generate.py
+
+# --------------------------------------------------------------------------- console assets
+
+# The console's vendored front-end libraries (controlplane/console/static/vendor/): minified releases
+# from the npm registry with their licences, recorded in VERSIONS. Needs npm; run it to upgrade
+# (change the version here), then commit the files. Nothing is fetched at `make demo` time.
+CYTOSCAPE_VERSION ?= 3.35.0
+CONSOLE_VENDOR := controlplane/console/static/vendor
+
+console-vendor:
+	@command -v npm >/dev/null || { echo "console-vendor needs npm (apt-get install npm)"; exit 1; }
+	tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  (cd "$$tmp" && npm pack --silent cytoscape@$(CYTOSCAPE_VERSION) >/dev/null && tar xzf cytoscape-$(CYTOSCAPE_VERSION).tgz) && \
+	  cp "$$tmp/package/dist/cytoscape.min.js" $(CONSOLE_VENDOR)/cytoscape.min.js && \
+	  cp "$$tmp/package/LICENSE" $(CONSOLE_VENDOR)/cytoscape.LICENSE && \
+	  license=$$(cd "$$tmp/package" && node -p 'require("./package.json").license') && \
+	  { echo "# The console's vendored libraries: name version licence file sha256 (make console-vendor)"; \
+	    echo "cytoscape $(CYTOSCAPE_VERSION) $$license cytoscape.min.js $$(sha256sum $(CONSOLE_VENDOR)/cytoscape.min.js | cut -d' ' -f1)"; \
+	  } > $(CONSOLE_VENDOR)/VERSIONS
+	@cat $(CONSOLE_VENDOR)/VERSIONS
 
 # --------------------------------------------------------------------------- cleanup
 

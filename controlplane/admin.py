@@ -97,23 +97,33 @@ def _attempt(rpc_name: str, request: Any, peer: str, caller: Caller | None) -> d
     return entry
 
 
+class RpcFailure(Exception):
+    """An RPC refused or failed: the gRPC status code and the message the caller is shown."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
 def rpc(role: Role) -> Callable:
     """Authorise the call for ``role``, pass the :class:`Caller` on, and turn the errors above
     into gRPC status codes with their messages. Every write attempt that fails, at auth or after,
-    is one audit line here; :meth:`AdminService._write` writes the line of a success."""
+    is one audit line here; :meth:`AdminService._write` writes the line of a success.
+
+    The wrapped method serves gRPC; ``method.call(service, request, metadata, peer)`` runs the very
+    same steps for another front end (the console's HTTP writes, :meth:`AdminService.invoke`) and
+    raises :class:`RpcFailure` where gRPC would abort."""
     write = role > Role.VIEWER
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable:
-        @functools.wraps(fn)
-        async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
-            peer = context.peer() or ""
+        async def call(self: AdminService, request: Any, metadata: Any, peer: str) -> Any:
             try:
-                caller = self.auth.check(context.invocation_metadata(), role, peer)
+                caller = self.auth.check(metadata, role, peer)
             except Denied as d:
                 if write:
                     _audit({**_attempt(fn.__name__, request, peer, None), "result": d.code.name.lower(),
                             "error": str(d)})
-                await context.abort(d.code, str(d))
+                raise RpcFailure(d.code, str(d)) from None
             try:
                 return await fn(self, request, caller)
             except Exception as exc:
@@ -124,7 +134,16 @@ def rpc(role: Role) -> Callable:
                             "result": result, "error": str(exc) or type(exc).__name__})
                 if status is None:
                     raise
-                await context.abort(status[0], str(exc))
+                raise RpcFailure(status[0], str(exc)) from None
+
+        @functools.wraps(fn)
+        async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await call(self, request, context.invocation_metadata(), context.peer() or "")
+            except RpcFailure as f:
+                await context.abort(f.code, f.message)
+
+        handler.call = call
         return handler
     return wrap
 
@@ -173,6 +192,15 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, store: ZkStore, auth: Authorizer, *, proxies: ProxyRegistry,
                  events: EventBus, load: LoadStore | None = None) -> None:
         self.store, self.auth, self.proxies, self.events, self.load = store, auth, proxies, events, load
+
+    async def invoke(self, rpc_name: str, request: Any, metadata: Any, peer: str = "") -> Any:
+        """Run one unary RPC for a front end other than gRPC (the console's HTTP writes): the same
+        authorisation, write logic, audit line and event; :class:`RpcFailure` where gRPC aborts."""
+        method = getattr(type(self), rpc_name, None)
+        call = getattr(method, "call", None)
+        if call is None:
+            raise AttributeError(f"{rpc_name} is not a unary admin RPC")
+        return await call(self, request, metadata, peer)
 
     # ------------------------------------------------------------------ shared reads
 

@@ -279,6 +279,21 @@ class LoadStore:
         got = self._current((namespace, service)).get((namespace, service))
         return got.load if got is not None else Load()
 
+    def edges(self) -> dict[tuple[str, ServiceKey], Load]:
+        """Per-second rates of the last interval per (caller node id, callee service), summed over
+        the caller's fresh streams (its workers): the console's caller -> callee edges."""
+        now = self._clock()
+        out: dict[tuple[str, ServiceKey], Load] = {}
+        for rep in self._reporters.values():
+            if rep.at is None or now - rep.at > rep.fresh_for:
+                continue
+            for key, load in rep.rates.items():
+                into = out.get((rep.node_id, key))
+                if into is None:
+                    into = out[(rep.node_id, key)] = Load()
+                into.add(load.load)
+        return out
+
     def snapshot(self, namespace: str | None = None) -> dict[str, Any]:
         """The ``/api/load`` document (controlplane.web documents its shape)."""
         current = self._current()

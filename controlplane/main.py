@@ -29,6 +29,7 @@ from controlplane.alerts.evaluate import Evaluator
 from controlplane.alerts.notify import Notifier
 from controlplane.auth import Authorizer, TokenFile, TokenFileError
 from controlplane.cache import SnapshotCache
+from controlplane.console import Console
 from controlplane.events import EventBus
 from controlplane.lrs import DEFAULT_LOAD_REPORT_INTERVAL, LoadReportingServer, LoadStore
 from controlplane.lrs import add_to_server as add_lrs_to_server
@@ -167,7 +168,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     lrs = LoadReportingServer(load, metrics)
     add_lrs_to_server(server, lrs)
     auth = Authorizer(args.tokens, args.insecure_admin)
-    add_admin_to_server(server, AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load))
+    admin = AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load)
+    add_admin_to_server(server, admin)
     jaeger = install_trace_store(args, server, metrics, auth)
     try:
         if args.tls is None:
@@ -185,8 +187,14 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         log.error("cannot bind the xDS port %s: %s", _hostport(args.bind, args.xds_port), why)
         return 1
     await server.start()
+    external = args.alert_external_url or f"http://{socket.gethostname()}:{args.http_port}"
+    notifier = Notifier(args.alert_webhook, metrics=metrics, external_url=external)
+    alerts = Evaluator(ZkStore(source.client), lambda: watch.latest, load, proxies, events, notifier,
+                       interval=args.alert_interval, metrics=metrics)
     try:
         pages = Web(cache, proxies, metrics, lambda: watch.state, load)
+        pages.mounts.append(Console(lambda: watch.latest, load, proxies, events, admin, auth,
+                                    alert_states=alerts.states))
         if jaeger is not None:
             pages.mounts.append(jaeger)
         web = await HttpServer.start(pages, args.bind, args.http_port)
@@ -196,10 +204,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         return 1
 
     watch.start()
-    external = args.alert_external_url or f"http://{socket.gethostname()}:{web.port}"
-    alerts = Evaluator(ZkStore(source.client), lambda: watch.latest, load, proxies, events,
-                       Notifier(args.alert_webhook, metrics=metrics, external_url=external),
-                       interval=args.alert_interval, metrics=metrics)
+    if not args.alert_external_url:  # the port bound (the flag may say 0)
+        notifier.external_url = f"http://{socket.gethostname()}:{web.port}"
     alerts.start()
     print(f"meshkeeper controlplane listening xds_port={xds_port} http_port={web.port}", flush=True)
     log.info("serving xDS, LRS and the admin API on %s%s, HTTP on %s; zookeeper %s", xds_port,

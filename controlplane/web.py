@@ -1,8 +1,9 @@
 """The control plane's HTTP port (15014): ``/healthz``, ``/metrics``, ``/api/proxies``, ``/api/load``.
 
 Read-only views over the watch, the xDS cache, the proxy registry and the load store, served by
-:mod:`meshkeeper.httpd`. The dashboard and the rest of the JSON API mount here later; the trace
-store's Jaeger query API (controlplane.tracestore, docs/tracing.md) is mounted on ``mounts``.
+:mod:`meshkeeper.httpd`. Handlers of whole path trees are mounted on ``mounts``: the console and
+its JSON API (controlplane.console, docs/console.md) and the trace store's Jaeger query API
+(controlplane.tracestore, docs/tracing.md).
 
 ``GET /healthz`` answers 200 while the process serves; ``registry_snapshot`` is null until the
 first complete registry snapshot (until then sidecars get nothing)::
@@ -43,8 +44,9 @@ number of LRS streams open now::
 
 from __future__ import annotations
 
+import inspect
 import json
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from controlplane.cache import SnapshotCache
@@ -72,16 +74,20 @@ class Web:
             "/api/proxies": self.api_proxies,
             "/api/load": self.api_load,
         }
-        # Handlers of whole path trees (the trace store's Jaeger API): (method, path, query, headers)
-        # -> reply, or None for a path they do not own.
-        self.mounts: list[Callable[[str, str, dict[str, str], dict[str, str]], Reply | None]] = []
+        # Handlers of whole path trees (the console, the trace store's Jaeger API): (method, path,
+        # query, headers, body) -> reply, or None for a path they do not own; plain or async.
+        self.mounts: list[Callable[[str, str, dict[str, str], dict[str, str], bytes],
+                                   Reply | None | Awaitable[Reply | None]]] = []
 
-    def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
-                 body: bytes) -> Reply:
+    async def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                       body: bytes) -> Reply:
         page = self.routes.get(path.rstrip("/") or "/")
         if page is None:
             for mount in self.mounts:
-                if (reply := mount(method, path, query, headers)) is not None:
+                reply = mount(method, path, query, headers, body)
+                if inspect.isawaitable(reply):
+                    reply = await reply
+                if reply is not None:
                     return reply
             return 404, TEXT, f"no page {path}\n".encode()
         if method != "GET":

@@ -60,6 +60,8 @@ class Evaluator:
         self.metrics = metrics or Metrics()
         self.wall = wall
         self._seen: dict[tuple[str, str], tuple[str, float | None]] = {}  # (ns, name) -> (state, fired_at)
+        # The shared state as this replica last wrote it, per rule: what the console shows.
+        self.states: dict[tuple[str, str], AlertState] = {}
         self._failing: set[tuple[str, str]] = set()
         self._task: asyncio.Task | None = None
 
@@ -99,6 +101,8 @@ class Evaluator:
         live = {(ns, name) for ns, name, _ in rules}
         for key in set(self._seen) - live:
             del self._seen[key]
+        for key in set(self.states) - live:
+            del self.states[key]
         self.metrics.alert_rules.set(len(rules))
 
     def sample(self, snap: RegistrySnapshot, ns: str, rule: AlertRule) -> Sample:
@@ -140,6 +144,7 @@ class Evaluator:
         self._failing.discard(key)
         self.metrics.alert_evaluations.labels(result="ok").inc()
         state, transition = made[-1]
+        self.states[key] = state
         if transition is not None:  # this replica's write made it: the one notification
             self.metrics.alert_transitions.labels(state=transition).inc()
             log.info("alert %s/%s %s: %s (value %s)", ns, name, transition, rule.expression, state.value)

@@ -118,7 +118,8 @@ class JaegerQuery:
         self.auth = auth or Authorizer()
         self.clock = clock
 
-    def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str]) -> Reply | None:
+    def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                 body: bytes = b"") -> Reply | None:
         parts = path.rstrip("/").split("/")[1:]  # "/api/traces/x" -> ["api", "traces", "x"]
         if len(parts) < 2 or parts[0] != "api" or parts[1] not in _PAGES:
             return None

@@ -186,6 +186,7 @@ class LocalMesh:
         if self.controlplane is not None:
             url = self.cp_http_url
             lines += [
+                f"console          {url}/   (open it in a browser: graph, services, proxies, traces, alerts)",
                 f"control plane    xDS {self.cp_address}   HTTP {url}/healthz",
                 f"                 {url}/api/proxies   {url}/api/load   {url}/metrics",
                 f"admin API        no tokens (--insecure-admin): try  meshkeeper get endpoints catalog "
