@@ -79,20 +79,24 @@ class Web:
         self.mounts: list[Callable[[str, str, dict[str, str], dict[str, str], bytes],
                                    Reply | None | Awaitable[Reply | None]]] = []
 
-    async def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
-                       body: bytes) -> Reply:
+    def __call__(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                 body: bytes) -> Reply | Awaitable[Reply]:
         page = self.routes.get(path.rstrip("/") or "/")
         if page is None:
-            for mount in self.mounts:
-                reply = mount(method, path, query, headers, body)
-                if inspect.isawaitable(reply):
-                    reply = await reply
-                if reply is not None:
-                    return reply
-            return 404, TEXT, f"no page {path}\n".encode()
+            return self._mounted(method, path, query, headers, body)
         if method != "GET":
             return 405, TEXT, b"only GET and HEAD\n"
         return page(query)
+
+    async def _mounted(self, method: str, path: str, query: dict[str, str], headers: dict[str, str],
+                       body: bytes) -> Reply:
+        for mount in self.mounts:
+            reply = mount(method, path, query, headers, body)
+            if inspect.isawaitable(reply):
+                reply = await reply
+            if reply is not None:
+                return reply
+        return 404, TEXT, f"no page {path}\n".encode()
 
     def healthz(self, query: dict[str, str]) -> tuple[int, str, bytes]:
         """200 while the process serves. The body says whether sidecars can get config yet."""

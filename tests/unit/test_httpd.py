@@ -265,5 +265,5 @@ def test_controlplane_pages():
     assert status == 200 and ctype.startswith("text/plain")
     assert b'meshkeeper_xds_nacks_total{type="CDS"} 1.0' in body
     assert b"meshkeeper_xds_connected_proxies 1.0" in body
-    assert web("GET", "/nope", {}, {}, b"")[0] == 404
+    assert asyncio.run(web("GET", "/nope", {}, {}, b""))[0] == 404  # unknown paths go to the mounts
     assert web("POST", "/healthz", {}, {}, b"")[0] == 405

@@ -3,6 +3,7 @@ OTLP Export over a real grpc.aio server."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -235,9 +236,9 @@ def test_web_routes_to_the_mount(store):
     metrics = Metrics()
     web = Web(SnapshotCache(metrics), ProxyRegistry(metrics), metrics, lambda: "CONNECTED")
     web.mounts.append(JaegerQuery(store))
-    status, _, body, *_ = web("GET", "/api/services", {}, {}, b"")
+    status, _, body, *_ = asyncio.run(web("GET", "/api/services", {}, {}, b""))  # mounts are awaited
     assert status == 200 and json.loads(body)["data"] == ["catalog", "frontend"]
-    assert web("GET", "/api/nothing", {}, {}, b"")[0] == 404
+    assert asyncio.run(web("GET", "/api/nothing", {}, {}, b""))[0] == 404
     assert web("GET", "/healthz", {}, {}, b"")[0] == 200
 
 
