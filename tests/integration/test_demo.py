@@ -18,6 +18,7 @@ def test_demo_runs_splits_by_weight_and_leaves_nothing_behind():
     out = proc.stdout
     assert proc.returncode == 0, proc.stderr[-3000:]
     workdir = re.search(r"starting in (\S+)", out).group(1)
+    assert re.search(r"^console\s+http://127\.0\.0\.1:\d+/ ", out, re.M), out[:2000]  # one line to open
     assert not Path(workdir).exists()
     # The last table: weights 1, 2, 7 and their share of the answered requests.
     table = out.rsplit("instance ", 1)[1]

@@ -173,3 +173,17 @@ def test_write_failures_keep_the_apis_words(tmp_path, code, http):
                               "/api/console/services/shop/catalog/endpoints/10.0.0.1:15006/weight",
                               OPERATOR, b'{"weight": 3}')
     assert status == http and json.loads(body) == {"error": "SetWeight: the words of the API", "code": code.name}
+
+
+def test_vendored_libraries_match_their_versions_file():
+    import hashlib
+
+    from controlplane.console import STATIC
+
+    vendor = STATIC / "vendor"
+    for line in (vendor / "VERSIONS").read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        name, version, licence, file, sha256 = line.split()
+        assert hashlib.sha256((vendor / file).read_bytes()).hexdigest() == sha256, f"{file}: run make console-vendor"
+        assert (vendor / f"{name}.LICENSE").read_text().strip() and version and licence
