@@ -58,6 +58,20 @@ class Traffic(threading.Thread):
         conn.close()
 
 
+def click(driver, css: str, timeout: float = 5.0) -> None:
+    """Find and click ``css``, again if the live page re-rendered it in between (a stale element)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+
+    def once() -> bool:
+        try:
+            driver.find_element(By.CSS_SELECTOR, css).click()
+        except StaleElementReferenceException:
+            return False
+        return True
+    wait_until(once, timeout, 0.02, message=f"click {css}")
+
+
 def text(driver, css: str) -> str:
     from selenium.webdriver.common.by import By
 
@@ -115,7 +129,7 @@ def test_console_graph_switches_traces_and_escaping(procs, zk_server, namespace,
             driver.implicitly_wait(0)
             driver.get(f"{web}/")
             driver.find_element(By.ID, "token").send_keys(VIEWER)
-            driver.find_element(By.ID, "token-save").click()
+            click(driver, "#token-save")
 
             # The graph: frontend -> catalog with a non-zero rate, live (no reload).
             edge = f"tr[data-edge='{namespace}/frontend->{namespace}/catalog'] td.rps"
@@ -139,11 +153,11 @@ def test_console_graph_switches_traces_and_escaping(procs, zk_server, namespace,
             target = sorted(instance_of)[2]
             button = f"tr[data-address='{target}'] button.disable"
             # A viewer's token: refused as the API words it; then no token at all.
-            driver.find_element(By.CSS_SELECTOR, button).click()
+            click(driver, button)
             wait_until(lambda: "refused (403)" in text(driver, "#write-status"), 5, message="403 shown")
             assert "viewer role; this needs operator" in text(driver, "#write-status")
             driver.execute_script("sessionStorage.removeItem('meshkeeper.token')")
-            driver.find_element(By.CSS_SELECTOR, button).click()
+            click(driver, button)
             wait_until(lambda: "refused (401)" in text(driver, "#write-status"), 5, message="401 shown")
             assert "no token" in text(driver, "#write-status")
             assert severe(driver, REFUSALS) == []
@@ -154,10 +168,10 @@ def test_console_graph_switches_traces_and_escaping(procs, zk_server, namespace,
 
             # The operator's token: disabled, out of traffic within 1 s, and shown.
             driver.find_element(By.ID, "token").send_keys(OPERATOR)
-            driver.find_element(By.ID, "token-save").click()
+            click(driver, "#token-save")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, button), 10, message="page back with the token")
             clicked = time.monotonic()
-            driver.find_element(By.CSS_SELECTOR, button).click()
+            click(driver, button)
             wait_until(lambda: text(driver, f"tr[data-address='{target}'] td.enabled") == "no", 5,
                        message="the page shows the endpoint disabled")
             wait_until(lambda: time.monotonic() > clicked + 2 and len(traffic.log) > 20, 10)
@@ -171,7 +185,7 @@ def test_console_graph_switches_traces_and_escaping(procs, zk_server, namespace,
             driver.get(f"{web}/ui/traces/{TRACE_ID}")
             wait_until(lambda: {r.get_attribute("data-service") for r in driver.find_elements(
                 By.CSS_SELECTOR, ".span-row[data-span]")} >= {"frontend", "catalog"}, 10, message="both services' spans")
-            driver.find_element(By.CSS_SELECTOR, ".span-row[data-service='catalog']").click()
+            click(driver, ".span-row[data-service='catalog']")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".span-details"), 5)
             driver.save_screenshot(str(IMAGES / "console-trace.png"))
 
@@ -181,22 +195,22 @@ def test_console_graph_switches_traces_and_escaping(procs, zk_server, namespace,
             duration = max(s["duration"] for s in spans)
             driver.get(f"{web}/ui/traces")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, "#q-service option[value='frontend']"), 10)
-            driver.find_element(By.CSS_SELECTOR, "#q-service option[value='frontend']").click()
+            click(driver, "#q-service option[value='frontend']")
             driver.find_element(By.ID, "q-tags").send_keys("url.path=/shop span.kind=server")
             driver.find_element(By.ID, "q-minDuration").send_keys(f"{duration}us")
-            driver.find_element(By.ID, "q-submit").click()
+            click(driver, "#q-submit")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, f"#trace-list tr[data-trace='{TRACE_ID}']"), 10,
                        message="the search finds the trace")
             assert driver.find_elements(By.CSS_SELECTOR, f"#scatter circle[data-trace='{TRACE_ID}']")
             driver.find_element(By.ID, "q-minDuration").clear()
             driver.find_element(By.ID, "q-minDuration").send_keys(f"{duration + 1_000_000}us")
-            driver.find_element(By.ID, "q-submit").click()
+            click(driver, "#q-submit")
             wait_until(lambda: "0 traces" in text(driver, "#trace-results"), 10, message="a longer min finds none")
 
             # The hostile span attribute renders as text.
             driver.get(f"{web}/ui/traces/{'ab' * 16}")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".span-row[data-span]"), 10)
-            driver.find_element(By.CSS_SELECTOR, ".span-row[data-span]").click()
+            click(driver, ".span-row[data-span]")
             wait_until(lambda: driver.find_elements(By.CSS_SELECTOR, ".span-details td.value"), 5)
             values = [v.get_attribute("textContent") for v in driver.find_elements(By.CSS_SELECTOR, ".span-details td.value")]
             assert HOSTILE_ATTR in values
