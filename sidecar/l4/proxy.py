@@ -198,6 +198,14 @@ class TcpProxy(asyncio.Protocol):
         if up is None:
             if not self._closed:
                 self._early.append(data)
+                # uvloop starts reading an accepted connection even when connection_made paused it:
+                # pause here, so that what waits for the upstream is one read, not all a client sends.
+                down = self._down
+                if down is not None:
+                    try:
+                        down.pause_reading()
+                    except Exception:  # closing already
+                        pass
             return
         up.write(data)
         n = len(data)

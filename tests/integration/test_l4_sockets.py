@@ -357,3 +357,41 @@ async def test_black_hole_and_refused_original_destination_close_at_once() -> No
     assert (stats.upstream_cx_connect_fail, stats.upstream_cx_connect_attempts_exceeded) == (1, 1)
     await until(lambda: runtime.stats.downstream_cx_active == 0)
     server.close()
+
+
+@uvloop_test
+async def test_a_client_writing_while_the_upstream_connects_is_held_to_one_read() -> None:
+    """uvloop reads an accepted connection even though connection_made paused it: what waits for
+    the upstream's connect must stay one read, however much the client sends meanwhile."""
+    connecting = asyncio.Event()
+
+    async def never(*args: Any, **kwargs: Any):
+        connecting.set()
+        await asyncio.sleep(3600)
+
+    clusters = ClusterManager()
+    clusters.update_clusters({"PassthroughCluster": ClusterConfig("PassthroughCluster", discovery="STATIC",
+                                                                  connect_timeout=30.0)})
+    runtime = TcpProxyRuntime(TcpProxyConfig("passthrough", "PassthroughCluster"), clusters, connector=never)
+    proxies: list[TcpProxy] = []
+
+    def make() -> TcpProxy:
+        proxies.append(TcpProxy(runtime, original_dst=("127.0.0.1", refused_port())))
+        return proxies[-1]
+
+    server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
+    sock = socket.create_connection(("127.0.0.1", server.sockets[0].getsockname()[1]))
+    sock.setblocking(False)
+    await asyncio.wait_for(connecting.wait(), 5)
+    sent, chunk = 0, b"x" * 65536
+    deadline = time.monotonic() + 2
+    while time.monotonic() < deadline and sent < 64 * MB:  # until the kernel's buffers are full
+        try:
+            sent += sock.send(chunk)
+        except BlockingIOError:
+            await asyncio.sleep(0.01)
+    held = sum(len(d) for d in proxies[0]._early)
+    assert 0 < held <= UVLOOP_READ, held
+    assert sent < 64 * MB  # the client was held back by TCP, not by our memory
+    sock.close()
+    server.close()
