@@ -41,6 +41,7 @@ In Envoy's vocabulary, as Istio lays it out:
 
 from __future__ import annotations
 
+import ipaddress
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -66,7 +67,6 @@ TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
 DNS_TTL_S = 30
 DNS_PORT = 15053  # informational: the sidecar binds --dns-port
-LOOPBACK_PREFIXES = ("127.", "::1", "localhost")
 
 
 def _cidr(address: str) -> address_pb2.CidrRange:
@@ -115,14 +115,26 @@ def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_compo
             filters=_filters(f"outbound_{name}", svc, xds.outbound_cluster(svc.name, svc.namespace))))
     direct = xds.passthrough_cluster(svc.name, svc.namespace)
     for key, inst in sorted(svc.instances.items()):
-        if inst.address.startswith(LOOPBACK_PREFIXES):
+        address = instance_ip(inst.address)
+        if address is None:
             continue
         chains.append(listener_components_pb2.FilterChain(
             name=f"{name}|{key}",
             filter_chain_match=listener_components_pb2.FilterChainMatch(
-                prefix_ranges=[_cidr(inst.address)], destination_port=tr._u32(inst.port)),
+                prefix_ranges=[_cidr(address)], destination_port=tr._u32(inst.port)),
             filters=_filters(f"outbound_{name}", svc, direct)))
     return chains
+
+
+def instance_ip(address: str) -> str | None:
+    """An instance address as an original destination can be: its IP written canonically; None
+    for a host name (a connection's destination is never a name) or a loopback address (never
+    redirected: explicit mode's registrations)."""
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return None
+    return None if ip.is_loopback else str(ip)
 
 
 def original_dst_cluster(name: str, svc: ServiceSnapshot | None = None) -> cluster_pb2.Cluster:

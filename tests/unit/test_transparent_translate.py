@@ -170,3 +170,16 @@ def test_two_services_never_share_a_chain_or_a_dns_answer():
     assert "catalog.default|vip" in chains(res) and "shadow.default|vip" not in chains(res)
     config = unpack(dns_filter_pb2.DnsFilterConfig(), res[xds.LISTENER][xds.DNS_LISTENER].listener_filters[0])
     assert "shadow" not in {d.name for d in config.server_config.inline_dns_table.virtual_domains}
+
+
+def test_instance_addresses_that_no_connection_can_have_get_no_chain_and_the_sidecar_takes_the_rest():
+    from sidecar.xds import listeners
+
+    odd = service("odd", inst("api-1.example.internal", port=8080), inst("fd00::1", port=8080),
+                  inst("fd00:0::1", port=8080), inst("fd00::2", port=9090), inst("127.0.0.1", port=15006))
+    s = RegistrySnapshot(3, MappingProxyType({"default": MappingProxyType({"odd": odd})}))
+    msg = transparent.translate(s, REDIRECT)[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER]
+    wire = type(msg)()
+    wire.ParseFromString(msg.SerializeToString())
+    converted = listeners.listener(wire)  # no NACK: no host name, no duplicate match
+    assert sorted((c.address, c.port) for c in converted.chains) == [("fd00::1", 8080), ("fd00::2", 9090)]
