@@ -539,7 +539,7 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
     out[xds.LISTENER][xds.OUTBOUND_LISTENER] = outbound_listener(node.outbound_port, policy.tracing)
     if not node.app_port:
         return out
-    if node.protocol == "tcp":
+    if node.protocol == "tcp" and node.outbound_policy:  # (a sidecar older than tcp_proxy sends no policy)
         listener = inbound_tcp_listener(node.advertise_host, node.inbound_port, node.app_port)
     else:
         listener = inbound_listener(node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit,

@@ -42,6 +42,7 @@ In Envoy's vocabulary, as Istio lays it out:
 from __future__ import annotations
 
 import ipaddress
+import logging
 from functools import lru_cache
 from types import MappingProxyType
 
@@ -62,6 +63,8 @@ from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.policy import Policy
 from meshkeeper.xds import NodeInfo
+
+log = logging.getLogger("meshkeeper.controlplane.transparent")
 
 TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
@@ -282,10 +285,17 @@ def explicit_tcp_listeners(snapshot: RegistrySnapshot, namespace: str) -> Mappin
     127.0.0.1:9090 for a thrift service on 9090. A sidecar does not bind its own service's (its
     app holds that port)."""
     listeners = {}
+    ports: dict[int, str] = {}
     for name, svc in sorted(snapshot.services(namespace).items()):
         port = tcp_service_port(svc)
         if svc.record.protocol != "tcp" or not port:
             continue
+        if port in ports:  # two tcp services on one port: callers could not tell them apart on loopback
+            log.warning("tcp services %s and %s of namespace %s share port %d: explicit-mode callers get a "
+                        "listener for %s only (use transparent mode, or different ports)",
+                        ports[port], name, namespace, port, ports[port])
+            continue
+        ports[port] = name
         lname = xds.tcp_listener(name, namespace)
         listeners[lname] = listener_pb2.Listener(
             name=lname, address=tr._socket(tr.OUTBOUND_BIND, port), traffic_direction=base_pb2.OUTBOUND,

@@ -21,7 +21,6 @@ from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
 from sidecar.config import (
     DEFAULT_IDLE_TIMEOUT,
-    DISCOVERY_ORIGINAL_DST,
     ClusterConfig,
     EndpointConfig,
     FilterChain,
@@ -272,7 +271,7 @@ class SidecarRuntime:
         """The dispatch tables of the bound listeners, with the chain and tcp_proxy runtimes they
         use (new ones built, kept ones reused); raises ValueError before anything is swapped."""
         chain_rts: dict[str, tuple[ListenerRuntime, Router, ListenerConfig]] = {}
-        tcp_rts: dict[tuple[str, str], TcpProxyRuntime] = {}
+        tcp_rts: dict[tuple[str, str], tuple[TcpProxyRuntime, TcpProxyConfig]] = {}
         tables: dict[str, DispatchTable] = {}
 
         def http_target(name: str, cfg: ListenerConfig) -> Target:
@@ -285,13 +284,10 @@ class SidecarRuntime:
             for wc in route.clusters:
                 key = (route.stat_prefix or name, wc.name)
                 cfg = TcpProxyConfig(stat_prefix=key[0], cluster=wc.name, idle_timeout=route.idle_timeout)
-                rt = tcp_rts.get(key) or self.tcp_runtimes.get(key) or TcpProxyRuntime(cfg, self.clusters)
-                if rt.config != cfg:
-                    rt.set_config(cfg)
-                tcp_rts[key] = rt
-                cluster = self.clusters.get(wc.name)
-                original = cluster is not None and cluster.config.discovery == DISCOVERY_ORIGINAL_DST
-                choices.append((rt, wc.weight, original))
+                planned = tcp_rts.get(key)
+                rt = planned[0] if planned else self.tcp_runtimes.get(key) or TcpProxyRuntime(cfg, self.clusters)
+                tcp_rts[key] = (rt, cfg)  # the config is set at the swap, once nothing can refuse the update
+                choices.append((rt, wc.weight))
             return Target(name, tcp=tuple(choices), local_passthrough=local)
 
         def chain_target(chain: FilterChain, local: bool = False) -> Target:
@@ -342,8 +338,8 @@ class SidecarRuntime:
         for name in [n for n, b in self.tcp_listeners.items() if binds.get(n) != b.bind]:
             self.tcp_listeners.pop(name).close()
         for name, table in tables.items():
-            if name == own:
-                continue
+            if name == own or binds[name][1] == self.node.app_port:
+                continue  # this sidecar's app holds that port
             bound = self.tcp_listeners.get(name)
             if bound is None:
                 try:
@@ -372,7 +368,10 @@ class SidecarRuntime:
         for key, rt in self.tcp_runtimes.items():
             if key not in tcp_rts:
                 rt.close()
-        self.tcp_runtimes = tcp_rts
+        for rt, cfg in tcp_rts.values():
+            if rt.config != cfg:
+                rt.set_config(cfg)
+        self.tcp_runtimes = {key: rt for key, (rt, _) in tcp_rts.items()}
         for name, table in tables.items():
             if name in self.dispatch:
                 self.dispatch[name].table = table
@@ -385,7 +384,7 @@ class SidecarRuntime:
             lrt = self.listener_runtimes[name]
             lrt.default_cluster = default.tcp.clusters[0].name if default is not None else None
             # The default chain's tcp_proxy (kept in tcp_runtimes above) tunnels the HCM's CONNECTs.
-            lrt.default_tcp = (tcp_rts.get((default.tcp.stat_prefix or default.name, lrt.default_cluster))
+            lrt.default_tcp = (self.tcp_runtimes.get((default.tcp.stat_prefix or default.name, lrt.default_cluster))
                                if default is not None else None)
 
     def _dns_table(self, cfg: ListenerConfig | None):

@@ -49,7 +49,7 @@ class Target:
 
     name: str
     http: ListenerRuntime | None = None
-    tcp: tuple[tuple[TcpProxyRuntime, int, bool], ...] = ()
+    tcp: tuple[tuple[TcpProxyRuntime, int], ...] = ()
     local_passthrough: bool = False
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
@@ -57,21 +57,24 @@ class Target:
             hcm = HttpConnectionManager(self.http)
             hcm.original_dst = dst
             return hcm
-        runtime, original = self._choose(rand)
-        if not original or dst is None:
+        runtime = self._choose(rand)
+        # Whether the cluster sends to the original destination is read per connection (the
+        # cluster may have arrived, or changed, after this table was built).
+        cluster = runtime.clusters.get(runtime.config.cluster)
+        if dst is None or cluster is None or not cluster.original_dst:
             return TcpProxy(runtime)
         return TcpProxy(runtime, original_dst=(LOOPBACK, dst[1]) if self.local_passthrough else dst)
 
-    def _choose(self, rand: Callable[[], float]) -> tuple[TcpProxyRuntime, bool]:
+    def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp
         if len(choices) == 1:
-            return choices[0][0], choices[0][2]
-        point = rand() * sum(w for _, w, _ in choices)
-        for runtime, weight, original in choices:
+            return choices[0][0]
+        point = rand() * sum(w for _, w in choices)
+        for runtime, weight in choices:
             point -= weight
             if point < 0:
-                return runtime, original
-        return choices[-1][0], choices[-1][2]
+                return runtime
+        return choices[-1][0]
 
 
 @dataclass(frozen=True, slots=True)

@@ -117,8 +117,10 @@ class TcpProxyRuntime:
         return self._sweep.period
 
     def close(self) -> None:
-        """Stop the sweep (the listener is gone); connections close on their own."""
-        self._sweep.stop()
+        """The filter is gone from the config: no new connections come; the open ones keep their
+        idle timeout (the sweep goes on while there are any) and end on their own."""
+        if not self.connections:
+            self._sweep.stop()
 
     # --- called by connections -----------------------------------------------------------
 

@@ -162,7 +162,7 @@ class Cluster:
     def original_dst_host(self, address: str, port: int) -> Endpoint | None:
         """ORIGINAL_DST clusters (Envoy's original destination load balancer): the endpoint for
         ``address:port``, made on first use with the cluster's pool settings; None when the cluster
-        is full of busy hosts (counted as overflow by the caller)."""
+        is full of busy hosts (the caller answers 503 UH, counted as upstream_cx_none_healthy)."""
         key = f"{address}:{port}"
         endpoint = self.endpoints.get(key)
         if endpoint is not None:
@@ -177,7 +177,9 @@ class Cluster:
         return endpoint
 
     def _drop_idle_hosts(self) -> bool:
-        idle = [k for k, ep in self.endpoints.items() if not ep.active_requests and not ep.pool.cx_active]
+        # Droppable: no request, and no connection but idle pooled ones (closing the pool closes those).
+        idle = [k for k, ep in self.endpoints.items()
+                if not ep.active_requests and ep.pool.cx_active == ep.pool.idle_count]
         for key in idle[: max(1, len(idle) // 2)]:
             self.endpoints.pop(key).pool.close()
         return bool(idle)

@@ -183,3 +183,12 @@ def test_instance_addresses_that_no_connection_can_have_get_no_chain_and_the_sid
     wire.ParseFromString(msg.SerializeToString())
     converted = listeners.listener(wire)  # no NACK: no host name, no duplicate match
     assert sorted((c.address, c.port) for c in converted.chains) == [("fd00::1", 8080), ("fd00::2", 9090)]
+
+
+def test_two_tcp_services_on_one_port_get_one_explicit_listener():
+    other = service("ledger", inst("10.1.0.9", port=9090, app_port=8080), protocol="tcp")  # orders' port too
+    s = snap()
+    svcs = {**s.namespaces["default"], "ledger": other}
+    s = RegistrySnapshot(4, MappingProxyType({"default": MappingProxyType(svcs)}), vips=s.vips)
+    res = transparent.translate(s, NODE)
+    assert [n for n in res[xds.LISTENER] if n.startswith("tcp|")] == ["tcp|ledger.default"]  # first by name
