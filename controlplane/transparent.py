@@ -89,11 +89,13 @@ def _http(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> listener_comp
     vhost = tr.virtual_host(svc)
     del vhost.domains[:]
     vhost.domains.append("*")
+    route_name = vhost.name
     if cluster != xds.outbound_cluster(svc.name, svc.namespace):  # an instance chain: to that instance only
         del vhost.routes[:]
         vhost.routes.append(tr._apply_policy(tr._route_to(cluster, tr._millis(svc.policy.timeout_ms)), svc.policy))
+        route_name = f"{vhost.name}|direct"  # the same for every instance of the service (one runtime, one stats row)
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=stat_prefix, route_config=route_pb2.RouteConfiguration(name=vhost.name, virtual_hosts=[vhost]),
+        stat_prefix=stat_prefix, route_config=route_pb2.RouteConfiguration(name=route_name, virtual_hosts=[vhost]),
         http_filters=[tr._fault_filter(), tr._router_filter()])
     hcm.request_headers_timeout.CopyFrom(tr._seconds(tr.REQUEST_HEADERS_TIMEOUT_S))
     hcm.common_http_protocol_options.CopyFrom(tr._http_options())

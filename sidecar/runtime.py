@@ -14,6 +14,7 @@ import asyncio
 import logging
 import socket
 from collections.abc import Mapping
+from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -275,9 +276,17 @@ class SidecarRuntime:
         tables: dict[str, DispatchTable] = {}
 
         def http_target(name: str, cfg: ListenerConfig) -> Target:
-            rt = self.chain_runtimes.get(name) or self._chain_runtime(name)
-            chain_rts[name] = (rt, Router(cfg.route_config), cfg)
-            return Target(name, http=rt)
+            # One runtime (stats, router) per route configuration, not per chain: every instance chain
+            # of a service carries the same one, and metrics stay bounded by services, not pods.
+            key = cfg.route_config.name or name
+            planned = chain_rts.get(key)
+            if planned is not None:
+                if replace(planned[2], name=cfg.name) != cfg:
+                    raise XdsError(f"filter chain {name!r}: route configuration {key!r} differs from another chain's")
+                return Target(key, http=planned[0])
+            rt = self.chain_runtimes.get(key) or self._chain_runtime(key)
+            chain_rts[key] = (rt, Router(cfg.route_config), cfg)
+            return Target(key, http=rt)
 
         def tcp_target(name: str, route: TcpRoute, local: bool = False) -> Target:
             choices = []
