@@ -80,9 +80,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outbound-port", type=port, default=15001)
     p.add_argument("--inbound-port", type=port, default=15006)
     p.add_argument("--admin-port", type=port, default=15000)
-    p.add_argument("--status-port", type=port, default=DEFAULT_STATUS_PORT,
+    p.add_argument("--status-port", type=port, default=None,
                    help="readiness (/healthz/ready) and metrics (/stats/prometheus) only, for the kubelet "
-                        "and Prometheus (default %(default)s)")
+                        f"and Prometheus (default {DEFAULT_STATUS_PORT} with --interception redirect; in explicit "
+                        "mode none unless given, so hosts running several sidecars keep working)")
     p.add_argument("--status-bind", default="0.0.0.0",
                    help="address of the status port (default %(default)s: the pod IP too; the admin port "
                         "stays on 127.0.0.1)")
@@ -112,12 +113,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--workers must be between 1 and 64")
     if args.app_port == 0:
         p.error("--app-port must name the app's port")
+    if args.status_port is None and args.interception == "redirect":
+        args.status_port = DEFAULT_STATUS_PORT
     try:
         ipaddress.ip_address(args.status_bind)
     except ValueError:
         p.error(f"--status-bind {args.status_bind!r}: expected an IP address (0.0.0.0: all of them)")
     for flag in ("outbound_port", "inbound_port", "admin_port"):
-        if args.status_port and getattr(args, flag) == args.status_port:
+        if args.status_port and getattr(args, flag) == args.status_port:  # None (none) and 0 (free) never clash
             p.error(f"--status-port and --{flag.replace('_', '-')} are both {args.status_port}")
     try:
         Paths(args.namespace)
@@ -206,7 +209,7 @@ async def run(args: argparse.Namespace) -> int:
     primary = args.worker_index == 0
     reuse = args.workers > 1 or not primary
     admin = AdminServer() if primary else None
-    status = StatusServer(admin) if admin else None
+    status = StatusServer(admin) if admin and args.status_port is not None else None
     try:
         # Bound now (the ports are ours), listening only once the first config is in.
         outbound_sock = bind_socket("127.0.0.1", args.outbound_port, reuse_port=reuse, exclusive=primary)
@@ -221,7 +224,7 @@ async def run(args: argparse.Namespace) -> int:
         print(f"meshkeeper sidecar: cannot bind the status port {args.status_bind}:{args.status_port}: "
               f"{exc.strerror or exc}", file=sys.stderr)
         return 1
-    if admin is not None:
+    if admin is not None and status is not None:
         admin.status_address = status.address
     outbound_port = outbound_sock.getsockname()[1]
     inbound_port = inbound_sock.getsockname()[1]
