@@ -81,6 +81,10 @@ class VipAllocator:
         self._on_change = on_change  # (action, namespace, service, address)
         self._pending: RegistrySnapshot | None = None
         self._repaired = False  # claims of existing records checked (once, at the first reconcile)
+        # Services an allocation cannot help (the range is exhausted, or a record exists that the
+        # snapshot does not show: a bad payload, counted by the watch). They are not retried, nor the
+        # claims read again for them, until they leave the snapshot's list of services without a VIP.
+        self._stuck: set[tuple[str, str]] = set()
         self._task: asyncio.Task | None = None
         self._retry: asyncio.TimerHandle | None = None
         self.allocated = 0
@@ -137,6 +141,8 @@ class VipAllocator:
         """Give every service of ``snapshot`` a VIP and release the VIPs of deleted services."""
         missing = [(ns, svc) for ns, svcs in sorted(snapshot.namespaces.items())
                    for svc in sorted(svcs) if snapshot.vip(ns, svc) is None]
+        self._stuck &= set(missing)
+        missing = [m for m in missing if m not in self._stuck]
         gone = [(ns, svc, address) for ns, vips in sorted(snapshot.vips.items())
                 for svc, address in sorted(vips.items()) if svc not in snapshot.services(ns)]
         if not missing and not gone and self._repaired:
@@ -147,7 +153,8 @@ class VipAllocator:
             await self._repair(snapshot, claims)
             self._repaired = True
         for ns, svc in missing:
-            await self._allocate(ns, svc, claims)
+            if not await self._allocate(ns, svc, claims):
+                self._stuck.add((ns, svc))
         for ns, svc, address in gone:
             await self._release(ns, svc, address)
 
@@ -186,7 +193,8 @@ class VipAllocator:
                 out[name] = None  # unreadable: never reused, never deleted by us
         return out
 
-    async def _allocate(self, ns: str, svc: str, claims: dict[str, VipClaim | None]) -> None:
+    async def _allocate(self, ns: str, svc: str, claims: dict[str, VipClaim | None]) -> bool:
+        """Give ``svc`` a VIP; False when no allocation can (see ``_stuck``)."""
         paths = Paths(ns)
         await self.store.ensure(paths.vips)
         want = VipClaim(ns, svc)
@@ -205,16 +213,17 @@ class VipAllocator:
                 log.info("virtual IP %s allocated to %s.%s", address, svc, ns)
                 if self._on_change is not None:
                     self._on_change("allocated", ns, svc, address)
-                return
+                return True
             record_result = results[-1]
             if isinstance(record_result, NodeExistsError):
-                return  # another replica allocated it meanwhile; the watch brings it here
+                return False  # another replica allocated it meanwhile (the watch brings it), or a bad record
             if claim is False and isinstance(results[0], NodeExistsError):
                 claims[address] = None  # claimed meanwhile by someone: look at the next address
                 continue
             raise Unavailable(f"allocating a virtual IP for {svc}.{ns}: {_reasons(results)}")
         log.error("virtual IPs: --vip-cidr %s is exhausted; %s.%s has none", self.cidr, svc, ns)
         self._failed()
+        return False
 
     async def _release(self, ns: str, svc: str, address: str) -> None:
         paths = Paths(ns)

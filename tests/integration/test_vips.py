@@ -184,3 +184,33 @@ def test_a_record_that_lost_its_claim_gets_it_back_and_a_taken_one_is_counted(cl
         assert changes == ["conflict"] and fresh.failures == 1
 
     asyncio.run(run())
+
+
+def test_a_service_no_allocation_can_help_is_not_retried_every_snapshot(clients, namespace):
+    c = clients[0]
+    paths = Paths(namespace)
+    c.create(paths.service("catalog"), ServiceRecord().encode(), makepath=True)
+    c.create(paths.vip("catalog"), b'{"address": "not an ip"}', makepath=True)  # bad: the snapshot shows none
+
+    class Counting(ZkStore):
+        reads = 0
+
+        async def children(self, path):
+            Counting.reads += 1
+            return await super().children(path)
+
+    async def run() -> None:
+        alloc = VipAllocator(Counting(c), CIDR_REPAIR)
+        await alloc.reconcile(snapshot(namespace, ["catalog"]))
+        first = Counting.reads
+        for _ in range(3):  # the same snapshot again and again: no more reads of every claim
+            await alloc.reconcile(snapshot(namespace, ["catalog"]))
+        assert Counting.reads == first
+        assert records_raw(c, namespace) == {"catalog": b'{"address": "not an ip"}'}  # left as it was
+
+    asyncio.run(run())
+
+
+def records_raw(client: KazooClient, ns: str) -> dict[str, bytes]:
+    paths = Paths(ns)
+    return {svc: client.get(paths.vip(svc))[0] for svc in client.get_children(paths.vips)}
