@@ -7,6 +7,10 @@ and 3), ``e`` (a caller whose sidecar says ``--outbound-policy registry_only``),
 capture rules, an app as uid 1000 and its sidecar as uid 1337; a resolver of the test's own on the
 host is the pods' resolv.conf nameserver. The apps are the demo app and plain urllib clients:
 nothing in them knows the mesh. Needs root (CI runs as root); skipped where pods cannot be made.
+
+The tests share the mesh and run in file order (pytest's default), which two of them rely on: the
+first checks that nothing was captured before any app called out, and the thrift instance killed
+near the end stays dead for the tests after it (which do not use it).
 """
 
 from __future__ import annotations
