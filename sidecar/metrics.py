@@ -9,7 +9,7 @@ counters. Each name is one family, with a ``cluster`` label.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -17,8 +17,23 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from meshkeeper import xds
 
-if TYPE_CHECKING:
-    from sidecar.runtime import SidecarRuntime
+
+class SidecarRuntime(Protocol):
+    """What the collector reads of ``sidecar.runtime.SidecarRuntime`` at scrape time (declared here,
+    so that the runtime, which owns a :class:`SidecarMetrics`, and this module do not import each
+    other)."""
+
+    node: Any
+    clusters: Any
+    listener_runtimes: dict[str, Any]
+    chain_runtimes: dict[str, Any]
+    tracer: Any
+    access_log: Any
+    dns: Any
+    ads: Any
+    registration: Any
+
+    def listeners_view(self) -> list[dict[str, Any]]: ...
 
 
 def _is_gauge(stat: str) -> bool:
