@@ -68,7 +68,8 @@ from collections.abc import Callable
 
 from sidecar.l4.runtime import TcpProxyRuntime, TcpProxyStats, log_once
 from sidecar.upstream import breaker
-from sidecar.upstream.cluster import Cluster, Endpoint
+from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.host import Endpoint
 from sidecar.upstream.outlier import LOCAL_CONNECT_FAILURE
 from sidecar.upstream.pool import ConnectFailure, ConnectionPool
 from sidecar.upstream.stats import ClusterStats

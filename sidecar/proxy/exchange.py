@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from sidecar.proxy.router import RouteEntry
-    from sidecar.upstream.cluster import Cluster, Endpoint
+    from sidecar.upstream.cluster import Cluster
+    from sidecar.upstream.host import Endpoint
     from sidecar.upstream.pool import UpstreamConnection
 
 

@@ -23,7 +23,7 @@ from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, Upstre
 if TYPE_CHECKING:
     from sidecar.config import FaultConfig, RetryPolicyConfig
     from sidecar.proxy.listener import ListenerRuntime
-    from sidecar.upstream.cluster import Endpoint
+    from sidecar.upstream.host import Endpoint
 
 BUFFER_LIMIT = 64 * 1024  # request bytes held per connection while no upstream can take them
 # Request body bytes kept per request so it can be retried (Envoy's per-request buffer limit

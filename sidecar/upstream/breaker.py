@@ -23,7 +23,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from sidecar.upstream.cluster import Cluster, Endpoint
+    from sidecar.upstream.cluster import Cluster
+    from sidecar.upstream.host import Endpoint
 
 
 def request_allowed(cluster: Cluster) -> bool:

@@ -1,11 +1,11 @@
 """Runtime clusters and endpoints, and the ClusterManager that the xDS layer updates.
 
 Config objects (``sidecar.config``) are immutable; these are the live objects behind them: an
-:class:`Endpoint` carries its counters and its connection pool, a :class:`Cluster` its endpoints,
-its load balancer, its outlier detector and its stats. The data path calls
-:meth:`ClusterManager.get` and :meth:`Cluster.pick`, reports results to ``Cluster.outlier`` when it
-is not None, and bumps plain integers; nothing here logs or touches Prometheus (ejections are
-logged by :mod:`sidecar.upstream.outlier`).
+endpoint (:class:`~sidecar.upstream.host.Endpoint`) carries its counters and its connection pool,
+a :class:`Cluster` its endpoints, its load balancer, its outlier detector and its stats. The data
+path calls :meth:`ClusterManager.get` and :meth:`Cluster.pick`, reports results to
+``Cluster.outlier`` when it is not None, and bumps plain integers; nothing here logs or touches
+Prometheus (ejections are logged by :mod:`sidecar.upstream.outlier`).
 
 Picking: the balancer (``lb_policy``, see :mod:`sidecar.upstream.lb`) runs over the *eligible*
 endpoints: serving ones that outlier detection has not ejected. It is rebuilt when that set changes
@@ -35,11 +35,12 @@ from random import random as default_random
 from typing import Any
 
 from sidecar.config import DISCOVERY_ORIGINAL_DST, ClusterConfig, EndpointConfig, OutlierConfig
+from sidecar.upstream.host import Endpoint
 from sidecar.upstream.lb import LB_POLICIES, Balancer, make_balancer
 from sidecar.upstream.lb_random import WeightedRandom
-from sidecar.upstream.outlier import HostMonitor, OutlierDetector, Scheduler
+from sidecar.upstream.outlier import OutlierDetector, Scheduler
 from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
-from sidecar.upstream.stats import DURATION_BUCKETS, ClusterStats, Histogram
+from sidecar.upstream.stats import ClusterStats, Histogram
 
 DISCOVERY_STATIC = "STATIC"
 # An ORIGINAL_DST cluster makes an endpoint per destination on first use and keeps at most this
@@ -47,64 +48,6 @@ DISCOVERY_STATIC = "STATIC"
 MAX_ORIGINAL_DST_HOSTS = 1024
 
 _active_requests = attrgetter("active_requests")
-
-
-class Endpoint:
-    """One upstream host of a cluster, as the data path sees it."""
-
-    __slots__ = ("config", "key", "authority", "pool", "active_requests", "total_requests", "rq_error",
-                 "rq_success", "rq_latency_total", "rq_latency_counts", "outlier")
-
-    def __init__(self, config: EndpointConfig, pool: ConnectionPool) -> None:
-        self.config = config
-        self.key = config.key
-        # Host header for requests that came without one (HTTP/1.0).
-        host = f"[{config.address}]" if ":" in config.address else config.address
-        self.authority = f"{host}:{config.port}".encode()
-        self.pool = pool
-        self.active_requests = 0
-        self.total_requests = 0
-        self.rq_error = 0  # 5xx answers and resets, timeouts, protocol errors
-        self.rq_success = 0
-        # Seconds from each try's start (its endpoint picked: connect and pool wait included) to its
-        # end, summed over the tries counted in rq_success or rq_error; LRS reports it (sidecar.xds.lrs).
-        self.rq_latency_total = 0.0
-        # The same tries by latency bucket (DURATION_BUCKETS slots, +Inf last), for the p99 the
-        # control plane derives from LRS; the cluster's rq_time histogram says which slot.
-        self.rq_latency_counts = [0] * (len(DURATION_BUCKETS) + 1)
-        self.outlier: HostMonitor | None = None  # set and written by the cluster's OutlierDetector only
-
-    @property
-    def serving(self) -> bool:
-        return self.config.serving and self.config.weight > 0
-
-    @property
-    def ejected(self) -> bool:
-        m = self.outlier
-        return m is not None and m.ejected
-
-    def admin_view(self, detector: OutlierDetector | None = None) -> dict[str, Any]:
-        cfg = self.config
-        view = {
-            "address": cfg.address,
-            "port": cfg.port,
-            "weight": cfg.weight,
-            "serving": self.serving,
-            "health_status": "HEALTHY" if self.serving else "DRAINING",
-            "zone": cfg.zone,
-            "labels": dict(cfg.labels),
-            "active_requests": self.active_requests,
-            "total_requests": self.total_requests,
-            "rq_error": self.rq_error,
-            "rq_success": self.rq_success,
-            "cx_active": self.pool.cx_active,
-            "cx_idle": self.pool.idle_count,
-        }
-        if detector is not None:
-            view.update(detector.host_view(self))
-        else:
-            view.update(ejected=False, ejections=0, ejected_until=None, outlier=None)
-        return view
 
 
 class Cluster:
@@ -283,7 +226,8 @@ class Cluster:
             "retries_active": self.retries_active,
             "outlier_detection": detector.admin_view() if detector is not None else None,
             "stats": self.stats.snapshot(),
-            "endpoints": [ep.admin_view(detector) for ep in self.endpoints.values()],
+            "endpoints": [ep.admin_view(detector.host_view(ep) if detector is not None else None)
+                          for ep in self.endpoints.values()],
         }
 
 

@@ -51,13 +51,11 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from random import random as default_random
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from sidecar.config import OutlierConfig
+from sidecar.upstream.host import Endpoint
 from sidecar.upstream.stats import ClusterStats
-
-if TYPE_CHECKING:
-    from sidecar.upstream.cluster import Endpoint
 
 log = logging.getLogger("meshkeeper.sidecar.outlier")
 
@@ -97,7 +95,8 @@ def _nothing() -> None:
 
 
 class HostMonitor:
-    """One endpoint's outlier state. Written only by its detector."""
+    """One endpoint's outlier state (its ``Endpoint.outlier``, an
+    :class:`~sidecar.upstream.host.OutlierMonitor`). Written only by its detector."""
 
     __slots__ = (
         "endpoint",
@@ -161,7 +160,7 @@ class OutlierDetector:
 
     def report_status(self, endpoint: Endpoint, status: int) -> None:
         """An upstream response head with ``status`` arrived from ``endpoint``."""
-        m = endpoint.outlier
+        m: HostMonitor | None = endpoint.outlier  # type: ignore[assignment]  # set by this detector only
         if m is None:
             return  # not (or no longer) monitored by this detector
         m.interval_total += 1
@@ -186,7 +185,7 @@ class OutlierDetector:
 
     def report_local(self, endpoint: Endpoint, kind: str) -> None:
         """A local-origin failure with ``endpoint``: ``connect_failure``, ``timeout`` or ``reset``."""
-        m = endpoint.outlier
+        m: HostMonitor | None = endpoint.outlier  # type: ignore[assignment]
         if m is None:
             return
         m.local_origin_failure += 1
@@ -210,7 +209,7 @@ class OutlierDetector:
                 self._detach(m)
         monitors = []
         for ep in endpoints:
-            m = ep.outlier
+            m = ep.outlier  # type: ignore[assignment]
             if m is None:
                 m = ep.outlier = HostMonitor(ep)
             monitors.append(m)
@@ -246,7 +245,7 @@ class OutlierDetector:
 
     def host_view(self, endpoint: Endpoint) -> dict[str, Any]:
         """The ``/clusters`` fields of one endpoint."""
-        m = endpoint.outlier
+        m: HostMonitor | None = endpoint.outlier  # type: ignore[assignment]
         if m is None:
             return {"ejected": False, "ejections": 0, "ejected_until": None, "outlier": None}
         until = None

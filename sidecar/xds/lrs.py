@@ -19,7 +19,7 @@ and the same tries by latency bucket (``rq_latency_seconds_bucket:<bound>``, the
 ``upstream_rq_time``; :data:`meshkeeper.xds.LRS_LATENCY_BUCKET_PREFIX`), from which the control
 plane derives p99 over any set of reports.
 
-What is counted (the counters are cumulative ints on :class:`sidecar.upstream.cluster.Endpoint`,
+What is counted (the counters are cumulative ints on :class:`sidecar.upstream.host.Endpoint`,
 maintained by the data path): ``total_requests`` (tries issued), ``rq_success``, ``rq_error``,
 ``active_requests`` and ``rq_latency_total``. Deltas are taken against what was last reported of
 that endpoint *object*, so a request is reported exactly once:
@@ -64,7 +64,8 @@ from envoy.config.endpoint.v3 import load_report_pb2
 from envoy.service.load_stats.v3 import lrs_pb2, lrs_pb2_grpc
 
 from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo, lrs_bucket_name
-from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
+from sidecar.upstream.cluster import Cluster, ClusterManager
+from sidecar.upstream.host import Endpoint
 from sidecar.upstream.stats import DURATION_BUCKETS
 from sidecar.xds.client import (
     BACKOFF_BASE,

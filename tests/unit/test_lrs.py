@@ -18,7 +18,8 @@ from controlplane.lrs import LoadReportingServer, LoadStore, add_to_server, hist
 from controlplane.metrics import Metrics
 from meshkeeper.xds import LRS_LATENCY_METRIC, NodeInfo, lrs_bucket_name
 from sidecar.config import ClusterConfig, EndpointConfig
-from sidecar.upstream.cluster import ClusterManager, Endpoint
+from sidecar.upstream.cluster import ClusterManager
+from sidecar.upstream.host import Endpoint
 from sidecar.xds.lrs import LoadReporter
 
 CATALOG = "outbound|catalog.default"

@@ -11,7 +11,8 @@ from collections.abc import Callable, Iterable
 import pytest
 
 from sidecar.config import ClusterConfig, EndpointConfig, OutlierConfig
-from sidecar.upstream.cluster import Cluster, Endpoint
+from sidecar.upstream.cluster import Cluster
+from sidecar.upstream.host import Endpoint
 from sidecar.upstream.outlier import OutlierDetector
 
 # Defaults for the tests: no random enforcement, every host may be ejected, short times.

@@ -29,7 +29,8 @@ from sidecar.config import (
 )
 from sidecar.proxy.listener import ListenerRuntime
 from sidecar.proxy.router_filter import RETRY_BUFFER_LIMIT
-from sidecar.upstream.cluster import Cluster, ClusterManager, Endpoint
+from sidecar.upstream.cluster import Cluster, ClusterManager
+from sidecar.upstream.host import Endpoint
 from tests.unit.test_http_proxy import OK, Mesh, Upstream, assert_local_reply, assert_quiet, parse_responses
 from tests.unit.test_pool import FakeConnector, FakeTransport, async_test, until
 
