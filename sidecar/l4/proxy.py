@@ -69,8 +69,7 @@ from collections.abc import Callable
 from sidecar.l4.runtime import TcpProxyRuntime, TcpProxyStats, log_once
 from sidecar.upstream import breaker
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.host import Endpoint
-from sidecar.upstream.outlier import LOCAL_CONNECT_FAILURE
+from sidecar.upstream.host import Endpoint, LocalOriginFailure
 from sidecar.upstream.pool import ConnectFailure, ConnectionPool
 from sidecar.upstream.stats import ClusterStats
 
@@ -301,7 +300,7 @@ class TcpProxy(asyncio.Protocol):
         if endpoint is not None:
             detector = self._cluster.outlier
             if detector is not None:
-                detector.report_local(endpoint, LOCAL_CONNECT_FAILURE)
+                detector.report_local(endpoint, LocalOriginFailure.CONNECT_FAILURE)
             self._tried.append(endpoint)
             log_once(f"l4-uf:{endpoint.key}", "tcp_proxy: upstream connect failure: %s", exc)
         else:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 from sidecar.proxy import codec, errors, passthrough, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.upstream import breaker
+from sidecar.upstream.host import LocalOriginFailure
 from sidecar.upstream.pool import BODY_CHUNKED, BODY_EOF, ConnectFailure, UpstreamConnection
 
 if TYPE_CHECKING:
@@ -30,17 +31,13 @@ BUFFER_LIMIT = 64 * 1024  # request bytes held per connection while no upstream 
 # defaults to the 1 MiB connection buffer limit); a longer body is streamed and not retried.
 RETRY_BUFFER_LIMIT = 1024 * 1024
 
-# Local-origin failures, as outlier detection and retry_on name them.
-LOCAL_CONNECT_FAILURE = "connect_failure"
-LOCAL_RESET = "reset"
-LOCAL_TIMEOUT = "timeout"
-# Which retry_on conditions cover each local failure (Envoy: 5xx covers them all; gateway-error the
-# 502/503/504 they would answer; reset any reset reason but overflow, a connect failure included,
+# Which retry_on conditions cover each local-origin failure (Envoy: 5xx covers them all; gateway-error
+# the 502/503/504 they would answer; reset any reset reason but overflow, a connect failure included,
 # and a per-try timeout).
 _RETRY_ON_LOCAL = {
-    LOCAL_CONNECT_FAILURE: frozenset({"5xx", "gateway-error", "connect-failure", "reset"}),
-    LOCAL_RESET: frozenset({"5xx", "gateway-error", "reset"}),
-    LOCAL_TIMEOUT: frozenset({"5xx", "gateway-error", "reset"}),
+    LocalOriginFailure.CONNECT_FAILURE: frozenset({"5xx", "gateway-error", "connect-failure", "reset"}),
+    LocalOriginFailure.RESET: frozenset({"5xx", "gateway-error", "reset"}),
+    LocalOriginFailure.TIMEOUT: frozenset({"5xx", "gateway-error", "reset"}),
 }
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
 _RETRY_ON_5XX = frozenset({"5xx"})
@@ -316,7 +313,7 @@ class RouterFilter:
                 cause = ex.cluster.name if ex.cluster.original_dst else endpoint.key
                 errors.log_once(f"uf:{cause}", "upstream connect failure: %s", exc)
                 self.batch_begin()
-                self._upstream_failed(ex, LOCAL_CONNECT_FAILURE, errors.CONNECT_FAILURE)
+                self._upstream_failed(ex, LocalOriginFailure.CONNECT_FAILURE, errors.CONNECT_FAILURE)
                 self.batch_end()
             return
         except Exception as exc:  # a bug: answer rather than leave the request hanging
@@ -336,7 +333,7 @@ class RouterFilter:
 
     # --- retries -----------------------------------------------------------------------------
 
-    def _upstream_failed(self, ex: Exchange, kind: str, reply: errors.LocalReply) -> None:
+    def _upstream_failed(self, ex: Exchange, kind: LocalOriginFailure, reply: errors.LocalReply) -> None:
         """The current try failed locally (connect failure, reset, per-try timeout): report it to
         outlier detection, then retry if the policy, the budget and the buffered body allow."""
         detector = ex.cluster.outlier
@@ -464,7 +461,7 @@ class RouterFilter:
             ex.conn.abort()
             ex.conn = None
         self.batch_begin()
-        self._upstream_failed(ex, LOCAL_TIMEOUT, errors.UPSTREAM_TIMEOUT)
+        self._upstream_failed(ex, LocalOriginFailure.TIMEOUT, errors.UPSTREAM_TIMEOUT)
         self.batch_end()
 
     def _request_complete(self, ex: Exchange) -> None:
@@ -568,7 +565,7 @@ class RouterFilter:
             self._connect_or_wait(ex, ex.endpoint)
             return
         errors.log_once(f"{flag}:{ex.endpoint.key}", "upstream %s reset the request (%s)", ex.endpoint.key, flag)
-        self._upstream_failed(ex, LOCAL_RESET, errors.UPSTREAM_RESETS[flag])
+        self._upstream_failed(ex, LocalOriginFailure.RESET, errors.UPSTREAM_RESETS[flag])
 
     def on_upstream_write_paused(self, paused: bool) -> None:
         if paused:
@@ -628,7 +625,7 @@ class RouterFilter:
         if detector is not None and ex.conn is not None and not ex.discarding:
             # Only a try that reached its host charges it (Envoy: the host is set at pool-ready);
             # one still waiting for a connection says nothing about the host.
-            detector.report_local(ex.endpoint, LOCAL_TIMEOUT)
+            detector.report_local(ex.endpoint, LocalOriginFailure.TIMEOUT)
         if ex.conn is not None:
             ex.conn.abort()
             ex.conn = None

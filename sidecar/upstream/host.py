@@ -5,16 +5,29 @@
 - :class:`OutlierMonitor`: the outlier state an endpoint carries (``Endpoint.outlier``), as the rest
   of the data path reads it; the cluster's detector alone makes and writes it (Envoy's host carries a
   ``DetectorHostMonitor`` the same way).
+- :class:`LocalOriginFailure`: the local-origin failures of a try (connect failure, timeout, reset)
+  that the HTTP router and the L4 proxy report to outlier detection and that the router's
+  ``retry_on`` conditions cover. A ``StrEnum``: its members hash and compare as the strings they
+  were, so a dict lookup by one costs what a string's does.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from enum import StrEnum
 from typing import Any, Protocol
 
 from sidecar.config import EndpointConfig
 from sidecar.upstream.pool import ConnectionPool
 from sidecar.upstream.stats import DURATION_BUCKETS
+
+
+class LocalOriginFailure(StrEnum):
+    """A try that failed on our side of the connection, by Envoy's names."""
+
+    CONNECT_FAILURE = "connect_failure"
+    TIMEOUT = "timeout"
+    RESET = "reset"
 
 
 class OutlierMonitor(Protocol):

@@ -5,8 +5,8 @@ One :class:`OutlierDetector` per cluster (``Cluster.outlier``, None when the clu
 (``Endpoint.outlier``) that only the detector reads and writes. The router only reports:
 
 - :meth:`OutlierDetector.report_status` for every upstream response head;
-- :meth:`OutlierDetector.report_local` for a local-origin failure: ``connect_failure``,
-  ``timeout`` or ``reset``.
+- :meth:`OutlierDetector.report_local` for a local-origin failure
+  (:class:`~sidecar.upstream.host.LocalOriginFailure`): connect failure, timeout or reset.
 
 A report is a few integer operations. The consecutive detectors decide inline, at report time;
 success rate and failure percentage are evaluated every ``interval`` over that interval's requests,
@@ -54,7 +54,7 @@ from random import random as default_random
 from typing import Any, Protocol
 
 from sidecar.config import OutlierConfig
-from sidecar.upstream.host import Endpoint
+from sidecar.upstream.host import Endpoint, LocalOriginFailure
 from sidecar.upstream.stats import ClusterStats
 
 log = logging.getLogger("meshkeeper.sidecar.outlier")
@@ -68,11 +68,9 @@ FAILURE_PERCENTAGE = "failure_percentage"
 REASONS = (CONSECUTIVE_5XX, CONSECUTIVE_GATEWAY_FAILURE, CONSECUTIVE_LOCAL_ORIGIN_FAILURE, SUCCESS_RATE,
            FAILURE_PERCENTAGE)
 
-# Local-origin failures the router reports, and the answer each stands for without the split.
-LOCAL_CONNECT_FAILURE = "connect_failure"
-LOCAL_TIMEOUT = "timeout"
-LOCAL_RESET = "reset"
-LOCAL_AS_STATUS = {LOCAL_CONNECT_FAILURE: 503, LOCAL_RESET: 503, LOCAL_TIMEOUT: 504}
+# The answer each local-origin failure stands for without the split.
+LOCAL_AS_STATUS = {LocalOriginFailure.CONNECT_FAILURE: 503, LocalOriginFailure.RESET: 503,
+                   LocalOriginFailure.TIMEOUT: 504}
 
 MIN_INTERVAL = 0.001  # an interval of 0 would spin the loop
 
@@ -183,8 +181,8 @@ class OutlierDetector:
         if gateway and m.consecutive_gateway_failure >= self._max_gateway:
             self._consecutive(m, CONSECUTIVE_GATEWAY_FAILURE)
 
-    def report_local(self, endpoint: Endpoint, kind: str) -> None:
-        """A local-origin failure with ``endpoint``: ``connect_failure``, ``timeout`` or ``reset``."""
+    def report_local(self, endpoint: Endpoint, kind: LocalOriginFailure) -> None:
+        """A local-origin failure with ``endpoint``: connect failure, timeout or reset."""
         m: HostMonitor | None = endpoint.outlier  # type: ignore[assignment]
         if m is None:
             return

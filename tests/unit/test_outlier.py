@@ -12,7 +12,7 @@ import pytest
 
 from sidecar.config import ClusterConfig, EndpointConfig, OutlierConfig
 from sidecar.upstream.cluster import Cluster
-from sidecar.upstream.host import Endpoint
+from sidecar.upstream.host import Endpoint, LocalOriginFailure
 from sidecar.upstream.outlier import OutlierDetector
 
 # Defaults for the tests: no random enforcement, every host may be ejected, short times.
@@ -134,9 +134,9 @@ def test_unsplit_local_origin_failures_count_as_5xx_and_gateway_failures() -> No
     cluster, eps, _ = make_cluster(consecutive_5xx=3, consecutive_gateway_failure=3,
                                    enforcing_consecutive_gateway_failure=0)
     det = cluster.outlier
-    det.report_local(eps[0], "connect_failure")
-    det.report_local(eps[0], "timeout")
-    det.report_local(eps[0], "reset")
+    det.report_local(eps[0], LocalOriginFailure.CONNECT_FAILURE)
+    det.report_local(eps[0], LocalOriginFailure.TIMEOUT)
+    det.report_local(eps[0], LocalOriginFailure.RESET)
     assert eps[0].ejected and eps[0].outlier.reason == "consecutive_5xx"
     assert det.detected["consecutive_5xx"] == 1 and det.detected["consecutive_gateway_failure"] == 0
     assert eps[0].outlier.consecutive_gateway_failure == 3
@@ -149,18 +149,18 @@ def test_split_local_origin_failures_only_feed_their_own_detector() -> None:
                                    consecutive_local_origin_failure=3)
     det = cluster.outlier
     # Local failures do not touch the 5xx counter, and any response head resets the local one.
-    det.report_local(eps[0], "connect_failure")
-    det.report_local(eps[0], "timeout")
+    det.report_local(eps[0], LocalOriginFailure.CONNECT_FAILURE)
+    det.report_local(eps[0], LocalOriginFailure.TIMEOUT)
     statuses(cluster, eps[0], 200)
-    det.report_local(eps[0], "reset")
-    det.report_local(eps[0], "reset")
+    det.report_local(eps[0], LocalOriginFailure.RESET)
+    det.report_local(eps[0], LocalOriginFailure.RESET)
     assert not eps[0].ejected
-    det.report_local(eps[0], "connect_failure")
+    det.report_local(eps[0], LocalOriginFailure.CONNECT_FAILURE)
     assert eps[0].ejected and eps[0].outlier.reason == "consecutive_local_origin_failure"
     assert cluster.stats.outlier_detection_ejections_enforced_consecutive_local_origin_failure == 1
     # 5xx still counts on its own, untouched by local failures in between.
     statuses(cluster, eps[1], 500)
-    det.report_local(eps[1], "timeout")
+    det.report_local(eps[1], LocalOriginFailure.TIMEOUT)
     statuses(cluster, eps[1], 500)
     assert eps[1].ejected and eps[1].outlier.reason == "consecutive_5xx"
 
