@@ -297,7 +297,7 @@ class SidecarRuntime:
                 rt = planned[0] if planned else self.tcp_runtimes.get(key) or TcpProxyRuntime(cfg, self.clusters)
                 tcp_rts[key] = (rt, cfg)  # the config is set at the swap, once nothing can refuse the update
                 choices.append((rt, wc.weight))
-            return Target(name, tcp=tuple(choices), local_passthrough=local)
+            return Target(name, tcp=tuple(choices), inbound_passthrough=local)
 
         def chain_target(chain: FilterChain, local: bool = False) -> Target:
             if chain.http is not None:

@@ -17,8 +17,9 @@ the connection costs one lookup and nothing per byte afterwards:
 An HTTP target is an :class:`~sidecar.proxy.http.HttpConnectionManager` on the chain's listener
 runtime, told the original destination (ORIGINAL_DST clusters send there). A TCP target is a
 :class:`~sidecar.l4.proxy.TcpProxy`: for an ORIGINAL_DST cluster it connects to the original
-destination (``local_passthrough``: to the same port on 127.0.0.1, the inbound case, so that the
-proxy's own connection to the app is not captured again), else it balances over the cluster.
+destination (for the inbound listener's default chain, from source 127.0.0.6, which the capture
+rules never capture, so the proxy's own connection is not redirected again and services the app
+bound to loopback only stay unreachable from outside), else it balances over the cluster.
 Weighted clusters of a tcp_proxy are chosen per connection by weight.
 
 The table is built by :mod:`sidecar.runtime` on every LDS update and swapped whole.
@@ -37,7 +38,10 @@ from sidecar.l4 import TcpProxy, TcpProxyRuntime
 from sidecar.proxy.http import HttpConnectionManager
 from sidecar.proxy.listener import ListenerRuntime
 
-LOOPBACK = "127.0.0.1"
+# The inbound passthrough's source address, as Istio's (the capture rules never capture traffic
+# from it on lo): a pod's other ports are dialled on the pod IP from here, so a service the app bound
+# to loopback only stays unreachable from outside, as it was without the mesh.
+INBOUND_PASSTHROUGH_SOURCE = "127.0.0.6"
 
 _EMPTY: Mapping = MappingProxyType({})
 
@@ -50,7 +54,7 @@ class Target:
     name: str
     http: ListenerRuntime | None = None
     tcp: tuple[tuple[TcpProxyRuntime, int], ...] = ()
-    local_passthrough: bool = False
+    inbound_passthrough: bool = False
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
         if self.http is not None:
@@ -63,7 +67,8 @@ class Target:
         cluster = runtime.clusters.get(runtime.config.cluster)
         if dst is None or cluster is None or not cluster.original_dst:
             return TcpProxy(runtime)
-        return TcpProxy(runtime, original_dst=(LOOPBACK, dst[1]) if self.local_passthrough else dst)
+        return TcpProxy(runtime, original_dst=dst,
+                        source=INBOUND_PASSTHROUGH_SOURCE if self.inbound_passthrough else None)
 
     def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp

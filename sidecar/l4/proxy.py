@@ -65,6 +65,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 from sidecar.l4.runtime import TcpProxyRuntime, TcpProxyStats, log_once
 from sidecar.upstream import breaker
@@ -125,7 +126,7 @@ class TcpProxy(asyncio.Protocol):
         # per filter
         "_rt", "_stats", "_loop",
         # upstream choice
-        "_original_dst", "_cluster", "_cstats", "_endpoint", "_tried", "_attempts", "_pool", "_connecting",
+        "_original_dst", "_source", "_cluster", "_cstats", "_endpoint", "_tried", "_attempts", "_pool", "_connecting",
         "_t0", "_connect_time",
         # the pair
         "_down", "_up", "_upstream", "_early", "_down_eof", "_up_eof", "_down_write_paused",
@@ -136,11 +137,12 @@ class TcpProxy(asyncio.Protocol):
     )
 
     def __init__(self, runtime: TcpProxyRuntime, original_dst: tuple[str, int] | None = None,
-                 on_upstream: Callable[[str], None] | None = None) -> None:
+                 on_upstream: Callable[[str], None] | None = None, source: str | None = None) -> None:
         self._rt = runtime
         self._stats: TcpProxyStats = runtime.stats
         self._loop: asyncio.AbstractEventLoop | None = None
         self._original_dst = original_dst
+        self._source = source  # the local address to connect to original_dst from (None: any)
         self._cluster: Cluster | None = None
         self._cstats: ClusterStats | None = None
         self._endpoint: Endpoint | None = None  # the endpoint of the attempt or connection counted on it
@@ -256,8 +258,11 @@ class TcpProxy(asyncio.Protocol):
             return
         dst = self._original_dst
         if dst is not None:
+            connector = self._rt.connector
+            if self._source is not None:
+                connector = _from_source(connector or self._loop.create_connection, self._source)
             pool = ConnectionPool(dst[0], dst[1], connect_timeout=cluster.config.connect_timeout,
-                                  stats=stats, connector=self._rt.connector)
+                                  stats=stats, connector=connector)
         else:
             tried = self._tried
             endpoint = cluster.pick(tried) if tried else cluster.pick()
@@ -459,3 +464,10 @@ class TcpProxy(asyncio.Protocol):
         self._open -= 1
         if self._open == 0:
             self._rt.connection_closed(self)
+
+
+def _from_source(connector: Callable[..., Any], source: str) -> Callable[..., Any]:
+    """``connector`` with the connection's local address bound to ``source`` (any port)."""
+    def connect(protocol_factory: Callable[[], Any], host: str, port: int) -> Any:
+        return connector(protocol_factory, host, port, local_addr=(source, 0))
+    return connect

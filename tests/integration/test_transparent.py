@@ -245,6 +245,32 @@ def test_a_caller_outside_the_mesh_reaches_the_app_through_its_inbound_sidecar(m
     assert stat(b, "meshkeeper_listener_downstream_rq_total", listener="inbound") == before + 1
 
 
+def test_the_pods_other_ports_pass_through_but_loopback_only_services_stay_private(mesh):
+    """Inbound passthrough (InboundPassthroughCluster) dials the pod IP from 127.0.0.6: a port the
+    app serves on all addresses is reached from outside, one bound to 127.0.0.1 only is not (as
+    without the mesh)."""
+    b = mesh.pods["b"]
+    code = "import socket, sys, time\n" \
+           "s = socket.create_server((sys.argv[1], int(sys.argv[2])))\n" \
+           "print('meshkeeper app listening port=%d' % s.getsockname()[1], flush=True)\n" \
+           "while True:\n    c, _ = s.accept(); c.sendall(b'hello from ' + sys.argv[1].encode()); c.close()\n"
+    b.start([sys.executable, "-c", code, "0.0.0.0", "9101"], role="app", uid=APP_UID, name="b-extra-all")
+    b.start([sys.executable, "-c", code, "127.0.0.1", "9102"], role="app", uid=APP_UID, name="b-extra-lo")
+
+    def read(port: int) -> bytes:
+        with socket.create_connection((b.ip, port), timeout=5) as conn:
+            return conn.recv(100)
+
+    before = stat(b, "meshkeeper_upstream_cx_total", cluster="InboundPassthroughCluster")
+    assert read(9101) == b"hello from 0.0.0.0"
+    assert stat(b, "meshkeeper_upstream_cx_total", cluster="InboundPassthroughCluster") >= before + 1
+    try:
+        got = read(9102)
+    except OSError:
+        got = b""
+    assert got == b""  # accepted by the capture, then closed: nothing of the loopback-only service
+
+
 def test_the_apps_calls_to_loopback_are_never_captured(mesh):
     a = mesh.pods["a"]
     before = stat(a, "meshkeeper_listener_redirected", listener="outbound (original destination)")
