@@ -26,7 +26,8 @@ In Envoy's vocabulary, as Istio lays it out:
   ``allow_any``, to ``BlackHoleCluster`` under ``registry_only``. Its ``inbound`` listener gets
   the same filter, its own chain matched on the app's port, and a default chain to
   ``InboundPassthroughCluster``: the pod's other ports reach the app unchanged (the sidecar dials
-  them on 127.0.0.1, so that its own connection is not captured again).
+  them on the pod IP from 127.0.0.6, which the capture rules never capture, so its own connection
+  is not redirected again and loopback-only services stay private).
 
 * Clusters ``PassthroughCluster``, ``InboundPassthroughCluster`` (ORIGINAL_DST,
   ``CLUSTER_PROVIDED``) and ``BlackHoleCluster`` (STATIC, no endpoints), Istio's names.
