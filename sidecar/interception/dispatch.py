@@ -48,8 +48,7 @@ _EMPTY: Mapping = MappingProxyType({})
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a connection goes: an HCM on ``http``, or a tcp_proxy over ``tcp`` (runtime, weight,
-    whether its cluster is ORIGINAL_DST)."""
+    """Where a connection goes: an HCM on ``http``, or a tcp_proxy over ``tcp`` (runtime, weight)."""
 
     name: str
     http: ListenerRuntime | None = None
@@ -67,8 +66,10 @@ class Target:
         cluster = runtime.clusters.get(runtime.config.cluster)
         if dst is None or cluster is None or not cluster.original_dst:
             return TcpProxy(runtime)
+        # (IPv4: an IPv6 pod has no loopback source of that kind to dial from; it dials from any.)
+        ipv4 = ":" not in dst[0]
         return TcpProxy(runtime, original_dst=dst,
-                        source=INBOUND_PASSTHROUGH_SOURCE if self.inbound_passthrough else None)
+                        source=INBOUND_PASSTHROUGH_SOURCE if self.inbound_passthrough and ipv4 else None)
 
     def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp
