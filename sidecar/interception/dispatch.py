@@ -66,10 +66,11 @@ class Target:
         cluster = runtime.clusters.get(runtime.config.cluster)
         if dst is None or cluster is None or not cluster.original_dst:
             return TcpProxy(runtime)
-        # (IPv4: an IPv6 pod has no loopback source of that kind to dial from; it dials from any.)
-        ipv4 = ":" not in dst[0]
-        return TcpProxy(runtime, original_dst=dst,
-                        source=INBOUND_PASSTHROUGH_SOURCE if self.inbound_passthrough and ipv4 else None)
+        if not self.inbound_passthrough:
+            return TcpProxy(runtime, original_dst=dst)
+        if ":" in dst[0]:  # IPv6 has no second loopback address to dial from: the app's ::1, as before
+            return TcpProxy(runtime, original_dst=("::1", dst[1]))
+        return TcpProxy(runtime, original_dst=dst, source=INBOUND_PASSTHROUGH_SOURCE)
 
     def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp
