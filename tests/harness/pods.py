@@ -303,7 +303,7 @@ def uid_prelude(stash: Path, paths: Sequence[str | Path] = ()) -> str:
     return "\n".join(lines)
 
 
-def _in_netns(netns: str, make: Callable[[], T]) -> T:
+def in_netns(netns: str, make: Callable[[], T]) -> T:
     """``make()`` run by a thread that first entered ``netns`` (a socket stays where it was made)."""
     import ctypes
 
@@ -465,7 +465,7 @@ class Pod:
     # -- sockets made in the pod by the test process (as root: an app, as far as capture goes)
 
     def socket(self, family: int = socket.AF_INET, kind: int = socket.SOCK_STREAM) -> socket.socket:
-        return _in_netns(self.netns, lambda: socket.socket(family, kind))
+        return in_netns(self.netns, lambda: socket.socket(family, kind))
 
     def connect(self, host: str, port: int, timeout: float = 5.0) -> socket.socket:
         """A TCP connection dialed from inside the pod (fits ThriftClient's ``connect``)."""

@@ -9,20 +9,19 @@ an app's 1000) run as ``ip netns exec NS setpriv ... python3 -c``. Needs root an
 
 from __future__ import annotations
 
-import ctypes
 import os
 import select
 import shutil
 import socket
 import subprocess
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from sidecar.interception.original_dst import original_dst
+from tests.harness.pods import in_netns
 
 pytestmark = pytest.mark.integration
 
@@ -51,9 +50,6 @@ elif mode == "udp-server":
 
 if os.geteuid() != 0 or not shutil.which("ip") or not shutil.which("iptables-restore"):
     pytest.skip("needs root, iproute2 and iptables", allow_module_level=True)
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_CLONE_NEWNET = 0x40000000
 
 
 class Net:
@@ -109,30 +105,6 @@ def run(*argv: str) -> subprocess.CompletedProcess[str]:
     done = subprocess.run(argv, capture_output=True, text=True, timeout=30, cwd=ROOT)
     assert done.returncode == 0, f"{' '.join(argv[:8])}: {done.stderr.strip()}"
     return done
-
-
-def in_netns(ns: str, make: Callable[[], socket.socket]) -> socket.socket:
-    """``make()`` run by a thread that first entered network namespace ``ns``."""
-    out: dict[str, object] = {}
-
-    def enter_and_make() -> None:
-        try:
-            fd = os.open(f"/run/netns/{ns}", os.O_RDONLY)
-            try:
-                if _libc.setns(fd, _CLONE_NEWNET) != 0:
-                    raise OSError(ctypes.get_errno(), f"setns {ns}")
-            finally:
-                os.close(fd)
-            out["sock"] = make()
-        except BaseException as exc:  # handed to the caller's thread
-            out["error"] = exc
-
-    thread = threading.Thread(target=enter_and_make)
-    thread.start()
-    thread.join()
-    if "error" in out:
-        raise out["error"]  # type: ignore[misc]
-    return out["sock"]  # type: ignore[return-value]
 
 
 def accept(listener: socket.socket, timeout: float = 5.0) -> socket.socket:
