@@ -5,6 +5,7 @@ dnslib's own threaded DNSServer. No ZooKeeper, no child processes, no sleeps to 
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import socket
 import time
@@ -16,21 +17,17 @@ from dnslib import AAAA, QTYPE, RCODE, RR, A, DNSRecord
 from dnslib.server import BaseResolver, DNSServer
 
 from sidecar.dns import MeshDns, build_table
+from tests.support import polling
 
 SERVICES = [("shop", "catalog", "240.240.0.7"), ("shop", "cart", "240.240.0.8"),
             ("shop", "cart", "240.240.0.9"), ("billing", "invoice", "240.240.1.2")]
 TABLE = build_table(SERVICES, own_namespace="shop")
 
+until = functools.partial(polling.until, limit=5.0)  # real sockets: a more generous deadline
+
 
 def run(body: Callable[[], Awaitable[None]]) -> None:
     uvloop.run(asyncio.wait_for(body(), 30))
-
-
-async def until(cond: Callable[[], bool], limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        assert time.monotonic() < deadline, f"condition not met in {limit} s"
-        await asyncio.sleep(0.005)
 
 
 def upstream_answer(query: DNSRecord, tcp: bool) -> DNSRecord | None:

@@ -20,9 +20,12 @@ import uvloop
 from sidecar.config import ClusterConfig, EndpointConfig, OutlierConfig
 from sidecar.l4 import TcpProxy, TcpProxyConfig, TcpProxyRuntime
 from sidecar.upstream.cluster import ClusterManager
+from tests.support import polling
 
 MB = 1024 * 1024
 UVLOOP_READ = 256 * 1024  # uvloop reads at most this much per data_received
+
+until = functools.partial(polling.until, limit=5.0)  # real sockets: a more generous deadline
 
 
 def uvloop_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -31,14 +34,6 @@ def uvloop_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., N
         uvloop.run(fn(*args, **kwargs))
 
     return wrapper
-
-
-async def until(cond: Callable[[], object], limit: float = 5.0) -> None:
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 def refused_port() -> int:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -17,6 +16,7 @@ import pytest
 from sidecar.config import CircuitBreakerConfig, ClusterConfig, EndpointConfig, OutlierConfig
 from sidecar.l4 import TcpProxy, TcpProxyConfig, TcpProxyRuntime
 from sidecar.upstream.cluster import ClusterManager
+from tests.support.polling import until
 
 
 def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -30,15 +30,6 @@ def async_test(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., No
 async def turns(n: int = 5) -> None:
     for _ in range(n):
         await asyncio.sleep(0)
-
-
-async def until(cond: Callable[[], object], limit: float = 2.0) -> None:
-    """Poll ``cond`` every few milliseconds, failing after ``limit`` seconds (real timers run)."""
-    deadline = time.monotonic() + limit
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.002)
 
 
 class FakeTransport(asyncio.Transport):
