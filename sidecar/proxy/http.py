@@ -33,7 +33,8 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from sidecar import quickack
-from sidecar.proxy import codec, errors, telemetry
+from sidecar.codec import headers as codec
+from sidecar.proxy import errors, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.router_filter import BUFFER_LIMIT, R_BUFFER, R_PIPELINE, R_UPSTREAM, RouterFilter
 from sidecar.tracing.context import TRACE_HEADERS

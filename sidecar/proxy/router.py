@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 from sidecar.config import HeaderMatch, Route, RouteConfig, VirtualHost
-from sidecar.proxy.codec import UNMATCHABLE_HEADERS
+from sidecar.codec.headers import UNMATCHABLE_HEADERS
 from sidecar.upstream.lb import SmoothWeightedRoundRobin
 
 AUTHORITY_CACHE_SIZE = 1024

@@ -15,7 +15,8 @@ from collections import deque
 from time import monotonic
 from typing import TYPE_CHECKING
 
-from sidecar.proxy import codec, errors, passthrough, telemetry
+from sidecar.codec import headers as codec
+from sidecar.proxy import errors, passthrough, telemetry
 from sidecar.proxy.exchange import Exchange
 from sidecar.upstream import breaker
 from sidecar.upstream.host import LocalOriginFailure

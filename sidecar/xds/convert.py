@@ -58,7 +58,7 @@ from sidecar.config import (
     VirtualHost,
     WeightedCluster,
 )
-from sidecar.proxy.codec import UNMATCHABLE_HEADERS
+from sidecar.codec.headers import UNMATCHABLE_HEADERS
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 _SERVING = (health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY, health_check_pb2.DEGRADED)

@@ -268,6 +268,6 @@ def test_match_entries_the_sidecar_could_not_honour_are_refused_by_the_policy(ma
 
 def test_the_policy_refuses_every_header_the_sidecar_cannot_match():
     from meshkeeper.policy import UNMATCHABLE_HEADERS
-    from sidecar.proxy.codec import UNMATCHABLE_HEADERS as SIDECAR_UNMATCHABLE
+    from sidecar.codec.headers import UNMATCHABLE_HEADERS as SIDECAR_UNMATCHABLE
 
     assert SIDECAR_UNMATCHABLE <= UNMATCHABLE_HEADERS
