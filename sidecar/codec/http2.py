@@ -834,6 +834,16 @@ class Http2ClientConnection(_Session, asyncio.Protocol):
             self._close_after_write = True
         self._flush()
 
+    def close(self) -> None:
+        """Close now (an idle timeout, a pool going away): GOAWAY, then the socket; streams still in
+        flight get ``on_upstream_reset("UC")`` when it is gone."""
+        if self._closed or self._transport is None:
+            return
+        self._goaway = True
+        self._h2.send_goaway(ErrorCodes.NO_ERROR, 0)
+        self._close_after_write = True
+        self._flush()
+
     # --- asyncio.Protocol ------------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

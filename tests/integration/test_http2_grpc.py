@@ -1,0 +1,153 @@
+"""The upstream HTTP/2 codec (sidecar.codec.http2.Http2ClientConnection) on a real socket to a real
+grpcio server: the gRPC health service (grpcio-health-checking), called by hand.
+
+A unary gRPC call is a POST of one length-prefixed message (a 5-byte prefix: compressed flag, then
+the length, big-endian) with ``content-type: application/grpc`` and ``te: trailers``; the status
+comes in trailers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import Iterator
+from concurrent import futures
+
+import grpc
+import pytest
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from sidecar.codec.http2 import Http2ClientConnection
+from tests.support.polling import until
+
+pytestmark = pytest.mark.integration
+
+CHECK = b"/grpc.health.v1.Health/Check"
+HEADERS = [b"content-type", b": ", b"application/grpc", b"\r\n", b"te", b": ", b"trailers", b"\r\n"]
+
+
+@pytest.fixture
+def health_server() -> Iterator[int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    servicer = health.HealthServicer()
+    servicer.set("catalog", health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        yield port
+    finally:
+        server.stop(None)
+
+
+class Pool:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def opened(self, conn) -> None:
+        self.calls.append("opened")
+
+    def capacity_changed(self, conn) -> None:
+        self.calls.append("capacity_changed")
+
+    def stream_done(self, conn) -> None:
+        self.calls.append("stream_done")
+
+    def lost(self, conn) -> None:
+        self.calls.append("lost")
+
+
+class Call:
+    """One unary call's response, as the router's upstream request would see it."""
+
+    def __init__(self) -> None:
+        self.status = 0
+        self.headers: dict[bytes, bytes] = {}
+        self.body = bytearray()
+        self.trailers: dict[bytes, bytes] | None = None
+        self.reset: str | None = None
+
+    def on_response_headers(self, status: int, headers: list[bytes], end_stream: bool) -> None:
+        self.status = status
+        self.headers = dict(zip(headers[0::4], headers[2::4], strict=True))
+        if end_stream:
+            self.trailers = self.headers  # trailers-only
+
+    def on_response_data(self, data: bytes, end_stream: bool) -> None:
+        self.body += data
+
+    def on_response_trailers(self, trailers: list[bytes]) -> None:
+        self.trailers = dict(zip(trailers[0::4], trailers[2::4], strict=True))
+
+    def on_upstream_reset(self, flag: str, refused: bool = False) -> None:
+        self.reset = flag
+
+    def on_write_paused(self, paused: bool) -> None:
+        pass
+
+    def batch_begin(self) -> None:
+        pass
+
+    def batch_end(self) -> None:
+        pass
+
+    @property
+    def done(self) -> bool:
+        return self.trailers is not None or self.reset is not None
+
+    def message(self) -> health_pb2.HealthCheckResponse:
+        flag, length = struct.unpack(">BI", self.body[:5])
+        assert flag == 0 and len(self.body) == 5 + length
+        return health_pb2.HealthCheckResponse.FromString(bytes(self.body[5:]))
+
+
+def check(conn: Http2ClientConnection, port: int, service: str) -> Call:
+    call = Call()
+    encoder = conn.new_stream(call)
+    message = health_pb2.HealthCheckRequest(service=service).SerializeToString()
+    encoder.encode_headers(b"POST", b"127.0.0.1:%d" % port, CHECK, HEADERS, end_stream=False, chunked=True,
+                           is_head=False)
+    encoder.encode_data(struct.pack(">BI", 0, len(message)) + message, True)
+    return call
+
+
+async def connect(port: int) -> tuple[Http2ClientConnection, Pool]:
+    pool = Pool()
+    _, conn = await asyncio.get_running_loop().create_connection(lambda: Http2ClientConnection(pool),
+                                                                 "127.0.0.1", port)
+    return conn, pool
+
+
+async def test_a_unary_call_gets_its_message_and_grpc_status_0_in_trailers(health_server: int) -> None:
+    conn, pool = await connect(health_server)
+    assert pool.calls == ["opened"] and conn.capacity > 0
+    call = check(conn, health_server, "catalog")
+    await until(lambda: call.done, limit=5.0)
+    assert call.reset is None and call.status == 200
+    assert call.headers[b"content-type"].startswith(b"application/grpc")
+    assert call.trailers[b"grpc-status"] == b"0"
+    assert call.message().status == health_pb2.HealthCheckResponse.SERVING
+    await until(lambda: "stream_done" in pool.calls, limit=5.0)
+    assert conn.active_streams == 0
+    conn.go_away()
+    await until(lambda: "lost" in pool.calls, limit=5.0)
+
+
+async def test_an_error_status_arrives_in_trailers(health_server: int) -> None:
+    conn, pool = await connect(health_server)
+    call = check(conn, health_server, "no-such-service")
+    await until(lambda: call.done, limit=5.0)
+    assert call.reset is None and call.status == 200
+    assert call.trailers[b"grpc-status"] == b"5"  # NOT_FOUND
+    conn.close()
+    await until(lambda: "lost" in pool.calls, limit=5.0)
+
+
+async def test_many_calls_share_one_connection(health_server: int) -> None:
+    conn, pool = await connect(health_server)
+    calls = [check(conn, health_server, "catalog") for _ in range(50)]
+    await until(lambda: all(c.done for c in calls), limit=5.0)
+    assert all(c.trailers[b"grpc-status"] == b"0" and c.message().status == 1 for c in calls)
+    assert pool.calls.count("stream_done") == 50 and conn.active_streams == 0
+    conn.close()
+    await until(lambda: "lost" in pool.calls, limit=5.0)
