@@ -19,7 +19,8 @@ from h2.events import (
 )
 from h2.settings import SettingCodes
 
-from sidecar.codec.http2 import _H2, WRITE_HIGH_WATER, Http2ClientConnection
+from sidecar.codec.http2 import WRITE_HIGH_WATER, Http2ClientConnection
+from sidecar.codec.http2_session import H2
 
 GRPC_HEADERS = [b"Content-Type", b": ", b"application/grpc", b"\r\n", b"TE", b": ", b"trailers", b"\r\n",
                 b"Connection", b": ", b"keep-alive", b"\r\n", b"Keep-Alive", b": ", b"5", b"\r\n",
@@ -237,7 +238,7 @@ def test_a_response_that_ends_before_the_request_cancels_the_rest() -> None:
 
 
 def test_goaway_refuses_streams_above_the_last_id_and_lets_the_others_finish() -> None:
-    wire = Wire(server=_H2(H2Configuration(client_side=False, header_encoding=None)))
+    wire = Wire(server=H2(H2Configuration(client_side=False, header_encoding=None)))
     kept, _ = wire.start()
     dropped, _ = wire.start()
     wire.server.send_goaway(ErrorCodes.NO_ERROR, 1)
@@ -255,7 +256,7 @@ def test_goaway_refuses_streams_above_the_last_id_and_lets_the_others_finish() -
 
 
 def test_go_away_drains_then_closes() -> None:
-    wire = Wire(server=_H2(H2Configuration(client_side=False, header_encoding=None)))
+    wire = Wire(server=H2(H2Configuration(client_side=False, header_encoding=None)))
     request, _ = wire.start()
     wire.conn.go_away()
     wire.pump()

@@ -22,7 +22,8 @@ from h2.events import (
 from h2.settings import SettingCodes
 
 from sidecar.codec.api import R_BUFFER, R_UPSTREAM
-from sidecar.codec.http2 import _H2, WRITE_HIGH_WATER, WRITE_LOW_WATER, Http2ServerCodec
+from sidecar.codec.http2 import WRITE_HIGH_WATER, WRITE_LOW_WATER, Http2ServerCodec
+from sidecar.codec.http2_session import H2
 from sidecar.tracing.context import TP
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"catalog.shop"), (b":path", b"/items")]
@@ -378,7 +379,7 @@ def test_a_response_that_ends_before_its_request_resets_with_no_error() -> None:
 
 
 def test_go_away_lets_streams_in_flight_finish_then_closes() -> None:
-    wire = Wire(client=_H2(H2Configuration(client_side=True, header_encoding=None)))
+    wire = Wire(client=H2(H2Configuration(client_side=True, header_encoding=None)))
     first = wire.request(end_stream=True)
     second = wire.request()
     wire.codec.go_away()
