@@ -1,5 +1,6 @@
-"""The upstream HTTP/2 codec (sidecar.codec.http2.Http2ClientConnection) on a real socket to a real
-grpcio server: the gRPC health service (grpcio-health-checking), called by hand.
+"""The HTTP/2 codecs on real sockets with grpcio at the other end: Http2ClientConnection calls a real
+grpcio server's health service (grpcio-health-checking) by hand, and a stock grpcio client calls
+Http2ServerCodec, behind a stand-in connection manager that answers the health check itself.
 
 A unary gRPC call is a POST of one length-prefixed message (a 5-byte prefix: compressed flag, then
 the length, big-endian) with ``content-type: application/grpc`` and ``te: trailers``; the status
@@ -17,7 +18,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from sidecar.codec.http2 import Http2ClientConnection
+from sidecar.codec.http2 import Http2ClientConnection, Http2ServerCodec
 from tests.support.polling import until
 
 pytestmark = pytest.mark.integration
@@ -151,3 +152,95 @@ async def test_many_calls_share_one_connection(health_server: int) -> None:
     assert pool.calls.count("stream_done") == 50 and conn.active_streams == 0
     conn.close()
     await until(lambda: "lost" in pool.calls, limit=5.0)
+
+
+class EchoHealthManager:
+    """A connection manager that answers every Health/Check itself: SERVING, in gRPC framing."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[bytes, bytes, list[bytes]]] = []
+        self.errors: list[str] = []
+
+    def new_stream(self, encoder) -> Request:
+        return Request(self, encoder)
+
+    def protocol_error(self, detail: str) -> None:
+        self.errors.append(detail)
+
+    def closing(self) -> None:
+        pass
+
+
+class Request:
+    def __init__(self, manager: EchoHealthManager, encoder) -> None:
+        self.manager = manager
+        self.encoder = encoder
+        self.body = bytearray()
+
+    def decode_headers(self, end_stream: bool) -> None:
+        self.manager.requests.append((self.method, self.path, self.headers))
+
+    def decode_data(self, data: bytes, end_stream: bool) -> None:
+        self.body += data
+        if end_stream:
+            self._answer()
+
+    def decode_trailers(self, trailers: list[bytes]) -> None:
+        self._answer()
+
+    def _answer(self) -> None:
+        flag, length = struct.unpack(">BI", self.body[:5])
+        request = health_pb2.HealthCheckRequest.FromString(bytes(self.body[5:5 + length]))
+        reply = health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if request.service == "catalog"
+            else health_pb2.HealthCheckResponse.SERVICE_UNKNOWN).SerializeToString()
+        self.encoder.encode_headers(200, [b"content-type", b": ", b"application/grpc", b"\r\n"], False)
+        self.encoder.encode_data(struct.pack(">BI", 0, len(reply)) + reply, False)
+        self.encoder.encode_trailers([b"grpc-status", b": ", b"0", b"\r\n"])
+
+    def on_reset(self) -> None:
+        pass
+
+    def on_local_reply(self, status: int, flag: str) -> None:
+        pass
+
+    def on_write_paused(self, paused: bool) -> None:
+        pass
+
+
+class Downstream(asyncio.Protocol):
+    """The connection manager's socket side, reduced to what the codec needs."""
+
+    def __init__(self, manager: EchoHealthManager) -> None:
+        self.manager = manager
+        self.codec: Http2ServerCodec | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.codec = Http2ServerCodec(self.manager, transport, tracing=False)
+
+    def data_received(self, data: bytes) -> None:
+        self.codec.dispatch(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.codec.connection_lost()
+
+
+async def test_a_grpcio_client_is_served_through_the_server_codec() -> None:
+    manager = EchoHealthManager()
+    server = await asyncio.get_running_loop().create_server(lambda: Downstream(manager), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    try:
+        stub = health_pb2_grpc.HealthStub(channel)
+        loop = asyncio.get_running_loop()
+        for service, status in (("catalog", 1), ("billing", 3)):
+            reply = await loop.run_in_executor(
+                None, lambda s=service: stub.Check(health_pb2.HealthCheckRequest(service=s), timeout=5))
+            assert reply.status == status
+        method, path, headers = manager.requests[0]
+        assert (method, path) == (b"POST", CHECK)
+        assert b"te" in headers[0::4] and manager.errors == []
+    finally:
+        channel.close()
+        server.close()
+        await server.wait_closed()
