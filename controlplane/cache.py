@@ -7,6 +7,9 @@ and ``subscribe`` says when to ask again. :class:`SnapshotCache` is the implemen
 Resources are packed into ``Any`` with deterministic serialization once: shared ones once per
 snapshot and namespace, per-node ones once per node identity. A response's version is a short
 hash of the names and bytes it carries, so an unchanged set means an unchanged version and no push.
+
+Proxyless gRPC clients (nodes without Meshkeeper metadata) are served by resource name instead
+(controlplane.proxyless: a Listener per target they ask for), each name packed once per snapshot.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Protocol
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from controlplane import translate, transparent
+from controlplane import proxyless, translate, transparent
 from controlplane.metrics import Metrics
 from controlplane.snapshot import RegistrySnapshot
 from meshkeeper import xds
@@ -91,6 +94,7 @@ class SnapshotCache:
         self._shared: dict[str, dict[str, dict[str, Resource]]] = {}
         self._nodes: dict[NodeInfo, dict[str, dict[str, Resource]]] = {}
         self._transparent: dict[tuple[str, str], dict[str, dict[str, Resource]]] = {}
+        self._proxyless: dict[tuple[str, str, str], Resource | None] = {}  # (type, name, namespace)
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -104,6 +108,7 @@ class SnapshotCache:
                   for ns in {*snapshot.namespaces, *snapshot.configs}}
         self._metrics.snapshot_build.labels(stage="xds").observe(time.perf_counter() - started)
         self._snapshot, self._shared, self._nodes, self._transparent = snapshot, shared, {}, {}
+        self._proxyless = {}
         for notify in list(self._listeners):
             notify()
 
@@ -136,9 +141,23 @@ class SnapshotCache:
     def resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]] | None:
         return None if self._snapshot is None else self._resources(node)
 
+    def _proxyless_fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response:
+        wanted = proxyless.wildcard_names(self._snapshot, type_url, node.namespace) if names is None else sorted(names)
+        chosen = []
+        for name in wanted:
+            key = (type_url, name, node.namespace)
+            if key not in self._proxyless:
+                msg = proxyless.resource(self._snapshot, type_url, name, node.namespace)
+                self._proxyless[key] = None if msg is None else pack(name, msg)
+            if (got := self._proxyless[key]) is not None:
+                chosen.append(got)
+        return Response(type_url, version_of(tuple(chosen)), tuple(chosen))
+
     def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:
         if self._snapshot is None:
             return None
+        if node.proxyless:
+            return self._proxyless_fetch(node, type_url, names)
         items = self._resources(node).get(type_url, {})
         if names is None:
             chosen = tuple(items[n] for n in sorted(items))

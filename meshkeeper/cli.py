@@ -20,6 +20,10 @@ processes:
   doctor         check (--fix: repair) that the OTLP exporter and the Envoy protos import together
   iptables       install (--cleanup: remove) transparent mode's capture rules in this network namespace
   injector       run the Kubernetes sidecar-injection webhook (HTTPS admission server)
+  register       keep a gRPC/HTTP server without a sidecar registered while its health check passes
+
+proxyless gRPC:
+  bootstrap      bootstrap --proxyless [-n NS] [-o FILE]   a GRPC_XDS_BOOTSTRAP file for xds:///<svc>.<ns> targets
 
 Kubernetes:
   inject         inject -f FILE|-                    add the sidecar to manifests (as istioctl kube-inject)
@@ -45,7 +49,8 @@ operating the mesh (the control plane's admin API):
 `meshkeeper <command> --help` shows a command's flags.
 """
 
-COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "get", "weight", "enable", "disable", "reset",
+COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "register",
+            "bootstrap", "get", "weight", "enable", "disable", "reset",
             "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events")
 
 
@@ -74,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
         from controlplane.injector.inject import main as run
     elif cmd == "injector":
         from controlplane.injector.webhook import main as run
+    elif cmd == "register":
+        from sidecar.register import main as run
+    elif cmd == "bootstrap":
+        from meshkeeper.bootstrap import main as run
     elif is_ctl_argument(cmd):  # an operator verb, or a flag of theirs before the verb
         from meshkeeper.ctl.main import main as ctl
 

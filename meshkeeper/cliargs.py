@@ -54,3 +54,11 @@ def ratio(text: str) -> float:
     if not 0.0 <= v <= 1.0:  # NaN included
         raise argparse.ArgumentTypeError(f"{text!r} is not a number between 0 and 1")
     return v
+
+
+def host_port(text: str) -> str:
+    """``HOST:PORT`` (an IPv6 host in brackets, as gRPC targets write it); the port is 1-65535."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
+    return text

@@ -170,11 +170,14 @@ class NodeInfo:
     def from_node(cls, node_id: str, cluster: str, metadata: Mapping[str, Any]) -> NodeInfo:
         """Build from a Node's id, cluster and metadata (a dict from ``MessageToDict``).
 
-        Proxies that send no Meshkeeper metadata (proxyless gRPC clients, plain Envoy) are
-        marked ``proxyless`` and get only the shared resources.
+        Proxies that send no ``service`` in their metadata (proxyless gRPC clients) are marked
+        ``proxyless``: they are served by resource name (controlplane.proxyless), and their
+        metadata may name the namespace in which targets without one (``xds:///catalog``) resolve.
         """
         if "service" not in metadata:
-            return cls(node_id=node_id, service=cluster or "", proxyless=True)
+            ns = str(metadata.get("namespace") or DEFAULT_NAMESPACE)
+            validate_name("namespace", ns)
+            return cls(node_id=node_id, service=cluster or "", namespace=ns, proxyless=True)
         ns = str(metadata.get("namespace") or DEFAULT_NAMESPACE)
         svc = str(metadata["service"])
         validate_name("namespace", ns)

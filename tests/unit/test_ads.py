@@ -282,17 +282,23 @@ def test_stale_nonce_is_ignored():
     run(main())
 
 
-def test_proxyless_node_gets_shared_resources_only():
+def test_proxyless_node_is_served_by_resource_name():
     async def main():
         async with Env() as env:
             env.cache.set_snapshot(registry(1, ("10.0.0.1", "")))
             c = env.client()
-            c.send(xds.LISTENER, node=node_proto(None))
-            lds = await c.recv()
-            assert list(lds.resources) == []
-            c.send(xds.CLUSTER)
-            cds = await c.recv()
-            assert names_of(cds) == ["outbound|catalog.default"]
+            # grpcio asks for the listener named as its target, then walks RDS, CDS, EDS by name.
+            c.send(xds.LISTENER, ["catalog.default:50051", "nosuch.default"], node=node_proto(None))
+            assert names_of(await c.recv()) == ["catalog.default:50051"]
+            c.send(xds.ROUTE, ["catalog.default:50051"])
+            assert names_of(await c.recv()) == ["catalog.default:50051"]
+            c.send(xds.CLUSTER, ["outbound|catalog.default"])
+            assert names_of(await c.recv()) == ["outbound|catalog.default"]
+            c.send(xds.ENDPOINT, ["outbound|catalog.default"])
+            eds = await c.recv()
+            cla = endpoint_pb2.ClusterLoadAssignment()
+            assert eds.resources[0].Unpack(cla)
+            assert [loc.locality.sub_zone for loc in cla.endpoints] == ["10.0.0.1:15006"]
             assert env.proxies.to_json()[0]["proxyless"] is True
             await c.close()
     run(main())

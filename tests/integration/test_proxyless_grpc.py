@@ -1,0 +1,182 @@
+"""Proxyless gRPC (DESIGN §12, issue 14): stock grpcio clients and servers, no sidecar.
+
+Three grpcio servers are kept registered by ``meshkeeper register`` (gRPC health checks) with
+weights 1, 2 and 7; a grpcio client process with ``GRPC_XDS_BOOTSTRAP`` from ``meshkeeper bootstrap
+--proxyless`` calls ``xds:///catalog.<ns>`` and is balanced by grpcio itself, from what the control
+plane serves it (controlplane/proxyless.py).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+
+import grpc
+import pytest
+
+from meshkeeper.admin.v1 import admin_pb2 as pb
+from meshkeeper.admin.v1 import admin_pb2_grpc
+from meshkeeper.demo.process import meshkeeper_argv
+from meshkeeper.registry import Paths
+from tests.harness import free_port, http_get, wait_until
+from tests.harness.grpc_apps import client_argv, server_argv
+
+pytestmark = pytest.mark.integration
+
+WEIGHTS = {"a": 1, "b": 2, "c": 7}
+CALLS = 2000
+TOLERANCE = 0.03  # points of share, the issue's acceptance
+
+
+@dataclass
+class Mesh:
+    procs: object
+    zk: str
+    ns: str
+    xds_port: int
+    cp: object
+    servers: dict[str, int]  # name -> port
+    client: object
+
+    def calls(self, n: int, user: str = "") -> tuple[dict[str, int], dict[str, int]]:
+        url = f"http://127.0.0.1:{self.client.port('port')}/calls?n={n}&user={user}"
+        status, _, body = http_get(url, timeout=120)
+        assert status == 200
+        got = json.loads(body)
+        return got["ok"], got["errors"]
+
+    def key(self, name: str) -> str:
+        return f"127.0.0.1:{self.servers[name]}"
+
+    def proxyless(self) -> list[dict]:
+        _, _, body = http_get(f"http://127.0.0.1:{self.cp.port('http_port')}/api/proxies")
+        return [p for p in json.loads(body) if p["proxyless"]]
+
+    def synced(self) -> bool:
+        """The client holds LDS, RDS, CDS and EDS from this control plane, all ACKed."""
+        got = self.proxyless()
+        return bool(got) and all(got[0]["types"].get(t, {}).get("version_acked") for t in ("LDS", "RDS", "CDS", "EDS"))
+
+    def set_enabled(self, name: str, enabled: bool) -> None:
+        with grpc.insecure_channel(f"127.0.0.1:{self.xds_port}") as ch:
+            admin_pb2_grpc.AdminServiceStub(ch).SetEnabled(pb.SetEnabledRequest(
+                namespace=self.ns, service="catalog", address=self.key(name), enabled=enabled), timeout=10)
+
+    def start_cp(self, name: str = "controlplane") -> None:
+        self.cp = self.procs.meshkeeper("controlplane", "--zk", self.zk, "--xds-port", str(self.xds_port),
+                                        "--http-port", "0", "--insecure-admin", name=name)
+
+
+def start_mesh(procs, zk_server, zk_client, namespace, tmp_path) -> Mesh:
+    mesh = Mesh(procs, zk_server.hosts, namespace, free_port(), None, {}, None)
+    mesh.start_cp()
+    for name, weight in WEIGHTS.items():
+        port = procs.start(server_argv(name), role="grpcapp", name=f"grpc-{name}").port("port")
+        mesh.servers[name] = port
+        procs.meshkeeper("register", "--service", "catalog", "--port", str(port), "-n", namespace,
+                         "--zk", zk_server.hosts, "--weight", str(weight), "--health-interval", "0.2",
+                         name=f"register-{name}")
+    instances = Paths(namespace).instances("catalog")
+    wait_until(lambda: zk_client.exists(instances) and len(zk_client.get_children(instances)) == 3, 10,
+               message="three grpcio servers registered")
+    bootstrap = tmp_path / "bootstrap.json"
+    subprocess.run(meshkeeper_argv("bootstrap", "--proxyless", "--cp", f"127.0.0.1:{mesh.xds_port}",
+                                   "-n", namespace, "--service", "frontend", "-o", str(bootstrap)),
+                   check=True, timeout=30)
+    mesh.client = procs.start(client_argv(f"xds:///catalog.{namespace}"), role="grpcclient",
+                              env={"GRPC_XDS_BOOTSTRAP": str(bootstrap)})
+    return mesh
+
+
+@pytest.fixture
+def mesh(procs, zk_server, zk_client, namespace, tmp_path) -> Mesh:
+    return start_mesh(procs, zk_server, zk_client, namespace, tmp_path)
+
+
+def test_stock_grpcio_client_is_balanced_by_the_registry_weights(mesh):
+    ok, errors = mesh.calls(CALLS)
+    assert errors == {}
+    shares = {name: ok.get(name, 0) / CALLS for name in WEIGHTS}
+    print(f"proxyless split over {CALLS} calls: {shares}")
+    for name, weight in WEIGHTS.items():
+        assert abs(shares[name] - weight / 10) <= TOLERANCE, shares
+    [proxy] = mesh.proxyless()
+    assert proxy["namespace"] == mesh.ns and proxy["service"] == "frontend"
+    assert {t: s["nack"] for t, s in proxy["types"].items()} == dict.fromkeys(("CDS", "EDS", "LDS", "RDS"))
+    assert all(s["nacks"] == 0 and s["version_acked"] == s["version_sent"] for s in proxy["types"].values())
+
+
+def test_disabled_endpoint_leaves_within_a_second(mesh):
+    assert set(mesh.calls(200)[0]) == set(WEIGHTS)
+    mesh.set_enabled("c", False)
+    written = time.monotonic()
+
+    def gone() -> bool:
+        ok, errors = mesh.calls(20)
+        assert errors == {}
+        return "c" not in ok
+
+    wait_until(gone, 1.0, 0.0, message="the disabled server gets no calls within 1 s")
+    print(f"disabled endpoint left after {time.monotonic() - written:.3f} s")
+    ok, errors = mesh.calls(300)
+    assert errors == {} and "c" not in ok and set(ok) == {"a", "b"}
+    mesh.set_enabled("c", True)
+    wait_until(lambda: "c" in mesh.calls(50)[0], 2.0, 0.0, message="the enabled server is back")
+    assert mesh.proxyless()[0]["types"]["EDS"]["nacks"] == 0
+
+
+def test_control_plane_restart_leaves_calls_working(mesh):
+    assert mesh.calls(50)[1] == {}  # grpcio's channel (and its xDS client) starts at the first call
+    wait_until(mesh.synced, 10, message="client synced")
+    mesh.cp.kill()
+    ok, errors = mesh.calls(200)  # no control plane: grpcio keeps its last config
+    assert errors == {} and set(ok) == set(WEIGHTS)
+    mesh.start_cp(name="controlplane-2")
+    wait_until(mesh.synced, 30, message="the client resynced with the new control plane")
+    ok, errors = mesh.calls(200)
+    assert errors == {} and set(ok) == set(WEIGHTS)
+    # The new control plane drives the client.
+    mesh.set_enabled("a", False)
+    wait_until(lambda: "a" not in mesh.calls(20)[0], 2.0, 0.0, message="the new control plane's override applies")
+    assert all(s["nacks"] == 0 for s in mesh.proxyless()[0]["types"].values())
+
+
+def shares_within(mesh: Mesh, n: int = CALLS) -> dict[str, float]:
+    ok, errors = mesh.calls(n)
+    assert errors == {}
+    return {name: ok.get(name, 0) / n for name in WEIGHTS}
+
+
+def test_policies_grpcio_honours_are_acked_and_ring_hash_keeps_the_weights(mesh, zk_client):
+    assert mesh.calls(50)[1] == {}
+    wait_until(mesh.synced, 10, message="client synced")
+    before = {t: s["version_acked"] for t, s in mesh.proxyless()[0]["types"].items()}
+    policy = {"lb": {"policy": "ring_hash", "hash_on": "header:x-user"},
+              "outlier": {"consecutive_5xx": 3, "interval_ms": 1000,
+                          "success_rate": {"minimum_hosts": 3, "request_volume": 10},
+                          "failure_percentage": {"threshold": 50, "enforcing_percent": 100}},
+              "retry": {"attempts": 2, "on": ["5xx", "reset", "connect-failure"]},
+              "timeout_ms": 3000, "circuit_breaker": {"max_requests": 100},
+              "fault": {"delay_ms": 1, "delay_percent": 1}}
+    zk_client.create(Paths(mesh.ns).policy("catalog"), json.dumps(policy).encode())
+
+    def applied() -> bool:
+        types = mesh.proxyless()[0]["types"]
+        assert all(s["nacks"] == 0 for s in types.values()), types
+        return all(types[t]["version_acked"] not in ("", before[t]) for t in ("CDS", "RDS"))
+
+    wait_until(applied, 5, message="the policy's CDS and RDS ACKed")
+    shares = shares_within(mesh)
+    print(f"ring hash split over {CALLS} calls: {shares}")
+    for name, weight in WEIGHTS.items():
+        assert abs(shares[name] - weight / 10) <= TOLERANCE, shares
+    # The hash policy is honoured: one user, one server; many users spread over all three.
+    for user in ("alice", "bob", "carol"):
+        ok, errors = mesh.calls(30, user)
+        assert errors == {} and len(ok) == 1, (user, ok)
+    spread = set()
+    for i in range(40):
+        spread |= set(mesh.calls(1, f"user-{i}")[0])
+    assert spread == set(WEIGHTS)
