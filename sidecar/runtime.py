@@ -33,7 +33,8 @@ from sidecar.interception import dispatch
 from sidecar.interception.dispatch import DispatchHolder, DispatchTable, Target
 from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
 from sidecar.metrics import SidecarMetrics
-from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener, ListenerRuntime
+from sidecar.proxy.context import ListenerContext
+from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.upstream.cluster import ClusterManager
@@ -124,7 +125,7 @@ class SidecarRuntime:
     def __init__(self, node: NodeInfo, *, tracer: Tracer | None = None, access_log: AccessLog | None = None) -> None:
         self.node = node
         self.clusters = ClusterManager()
-        self.listener_runtimes = {name: ListenerRuntime(name, self.clusters) for name in BOUND_LISTENERS}
+        self.listener_runtimes = {name: ListenerContext(name, self.clusters) for name in BOUND_LISTENERS}
         self.tracer = tracer  # None: tracing off (no --otlp-endpoint)
         self.access_log = access_log
         for rt in self.listener_runtimes.values():
@@ -137,7 +138,7 @@ class SidecarRuntime:
         # destination to a filter chain. Chains have runtimes of their own, kept across updates.
         self.transparent = node.interception == "redirect"
         self.dispatch = {name: DispatchHolder(name) for name in BOUND_LISTENERS}
-        self.chain_runtimes: dict[str, ListenerRuntime] = {}
+        self.chain_runtimes: dict[str, ListenerContext] = {}
         self.tcp_runtimes: dict[tuple[str, str], TcpProxyRuntime] = {}
         # Explicit mode's listeners of tcp services (tcp|<svc>.<ns>), bound from their LDS address.
         self.tcp_listeners: dict[str, BoundTcpListener] = {}
@@ -271,7 +272,7 @@ class SidecarRuntime:
     def _plan_dispatch(self, listeners: dict[str, ListenerConfig]):
         """The dispatch tables of the bound listeners, with the chain and tcp_proxy runtimes they
         use (new ones built, kept ones reused); raises ValueError before anything is swapped."""
-        chain_rts: dict[str, tuple[ListenerRuntime, Router, ListenerConfig]] = {}
+        chain_rts: dict[str, tuple[ListenerContext, Router, ListenerConfig]] = {}
         tcp_rts: dict[tuple[str, str], tuple[TcpProxyRuntime, TcpProxyConfig]] = {}
         tables: dict[str, DispatchTable] = {}
 
@@ -360,8 +361,8 @@ class SidecarRuntime:
                 self.tcp_listeners[name] = bound
             bound.holder.table = table
 
-    def _chain_runtime(self, name: str) -> ListenerRuntime:
-        rt = ListenerRuntime(name, self.clusters)
+    def _chain_runtime(self, name: str) -> ListenerContext:
+        rt = ListenerContext(name, self.clusters)
         rt.service, rt.namespace = self.node.service, self.node.namespace
         rt.access_log = self.access_log
         if self.draining:

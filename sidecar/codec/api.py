@@ -81,6 +81,10 @@ class RequestDecoder(RequestHead, Protocol):
 
     def on_reset(self) -> None: ...
 
+    def on_local_reply(self, status: int, flag: str) -> None:
+        """The codec answered this stream itself (400, 431, 408: a request it cannot pass on) or
+        will once the streams before it are answered; the stream is over."""
+
     def on_write_paused(self, paused: bool) -> None: ...
 
 
@@ -117,6 +121,10 @@ class ServerCallbacks(Protocol):
         """The client broke the protocol (counted as downstream_cx_protocol_error; the codec has
         answered or closed as its protocol says)."""
 
+    def closing(self) -> None:
+        """The codec is closing the connection itself (not the client: after ``Connection: close``,
+        a drain, an idle timeout or an error)."""
+
 
 class ServerCodec(Protocol):
     """One downstream connection's codec."""
@@ -146,7 +154,11 @@ class ResponseDecoder(Protocol):
 
     def on_response_trailers(self, trailers: list[bytes]) -> None: ...
 
-    def on_upstream_reset(self, flag: str) -> None: ...
+    def on_upstream_reset(self, flag: str, refused: bool = False) -> None:
+        """The stream is over before the response ended (``flag``: UC or UPE). ``refused``: the
+        upstream never processed the request (HTTP/2 REFUSED_STREAM, a stream above a GOAWAY's last
+        stream id, or one the connection could no longer open), so any retry policy may retry it
+        (Envoy's ``refused-stream``); HTTP/1.1 codecs never set it."""
 
     def on_write_paused(self, paused: bool) -> None: ...
 

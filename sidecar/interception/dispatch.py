@@ -14,7 +14,7 @@ the connection costs one lookup and nothing per byte afterwards:
   ``BlackHoleCluster``, or for the inbound listener ``InboundPassthroughCluster``);
 * nothing at all (no config yet): the connection is closed and counted.
 
-An HTTP target is an :class:`~sidecar.proxy.http.HttpConnectionManager` on the chain's listener
+An HTTP target is an :class:`~sidecar.proxy.connection_manager.ConnectionManager` on the chain's listener
 runtime, told the original destination (ORIGINAL_DST clusters send there). A TCP target is a
 :class:`~sidecar.l4.proxy.TcpProxy`: for an ORIGINAL_DST cluster it connects to the original
 destination (for the inbound listener's default chain, from source 127.0.0.6, which the capture
@@ -35,8 +35,8 @@ from types import MappingProxyType
 
 from sidecar.interception.original_dst import original_dst
 from sidecar.l4 import TcpProxy, TcpProxyRuntime
-from sidecar.proxy.http import HttpConnectionManager
-from sidecar.proxy.listener import ListenerRuntime
+from sidecar.proxy.connection_manager import ConnectionManager
+from sidecar.proxy.context import ListenerContext
 
 # The inbound passthrough's source address, as Istio's (the capture rules never capture traffic
 # from it on lo): a pod's other ports are dialled on the pod IP from here, so a service the app bound
@@ -51,13 +51,13 @@ class Target:
     """Where a connection goes: an HCM on ``http``, or a tcp_proxy over ``tcp`` (runtime, weight)."""
 
     name: str
-    http: ListenerRuntime | None = None
+    http: ListenerContext | None = None
     tcp: tuple[tuple[TcpProxyRuntime, int], ...] = ()
     inbound_passthrough: bool = False
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
         if self.http is not None:
-            hcm = HttpConnectionManager(self.http)
+            hcm = ConnectionManager(self.http)
             hcm.original_dst = dst
             return hcm
         runtime = self._choose(rand)

@@ -28,14 +28,14 @@ log = logging.getLogger("meshkeeper.sidecar.proxy")
 class LocalReply:
     """A prebuilt error response."""
 
-    __slots__ = ("flag", "status", "message", "keep_alive_bytes", "close_bytes", "always_close")
+    __slots__ = ("flag", "status", "message", "body", "keep_alive_bytes", "close_bytes", "always_close")
 
     def __init__(self, flag: str, status: int, message: str, always_close: bool = False) -> None:
         self.flag = flag
         self.status = status
         self.message = message
         self.always_close = always_close
-        body = json.dumps({"error": message, "flags": flag}).encode()
+        self.body = body = json.dumps({"error": message, "flags": flag}).encode()
         base = (
             f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
             f"content-type: application/json\r\n"
@@ -96,8 +96,6 @@ def fault_abort(status: int) -> LocalReply:
         reply = _FAULT_ABORTS[status] = LocalReply("FI", status, "fault filter abort")
     return reply
 
-
-CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 _logged: set[str] = set()
 

@@ -4,7 +4,7 @@ An app with ``HTTP_PROXY``/``HTTPS_PROXY`` pointing at the outbound listener sen
 there, mesh or not: absolute-form requests (``GET http://example.com/x HTTP/1.1``) for plain
 HTTP, and ``CONNECT example.com:443`` for a tunnel (how such clients reach https sites). The
 listener's default filter chain says what happens to those whose authority matches no virtual
-host (``ListenerRuntime.default_cluster``, Istio's ``outboundTrafficPolicy``):
+host (``ListenerContext.default_cluster``, Istio's ``outboundTrafficPolicy``):
 
 - ``PassthroughCluster`` (an ORIGINAL_DST cluster; ``--outbound-policy allow_any``):
   an absolute-form request goes through the router to ``host:port`` (port 80 by default) on a
@@ -12,7 +12,7 @@ host (``ListenerRuntime.default_cluster``, Istio's ``outboundTrafficPolicy``):
   retries, no faults; the host name is resolved when the pool connects (a name that does not
   resolve is a connect failure: 503 UF). The cluster's circuit breakers and stats apply as for
   any request. A ``CONNECT`` is tunnelled by the listener's tcp_proxy runtime for that cluster
-  (``ListenerRuntime.default_tcp``): ``200 Connection established`` once the upstream is
+  (``ListenerContext.default_tcp``): ``200 Connection established`` once the upstream is
   connected, a 503 local reply (UF, UO, UH, NC) if it cannot be; then the connection is the L4
   proxy's (with the bytes that followed the CONNECT head), under its idle timeout.
 - any other cluster (``BlackHoleCluster``, ``registry_only``): refused with 502 UH naming the
@@ -41,12 +41,12 @@ from sidecar.proxy.router import RouteEntry, Router
 from sidecar.upstream.cluster import ClusterManager
 
 if TYPE_CHECKING:
-    from sidecar.proxy.exchange import Exchange
+    from sidecar.proxy.stream import Stream
     from sidecar.upstream.cluster import Cluster
 
 
 class PolicyListener(Protocol):
-    """What the policy reads of a listener (``sidecar.proxy.listener.ListenerRuntime``)."""
+    """What the policy reads of a listener (``sidecar.proxy.context.ListenerContext``)."""
 
     router: Router | None
     clusters: ClusterManager
@@ -56,11 +56,11 @@ class PolicyListener(Protocol):
 
 
 class Connection(Protocol):
-    """What a CONNECT needs of its connection manager (``sidecar.proxy.http.HttpConnectionManager``)."""
+    """What a CONNECT needs of its connection manager (``sidecar.proxy.connection_manager``)."""
 
     def hand_over(self, protocol: asyncio.Protocol) -> asyncio.Transport | None: ...
 
-    def handed_over_done(self, ex: Exchange) -> None: ...
+    def handed_over_done(self, ex: Stream) -> None: ...
 
 
 ALLOW_ANY = "allow_any"  # the route of passed-through requests (Istio's virtual host name)
@@ -87,7 +87,7 @@ def route_entry(name: str, cluster: str) -> RouteEntry:
     return entry
 
 
-def outside_mesh(rt: PolicyListener, ex: Exchange, authority: bytes) -> RouteEntry | errors.LocalReply:
+def outside_mesh(rt: PolicyListener, ex: Stream, authority: bytes) -> RouteEntry | errors.LocalReply:
     """An absolute-form request no route matched (``rt.default_cluster`` is set): the route to
     forward it on (``ex.original_dst`` set to its host and port), or the local reply to answer."""
     router = rt.router
@@ -107,14 +107,14 @@ def outside_mesh(rt: PolicyListener, ex: Exchange, authority: bytes) -> RouteEnt
     return route_entry(ALLOW_ANY, cluster.name)
 
 
-def connect(hcm: Connection, rt: PolicyListener, ex: Exchange) -> errors.LocalReply | None:
+def connect(hcm: Connection, rt: PolicyListener, ex: Stream) -> errors.LocalReply | None:
     """A ``CONNECT`` (``rt.default_cluster`` is set): hand the connection to a tunnel and return
     None, or return the local reply to answer (the connection closes after it)."""
-    authority = ex.url
+    authority = ex.path
     target = split_authority(authority, None)
     if target is None:
         return errors.BAD_CONNECT
-    ex.host = authority
+    ex.authority = authority
     router = rt.router
     if router is not None and router.virtual_host(authority) is not None:
         rt.stats.no_route += 1
@@ -145,7 +145,7 @@ class Tunnel:
 
     __slots__ = ("hcm", "ex", "cluster", "transport")
 
-    def __init__(self, hcm: Connection, ex: Exchange, cluster: Cluster) -> None:
+    def __init__(self, hcm: Connection, ex: Stream, cluster: Cluster) -> None:
         self.hcm = hcm
         self.ex = ex
         self.cluster = cluster
@@ -171,7 +171,7 @@ class Tunnel:
         self.hcm.handed_over_done(ex)
 
 
-def _refuse(ex: Exchange, cluster: Cluster, authority: bytes) -> errors.LocalReply:
+def _refuse(ex: Stream, cluster: Cluster, authority: bytes) -> errors.LocalReply:
     cluster.stats.upstream_cx_none_healthy += 1
     ex.entry = route_entry(BLOCK_ALL, cluster.name)
     ex.cluster = cluster

@@ -6,7 +6,7 @@ one token or is answered 429 (flag RL) by the router filter. Fills are counted l
 clock when a token is taken, so no timer runs; fill boundaries are multiples of ``fill_interval``
 from the start (a late take does not shift them), as with Envoy's fill timer.
 
-Owned by one :class:`~sidecar.proxy.listener.ListenerRuntime`; the xDS layer replaces the bucket
+Owned by one :class:`~sidecar.proxy.listener.ListenerContext`; the xDS layer replaces the bucket
 only when its config changes, so an unchanged LDS push keeps the tokens left.
 """
 

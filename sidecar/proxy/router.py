@@ -9,9 +9,9 @@ absolute-form URI), case-insensitively, in Envoy's order of precedence:
 
 Within a virtual host the first route, in order, whose prefix starts the path (query string
 included, as Envoy's ``prefix`` match) and whose header matches all hold wins. Header matches
-(``sidecar.config.HeaderMatch`` has the semantics) read the request head as the connection manager
-stores it (``Exchange.headers``: six request-line pieces, then (name, ": ", value, CRLF) per
-header): a virtual host none of whose routes match on headers never looks at it, so routing by
+(``sidecar.config.HeaderMatch`` has the semantics) read the request's headers as the codec
+stores them (``Stream.headers``: (name, ": ", value, CRLF) pieces per header, see
+:mod:`sidecar.codec.headers`): a virtual host none of whose routes match on headers never looks at it, so routing by
 authority and path costs what it did before; the others scan the head for the names they match.
 Weighted clusters are split by smooth weighted round robin, so a split of 90/10 sends exactly 9 of
 every 10 requests to the first cluster, and tests are exact.
@@ -25,12 +25,11 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 
-from sidecar.config import HeaderMatch, Route, RouteConfig, VirtualHost
 from sidecar.codec.headers import UNMATCHABLE_HEADERS
+from sidecar.config import HeaderMatch, Route, RouteConfig, VirtualHost
 from sidecar.upstream.lb import SmoothWeightedRoundRobin
 
 AUTHORITY_CACHE_SIZE = 1024
-HEAD_FIRST_HEADER = 6  # index of the first header name in an Exchange.headers piece list
 
 # HeaderMatcher kinds
 _EXACT = 0
@@ -68,7 +67,7 @@ class HeaderMatcher:
         name = self.name
         size = len(name)
         found = matched = False
-        for i in range(HEAD_FIRST_HEADER, len(head), 4):
+        for i in range(0, len(head), 4):
             key = head[i]
             if len(key) != size or key.lower() != name:
                 continue
@@ -87,10 +86,10 @@ class HeaderMatcher:
 
 
 def head_of(headers: Mapping[str, str] | Iterable[tuple[str | bytes, str | bytes]]) -> list[bytes]:
-    """An ``Exchange.headers``-shaped piece list of ``headers``, for :meth:`Router.resolve` outside
+    """A ``Stream.headers``-shaped piece list of ``headers``, for :meth:`Router.resolve` outside
     the connection manager (:meth:`Router.lookup`, tests)."""
     pairs = headers.items() if isinstance(headers, Mapping) else headers
-    head = [b"", b" ", b"", b" HTTP/1.1\r\nhost: ", b"", b"\r\n"]
+    head: list[bytes] = []
     for name, value in pairs:
         head += (name.encode() if isinstance(name, str) else name, b": ",
                  value.encode() if isinstance(value, str) else value, b"\r\n")
@@ -239,7 +238,7 @@ class Router:
     def resolve(self, authority: bytes, path: bytes, head: Sequence[bytes] = (), method: bytes = b"") -> RouteEntry | None:
         """The compiled route for a request, or None (404 NR).
 
-        ``head``: the request's headers as ``Exchange.headers`` holds them (see :func:`head_of`),
+        ``head``: the request's headers as ``Stream.headers`` holds them (see :func:`head_of`),
         ``method`` its method; only read by a virtual host with header matches.
         """
         vhost = self.virtual_host(authority)

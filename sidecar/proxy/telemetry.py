@@ -43,19 +43,19 @@ from sidecar.tracing.context import (
 from sidecar.tracing.export import CLIENT
 
 if TYPE_CHECKING:
-    from sidecar.proxy.exchange import Exchange
-    from sidecar.proxy.listener import ListenerRuntime
+    from sidecar.proxy.context import ListenerContext
+    from sidecar.proxy.stream import Stream
 
-_REQUEST_ID = b"x-request-id: "
 # The access log line (see sidecar.accesslog); %-formatting is the fastest way to fill it.
 _LOG_LINE = (
     '{"start_time":"%s","method":%s,"authority":%s,"path":%s,"protocol":"%s","response_code":%d,'
     '"response_flags":"%s","bytes_received":%d,"bytes_sent":%d,"duration":%d,"upstream_host":%s,'
     '"upstream_cluster":%s,"route_name":%s,"request_id":%s,"trace_id":"%s","listener":"%s"}\n')
-_CRLF = b"\r\n"
+_VERSIONS = {10: "1.0", 11: "1.1", 20: "2"}
+_PROTOCOLS = {10: "HTTP/1.0", 11: "HTTP/1.1", 20: "HTTP/2"}
 
 
-def begin(rt: ListenerRuntime, ex: Exchange) -> None:
+def begin(rt: ListenerContext, ex: Stream) -> None:
     """The request id and trace context of a request about to be dispatched."""
     if ex.request_id is None:
         ex.request_id = new_request_id()
@@ -77,15 +77,22 @@ def begin(rt: ListenerRuntime, ex: Exchange) -> None:
     ex.span_id = new_span_id()
 
 
-def inject(ex: Exchange, head: list[bytes]) -> None:
-    """Append the request id and trace headers to the upstream head (before its final CRLF)."""
-    head.append(_REQUEST_ID + ex.request_id + _CRLF)
+def request_id(ex: Stream) -> bytes:
+    """The request's x-request-id (the caller's, or the one :func:`begin` made)."""
+    rid = ex.request_id
+    if rid is None:
+        rid = ex.request_id = new_request_id()
+    return rid
+
+
+def inject(ex: Stream, head: list[bytes]) -> None:
+    """Append the trace headers to the upstream headers: one piece holding their lines (HTTP/1.1)."""
     if ex.trace_id:
         ex.trace_at = len(head)
         head.append(trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3))
 
 
-def attempt_failed(rt: ListenerRuntime, ex: Exchange, flag: str) -> None:
+def attempt_failed(rt: ListenerContext, ex: Stream, flag: str) -> None:
     """A try failed and will be retried: export its span (if sampled) and give the next one its own."""
     if not ex.trace_id:
         return
@@ -95,10 +102,10 @@ def attempt_failed(rt: ListenerRuntime, ex: Exchange, flag: str) -> None:
     ex.span_id = new_span_id()
     ex.span_start = now_ns
     if ex.trace_at >= 0:
-        ex.headers[ex.trace_at] = trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3)
+        ex.upstream_headers[ex.trace_at] = trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3)
 
 
-def end(rt: ListenerRuntime, ex: Exchange, peer: tuple | None = None) -> None:
+def end(rt: ListenerContext, ex: Stream, peer: tuple | None = None) -> None:
     """The exchange is over (answered, failed or abandoned): account for it once."""
     elapsed = monotonic() - ex.t0
     rt.rq_time.observe(elapsed)
@@ -125,15 +132,15 @@ def end(rt: ListenerRuntime, ex: Exchange, peer: tuple | None = None) -> None:
 # --------------------------------------------------------------------------- spans
 
 
-def _record(rt: ListenerRuntime, ex: Exchange, start_ns: int, end_ns: int, status: int, flags: str,
+def _record(rt: ListenerContext, ex: Stream, start_ns: int, end_ns: int, status: int, flags: str,
             resends: int, peer: tuple | None = None) -> None:
     method = ex.method.decode("latin-1") if ex.method else "_OTHER"
     path = _path(ex).decode("latin-1")
-    authority = (ex.host or b"").decode("latin-1")
+    authority = (ex.authority or b"").decode("latin-1")
     host, _, port = authority.rpartition(":") if authority.rfind(":") > authority.rfind("]") else (authority, "", "")
     attrs: dict[str, str | int | float | bool] = {
         "http.request.method": method,
-        "network.protocol.version": "1.0" if ex.http10 else "1.1",
+        "network.protocol.version": _VERSIONS[ex.version],
         "server.address": host or authority,
         "meshkeeper.service": rt.service,
         "meshkeeper.namespace": rt.namespace,
@@ -176,26 +183,26 @@ def _record(rt: ListenerRuntime, ex: Exchange, start_ns: int, end_ns: int, statu
                      ex.tracestate)
 
 
-def _path(ex: Exchange) -> bytes:
+def _path(ex: Stream) -> bytes:
     """The origin-form path sent upstream (an absolute-form URI's path), else the request target."""
-    if ex.entry is not None:
-        return ex.headers[2]
-    return ex.url
+    if ex.entry is not None and ex.upstream_path:
+        return ex.upstream_path
+    return ex.path
 
 
 # --------------------------------------------------------------------------- access log
 
 
-def _log_line(rt: ListenerRuntime, ex: Exchange, elapsed: float) -> bytes:
+def _log_line(rt: ListenerContext, ex: Stream, elapsed: float) -> bytes:
     wall = ex.wall0
     secs = wall // 1_000_000_000
     start = f"{_iso_seconds(secs)}.{wall // 1_000_000 % 1000:03d}Z"
     return (_LOG_LINE % (
         start,
         _json(ex.method),
-        _json(ex.host or b""),
+        _json(ex.authority or b""),
         _json(_path(ex)),
-        "HTTP/1.0" if ex.http10 else "HTTP/1.1",
+        _PROTOCOLS[ex.version],
         ex.status,
         ex.flags or "-",
         ex.bytes_in,

@@ -7,7 +7,7 @@ assignments; listeners look clusters up by name and pick endpoints from them.
 from sidecar.upstream.cluster import Cluster, ClusterManager
 from sidecar.upstream.host import Endpoint
 from sidecar.upstream.lb import SmoothWeightedRoundRobin
-from sidecar.upstream.pool import ConnectFailure, ConnectionPool, UpstreamConnection
+from sidecar.upstream.pool import ConnectFailure, ConnectionPool, PoolFailure
 from sidecar.upstream.stats import CLUSTER_STATS, ClusterStats
 
 __all__ = [
@@ -19,5 +19,5 @@ __all__ = [
     "ConnectionPool",
     "Endpoint",
     "SmoothWeightedRoundRobin",
-    "UpstreamConnection",
+    "PoolFailure",
 ]

@@ -16,37 +16,54 @@ Envoy's breakers are counters compared with limits, checked where a request woul
 
 Refusals answer 503 with the ``UO`` flag at once: nothing queues beyond these limits. The functions
 only read counters the data path keeps anyway (``ClusterStats`` and ``Cluster.retries_active``).
+The connection pools (:mod:`sidecar.upstream.pool`) apply the request and connection limits, as
+Envoy's conn_pool_base does, and answer the router "ready" or "overflow"; the router applies the
+retry limit.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from sidecar.upstream.cluster import Cluster
-    from sidecar.upstream.host import Endpoint
+    from sidecar.config import CircuitBreakerConfig
+    from sidecar.upstream.stats import ClusterStats
 
 
-def request_allowed(cluster: Cluster) -> bool:
+class Limited(Protocol):
+    """A cluster as its breakers see it: the limits (replaced whole by CDS) and the counters."""
+
+    breakers: CircuitBreakerConfig
+    stats: ClusterStats
+    retries_active: int
+
+
+class PoolCounts(Protocol):
+    """An endpoint's pool as ``max_connections`` sees it."""
+
+    cx_active: int
+    opening: int
+
+
+def request_allowed(cluster: Limited) -> bool:
     """Checked when a try gets its connection (Envoy: at attach): pending tries are not requests."""
     return cluster.stats.upstream_rq_active < cluster.breakers.max_requests
 
 
-def pending_allowed(cluster: Cluster) -> bool:
+def pending_allowed(cluster: Limited) -> bool:
     return cluster.stats.upstream_rq_pending_active < cluster.breakers.max_pending_requests
 
 
-def connection_allowed(cluster: Cluster, endpoint: Endpoint) -> bool:
-    """Connections being opened count against the limit; an endpoint with none open or opening may
-    always open one."""
+def connection_allowed(cluster: Limited, pool: PoolCounts) -> bool:
+    """Connections being opened count against the limit; an endpoint's pool with none open or
+    opening may always open one."""
     stats = cluster.stats
     if stats.upstream_cx_active + stats.upstream_cx_opening < cluster.breakers.max_connections:
         return True
-    pool = endpoint.pool
     return pool.cx_active == 0 and pool.opening == 0
 
 
-def cluster_connection_allowed(cluster: Cluster) -> bool:
+def cluster_connection_allowed(cluster: Limited) -> bool:
     """``max_connections`` for a caller that never queues (the L4 proxy, ``sidecar.l4``): one more
     connection of the cluster, opening ones included, must stay within the limit. The per-endpoint
     exception of :func:`connection_allowed` exists so a queued request can always be served; a TCP
@@ -55,7 +72,7 @@ def cluster_connection_allowed(cluster: Cluster) -> bool:
     return stats.upstream_cx_active + stats.upstream_cx_opening < cluster.breakers.max_connections
 
 
-def retry_allowed(cluster: Cluster) -> bool:
+def retry_allowed(cluster: Limited) -> bool:
     cb = cluster.breakers
     if cb.retry_budget_percent > 0:
         stats = cluster.stats

@@ -113,7 +113,7 @@ class Cluster:
         if len(self.endpoints) >= MAX_ORIGINAL_DST_HOSTS and not self._drop_idle_hosts():
             return None
         cfg = EndpointConfig(address, port)
-        pool = ConnectionPool(address, port, connect_timeout=self.config.connect_timeout, stats=self.stats,
+        pool = ConnectionPool(address, port, connect_timeout=self.config.connect_timeout, limits=self,
                               max_idle=self._max_idle, idle_timeout=self.config.idle_timeout,
                               connector=self._connector)
         endpoint = self.endpoints[key] = Endpoint(cfg, pool)
@@ -180,7 +180,7 @@ class Cluster:
             endpoint = old.get(key)
             if endpoint is None:
                 pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=self.config.connect_timeout,
-                                      stats=self.stats, max_idle=self._max_idle,
+                                      limits=self, max_idle=self._max_idle,
                                       idle_timeout=self.config.idle_timeout, connector=self._connector)
                 endpoint = Endpoint(cfg, pool)
             else:

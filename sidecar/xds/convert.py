@@ -33,6 +33,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
 from meshkeeper import xds
+from sidecar.codec.headers import UNMATCHABLE_HEADERS
 from sidecar.config import (
     DEFAULT_CIRCUIT_BREAKERS,
     DEFAULT_CONNECT_TIMEOUT,
@@ -58,7 +59,6 @@ from sidecar.config import (
     VirtualHost,
     WeightedCluster,
 )
-from sidecar.codec.headers import UNMATCHABLE_HEADERS
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 _SERVING = (health_check_pb2.UNKNOWN, health_check_pb2.HEALTHY, health_check_pb2.DEGRADED)

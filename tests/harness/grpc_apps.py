@@ -1,7 +1,8 @@
 """A grpcio server and a proxyless grpcio client, as processes, for the proxyless tests (DESIGN §12).
 
 Server: the gRPC health service (SERVING) and ``/meshkeeper.test.Echo/Who``, a unary method whose
-answer is the server's ``--name`` (generic handlers: no .proto)::
+answer is the server's ``--name`` (generic handlers: no .proto), or UNAVAILABLE for every
+``--fail-every``-th call::
 
     python -m tests.harness.grpc_apps server --name a     # prints "meshkeeper grpcapp listening port=N"
 
@@ -29,9 +30,10 @@ WHO_METHOD = f"/{ECHO_SERVICE}/Who"
 CALL_TIMEOUT = 2.0
 
 
-def server_argv(name: str, port: int = 0) -> list[str]:
+def server_argv(name: str, port: int = 0, fail_every: int = 0) -> list[str]:
     """The server's command line (ready line role ``grpcapp``, key ``port``); run it with cwd = the repo."""
-    return [sys.executable, "-m", "tests.harness.grpc_apps", "server", "--name", name, "--port", str(port)]
+    return [sys.executable, "-m", "tests.harness.grpc_apps", "server", "--name", name, "--port", str(port),
+            "--fail-every", str(fail_every)]
 
 
 def client_argv(target: str) -> list[str]:
@@ -40,15 +42,22 @@ def client_argv(target: str) -> list[str]:
     return [sys.executable, "-m", "tests.harness.grpc_apps", "client", "--target", target]
 
 
-def serve(name: str, port: int) -> int:
+def serve(name: str, port: int, fail_every: int = 0) -> int:
     from concurrent import futures
+    from itertools import count
 
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
-    answer = name.encode()
+    answer, calls = name.encode(), count(1)
+
+    def who(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if fail_every and next(calls) % fail_every == 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{name}: failing every {fail_every} calls")
+        return answer
+
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(ECHO_SERVICE, {
-        "Who": grpc.unary_unary_rpc_method_handler(lambda request, context: answer)})])
+        "Who": grpc.unary_unary_rpc_method_handler(who)})])
     checker = health.HealthServicer()
     checker.set("", health_pb2.HealthCheckResponse.SERVING)
     health_pb2_grpc.add_HealthServicer_to_server(checker, server)
@@ -110,10 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("server")
     s.add_argument("--name", required=True)
     s.add_argument("--port", type=int, default=0)
+    s.add_argument("--fail-every", type=int, default=0, help="answer UNAVAILABLE to every Nth call (0: never)")
     c = sub.add_parser("client")
     c.add_argument("--target", required=True)
     args = p.parse_args(argv)
-    return serve(args.name, args.port) if args.role == "server" else client(args.target)
+    return serve(args.name, args.port, args.fail_every) if args.role == "server" else client(args.target)
 
 
 if __name__ == "__main__":

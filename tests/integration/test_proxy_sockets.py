@@ -23,7 +23,7 @@ import pytest
 import uvloop
 
 from sidecar.config import ClusterConfig, EndpointConfig, Route, RouteConfig, VirtualHost
-from sidecar.proxy import ListenerRuntime, bind_socket, start_listener
+from sidecar.proxy import ListenerContext, bind_socket, start_listener
 from sidecar.upstream import ClusterManager
 
 MB = 1024 * 1024
@@ -122,7 +122,7 @@ class Sidecar:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.clusters = ClusterManager()
-        self.runtime = ListenerRuntime("outbound", self.clusters)
+        self.runtime = ListenerContext("outbound", self.clusters)
         self.listener = self.run(start_listener(self.runtime, bind_socket("127.0.0.1", 0)))
         self.port = self.listener.port
 

@@ -37,11 +37,11 @@ def test_max_pending_requests_refuses_the_request_past_the_limit() -> None:
 def test_max_connections_lets_an_endpoint_without_connections_open_one() -> None:
     c = cluster(max_connections=1)
     a, b = c.endpoints["10.0.0.1:80"], c.endpoints["10.0.0.2:80"]
-    assert breaker.connection_allowed(c, a)
+    assert breaker.connection_allowed(c, a.pool)
     c.stats.upstream_cx_active = 1  # a's connection
     a.pool.cx_active = 1
-    assert not breaker.connection_allowed(c, a)
-    assert breaker.connection_allowed(c, b)  # nothing could ever serve b's requests otherwise
+    assert not breaker.connection_allowed(c, a.pool)
+    assert breaker.connection_allowed(c, b.pool)  # nothing could ever serve b's requests otherwise
 
 
 def test_max_retries_without_a_budget() -> None:

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from sidecar.proxy.http import MAX_PIPELINED
-from sidecar.proxy.listener import ListenerRuntime
+from sidecar.codec.http1 import MAX_PIPELINED
+from sidecar.proxy.context import ListenerContext
+from tests.support.fakes import async_test, until
 from tests.unit.test_http_proxy import OK, Client, Mesh, assert_local_reply, parse_responses
-from tests.unit.test_pool import async_test, until
 from tests.unit.test_ratelimit import FakeClock
 
 
@@ -19,12 +19,12 @@ def timed_mesh(headers_timeout: float, idle_timeout: float = 0.0) -> tuple[Mesh,
     """A Mesh whose listener runs on a fake clock with these timeouts."""
     mesh = Mesh()
     clock = FakeClock(1000.0)
-    mesh.runtime = ListenerRuntime("outbound", mesh.clusters, mesh.runtime.router, clock=clock)
+    mesh.runtime = ListenerContext("outbound", mesh.clusters, mesh.runtime.router, clock=clock)
     mesh.runtime.set_limits(None, headers_timeout, idle_timeout)
     return mesh, clock
 
 
-def sweeps(rt: ListenerRuntime, clock: FakeClock, seconds: float, stop: Callable[[], bool] = lambda: False) -> float:
+def sweeps(rt: ListenerContext, clock: FakeClock, seconds: float, stop: Callable[[], bool] = lambda: False) -> float:
     """Sweep every period for ``seconds`` (or until ``stop()``); returns the seconds it took."""
     start = clock.now
     while clock.now - start < seconds - 1e-9:

@@ -15,8 +15,8 @@ import pytest
 from sidecar.config import CircuitBreakerConfig, ClusterConfig
 from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
 from sidecar.proxy.passthrough import split_authority
+from tests.support.fakes import FakeConnector, FakeTransport, async_test, until
 from tests.unit.test_http_proxy import Mesh, assert_local_reply, parse_responses
-from tests.unit.test_pool import FakeConnector, FakeTransport, async_test, until
 
 PASSTHROUGH = "PassthroughCluster"
 BLACKHOLE = "BlackHoleCluster"
@@ -86,6 +86,7 @@ class PolicyMesh(Mesh):
         transport = StreamTransport(client.protocol, high_water)
         client.transport = transport
         client.protocol.transport = transport
+        client.protocol.codec.transport = transport
         return client
 
     def stats(self, cluster: str) -> Any:
@@ -122,7 +123,7 @@ async def test_default_port_is_80_and_the_route_has_envoys_default_timeout() -> 
     client.send(b"GET http://example.com/ HTTP/1.1\r\nHost: example.com\r\n\r\n")
     await mesh.upstream()
     assert mesh.connector.dialled == [("example.com", 80)]
-    ex = client.protocol._active
+    ex = next(iter(client.protocol.streams))
     assert ex.entry.timeout == 15.0 and ex.entry.retry is None and ex.entry.name == "allow_any"
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from sidecar.config import CircuitBreakerConfig, ClusterConfig, EndpointConfig
 from sidecar.upstream.cluster import ClusterManager
-from tests.unit.test_pool import FakeConnector, RecordingHandler, async_test, until
+from tests.support.fakes import FakeConnector, RecordingDecoder, async_test, until
 
 
 def ep(port: int, weight: int = 1, serving: bool = True) -> EndpointConfig:
@@ -86,10 +86,12 @@ async def test_removed_endpoint_closes_idle_connections_and_in_flight_finishes()
     endpoint = cm.get("c").pick()
     idle = await endpoint.pool.connect()
     busy = await endpoint.pool.connect()
-    idle.send_request(RecordingHandler(), b"GET / HTTP/1.1\r\n\r\n", False, True)
+    endpoint.pool.stats.upstream_rq_active += 2  # as new_stream counts the two streams below
+    idle.attach(RecordingDecoder()).encode_headers(b"GET", b"a", b"/", [], end_stream=True, chunked=False,
+                                                   is_head=False)
     idle.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
-    handler = RecordingHandler()
-    busy.send_request(handler, b"GET / HTTP/1.1\r\n\r\n", False, True)
+    handler = RecordingDecoder()
+    busy.attach(handler).encode_headers(b"GET", b"a", b"/", [], end_stream=True, chunked=False, is_head=False)
     cm.update_endpoints("c", (ep(2),))
     assert idle.closed and not busy.closed
     busy.data_received(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")

@@ -10,8 +10,8 @@ from meshkeeper.xds import NodeInfo
 from sidecar.config import ListenerConfig, RateLimitConfig, Route, RouteConfig, VirtualHost
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.runtime import SidecarRuntime
+from tests.support.fakes import async_test
 from tests.unit.test_http_proxy import Mesh, assert_local_reply, parse_responses
-from tests.unit.test_pool import async_test
 
 
 class FakeClock:

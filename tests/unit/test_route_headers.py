@@ -21,13 +21,13 @@ from sidecar.config import (
     VirtualHost,
     WeightedCluster,
 )
-from sidecar.proxy.listener import ListenerRuntime
+from sidecar.proxy.context import ListenerContext
 from sidecar.proxy.router import Router, head_of
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds import convert
 from sidecar.xds.convert import XdsError
+from tests.support.fakes import FakeConnector, async_test, until
 from tests.unit.test_http_proxy import OK, Client, parse_responses
-from tests.unit.test_pool import FakeConnector, async_test, until
 
 V1 = "outbound|catalog.default|v1"
 V2 = "outbound|catalog.default|v2"
@@ -306,7 +306,7 @@ class Canary:
         clusters.update_clusters({V1: ClusterConfig(V1), V2: ClusterConfig(V2)})
         clusters.update_endpoints(V1, (EndpointConfig("10.0.1.1", 8080),))
         clusters.update_endpoints(V2, (EndpointConfig("10.0.2.1", 8080),))
-        self.runtime = ListenerRuntime("outbound", clusters)
+        self.runtime = ListenerContext("outbound", clusters)
         self.runtime.set_route_config(convert.route_configuration(
             route_config(*(headers or (HM(name="x-canary", string_match=SM(exact="1")),)), split=split)))
         self.client = Client(self.runtime)

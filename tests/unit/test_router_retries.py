@@ -4,7 +4,7 @@ filter, driven through fake transports on both sides (no sockets), as ``test_htt
 Envoy's router and connection pool are the reference: ``RetryStateImpl`` (retry_on conditions,
 ``upstream_rq_retry*`` stats, retry budget), ``UpstreamRequest`` (per-try timeout),
 ``ConnPoolImplBase`` (circuit breakers) and the fault filter. Randomness comes from
-``ListenerRuntime.random`` (0.0 unless a test says otherwise: no back-off, faults always apply).
+``ListenerContext.random`` (0.0 unless a test says otherwise: no back-off, faults always apply).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from sidecar.config import (
     RouteConfig,
     VirtualHost,
 )
-from sidecar.proxy.listener import ListenerRuntime
+from sidecar.proxy.context import ListenerContext
 from sidecar.proxy.router_filter import RETRY_BUFFER_LIMIT
 from sidecar.upstream.cluster import Cluster, ClusterManager
 from sidecar.upstream.host import Endpoint
+from tests.support.fakes import FakeConnector, FakeTransport, async_test, until
 from tests.unit.test_http_proxy import OK, Mesh, Upstream, assert_local_reply, assert_quiet, parse_responses
-from tests.unit.test_pool import FakeConnector, FakeTransport, async_test, until
 
 GET = b"GET /r HTTP/1.1\r\nHost: svc\r\n\r\n"
 GET_UPSTREAM = b"GET /r HTTP/1.1\r\nhost: svc\r\n\r\n"
@@ -75,7 +75,7 @@ class RetryMesh(Mesh):
             "svc": ClusterConfig("svc", connect_timeout=connect_timeout, circuit_breakers=breakers),
         })
         self.clusters.update_endpoints("svc", tuple(EndpointConfig(addr, 8080, weight=w) for addr, w in endpoints))
-        self.runtime = ListenerRuntime("outbound", self.clusters)
+        self.runtime = ListenerContext("outbound", self.clusters)
         self.runtime.random = lambda: 0.0
         self.runtime.set_route_config(RouteConfig("outbound", (
             VirtualHost("svc", ("svc",), (Route("/", "svc", timeout=timeout, retry_policy=retry, fault=fault),)),

@@ -16,8 +16,8 @@ from typing import Any
 from sidecar.accesslog import AccessLog
 from sidecar.tracing.context import Sampler
 from sidecar.tracing.export import CLIENT, SERVER
+from tests.support.fakes import async_test
 from tests.unit.test_http_proxy import OK, Mesh, parse_responses
-from tests.unit.test_pool import async_test
 from tests.unit.test_router_retries import GET, RetryMesh, policy, response
 
 UUID4 = rb"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
