@@ -94,7 +94,7 @@ class SnapshotCache:
         self._shared: dict[str, dict[str, dict[str, Resource]]] = {}
         self._nodes: dict[NodeInfo, dict[str, dict[str, Resource]]] = {}
         self._transparent: dict[tuple[str, str], dict[str, dict[str, Resource]]] = {}
-        self._proxyless: dict[tuple[str, str, str], Resource | None] = {}  # (type, name, namespace)
+        self._proxyless: dict[tuple[str, str, str], Resource] = {}  # (type, name, namespace)
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -146,11 +146,13 @@ class SnapshotCache:
         chosen = []
         for name in wanted:
             key = (type_url, name, node.namespace)
-            if key not in self._proxyless:
+            got = self._proxyless.get(key)
+            if got is None:  # names that exist are kept: a client asking for many others grows nothing
                 msg = proxyless.resource(self._snapshot, type_url, name, node.namespace)
-                self._proxyless[key] = None if msg is None else pack(name, msg)
-            if (got := self._proxyless[key]) is not None:
-                chosen.append(got)
+                if msg is None:
+                    continue
+                got = self._proxyless[key] = pack(name, msg)
+            chosen.append(got)
         return Response(type_url, version_of(tuple(chosen)), tuple(chosen))
 
     def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:

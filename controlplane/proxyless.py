@@ -34,25 +34,15 @@ from collections.abc import Iterable, Mapping
 from functools import lru_cache
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import base_pb2, health_check_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
-from envoy.extensions.filters.http.fault.v3 import fault_pb2
-from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
-from google.protobuf import any_pb2, duration_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from controlplane import translate as tr
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
-from controlplane.translate import (
-    HTTP_PROTOCOLS,
-    header_matcher,
-    http_fault,
-    split_clusters,
-    subset_versions,
-    weighted_clusters,
-)
 from meshkeeper import xds
 from meshkeeper.policy import LoadBalancing, Outlier, Policy, Retry
 from meshkeeper.registry import RecordError, effective_weight, is_serving, validate_name
@@ -64,8 +54,6 @@ GRPC_RETRY_ON = ("cancelled", "deadline-exceeded", "internal", "resource-exhaust
 # 5xx is UNKNOWN or INTERNAL from the app, which gRPC does not consider safe to retry.
 _RETRY_ON_AS_GRPC = {"5xx": "unavailable", "gateway-error": "unavailable", "connect-failure": "unavailable",
                      "reset": "unavailable", "refused-stream": "unavailable"}
-RETRY_BASE_INTERVAL_MS = 25  # Envoy's and gRFC A44's default back-off, written out
-RETRY_MAX_INTERVAL_MS = 250
 # gRFC A42: the hash the sidecars take from the client address, per client: grpcio's channel id.
 CHANNEL_ID_KEY = "io.grpc.channel_id"
 # Policy LB -> what grpcio runs. It refuses LEAST_REQUEST and RANDOM ("LB policy is not supported")
@@ -93,28 +81,6 @@ def parse_target(name: str, default_namespace: str) -> tuple[str, str] | None:
     return svc, ns
 
 
-# --------------------------------------------------------------------------- small builders
-
-
-def _ms(ms: int) -> duration_pb2.Duration:
-    return duration_pb2.Duration(seconds=ms // 1000, nanos=(ms % 1000) * 1_000_000)
-
-
-def _u32(value: int) -> wrappers_pb2.UInt32Value:
-    return wrappers_pb2.UInt32Value(value=value)
-
-
-def _pack(msg: Message) -> any_pb2.Any:
-    a = any_pb2.Any()
-    a.Pack(msg)
-    return a
-
-
-def _ads_source() -> config_source_pb2.ConfigSource:
-    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
-                                          resource_api_version=config_source_pb2.ApiVersion.V3)
-
-
 # --------------------------------------------------------------------------- LDS and RDS
 
 
@@ -123,11 +89,9 @@ def api_listener(name: str) -> listener_pb2.Listener:
     RouteConfiguration ``name`` over ADS. The fault filter is empty (routes carry the faults), the
     router is last, as grpcio requires."""
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name,
-        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=name),
-        http_filters=[hcm_pb2.HttpFilter(name=xds.FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault())),
-                      hcm_pb2.HttpFilter(name=xds.ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))])
-    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=_pack(hcm)))
+        stat_prefix=name, rds=hcm_pb2.Rds(config_source=tr._ads_source(), route_config_name=name),
+        http_filters=[tr._fault_filter(), tr._router_filter()])
+    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=tr._pack(hcm)))
 
 
 def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy | None:
@@ -138,9 +102,9 @@ def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy | None:
     if not codes or not r.attempts:
         return None
     return route_components_pb2.RetryPolicy(
-        retry_on=",".join(codes), num_retries=_u32(r.attempts),
+        retry_on=",".join(codes), num_retries=tr._u32(r.attempts),
         retry_back_off=route_components_pb2.RetryPolicy.RetryBackOff(
-            base_interval=_ms(RETRY_BASE_INTERVAL_MS), max_interval=_ms(RETRY_MAX_INTERVAL_MS)))
+            base_interval=tr._millis(tr.RETRY_BASE_INTERVAL_MS), max_interval=tr._millis(tr.RETRY_MAX_INTERVAL_MS)))
 
 
 def hash_policy(lb: LoadBalancing) -> list[route_components_pb2.RouteAction.HashPolicy]:
@@ -159,8 +123,8 @@ def hash_policy(lb: LoadBalancing) -> list[route_components_pb2.RouteAction.Hash
 def _route(name: str, cluster: str, policy: Policy) -> route_components_pb2.Route:
     action = route_components_pb2.RouteAction(cluster=cluster)
     if policy.timeout_ms:  # 0: no timeout, as for the sidecars
-        action.max_stream_duration.max_stream_duration.CopyFrom(_ms(policy.timeout_ms))
-        action.max_stream_duration.grpc_timeout_header_max.CopyFrom(_ms(policy.timeout_ms))
+        action.max_stream_duration.max_stream_duration.CopyFrom(tr._millis(policy.timeout_ms))
+        action.max_stream_duration.grpc_timeout_header_max.CopyFrom(tr._millis(policy.timeout_ms))
     retry = retry_policy(policy.retry) if policy.retry is not None else None
     if retry is not None:
         action.retry_policy.CopyFrom(retry)
@@ -168,7 +132,7 @@ def _route(name: str, cluster: str, policy: Policy) -> route_components_pb2.Rout
         action.hash_policy.extend(hash_policy(policy.lb))
     route = route_components_pb2.Route(name=name, match=route_components_pb2.RouteMatch(prefix="/"),
                                        route=action)
-    fault = http_fault(policy.fault)
+    fault = tr.http_fault(policy.fault)
     if fault is not None:
         route.typed_per_filter_config[xds.FAULT_FILTER].Pack(fault)
     return route
@@ -178,17 +142,17 @@ def route_configuration(name: str, svc: ServiceSnapshot) -> route_pb2.RouteConfi
     """RouteConfiguration ``name``: one virtual host with the domain ``name``; the service's
     header-matched routes to its subsets first, then the default route (a split over the subsets,
     or the whole service), as the sidecars route it."""
-    policy, versions = svc.policy, subset_versions(svc)
+    policy, versions = svc.policy, tr.subset_versions(svc)
     routes = []
     for i, m in enumerate(policy.match):
         if m.subset in versions:
             route = _route(f"match-{i}", xds.outbound_cluster(svc.name, svc.namespace, m.subset), policy)
-            route.match.headers.append(header_matcher(m))
+            route.match.headers.append(tr.header_matcher(m))
             routes.append(route)
     default = _route("default", xds.outbound_cluster(svc.name, svc.namespace), policy)
-    split = split_clusters(svc)
+    split = tr.split_clusters(svc)
     if split:
-        default.route.weighted_clusters.CopyFrom(weighted_clusters(split))
+        default.route.weighted_clusters.CopyFrom(tr.weighted_clusters(split))
     routes.append(default)
     return route_pb2.RouteConfiguration(name=name, virtual_hosts=[
         route_components_pb2.VirtualHost(name=f"{svc.name}.{svc.namespace}", domains=[name], routes=routes)])
@@ -202,9 +166,8 @@ def outlier_detection(o: Outlier) -> outlier_detection_pb2.OutlierDetection:
     detectors are not implemented, so they are not sent). Envoy's defaults otherwise: success rate
     enforced at 100%, failure percentage at 0%."""
     out = outlier_detection_pb2.OutlierDetection(
-        interval=_ms(o.interval_ms), base_ejection_time=_ms(o.base_ejection_ms),
-        max_ejection_time=_ms(o.max_ejection_ms),
-        max_ejection_percent=_u32(o.max_ejection_percent))
+        interval=tr._millis(o.interval_ms), base_ejection_time=tr._millis(o.base_ejection_ms),
+        max_ejection_time=tr._millis(o.max_ejection_ms), max_ejection_percent=tr._u32(o.max_ejection_percent))
     if o.success_rate is not None:
         sr = o.success_rate
         out.success_rate_minimum_hosts.value = sr.minimum_hosts
@@ -225,10 +188,10 @@ def eds_cluster(name: str, policy: Policy) -> cluster_pb2.Cluster:
     outlier detectors it runs."""
     c = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source(), service_name=name),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=tr._ads_source(), service_name=name),
         lb_policy=LB_POLICIES[policy.lb.policy],
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(
-            priority=base_pb2.DEFAULT, max_requests=_u32(policy.circuit_breaker.max_requests))]))
+            priority=base_pb2.DEFAULT, max_requests=tr._u32(policy.circuit_breaker.max_requests))]))
     if policy.outlier is not None:
         c.outlier_detection.CopyFrom(outlier_detection(policy.outlier))
     return c
@@ -243,11 +206,9 @@ def load_assignment(name: str, svc: ServiceSnapshot, instances: Iterable) -> end
         if not is_serving(inst, override):
             continue
         loc = cla.endpoints.add(locality=base_pb2.Locality(zone=inst.zone, sub_zone=inst.key),
-                                load_balancing_weight=_u32(effective_weight(inst, override)))
-        loc.lb_endpoints.add(
-            endpoint=endpoint_components_pb2.Endpoint(address=address_pb2.Address(
-                socket_address=address_pb2.SocketAddress(address=inst.address, port_value=inst.port))),
-            health_status=health_check_pb2.HEALTHY, load_balancing_weight=_u32(1))
+                                load_balancing_weight=tr._u32(effective_weight(inst, override)))
+        loc.lb_endpoints.add(endpoint=endpoint_components_pb2.Endpoint(address=tr._socket(inst.address, inst.port)),
+                             health_status=health_check_pb2.HEALTHY, load_balancing_weight=tr._u32(1))
     return cla
 
 
@@ -262,7 +223,7 @@ def _clusters(snapshot: RegistrySnapshot, namespace: str) -> Mapping[str, tuple[
     for name, svc in sorted(snapshot.services(namespace).items()):
         main = xds.outbound_cluster(name, namespace)
         out[main] = (eds_cluster(main, svc.policy), load_assignment(main, svc, svc.instances.values()))
-        for version, instances in subset_versions(svc).items():
+        for version, instances in tr.subset_versions(svc).items():
             sub = xds.outbound_cluster(name, namespace, version)
             out[sub] = (eds_cluster(sub, svc.policy), load_assignment(sub, svc, instances))
     return out
@@ -274,7 +235,7 @@ def resource(snapshot: RegistrySnapshot, type_url: str, name: str, namespace: st
     if type_url in (xds.LISTENER, xds.ROUTE):
         target = parse_target(name, namespace)
         svc = snapshot.services(target[1]).get(target[0]) if target else None
-        if svc is None or svc.record.protocol not in HTTP_PROTOCOLS:
+        if svc is None or svc.record.protocol not in tr.HTTP_PROTOCOLS:
             return None
         return api_listener(name) if type_url == xds.LISTENER else route_configuration(name, svc)
     if type_url in (xds.CLUSTER, xds.ENDPOINT):
@@ -292,7 +253,7 @@ def wildcard_names(snapshot: RegistrySnapshot, type_url: str, namespace: str) ->
     or the clusters of its own namespace. grpcio always names what it wants."""
     if type_url in (xds.LISTENER, xds.ROUTE):
         return [f"{name}.{namespace}" for name, svc in sorted(snapshot.services(namespace).items())
-                if svc.record.protocol in HTTP_PROTOCOLS]
+                if svc.record.protocol in tr.HTTP_PROTOCOLS]
     if type_url in (xds.CLUSTER, xds.ENDPOINT):
         return sorted(_clusters(snapshot, namespace))
     return []
