@@ -10,6 +10,9 @@ does the rest upstream. It answers locally what cannot be routed (404 NR, 503 NC
 outbound policy's refusals; see :mod:`.errors`) and accounts for every stream once, however it
 ended (:meth:`ConnectionManager.end`).
 
+Codec: HTTP/1.1 unless the client's first bytes are the HTTP/2 connection preface (h2c with prior
+knowledge, as Envoy's ``codec_type: AUTO`` detects it), so both share one port.
+
 The route and per-try timeouts of the connection's streams share one timer, re-armed lazily: a
 timer per request would cost a heap insert and a cancel each time.
 
@@ -23,6 +26,7 @@ import asyncio
 from typing import TYPE_CHECKING
 
 from sidecar.codec.http1 import Http1ServerCodec
+from sidecar.codec.http2 import Http2ServerCodec
 from sidecar.proxy import errors, passthrough, telemetry
 from sidecar.proxy.router_filter import RouterFilter, absolute_form
 from sidecar.proxy.stream import Stream
@@ -32,16 +36,24 @@ if TYPE_CHECKING:
     from sidecar.proxy.context import ListenerContext
 
 
+_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the HTTP/2 client connection preface (RFC 9113 §3.4)
+
+
 class ConnectionManager(asyncio.Protocol):
     """One downstream connection."""
 
-    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "_timer", "_timer_at")
+    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "_timer", "_timer_at",
+                 "_sniffed", "_begun", "_swept", "_swept_at")
 
     def __init__(self, context: ListenerContext) -> None:
         self._rt = context
         self._loop: asyncio.AbstractEventLoop | None = None
         self.transport: asyncio.Transport | None = None
-        self.codec: Http1ServerCodec | None = None
+        self.codec: Http1ServerCodec | Http2ServerCodec | None = None
+        self._sniffed: bytes | None = b""  # the first bytes while they may be the HTTP/2 preface; None: decided
+        self._begun = 0  # streams begun (the idle sweep's sign of progress on HTTP/2)
+        self._swept = -1
+        self._swept_at = 0.0
         self.streams: set[Stream] = set()  # streams not yet accounted for
         self.original_dst: tuple[str, int] | None = None  # transparent mode: where the app dialled
         self._timer: asyncio.TimerHandle | None = None
@@ -72,6 +84,22 @@ class ConnectionManager(asyncio.Protocol):
         return False  # a half-closed client is a closed client (HTTP/1 default of Envoy)
 
     def data_received(self, data: bytes) -> None:
+        sniffed = self._sniffed
+        if sniffed is not None:
+            data = sniffed + data
+            n = min(len(data), len(_PREFACE))
+            if data[:n] == _PREFACE[:n]:
+                if n < len(_PREFACE):
+                    self._sniffed = data  # too short to tell yet
+                    return
+                rt = self._rt
+                self.codec = Http2ServerCodec(self, self.transport, tracing=rt.tracer is not None)
+                if rt.draining:
+                    self.codec.dispatch(data)
+                    self.codec.go_away()
+                    self._sniffed = None
+                    return
+            self._sniffed = None
         self.codec.dispatch(data)
 
     def pause_writing(self) -> None:
@@ -86,6 +114,7 @@ class ConnectionManager(asyncio.Protocol):
         stream = Stream(self, encoder)
         stream.original_dst = self.original_dst
         self.streams.add(stream)
+        self._begun += 1
         stats = self._rt.stats
         stats.downstream_rq_total += 1
         stats.downstream_rq_active += 1
@@ -229,8 +258,12 @@ class ConnectionManager(asyncio.Protocol):
 
     def hand_over(self, protocol: asyncio.Protocol) -> asyncio.Transport | None:
         """Give the connection to ``protocol`` (a CONNECT tunnel), which the caller installs on the
-        returned transport; None, nothing changed, if the codec cannot (see Http1ServerCodec)."""
-        transport = self.codec.hand_over(protocol)
+        returned transport; None, nothing changed, if the codec cannot (see Http1ServerCodec; an
+        HTTP/2 connection carries other streams: no CONNECT tunnels on it)."""
+        codec = self.codec
+        if codec.__class__ is not Http1ServerCodec:
+            return None
+        transport = codec.hand_over(protocol)
         if transport is None:
             return None
         self.transport = None
@@ -292,12 +325,26 @@ class ConnectionManager(asyncio.Protocol):
 
     @property
     def idle(self) -> bool:
-        return self.codec is None or self.codec.idle
+        return not self.streams
 
     def check_timeouts(self, now: float, headers_timeout: float, idle_timeout: float) -> None:
-        """The listener's sweep (see ``ListenerContext.sweep``): request head and idle timeouts."""
+        """The listener's sweep (see ``ListenerContext.sweep``): request head and idle timeouts.
+        HTTP/1.1 times both itself; an HTTP/2 connection is idle when no stream is open and none
+        has begun since the last sweep (its heads arrive in one HEADERS block: no head timeout)."""
         codec = self.codec
-        if codec is None:
+        if codec is None or self.transport is None:
+            return
+        if codec.__class__ is not Http1ServerCodec:
+            if not idle_timeout or self.streams:
+                self._swept = -1
+                return
+            if self._swept != self._begun:
+                self._swept = self._begun
+                self._swept_at = now
+            elif now - self._swept_at >= idle_timeout:
+                self._swept = -1
+                self._rt.stats.downstream_cx_idle_timeout += 1
+                codec.go_away()
             return
         what = codec.check_timeouts(now, headers_timeout, idle_timeout)
         if what == "head":
