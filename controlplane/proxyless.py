@@ -96,7 +96,7 @@ def api_listener(name: str) -> listener_pb2.Listener:
 
 def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy | None:
     """gRFC A44: ``retry_on`` as gRPC status codes (the policy's HTTP conditions map to
-    ``unavailable``; gRPC names pass as they are), ``num_retries`` (grpcio caps attempts at 5) and
+    ``unavailable``; gRPC names pass as they are), ``num_retries`` (gRFC A6 limits a call to 5 attempts) and
     back-off. None when no condition maps, or no retry is asked for."""
     codes = sorted({c if c in GRPC_RETRY_ON else _RETRY_ON_AS_GRPC.get(c, "") for c in r.on} - {""})
     if not codes or not r.attempts:

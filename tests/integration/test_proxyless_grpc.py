@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 import pytest
@@ -39,6 +39,7 @@ class Mesh:
     cp: object
     servers: dict[str, int]  # name -> port
     client: object
+    processes: dict[str, object] = field(default_factory=dict)  # "grpc-<name>", "register-<name>"
 
     def calls(self, n: int, user: str = "") -> tuple[dict[str, int], dict[str, int]]:
         url = f"http://127.0.0.1:{self.client.port('port')}/calls?n={n}&user={user}"
@@ -74,11 +75,11 @@ def start_mesh(procs, zk_server, zk_client, namespace, tmp_path, fail_every: dic
     mesh.start_cp()
     for name, weight in WEIGHTS.items():
         argv = server_argv(name, fail_every=(fail_every or {}).get(name, 0))
-        port = procs.start(argv, role="grpcapp", name=f"grpc-{name}").port("port")
-        mesh.servers[name] = port
-        procs.meshkeeper("register", "--service", "catalog", "--port", str(port), "-n", namespace,
-                         "--zk", zk_server.hosts, "--weight", str(weight), "--health-interval", "0.2",
-                         name=f"register-{name}")
+        server = mesh.processes[f"grpc-{name}"] = procs.start(argv, role="grpcapp", name=f"grpc-{name}")
+        port = mesh.servers[name] = server.port("port")
+        mesh.processes[f"register-{name}"] = procs.meshkeeper(
+            "register", "--service", "catalog", "--port", str(port), "-n", namespace, "--zk", zk_server.hosts,
+            "--weight", str(weight), "--health-interval", "0.2", name=f"register-{name}")
     instances = Paths(namespace).instances("catalog")
     wait_until(lambda: zk_client.exists(instances) and len(zk_client.get_children(instances)) == 3, 10,
                message="three grpcio servers registered")
@@ -229,3 +230,23 @@ def test_retries_and_outlier_ejection_are_honoured(procs, zk_server, zk_client, 
     wait_until(ejected, 10, 0.0, message="c ejected by failure percentage")
     ok, errors = mesh.calls(300)
     assert errors == {} and set(ok) == {"a", "b"}, (ok, errors)
+
+
+def test_register_follows_the_servers_health_and_leaves_on_sigterm(mesh, zk_client):
+    instances = Paths(mesh.ns).instances("catalog")
+
+    def registered() -> set[str]:
+        return set(zk_client.get_children(instances))
+
+    assert registered() == {mesh.key(n) for n in WEIGHTS}
+    assert mesh.calls(100)[1] == {}
+    # A server that stops answering health checks leaves the registry (three failed checks)...
+    mesh.processes["grpc-c"].kill()
+    wait_until(lambda: mesh.key("c") not in registered(), 3, 0.02, message="the dead server deregistered")
+    ok, errors = mesh.calls(200)
+    assert errors == {} and set(ok) == {"a", "b"}, (ok, errors)
+    # ... and `meshkeeper register` stopping takes its instance out at once.
+    assert mesh.processes["register-b"].terminate() == 0
+    assert registered() == {mesh.key("a")}
+    wait_until(lambda: set(mesh.calls(20)[0]) == {"a"}, 1.0, 0.0, message="only a is called")
+    assert mesh.calls(100) == ({"a": 100}, {})
