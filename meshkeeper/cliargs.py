@@ -62,3 +62,17 @@ def host_port(text: str) -> str:
     if not sep or not host or not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise argparse.ArgumentTypeError(f"{text!r}: expected HOST:PORT")
     return text
+
+
+def zk_hosts(text: str) -> str:
+    """ZooKeeper's connect string, ``HOST:PORT[,HOST:PORT...][/chroot]``, checked as kazoo parses it
+    (kazoo would otherwise raise from its connection thread)."""
+    from kazoo.hosts import collect_hosts
+
+    try:
+        hosts, _ = collect_hosts(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (expected HOST:PORT[,HOST:PORT...])") from None
+    if not hosts:
+        raise argparse.ArgumentTypeError(f"{text!r}: no host (expected HOST:PORT[,HOST:PORT...])")
+    return text

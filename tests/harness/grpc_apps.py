@@ -10,7 +10,8 @@ Client: a stock grpcio channel to ``--target`` (``xds:///catalog.default``; grpc
 ``GRPC_XDS_BOOTSTRAP`` from its environment, once per process, hence a process of its own), driven
 over HTTP on the port of its ready line::
 
-    GET /calls?n=N[&user=U]   N sequential unary calls (with metadata ``x-user: U``)
+    GET /calls?n=N[&user=U][&target=T]   N sequential unary calls (with metadata ``x-user: U``; to
+                                         target T instead of --target, on a channel of its own)
                               -> {"ok": {"<server name>": count, ...}, "errors": {"<code>": count}}
 """
 
@@ -75,14 +76,16 @@ def client(target: str) -> int:
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
     from urllib.parse import parse_qs, urlsplit
 
-    channel = grpc.insecure_channel(target)
-    who = channel.unary_unary(WHO_METHOD)  # bytes in, bytes out
+    channels: dict[str, grpc.Channel] = {}
     lock = threading.Lock()  # one batch at a time: the counts are the batch's own
 
-    def calls(n: int, user: str) -> dict[str, Counter]:
+    def calls(n: int, user: str, to: str) -> dict[str, Counter]:
         ok, errors = Counter(), Counter()
         metadata = (("x-user", user),) if user else None
         with lock:
+            if to not in channels:
+                channels[to] = grpc.insecure_channel(to)
+            who = channels[to].unary_unary(WHO_METHOD)  # bytes in, bytes out
             for _ in range(n):
                 try:
                     ok[who(b"", timeout=CALL_TIMEOUT, wait_for_ready=True, metadata=metadata).decode()] += 1
@@ -98,7 +101,7 @@ def client(target: str) -> int:
             url = urlsplit(self.path)
             query = parse_qs(url.query)
             n, user = int(query.get("n", ["1"])[0]), query.get("user", [""])[0]
-            body = json.dumps(calls(n, user)).encode() if url.path == "/calls" else b"{}"
+            body = json.dumps(calls(n, user, query.get("target", [target])[0])).encode() if url.path == "/calls" else b"{}"
             self.send_response(200 if url.path == "/calls" else 404)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
@@ -109,7 +112,8 @@ def client(target: str) -> int:
     signal.signal(signal.SIGTERM, lambda *_: threading.Thread(target=http.shutdown).start())
     print(f"meshkeeper grpcclient listening port={http.server_address[1]} target={target}", flush=True)
     http.serve_forever(poll_interval=0.05)
-    channel.close()
+    for channel in channels.values():
+        channel.close()
     return 0
 
 

@@ -41,8 +41,10 @@ class Mesh:
     client: object
     processes: dict[str, object] = field(default_factory=dict)  # "grpc-<name>", "register-<name>"
 
-    def calls(self, n: int, user: str = "") -> tuple[dict[str, int], dict[str, int]]:
+    def calls(self, n: int, user: str = "", target: str = "") -> tuple[dict[str, int], dict[str, int]]:
         url = f"http://127.0.0.1:{self.client.port('port')}/calls?n={n}&user={user}"
+        if target:
+            url += f"&target={target}"
         status, _, body = http_get(url, timeout=120)
         assert status == 200
         got = json.loads(body)
@@ -124,10 +126,16 @@ def balanced(mesh: Mesh, label: str) -> dict[str, float]:
 
 def test_stock_grpcio_client_is_balanced_by_the_registry_weights(mesh):
     balanced(mesh, "proxyless split")
-    [proxy] = mesh.proxyless()
-    assert proxy["namespace"] == mesh.ns and proxy["service"] == "frontend"
-    assert {t: s["nack"] for t, s in proxy["types"].items()} == dict.fromkeys(("CDS", "EDS", "LDS", "RDS"))
-    assert all(s["nacks"] == 0 and s["version_acked"] == s["version_sent"] for s in proxy["types"].values())
+    # A target with a port is a listener of that exact name (the port is only part of the name).
+    ok, errors = mesh.calls(100, target=f"xds:///catalog.{mesh.ns}:50051")
+    assert errors == {} and set(ok) == set(WEIGHTS), (ok, errors)
+    # grpcio 1.85 runs one xDS client, so one ADS stream, per channel target.
+    streams = mesh.proxyless()
+    assert len(streams) == 2
+    for proxy in streams:
+        assert proxy["namespace"] == mesh.ns and proxy["service"] == "frontend"
+        assert {t: s["nack"] for t, s in proxy["types"].items()} == dict.fromkeys(("CDS", "EDS", "LDS", "RDS"))
+        assert all(s["nacks"] == 0 and s["version_acked"] == s["version_sent"] for s in proxy["types"].values())
 
 
 def test_disabled_endpoint_leaves_within_a_second(mesh):

@@ -64,11 +64,22 @@ def test_bootstrap_with_tls_names_the_files(tmp_path):
     (["register", "--service", "Catalog!", "--port", "50051"], "service"),
     (["register", "--service", "catalog", "--port", "50051", "--protocol", "h3"], "invalid choice"),
     (["register", "--service", "catalog", "--port", "50051", "--log-level", "loud"], "--log-level"),
+    (["register", "--service", "catalog", "--port", "50051", "--zk", ""], "--zk"),
+    (["register", "--service", "catalog", "--port", "50051", "--zk", "zk1:notaport"], "--zk"),
+    (["register", "--service", "catalog", "--port", "50051", "--zk", "zk1:2181,zk2:x:y"], "--zk"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(capsys, argv, says):
     code, out, err = run_cli(capsys, *argv)
     assert code == 2 and out == ""
     assert err.count("\n") == 1 and says in err and "Traceback" not in err, err
+
+
+def test_register_reads_zookeeper_from_the_environment(capsys, monkeypatch):
+    monkeypatch.setenv("MESHKEEPER_ZK", "zk1:2181,zk2:2181/mesh")
+    assert register.parse_args(["--service", "catalog", "--port", "50051"]).zk == "zk1:2181,zk2:2181/mesh"
+    monkeypatch.setenv("MESHKEEPER_ZK", "zk1:port")
+    code, _, err = run_cli(capsys, "register", "--service", "catalog", "--port", "50051")
+    assert code == 2 and err.startswith("meshkeeper register: MESHKEEPER_ZK ") and err.count("\n") == 1
 
 
 def test_register_builds_the_instance_record_callers_dial():
