@@ -60,7 +60,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--version", default="", help="the instance's version label (subsets)")
     p.add_argument("--zone", default="", help="the instance's zone label (locality)")
     p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
-    p.add_argument("--protocol", choices=("http", "tcp"), default="http")
+    p.add_argument("--protocol", choices=("http", "grpc", "tcp"), default="http",
+                   help="the app's protocol: http (HTTP/1.1), grpc (HTTP/2 to the app, health by the gRPC "
+                        "health protocol) or tcp")
     p.add_argument("--interception", choices=xds.INTERCEPTION_MODES, default="none",
                    help="redirect: transparent mode (run `meshkeeper iptables` first; DESIGN §10): connections "
                         "are dispatched by their original destination and the mesh DNS serves on --dns-port; "
@@ -101,8 +103,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--trace-sample-ratio", type=ratio, default=DEFAULT_SAMPLE_RATIO,
                    help="share of new traces sampled, 0..1 (default %(default)s; a service's policy "
                         "tracing.sample_percent overrides it); a caller's decision is always followed")
-    p.add_argument("--access-log", default="-", metavar="PATH|-|off",
-                   help="one JSON line per request: '-' stdout (default), a file, or 'off'")
+    p.add_argument("--access-log", default="off", metavar="PATH|-|off",
+                   help="one JSON line per request: 'off' (default, as in Istio and Linkerd: the log "
+                        "costs a quarter of a worker's throughput, bench/RESULTS.md), '-' stdout, or a file")
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
@@ -194,6 +197,7 @@ def read_xds_tls(ca: str, cert: str, key: str) -> XdsTls | None:
 async def run(args: argparse.Namespace) -> int:
     from sidecar.accesslog import AccessLog
     from sidecar.admin import AdminServer
+    from sidecar.grpc_health import check_grpc
     from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.runtime import SidecarRuntime
@@ -295,6 +299,9 @@ async def run(args: argparse.Namespace) -> int:
         if args.protocol == "tcp":
             def check():
                 return check_tcp("127.0.0.1", args.app_port)
+        elif args.protocol == "grpc":
+            def check():
+                return check_grpc("127.0.0.1", args.app_port)
         else:
             def check():
                 return check_http("127.0.0.1", args.app_port, args.health_path)
