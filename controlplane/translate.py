@@ -38,6 +38,7 @@ from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
@@ -291,9 +292,10 @@ LB_POLICIES = {
 # --------------------------------------------------------------------------- outbound (shared)
 
 
-def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY) -> cluster_pb2.Cluster:
+def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY, protocol: str = "http") -> cluster_pb2.Cluster:
     """An outbound EDS cluster; the service's policy sets its LB policy, connect timeout, circuit
-    breakers, panic threshold and (when the policy has it) outlier detection."""
+    breakers, panic threshold and (when the policy has it) outlier detection; a ``grpc`` service
+    is reached over HTTP/2 (:func:`http2_options`)."""
     c = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
@@ -305,7 +307,17 @@ def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY) -> cluster_pb2.Clust
             healthy_panic_threshold=_percent(policy.panic_threshold_percent)))
     if policy.outlier is not None:
         c.outlier_detection.CopyFrom(outlier_detection(policy.outlier))
+    if protocol == "grpc":
+        http2_options(c)
     return c
+
+
+def http2_options(c: cluster_pb2.Cluster) -> None:
+    """HTTP/2 (h2c) to the cluster's endpoints, as Envoy is told it: ``typed_extension_protocol_options``
+    with ``explicit_http_config.http2_protocol_options``."""
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    opts.explicit_http_config.http2_protocol_options.SetInParent()
+    c.typed_extension_protocol_options[xds.HTTP_PROTOCOL_OPTIONS_KEY].Pack(opts)
 
 
 def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot) -> tuple[endpoint_components_pb2.LbEndpoint, int]:
@@ -452,11 +464,11 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
     route = route_pb2.RouteConfiguration(name=xds.OUTBOUND_ROUTE)
     for name, svc in sorted(snapshot.services(namespace).items()):
         main = xds.outbound_cluster(name, namespace)
-        clusters[main] = eds_cluster(main, svc.policy)
+        clusters[main] = eds_cluster(main, svc.policy, svc.record.protocol)
         endpoints[main] = load_assignment(main, svc, svc.instances.values())
         for version, instances in subset_versions(svc).items():
             sub = xds.outbound_cluster(name, namespace, version)
-            clusters[sub] = eds_cluster(sub, svc.policy)
+            clusters[sub] = eds_cluster(sub, svc.policy, svc.record.protocol)
             endpoints[sub] = load_assignment(sub, svc, instances)
         if svc.record.protocol in HTTP_PROTOCOLS:
             route.virtual_hosts.append(virtual_host(svc))
@@ -513,14 +525,18 @@ def inbound_tcp_listener(host: str, port: int, app_port: int) -> listener_pb2.Li
             listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_pack(proxy))])])
 
 
-def inbound_cluster(app_port: int) -> cluster_pb2.Cluster:
+def inbound_cluster(app_port: int, protocol: str = "http") -> cluster_pb2.Cluster:
+    """The local app, over HTTP/2 when the sidecar runs with ``--protocol grpc``."""
     name = xds.inbound_cluster(app_port)
     cla = endpoint_pb2.ClusterLoadAssignment(cluster_name=name)
     loc = cla.endpoints.add()
     loc.lb_endpoints.add(endpoint=endpoint_components_pb2.Endpoint(address=_socket(LOCAL_APP_HOST, app_port)))
     loc.load_balancing_weight.value = 1
-    return cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC,
-                               connect_timeout=_seconds(CONNECT_TIMEOUT_S), load_assignment=cla)
+    c = cluster_pb2.Cluster(name=name, type=cluster_pb2.Cluster.STATIC,
+                            connect_timeout=_seconds(CONNECT_TIMEOUT_S), load_assignment=cla)
+    if protocol == "grpc":
+        http2_options(c)
+    return c
 
 
 def node_policy(snapshot: RegistrySnapshot, node: NodeInfo) -> Policy:
@@ -545,7 +561,7 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
         listener = inbound_listener(node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit,
                                     policy.tracing)
     out[xds.LISTENER][xds.INBOUND_LISTENER] = listener
-    cluster = inbound_cluster(node.app_port)
+    cluster = inbound_cluster(node.app_port, node.protocol)
     out[xds.CLUSTER][cluster.name] = cluster
     return out
 

@@ -140,6 +140,7 @@ class ClusterConfig:
     circuit_breakers: CircuitBreakerConfig = DEFAULT_CIRCUIT_BREAKERS
     healthy_panic_threshold: float = DEFAULT_PANIC_THRESHOLD  # percent; 0 disables panic mode
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT  # upstream connections idle this long are closed
+    http2: bool = False  # HTTP/2 (h2c) to the endpoints: explicit_http_config.http2_protocol_options
     # STATIC clusters carry their endpoints inline; EDS clusters get them from a ClusterLoadAssignment.
     static_endpoints: tuple[EndpointConfig, ...] = ()
 

@@ -171,7 +171,10 @@ class RequestEncoder(Protocol):
     """A client codec's side of one stream, for the router."""
 
     def encode_headers(self, method: bytes, authority: bytes, path: bytes, headers: list[bytes], *,
-                       end_stream: bool, chunked: bool, is_head: bool) -> None: ...
+                       end_stream: bool, chunked: bool, is_head: bool, body: list[bytes] | None = None) -> None:
+        """The request head; ``body``: request bytes received already (a retry's replay, or what
+        arrived while the connection was made), sent right after it (HTTP/1.1: in the same write);
+        ``end_stream`` then ends the request after them."""
 
     def encode_data(self, data: bytes, end_stream: bool) -> None: ...
 

@@ -91,7 +91,7 @@ class _ClientStream(Stream):
         self.started = False
 
     def encode_headers(self, method: bytes, authority: bytes, path: bytes, headers: list[bytes], *,
-                       end_stream: bool, chunked: bool, is_head: bool) -> None:
+                       end_stream: bool, chunked: bool, is_head: bool, body: list[bytes] | None = None) -> None:
         """``chunked`` means nothing in HTTP/2 (DATA frames delimit the body); h2 knows a HEAD
         response has no body from ``:method``."""
         if self.finished or self.started:
@@ -102,7 +102,13 @@ class _ClientStream(Stream):
             fields.append((b":authority", authority))
         fields.append((b":path", path))
         conn = self.conn
-        conn._start_stream(self, h2_fields(headers, fields, FORBIDDEN_REQUEST), end_stream)
+        if body:
+            conn._start_stream(self, h2_fields(headers, fields, FORBIDDEN_REQUEST), False)
+            data = b"".join(body)
+            if not self.finished:
+                conn._send_data(self, data, end_stream)
+        else:
+            conn._start_stream(self, h2_fields(headers, fields, FORBIDDEN_REQUEST), end_stream)
         conn._flush()
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:

@@ -179,11 +179,11 @@ class UpstreamRequest:
             return
         router.response_trailers(trailers)
 
-    def on_upstream_reset(self, flag: str) -> None:
+    def on_upstream_reset(self, flag: str, refused: bool = False) -> None:
         router = self.router
+        self.encoder = None
         if router.upstream is self:
-            self.encoder = None
-            router.upstream_reset(self, flag)
+            router.upstream_reset(self, flag, refused)
 
     def on_write_paused(self, paused: bool) -> None:
         router = self.router
@@ -364,7 +364,7 @@ class RouterFilter:
         upstream.encoder.encode_headers(stream.method, authority, stream.upstream_path, stream.upstream_headers,
                                         end_stream=stream.complete, chunked=stream.chunked,
                                         is_head=stream.method == b"HEAD", body=parts)
-        if upstream.conn.write_paused:  # a pooled connection still full from before
+        if getattr(upstream.conn, "write_paused", False):  # a pooled connection still full from before
             stream.encoder.read_disable(R_UPSTREAM, True)
         if stream.complete and self.entry.per_try_timeout and not upstream.deadline and not stream.started:
             # Envoy starts a try's timeout when its connection is ready (onPoolReady).
@@ -539,7 +539,7 @@ class RouterFilter:
             upstream.endpoint.rq_success += 1
         self._release_try(failed)
 
-    def upstream_reset(self, upstream: UpstreamRequest, flag: str) -> None:
+    def upstream_reset(self, upstream: UpstreamRequest, flag: str, refused: bool = False) -> None:
         stream = self.stream
         self.cluster.stats.upstream_rq_rx_reset += 1
         if upstream.discarding:

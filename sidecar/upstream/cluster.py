@@ -114,6 +114,7 @@ class Cluster:
             return None
         cfg = EndpointConfig(address, port)
         pool = ConnectionPool(address, port, connect_timeout=self.config.connect_timeout, limits=self,
+                              http2=self.config.http2,
                               max_idle=self._max_idle, idle_timeout=self.config.idle_timeout,
                               connector=self._connector)
         endpoint = self.endpoints[key] = Endpoint(cfg, pool)
@@ -146,6 +147,13 @@ class Cluster:
         self.config = config
         self.breakers = config.circuit_breakers
         for endpoint in self.endpoints.values():
+            if old.http2 != config.http2:
+                # Another protocol to the same hosts: new pools; requests in flight finish on the old.
+                endpoint.pool.close()
+                cfg = endpoint.config
+                endpoint.pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=config.connect_timeout,
+                                               limits=self, max_idle=self._max_idle, http2=config.http2,
+                                               idle_timeout=config.idle_timeout, connector=self._connector)
             endpoint.pool.connect_timeout = config.connect_timeout
             endpoint.pool.idle_timeout = config.idle_timeout
         outlier_toggled = (old.outlier is None) != (config.outlier is None)
@@ -180,7 +188,7 @@ class Cluster:
             endpoint = old.get(key)
             if endpoint is None:
                 pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=self.config.connect_timeout,
-                                      limits=self, max_idle=self._max_idle,
+                                      limits=self, max_idle=self._max_idle, http2=self.config.http2,
                                       idle_timeout=self.config.idle_timeout, connector=self._connector)
                 endpoint = Endpoint(cfg, pool)
             else:

@@ -16,6 +16,13 @@ HTTP/1.1 connections (:class:`~sidecar.codec.http1_client.Http1ClientConnection`
 stream at a time. Idle ones are kept last-in first-out so warm connections are reused first; one
 the upstream closed is dropped in ``lost`` and never handed out; one idle past ``idle_timeout``
 is closed when it would be reused (no timer per connection).
+
+HTTP/2 connections (:class:`~sidecar.codec.http2_client.Http2ClientConnection`, a cluster whose
+protocol options say HTTP/2) multiplex streams up to the peer's SETTINGS_MAX_CONCURRENT_STREAMS: a
+stream goes to the first connection with room; a new connection is opened only when none has room
+and none is being opened (a connection being opened will take the streams waiting for it), within
+``max_connections``. A connection the peer sends GOAWAY on takes no new stream and leaves the pool
+when its streams are done.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.codec.http1_client import Http1ClientConnection
+from sidecar.codec.http2_client import Http2ClientConnection
 from sidecar.upstream import breaker
 from sidecar.upstream.stats import ClusterStats
 
@@ -117,11 +125,14 @@ class ConnectionPool:
     """Connections to one endpoint: the idle ones in a LIFO list, plus a count of all open ones."""
 
     __slots__ = ("host", "port", "connect_timeout", "stats", "limits", "max_idle", "idle_timeout", "closed",
-                 "cx_active", "opening", "_idle", "_connector", "_waiters", "_loop")
+                 "cx_active", "opening", "http2", "_idle", "_connector", "_waiters", "_loop", "_h2")
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, stats: ClusterStats | None = None,
                  limits: breaker.Limited | None = None, max_idle: int = DEFAULT_MAX_IDLE,
-                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, connector: Connector | None = None) -> None:
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, connector: Connector | None = None,
+                 http2: bool = False) -> None:
+        self.http2 = http2
+        self._h2: list[Http2ClientConnection] = []  # HTTP/2: the open connections, oldest first
         self.host = host
         self.port = port
         self.connect_timeout = connect_timeout
@@ -159,11 +170,11 @@ class ConnectionPool:
             stats.upstream_rq_pending_overflow += 1
             callbacks.on_pool_failure(PoolFailure.OVERFLOW, "max_requests")
             return None
-        conn = self._take_idle()
+        conn = self._take_idle() if not self.http2 else self._with_room()
         if conn is not None:
             stats.upstream_rq_total += 1
             stats.upstream_rq_active += 1
-            callbacks.on_pool_ready(conn.attach(callbacks), conn)
+            callbacks.on_pool_ready(self._stream_on(conn, callbacks), conn)
             return None
         if not breaker.pending_allowed(limits):
             stats.upstream_rq_pending_overflow += 1
@@ -175,14 +186,47 @@ class ConnectionPool:
         self._connect_or_wait(pending)
         return pending
 
-    def stream_done(self, conn: Http1ClientConnection, reusable: bool) -> None:
-        """A stream of ``conn`` ended; ``reusable``: the connection may carry another."""
+    def stream_done(self, conn: Any, reusable: bool = True) -> None:
+        """A stream of ``conn`` ended; ``reusable``: the connection may carry another (HTTP/2: as
+        its capacity says)."""
         self.stats.upstream_rq_active -= 1
-        if reusable:
+        if self.http2:
+            self._serve_waiters(conn)
+        elif reusable:
             self.release(conn)
 
+    def capacity_changed(self, conn: Http2ClientConnection) -> None:
+        """HTTP/2: the peer's SETTINGS or GOAWAY changed how many streams ``conn`` takes."""
+        self._serve_waiters(conn)
+
+    def _with_room(self) -> Http2ClientConnection | None:
+        for conn in self._h2:
+            if conn.capacity > 0:
+                return conn
+        return None
+
+    def _stream_on(self, conn: Any, callbacks: PoolCallbacks) -> RequestEncoder:
+        return conn.new_stream(callbacks) if self.http2 else conn.attach(callbacks)
+
+    def _serve_waiters(self, conn: Http2ClientConnection) -> None:
+        """HTTP/2: give waiting streams the room ``conn`` has (on the next loop turn, FIFO)."""
+        waiters = self._waiters
+        if not waiters:
+            return
+        room = conn.capacity
+        loop = asyncio.get_running_loop()
+        while waiters and room > 0:
+            pending = waiters.popleft()
+            loop.call_soon(pending, conn)
+            room -= 1
+
     def _connect_or_wait(self, pending: Pending, first: bool = False) -> None:
-        """Open a connection if ``max_connections`` allows, else queue for one of this endpoint's."""
+        """Open a connection if ``max_connections`` allows, else queue for one of this endpoint's
+        (HTTP/2: also while one is being opened, which will take the waiting streams)."""
+        if self.http2 and self.opening and len(self._waiters) < self.opening * 100:
+            pending.waiting = True
+            self._waiters.append(pending)
+            return
         if breaker.connection_allowed(self.limits, self):
             self.opening_started()
             if self._loop is None:
@@ -210,22 +254,32 @@ class ConnectionPool:
             return
         pending.task = None
         if pending.done:
-            self.release(conn)  # fresh and unused: keep it for the next stream
+            if self.http2:
+                self._serve_waiters(conn)
+            else:
+                self.release(conn)  # fresh and unused: keep it for the next stream
             return
         self._ready(pending, conn)
+        if self.http2:
+            self._serve_waiters(conn)
 
-    def _ready(self, pending: Pending, conn: Http1ClientConnection) -> None:
-        """A connection for a waiting stream: attach it, unless ``max_requests`` filled meanwhile."""
+    def _ready(self, pending: Pending, conn: Any) -> None:
+        """A connection for a waiting stream: a stream on it, unless ``max_requests`` filled
+        meanwhile (or, HTTP/2, the connection has no room left: then it waits again)."""
+        if self.http2 and conn.capacity <= 0:
+            self._connect_or_wait(pending, first=True)
+            return
         self._leave(pending)
         stats = self.stats
         if not breaker.request_allowed(self.limits):
-            self.release(conn)  # unused: it stays pooled
+            if not self.http2:
+                self.release(conn)  # unused: it stays pooled
             stats.upstream_rq_pending_overflow += 1
             pending.callbacks.on_pool_failure(PoolFailure.OVERFLOW, "max_requests")
             return
         stats.upstream_rq_total += 1
         stats.upstream_rq_active += 1
-        pending.callbacks.on_pool_ready(conn.attach(pending.callbacks), conn)
+        pending.callbacks.on_pool_ready(self._stream_on(conn, pending.callbacks), conn)
 
     def _leave(self, pending: Pending) -> None:
         pending.done = True
@@ -258,8 +312,10 @@ class ConnectionPool:
 
     # --- connections ----------------------------------------------------------------------------
 
-    async def connect(self) -> Http1ClientConnection:
+    async def connect(self) -> Any:
         """Open a new connection within the cluster's connect timeout; raises :class:`ConnectFailure`."""
+        if self.http2:
+            return await self.connect_with(lambda: Http2ClientConnection(self))
         return await self.connect_with(lambda: Http1ClientConnection(self))
 
     async def connect_with(self, protocol_factory: Callable[[], Any]) -> Any:
@@ -309,10 +365,16 @@ class ConnectionPool:
             asyncio.get_running_loop().call_soon(self._waiters.popleft(), None)
 
     def close_idle(self) -> None:
-        """Close every idle connection now; busy ones close when their stream finishes."""
+        """Close every idle connection now; busy ones close when their stream finishes (HTTP/2:
+        they take no new stream and close when their streams are done)."""
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        for conn in list(self._h2):
+            if conn.active_streams:
+                conn.go_away()
+            else:
+                conn.close()
 
     def close(self) -> None:
         """The endpoint is gone: close idle connections and pool nothing from now on."""
@@ -328,12 +390,16 @@ class ConnectionPool:
         self.cx_active += 1
         self.stats.upstream_cx_total += 1
         self.stats.upstream_cx_active += 1
+        if self.http2 and isinstance(conn, Http2ClientConnection):
+            self._h2.append(conn)
 
     def lost(self, conn: Any) -> None:
         self.cx_active -= 1
         self.stats.upstream_cx_active -= 1
         if conn in self._idle:
             self._idle.remove(conn)
+        if self.http2 and conn in self._h2:
+            self._h2.remove(conn)
         if self._waiters:
             # A connection slot came free: the oldest waiter may open a connection now.
             asyncio.get_running_loop().call_soon(self._waiters.popleft(), None)

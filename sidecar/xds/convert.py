@@ -14,6 +14,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
+from typing import Any
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import base_pb2, health_check_pb2, protocol_pb2
@@ -513,7 +514,7 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
         if msg.HasField("outlier_detection") else None,
         "circuit_breakers": circuit_breakers(msg.circuit_breakers, f"{where} circuit_breakers"),
         "healthy_panic_threshold": _panic_threshold(msg, where),
-        "idle_timeout": _upstream_idle_timeout(msg, where),
+        **_upstream_http(msg, where),
     }
     if msg.type == cluster_pb2.Cluster.EDS:
         src = msg.eds_cluster_config.eds_config
@@ -540,7 +541,7 @@ def _original_dst_cluster(msg: cluster_pb2.Cluster, where: str) -> ClusterConfig
         raise XdsError(f"{where}: connect_timeout must be positive")
     return ClusterConfig(name=msg.name, discovery=DISCOVERY_ORIGINAL_DST, connect_timeout=timeout,
                          circuit_breakers=circuit_breakers(msg.circuit_breakers, f"{where} circuit_breakers"),
-                         idle_timeout=_upstream_idle_timeout(msg, where))
+                         **_upstream_http(msg, where))
 
 
 _OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")
@@ -629,10 +630,13 @@ def _panic_threshold(msg: cluster_pb2.Cluster, where: str) -> float:
     return value
 
 
-def _upstream_idle_timeout(msg: cluster_pb2.Cluster, where: str) -> float:
+def _upstream_http(msg: cluster_pb2.Cluster, where: str) -> dict[str, Any]:
     """``typed_extension_protocol_options`` HttpProtocolOptions: HTTP/1.1 (explicit or left to
-    default) and its ``common_http_protocol_options.idle_timeout``; nothing else."""
+    default) or HTTP/2 (``explicit_http_config.http2_protocol_options``, h2c; its window and stream
+    settings are left to the sidecar's defaults and refused when set), and
+    ``common_http_protocol_options.idle_timeout``; nothing else."""
     idle = DEFAULT_IDLE_TIMEOUT
+    http2 = False
     for key, config in msg.typed_extension_protocol_options.items():
         owhere = f"{where} typed_extension_protocol_options {key!r}"
         if key != xds.HTTP_PROTOCOL_OPTIONS_KEY or config.type_url != xds.HTTP_PROTOCOL_OPTIONS:
@@ -640,10 +644,15 @@ def _upstream_idle_timeout(msg: cluster_pb2.Cluster, where: str) -> float:
         opts = _unpack(config, http_protocol_options_pb2.HttpProtocolOptions(), owhere)
         _only(opts, ("common_http_protocol_options", "explicit_http_config"), owhere)
         if opts.HasField("explicit_http_config"):
-            _only(opts.explicit_http_config, ("http_protocol_options",), f"{owhere} explicit_http_config (HTTP/1.1 only)")
-            _only(opts.explicit_http_config.http_protocol_options, (), f"{owhere} http_protocol_options")
+            explicit = opts.explicit_http_config
+            if explicit.HasField("http2_protocol_options"):
+                _only(explicit.http2_protocol_options, (), f"{owhere} http2_protocol_options")
+                http2 = True
+            else:
+                _only(explicit, ("http_protocol_options",), f"{owhere} explicit_http_config (HTTP/1.1 or HTTP/2)")
+                _only(explicit.http_protocol_options, (), f"{owhere} http_protocol_options")
         idle = _idle_timeout(opts, "common_http_protocol_options", owhere)
-    return idle
+    return {"idle_timeout": idle, "http2": http2}
 
 
 def endpoints(cla: endpoint_pb2.ClusterLoadAssignment, where: str = "") -> tuple[EndpointConfig, ...]:

@@ -312,8 +312,16 @@ def test_upstream_idle_timeout_from_http_protocol_options():
     assert convert.cluster(protocol_options(eds(), opts)).idle_timeout == 0.0  # Envoy: 0 disables
 
 
+def test_http2_protocol_options_make_an_http2_cluster():
+    opts = http_protocol_options_pb2.HttpProtocolOptions()
+    opts.explicit_http_config.http2_protocol_options.SetInParent()
+    assert convert.cluster(protocol_options(eds(), opts)).http2
+    assert not convert.cluster(eds()).http2  # HTTP/1.1 unless said
+
+
 @pytest.mark.parametrize("mutate, message", [
-    (lambda o: o.explicit_http_config.http2_protocol_options.SetInParent(), "field 'http2_protocol_options'"),
+    (lambda o: o.explicit_http_config.http2_protocol_options.max_concurrent_streams.__setattr__("value", 5),
+     "http2_protocol_options: field 'max_concurrent_streams'"),
     (lambda o: o.common_http_protocol_options.max_requests_per_connection.__setattr__("value", 5),
      "common_http_protocol_options: field 'max_requests_per_connection'"),
     (lambda o: o.upstream_http_protocol_options.__setattr__("auto_sni", True), "field 'upstream_http_protocol_options'"),
