@@ -22,7 +22,8 @@ from typing import Any, get_type_hints
 
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes",
-            "refused-stream", "retriable-4xx")
+            "refused-stream", "retriable-4xx",
+            "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")  # gRPC statuses
 _HASH_ON_RE = re.compile(r"^(header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_-]+|source_ip)$")
 _MAX_MS = 24 * 3600 * 1000
 _HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")  # a lower-case header name (an HTTP token)

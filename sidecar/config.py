@@ -72,7 +72,9 @@ DEFAULT_CIRCUIT_BREAKERS = CircuitBreakerConfig()
 
 # retry_on conditions the sidecar honours (Envoy's x-envoy-retry-on names).
 RETRY_ON_SUPPORTED = frozenset({"5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes",
-                                "refused-stream", "retriable-4xx"})
+                                "refused-stream", "retriable-4xx",
+                                # gRPC statuses of a trailers-only response (sidecar.proxy.grpc)
+                                "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable"})
 
 
 @dataclass(frozen=True, slots=True)

@@ -84,14 +84,20 @@ class SidecarCollector:
             "meshkeeper_requests", "Responses by listener, route, cluster and status class (route and cluster "
             "are empty for requests answered before routing, such as 429 RL and 404 NR)",
             labels=["listener", "route", "cluster", "code_class"])
+        by_grpc = CounterMetricFamily(
+            "meshkeeper_grpc_requests", "gRPC calls by listener, route, cluster and grpc-status (the call's "
+            "outcome: HTTP says 200 for nearly all of them)", labels=["listener", "route", "cluster", "grpc_status"])
         for lrt in (*rt.listener_runtimes.values(), *rt.chain_runtimes.values()):
             downstream_time.add_metric([lrt.name], lrt.rq_time.buckets(), lrt.rq_time.sum)
             for (route, cluster), counts in sorted(lrt.route_stats.items()):
                 for i, n in enumerate(counts):
                     if n:
                         by_route.add_metric([lrt.name, route, cluster, f"{i + 1}xx"], n)
+            for (route, cluster, code), n in sorted(lrt.grpc_stats.items()):
+                by_grpc.add_metric([lrt.name, route, cluster, str(code)], n)
         yield downstream_time
         yield by_route
+        yield by_grpc
         tracer = rt.tracer
         if tracer is not None:
             st = tracer.stats

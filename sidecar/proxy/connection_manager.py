@@ -7,7 +7,8 @@ takes the request id and trace context (:mod:`.telemetry`), applies the listener
 limit, resolves the route (by Host or ``:authority``, or the authority of an absolute-form URI from
 apps using ``HTTP_PROXY``), and hands the stream to a router filter (:mod:`.router_filter`), which
 does the rest upstream. It answers locally what cannot be routed (404 NR, 503 NC, 429 RL, the
-outbound policy's refusals; see :mod:`.errors`) and accounts for every stream once, however it
+outbound policy's refusals; see :mod:`.errors`; a gRPC call gets them as gRPC statuses, see
+:mod:`.grpc`) and accounts for every stream once, however it
 ended (:meth:`ConnectionManager.end`).
 
 Codec: HTTP/1.1 unless the client's first bytes are the HTTP/2 connection preface (h2c with prior
@@ -27,7 +28,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.codec.http1 import Http1ServerCodec
 from sidecar.codec.http2 import Http2ServerCodec
-from sidecar.proxy import errors, passthrough, telemetry
+from sidecar.proxy import errors, grpc, passthrough, telemetry
 from sidecar.proxy.router_filter import RouterFilter, absolute_form
 from sidecar.proxy.stream import Stream
 
@@ -205,11 +206,16 @@ class ConnectionManager(asyncio.Protocol):
         if stream.started:
             self.reset_stream(stream)
             return
-        stream.status = reply.status
         stream.flags = reply.flag
         stream.answered = True
         stream.ended = True
-        stream.encoder.encode_local_reply(reply.status, reply.flag, reply.body, close or reply.always_close)
+        if stream.grpc:  # a trailers-only response with the reply's gRPC status
+            stream.grpc_status, head = grpc.local_reply(reply.status, reply.flag, reply.message)
+            stream.status = 200
+            stream.encoder.encode_headers(200, head, True)
+        else:
+            stream.status = reply.status
+            stream.encoder.encode_local_reply(reply.status, reply.flag, reply.body, close or reply.always_close)
         self.end(stream)
 
     def reset_stream(self, stream: Stream) -> None:

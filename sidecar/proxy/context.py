@@ -131,6 +131,8 @@ class ListenerContext:
         # Responses by (route name, cluster name) and status class 1xx..5xx; a route never seen
         # has no entry. Names are bounded by the config, never by requests.
         self.route_stats: dict[tuple[str, str], list[int]] = {}
+        # gRPC calls by (route name, cluster name, grpc-status), bounded the same way (17 statuses).
+        self.grpc_stats: dict[tuple[str, str, int], int] = {}
 
     def set_route_config(self, config: RouteConfig) -> Router:
         """Compile ``config`` and make it current; raises ValueError (a NACK) if it cannot be honoured."""

@@ -23,7 +23,7 @@ from time import monotonic
 from typing import TYPE_CHECKING
 
 from sidecar.codec.api import R_BUFFER, R_UPSTREAM, RESET_TERMINATION
-from sidecar.proxy import errors, telemetry
+from sidecar.proxy import errors, grpc, telemetry
 from sidecar.upstream import breaker
 from sidecar.upstream.host import LocalOriginFailure
 from sidecar.upstream.pool import PoolFailure
@@ -53,6 +53,7 @@ _RETRY_ON_LOCAL = {
     LocalOriginFailure.RESET: frozenset({"5xx", "gateway-error", "reset"}),
     LocalOriginFailure.TIMEOUT: frozenset({"5xx", "gateway-error", "reset"}),
 }
+_RETRY_ON_REFUSED = _RETRY_ON_LOCAL[LocalOriginFailure.RESET] | {"refused-stream"}
 _GATEWAY_ERRORS = frozenset({502, 503, 504})
 _RETRY_ON_5XX = frozenset({"5xx"})
 _RETRY_ON_GATEWAY = frozenset({"5xx", "gateway-error"})
@@ -210,7 +211,7 @@ class RouterFilter:
     """The upstream half of one routed stream."""
 
     __slots__ = ("cm", "rt", "stream", "entry", "cluster", "upstream", "retry_state", "pending", "pending_size",
-                 "sent", "sent_size", "wait", "deadline", "upstream_paused")
+                 "sent", "sent_size", "wait", "timeout", "deadline", "upstream_paused")
 
     def __init__(self, cm: ConnectionOwner, rt: ListenerContext, stream: Stream, entry: RouteEntry,
                  cluster: Cluster) -> None:
@@ -228,6 +229,11 @@ class RouterFilter:
         self.sent: list[bytes] | None = [] if entry.retry is not None else None
         self.sent_size = 0
         self.wait: asyncio.TimerHandle | None = None  # retry back-off or fault delay in progress
+        self.timeout = entry.timeout  # the route timeout, bounded by a gRPC caller's deadline
+        if stream.grpc:
+            deadline = grpc.timeout(stream.headers)
+            if deadline is not None and (not self.timeout or deadline < self.timeout):
+                self.timeout = deadline
         self.deadline = 0.0  # loop time the route timeout fires at; 0: none
         self.upstream_paused = False  # the downstream response is paused: the upstream read too
 
@@ -270,7 +276,7 @@ class RouterFilter:
 
     def _begin(self) -> None:
         """The route timeout starts (if the request is complete), then the first try."""
-        if self.stream.complete and self.entry.timeout:
+        if self.stream.complete and self.timeout:
             self._arm_route_timeout()
         self._try()
 
@@ -291,7 +297,7 @@ class RouterFilter:
             self.pending_size += len(data)
             if self.pending_size > BUFFER_LIMIT:
                 self.stream.encoder.read_disable(R_BUFFER, True)
-        if end_stream and self.entry.timed:
+        if end_stream and (self.timeout or self.entry.per_try_timeout):
             self._request_complete()
 
     def on_request_trailers(self, trailers: list[bytes]) -> None:
@@ -311,7 +317,7 @@ class RouterFilter:
         stream = self.stream
         upstream = self.upstream
         if upstream is not None or (self.retry_state is not None and self.retry_state.active):
-            failed = stream.failed or (stream.started and stream.status >= 500)
+            failed = stream.failed or (stream.started and stream.outcome >= 500)
             if stream.started and not failed and upstream is not None:
                 upstream.endpoint.rq_success += 1
             self._release_try(failed)
@@ -407,14 +413,16 @@ class RouterFilter:
 
     # --- failures and retries ------------------------------------------------------------------
 
-    def upstream_failed(self, kind: LocalOriginFailure, reply: errors.LocalReply) -> None:
+    def upstream_failed(self, kind: LocalOriginFailure, reply: errors.LocalReply, refused: bool = False) -> None:
         """The current try failed locally (connect failure, reset, per-try timeout): report it to
-        outlier detection, then retry if the policy, the budget and the buffered body allow."""
+        outlier detection, then retry if the policy, the budget and the buffered body allow
+        (``refused``: an HTTP/2 stream the upstream refused, which ``refused-stream`` retries)."""
         detector = self.cluster.outlier
         upstream = self.upstream
         if detector is not None and upstream is not None:
             detector.report_local(upstream.endpoint, kind)
-        if not self.stream.started and self._may_retry(_RETRY_ON_LOCAL[kind]):
+        conditions = _RETRY_ON_REFUSED if refused else _RETRY_ON_LOCAL[kind]
+        if not self.stream.started and self._may_retry(conditions):
             self.retry(reply.flag)
             return
         self.stream.failed = True
@@ -486,12 +494,18 @@ class RouterFilter:
         stream = self.stream
         cluster = self.cluster
         cluster.stats.count_status(status)
+        code = grpc.status_of(headers) if stream.grpc and end_stream else None  # a trailers-only response
+        outcome = grpc.http_status(code) if code is not None else status
         detector = cluster.outlier
-        if detector is not None:
-            detector.report_status(upstream.endpoint, status)
+        if detector is not None and (end_stream or not stream.grpc):
+            # A gRPC call's outcome is in its trailers: reported there (response_trailers).
+            detector.report_status(upstream.endpoint, outcome)
         state = self.retry_state
         if state is not None:
             conditions = state.conditions_for_status(status) if status >= 400 else None
+            if code is not None:
+                grpc_conditions = grpc.retry_conditions(code) & state.policy.retry_on
+                conditions = (conditions | grpc_conditions) if conditions else grpc_conditions
             if conditions and self.sent is not None and self._may_retry(conditions):
                 stream.try_status = status  # for the failed attempt's span
                 if end_stream:
@@ -503,6 +517,8 @@ class RouterFilter:
                 # Envoy's retry success: a retried request whose response would not be retried again.
                 cluster.stats.upstream_rq_retry_success += 1
         stream.status = status
+        if code is not None:
+            stream.grpc_status = code
         stream.started = True
         upstream.deadline = 0  # from here only the route timeout bounds the response
         if end_stream:
@@ -516,6 +532,8 @@ class RouterFilter:
         stream = self.stream
         stream.bytes_out += len(data)
         if end_stream:
+            if stream.grpc and self.cluster.outlier is not None:  # a gRPC response without trailers
+                self.cluster.outlier.report_status(self.upstream.endpoint, stream.outcome)
             self._response_done(self.upstream)
             stream.encoder.encode_data(data, True)
             self.cm.end(stream)
@@ -524,7 +542,15 @@ class RouterFilter:
 
     def response_trailers(self, trailers: list[bytes]) -> None:
         stream = self.stream
-        self._response_done(self.upstream)
+        upstream = self.upstream
+        if stream.grpc:
+            code = grpc.status_of(trailers)
+            if code is not None:
+                stream.grpc_status = code
+            detector = self.cluster.outlier
+            if detector is not None:
+                detector.report_status(upstream.endpoint, stream.outcome)
+        self._response_done(upstream)
         stream.encoder.encode_trailers(trailers)
         self.cm.end(stream)
 
@@ -534,7 +560,7 @@ class RouterFilter:
         stream.ended = True
         stream.answered = True
         upstream.encoder = None  # the connection is the pool's again
-        failed = stream.status >= 500
+        failed = stream.outcome >= 500
         if not failed:
             upstream.endpoint.rq_success += 1
         self._release_try(failed)
@@ -565,7 +591,7 @@ class RouterFilter:
             return
         endpoint = upstream.endpoint
         errors.log_once(f"{flag}:{endpoint.key}", "upstream %s reset the request (%s)", endpoint.key, flag)
-        self.upstream_failed(LocalOriginFailure.RESET, errors.UPSTREAM_RESETS[flag])
+        self.upstream_failed(LocalOriginFailure.RESET, errors.UPSTREAM_RESETS[flag], refused)
 
     # --- route and per-try timeouts --------------------------------------------------------------
 
@@ -574,7 +600,7 @@ class RouterFilter:
         if self.wait is not None and self.upstream is None and self.stream.retries == 0:
             return  # in a fault delay: _begin arms them
         entry = self.entry
-        if entry.timeout and not self.deadline:
+        if self.timeout and not self.deadline:
             self._arm_route_timeout()
         upstream = self.upstream
         if (entry.per_try_timeout and upstream is not None and upstream.encoder is not None
@@ -582,7 +608,7 @@ class RouterFilter:
             self._arm_try_timeout(upstream)
 
     def _arm_route_timeout(self) -> None:
-        self.deadline = deadline = self.cm._loop.time() + self.entry.timeout
+        self.deadline = deadline = self.cm._loop.time() + self.timeout
         self.cm.arm_at(deadline)
 
     def _arm_try_timeout(self, upstream: UpstreamRequest) -> None:

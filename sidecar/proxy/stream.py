@@ -12,6 +12,8 @@ from __future__ import annotations
 from time import monotonic, time_ns
 from typing import TYPE_CHECKING, Protocol
 
+from sidecar.proxy.grpc import http_status as _grpc_http
+
 if TYPE_CHECKING:
     from sidecar.codec.api import ResponseEncoder
     from sidecar.proxy.router import RouteEntry
@@ -54,7 +56,7 @@ class Stream:
         # the connection's side
         "owner", "encoder", "filter", "original_dst", "complete", "done", "ended", "started", "answered",
         # what the route decided and the response
-        "entry", "cluster", "upstream_path", "upstream_headers", "status", "flags", "failed",
+        "entry", "cluster", "upstream_path", "upstream_headers", "status", "grpc_status", "flags", "failed",
         # telemetry (sidecar.proxy.telemetry): times, ids, trace context, what the access log and spans report
         "t0", "wall0", "trace_id", "span_id", "parent_id", "sampled", "tracestate", "b3", "trace_at",
         "span_start", "upstream_host", "try_status", "retries", "bytes_in", "bytes_out",
@@ -88,6 +90,7 @@ class Stream:
         self.upstream_path = b""  # the path sent upstream (origin-form)
         self.upstream_headers: list[bytes] | None = None  # the headers sent upstream, as pieces
         self.status = 0
+        self.grpc_status = -1  # a gRPC call's grpc-status (trailers, or a trailers-only head); -1: none
         self.flags = ""  # Envoy's response flags (UH, UO, UT, RL, DC, ...)
         self.failed = False  # an upstream failure was answered locally (counts as an endpoint error)
         self.t0 = monotonic()  # request start, for durations
@@ -105,6 +108,15 @@ class Stream:
         self.retries = 0  # retries sent so far
         self.bytes_in = 0  # request body bytes received
         self.bytes_out = 0  # response body bytes sent
+
+    @property
+    def outcome(self) -> int:
+        """The HTTP status the outcome counts as: a gRPC call's status mapped as Envoy maps it
+        (sidecar.proxy.grpc.http_status), else the response status."""
+        code = self.grpc_status
+        if code < 0:
+            return self.status
+        return _grpc_http(code)
 
     # --- RequestDecoder -------------------------------------------------------------------------
 

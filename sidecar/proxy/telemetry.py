@@ -31,6 +31,7 @@ from json.encoder import encode_basestring
 from time import gmtime, monotonic, strftime, time_ns
 from typing import TYPE_CHECKING
 
+from sidecar.proxy.grpc import NAMES, method_of
 from sidecar.tracing.context import (
     extract,
     format_trace_id,
@@ -121,6 +122,9 @@ def end(rt: ListenerContext, ex: Stream, peer: tuple | None = None) -> None:
         counts[(cls if cls < 6 else 5) - 1] += 1
     elif not ex.flags:
         ex.flags = "DC"  # the downstream connection went away before a response (Envoy's DC)
+    if ex.grpc_status >= 0:
+        gkey = (entry.name if entry is not None else "", cluster.name if cluster is not None else "", ex.grpc_status)
+        rt.grpc_stats[gkey] = rt.grpc_stats.get(gkey, 0) + 1
     if ex.sampled and rt.tracer is not None:
         end_ns = ex.wall0 + int(elapsed * 1e9)
         _record(rt, ex, ex.span_start or ex.wall0, end_ns, status, ex.flags, ex.retries, peer)
@@ -164,6 +168,13 @@ def _record(rt: ListenerContext, ex: Stream, start_ns: int, end_ns: int, status:
             attrs["client.port"] = peer[1]
     if status:
         attrs["http.response.status_code"] = status
+    if ex.grpc:  # OpenTelemetry's RPC conventions
+        service, rpc_method = method_of(ex.path)
+        attrs["rpc.system"] = "grpc"
+        attrs["rpc.service"] = service
+        attrs["rpc.method"] = rpc_method
+        if ex.grpc_status >= 0:
+            attrs["rpc.grpc.status_code"] = ex.grpc_status
     if ex.cluster is not None:
         attrs["meshkeeper.upstream_cluster"] = ex.cluster.name
     if ex.upstream_host:
@@ -176,9 +187,10 @@ def _record(rt: ListenerContext, ex: Stream, start_ns: int, end_ns: int, status:
     if flags:
         attrs["meshkeeper.response_flags"] = flags
     # Cut short after it started (UC, UT after the head; DC: the client left) is an error too.
-    error = not status or status >= 500 or (kind == CLIENT and status >= 400) or ex.failed or flags == "DC"
+    outcome = ex.outcome if status else 0
+    error = not outcome or outcome >= 500 or (kind == CLIENT and outcome >= 400) or ex.failed or flags == "DC"
     if error:
-        attrs["error.type"] = flags or str(status)
+        attrs["error.type"] = flags or (NAMES[ex.grpc_status] if 0 <= ex.grpc_status < len(NAMES) else str(status))
     rt.tracer.record(method, kind, ex.trace_id, ex.span_id, ex.parent_id, start_ns, end_ns, attrs, error,
                      ex.tracestate)
 

@@ -388,8 +388,8 @@ def test_retry_policy_defaults_are_envoys():
 
 
 @pytest.mark.parametrize("rp, message", [
-    (route_components_pb2.RetryPolicy(retry_on="5xx,envoy-ratelimited,cancelled"),
-     "retry_on cancelled, envoy-ratelimited is not supported"),
+    (route_components_pb2.RetryPolicy(retry_on="5xx,envoy-ratelimited,unavailable"),
+     "retry_on envoy-ratelimited is not supported"),
     (route_components_pb2.RetryPolicy(retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
         name="envoy.retry_host_predicates.omit_canary_hosts")]), "retry_host_predicate 'envoy.retry_host_predicates"),
     (route_components_pb2.RetryPolicy(retry_priority=route_components_pb2.RetryPolicy.RetryPriority(name="p")),
