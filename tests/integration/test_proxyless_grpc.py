@@ -276,3 +276,17 @@ def test_register_follows_the_servers_health_and_leaves_on_sigterm(mesh, zk_clie
     assert registered() == {mesh.key("a")}
     wait_until(lambda: set(mesh.calls(20)[0]) == {"a"}, 1.0, 0.0, message="only a is called")
     assert mesh.calls(100) == ({"a": 100}, {})
+
+
+def test_timeout_and_fault_injection_are_honoured(mesh, zk_client):
+    """The route timeout reaches grpcio as max_stream_duration (gRFC A31), faults through its fault
+    filter (A33): a 300 ms injected delay under a 100 ms timeout is DEADLINE_EXCEEDED, an injected
+    503 is UNAVAILABLE."""
+    assert mesh.calls(20)[1] == {}
+    wait_until(mesh.synced, 10, message="client synced")
+    policy_applied(mesh, zk_client, {"timeout_ms": 100, "fault": {"delay_ms": 300, "delay_percent": 100}}, ("RDS",))
+    assert mesh.calls(5) == ({}, {"DEADLINE_EXCEEDED": 5})
+    policy_applied(mesh, zk_client, {"fault": {"abort_status": 503, "abort_percent": 100}}, ("RDS",))
+    assert mesh.calls(5) == ({}, {"UNAVAILABLE": 5})
+    policy_applied(mesh, zk_client, {}, ("RDS",))
+    assert mesh.calls(20)[1] == {}
