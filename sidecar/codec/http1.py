@@ -353,8 +353,12 @@ class Http1ServerCodec:
         out = [_STATUS_LINES[status] if status < 1000 else _STATUS_LINES[500]]
         out += headers
         self._started = True
-        if not end_stream and not self._is_head and status != 204 and status != 304 \
-                and b"content-length" not in headers[0::4]:
+        names = headers[0::4]
+        if self._is_head or status == 204 or status == 304 or b"content-length" in names:
+            pass
+        elif end_stream:
+            out.append(b"content-length: 0\r\n")  # (an HTTP/2 head with END_STREAM: a trailers-only gRPC reply)
+        else:
             if self._http10:
                 self._keep_alive = False  # HTTP/1.0 has no chunked: the body ends when we close
             else:

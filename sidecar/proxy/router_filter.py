@@ -110,7 +110,7 @@ class UpstreamRequest:
     """One try: its endpoint, its stream on a pooled connection, its deadline."""
 
     __slots__ = ("router", "endpoint", "encoder", "conn", "pending", "t0", "deadline", "discarding",
-                 "stale_replay")
+                 "stale_replay", "reported")
 
     def __init__(self, router: RouterFilter, endpoint: Endpoint) -> None:
         self.router = router
@@ -122,6 +122,7 @@ class UpstreamRequest:
         self.deadline = 0.0  # loop time its per_try_timeout fires at; 0: none
         self.discarding = False  # a retriable response is being read and dropped before the retry
         self.stale_replay = False  # replayed once after a stale pooled connection
+        self.reported = False  # its outcome went to outlier detection
 
     # --- PoolCallbacks --------------------------------------------------------------------------
 
@@ -494,11 +495,12 @@ class RouterFilter:
         stream = self.stream
         cluster = self.cluster
         cluster.stats.count_status(status)
-        code = grpc.status_of(headers) if stream.grpc and end_stream else None  # a trailers-only response
+        code = grpc.status_of(headers) if stream.grpc else None  # a trailers-only response has it in its head
         outcome = grpc.http_status(code) if code is not None else status
         detector = cluster.outlier
-        if detector is not None and (end_stream or not stream.grpc):
-            # A gRPC call's outcome is in its trailers: reported there (response_trailers).
+        if detector is not None and (code is not None or not stream.grpc or end_stream):
+            # Otherwise a gRPC call's outcome is in its trailers: reported there (_report_grpc).
+            upstream.reported = True
             detector.report_status(upstream.endpoint, outcome)
         state = self.retry_state
         if state is not None:
@@ -532,8 +534,8 @@ class RouterFilter:
         stream = self.stream
         stream.bytes_out += len(data)
         if end_stream:
-            if stream.grpc and self.cluster.outlier is not None:  # a gRPC response without trailers
-                self.cluster.outlier.report_status(self.upstream.endpoint, stream.outcome)
+            if stream.grpc:  # a gRPC response that ended without trailers
+                self._report_grpc(self.upstream)
             self._response_done(self.upstream)
             stream.encoder.encode_data(data, True)
             self.cm.end(stream)
@@ -547,12 +549,17 @@ class RouterFilter:
             code = grpc.status_of(trailers)
             if code is not None:
                 stream.grpc_status = code
-            detector = self.cluster.outlier
-            if detector is not None:
-                detector.report_status(upstream.endpoint, stream.outcome)
+            self._report_grpc(upstream)
         self._response_done(upstream)
         stream.encoder.encode_trailers(trailers)
         self.cm.end(stream)
+
+    def _report_grpc(self, upstream: UpstreamRequest) -> None:
+        """A gRPC call's outcome to outlier detection, once: its grpc-status mapped to HTTP."""
+        detector = self.cluster.outlier
+        if detector is not None and not upstream.reported:
+            upstream.reported = True
+            detector.report_status(upstream.endpoint, self.stream.outcome)
 
     def _response_done(self, upstream: UpstreamRequest) -> None:
         """The response is about to end downstream: the try is a success or a 5xx failure."""
