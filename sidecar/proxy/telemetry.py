@@ -87,10 +87,19 @@ def request_id(ex: Stream) -> bytes:
 
 
 def inject(ex: Stream, head: list[bytes]) -> None:
-    """Append the trace headers to the upstream headers: one piece holding their lines (HTTP/1.1)."""
+    """Append the trace headers naming this hop's span to the upstream headers (as pieces)."""
     if ex.trace_id:
         ex.trace_at = len(head)
-        head.append(trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3))
+        head += _pieces(trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3))
+
+
+def _pieces(lines: bytes) -> list[bytes]:
+    """``name: value\r\n`` lines as header pieces."""
+    out: list[bytes] = []
+    for line in lines.split(b"\r\n")[:-1]:
+        name, _, value = line.partition(b": ")
+        out += (name, b": ", value, b"\r\n")
+    return out
 
 
 def attempt_failed(rt: ListenerContext, ex: Stream, flag: str) -> None:
@@ -102,8 +111,9 @@ def attempt_failed(rt: ListenerContext, ex: Stream, flag: str) -> None:
         _record(rt, ex, ex.span_start or ex.wall0, now_ns, ex.try_status, flag, ex.retries)
     ex.span_id = new_span_id()
     ex.span_start = now_ns
-    if ex.trace_at >= 0:
-        ex.upstream_headers[ex.trace_at] = trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3)
+    if ex.trace_at >= 0:  # the same headers (same style, same tracestate), a new span id
+        pieces = _pieces(trace_headers(ex.trace_id, ex.span_id, ex.sampled, ex.tracestate, ex.b3))
+        ex.upstream_headers[ex.trace_at:ex.trace_at + len(pieces)] = pieces
 
 
 def end(rt: ListenerContext, ex: Stream, peer: tuple | None = None) -> None:
