@@ -547,8 +547,8 @@ def node_policy(snapshot: RegistrySnapshot, node: NodeInfo) -> Policy:
 
 def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources:
     """Per-node resources, from the node and its own service's policy (:func:`node_policy`); both
-    hash, so a caller may memoise on them. Proxyless clients get none (their api_listeners come
-    later); a sidecar without an app (app_port 0) gets no inbound listener or cluster."""
+    hash, so a caller may memoise on them. Proxyless clients get none (they are served by resource
+    name: controlplane/proxyless.py); a sidecar without an app (app_port 0) gets no inbound listener or cluster."""
     out = empty_resources()
     if node.proxyless:
         return out
