@@ -9,8 +9,9 @@ stalled log shipper on the other end of stdout), further lines are dropped and c
 (``dropped``) instead of holding requests. Writes are cut at line boundaries into pieces of at most
 ``PIPE_BUF`` bytes, so the lines of several workers sharing one stdout pipe never interleave.
 
-On by default to stdout (``--access-log -``); ``--access-log off`` disables it and
-``--access-log PATH`` appends to a file.
+Off by default, as in Istio (``meshConfig.accessLogFile`` empty) and Linkerd: on one worker it
+costs about a quarter of the HTTP/1.1 throughput (bench/RESULTS.md, issue 14). ``--access-log -``
+writes to stdout, ``--access-log PATH`` appends to a file.
 
 The fields (names as Istio's JSON access log spells them; times in UTC, durations in ms)::
 

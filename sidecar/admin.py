@@ -36,7 +36,7 @@ from meshkeeper import xds
 from meshkeeper.httpd import HttpServer
 
 if TYPE_CHECKING:
-    from sidecar.runtime import SidecarRuntime
+    from sidecar.server import Server
 
 JSON = "application/json"
 _DUMP_ORDER = ((xds.LISTENER, "listeners"), (xds.ROUTE, "routes"), (xds.CLUSTER, "clusters"),
@@ -52,7 +52,7 @@ def _json(status: int, obj: Any) -> tuple[int, str, bytes]:
 
 
 class AdminServer:
-    def __init__(self, runtime: SidecarRuntime | None = None) -> None:
+    def __init__(self, runtime: Server | None = None) -> None:
         self.runtime = runtime  # set once the sidecar's node (with the admin port) is known
         self.status_address: tuple[str, int] | None = None  # the status port's (bind, port), when served
         self.started = time.time()

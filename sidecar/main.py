@@ -200,7 +200,7 @@ async def run(args: argparse.Namespace) -> int:
     from sidecar.grpc_health import check_grpc
     from sidecar.proxy.listener import bind_socket
     from sidecar.registration import Registration, check_http, check_tcp
-    from sidecar.runtime import SidecarRuntime
+    from sidecar.server import Server
     from sidecar.status import StatusServer
     from sidecar.xds.client import AdsClient, channel_credentials
     from sidecar.xds.lrs import LoadReporter
@@ -251,7 +251,7 @@ async def run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"meshkeeper sidecar: cannot open the access log: {exc}", file=sys.stderr)
         return 1
-    runtime = SidecarRuntime(node, tracer=tracer, access_log=access_log)
+    runtime = Server(node, tracer=tracer, access_log=access_log)
     dns_port = 0
     if transparent and primary:
         from sidecar.dns import MeshDns, read_resolv_conf

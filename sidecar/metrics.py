@@ -18,15 +18,15 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from meshkeeper import xds
 
 
-class SidecarRuntime(Protocol):
-    """What the collector reads of ``sidecar.runtime.SidecarRuntime`` at scrape time (declared here,
+class Server(Protocol):
+    """What the collector reads of ``sidecar.server.Server`` at scrape time (declared here,
     so that the runtime, which owns a :class:`SidecarMetrics`, and this module do not import each
     other)."""
 
     node: Any
     clusters: Any
-    listener_runtimes: dict[str, Any]
-    chain_runtimes: dict[str, Any]
+    listener_contexts: dict[str, Any]
+    chain_contexts: dict[str, Any]
     tracer: Any
     access_log: Any
     dns: Any
@@ -42,7 +42,7 @@ def _is_gauge(stat: str) -> bool:
 
 
 class SidecarCollector:
-    def __init__(self, runtime: SidecarRuntime) -> None:
+    def __init__(self, runtime: Server) -> None:
         self.runtime = runtime
 
     def collect(self):
@@ -87,7 +87,7 @@ class SidecarCollector:
         by_grpc = CounterMetricFamily(
             "meshkeeper_grpc_requests", "gRPC calls by listener, route, cluster and grpc-status (the call's "
             "outcome: HTTP says 200 for nearly all of them)", labels=["listener", "route", "cluster", "grpc_status"])
-        for lrt in (*rt.listener_runtimes.values(), *rt.chain_runtimes.values()):
+        for lrt in (*rt.listener_contexts.values(), *rt.chain_contexts.values()):
             downstream_time.add_metric([lrt.name], lrt.rq_time.buckets(), lrt.rq_time.sum)
             for (route, cluster), counts in sorted(lrt.route_stats.items()):
                 for i, n in enumerate(counts):
@@ -168,7 +168,7 @@ class SidecarCollector:
 
 
 class SidecarMetrics:
-    def __init__(self, runtime: SidecarRuntime) -> None:
+    def __init__(self, runtime: Server) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(SidecarCollector(runtime))
 

@@ -22,7 +22,7 @@ rules never capture, so the proxy's own connection is not redirected again and s
 bound to loopback only stay unreachable from outside), else it balances over the cluster.
 Weighted clusters of a tcp_proxy are chosen per connection by weight.
 
-The table is built by :mod:`sidecar.runtime` on every LDS update and swapped whole.
+The table is built by :mod:`sidecar.server` on every LDS update and swapped whole.
 """
 
 from __future__ import annotations

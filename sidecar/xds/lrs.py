@@ -281,7 +281,7 @@ class LoadReporter:
 
     def sync(self) -> None:
         """Start following the endpoint objects in the clusters now, and remember the ones that
-        left. Called at each report and right before a CDS/EDS update is applied (SidecarRuntime),
+        left. Called at each report and right before a CDS/EDS update is applied (Server),
         so that endpoints that come and go within one period are reported too."""
         manager = self.clusters
         for name in manager.names():

@@ -298,7 +298,7 @@ def test_two_workers_share_the_listeners_and_stop_together(procs, zk_server, zk_
     mesh = start_mesh(procs, zk_server.hosts, namespace, zk_client)
     app = procs.app("frontend")
     sc = procs.sidecar("frontend", app.port("port"), cp=mesh.cp_target, zk=zk_server.hosts, namespace=namespace,
-                       workers=2, name="sidecar-2workers")
+                       workers=2, name="sidecar-2workers", access_log="-")
     node = sc.info["node"]
     wait_until(lambda: {p["node_id"] for p in mesh.proxies()} >= {node, f"{node}~w1"}, 10,
                message="both workers hold an ADS stream")

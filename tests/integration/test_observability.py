@@ -169,7 +169,7 @@ def test_b3_only_request_continues_its_trace_and_unsampled_parent_exports_nothin
 
 
 def test_request_id_is_generated_when_missing_and_kept_end_to_end(procs, zk_server, namespace, receiver):
-    mesh = start_traced_mesh(procs, zk_server.hosts, namespace, receiver.endpoint, ratio="0")
+    mesh = start_traced_mesh(procs, zk_server.hosts, namespace, receiver.endpoint, ratio="0", access_log="-")
     port = mesh.frontend.port("outbound_port")
     _, _, body = get(port, "/headers", headers={"X-Request-Id": "req-abc-1"})
     assert json.loads(body)["x-request-id"] == "req-abc-1"

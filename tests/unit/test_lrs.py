@@ -222,10 +222,10 @@ def test_a_removed_endpoint_is_reported_once_more_and_a_readded_one_counts_from_
 
 
 def test_an_endpoint_that_comes_and_goes_within_one_interval_is_still_reported() -> None:
-    from sidecar.runtime import SidecarRuntime
+    from sidecar.server import Server
 
     clock = Clock()
-    runtime = SidecarRuntime(NODE)
+    runtime = Server(NODE)
     runtime.apply_clusters({CATALOG: ClusterConfig(CATALOG)})
     runtime.apply_endpoints({CATALOG: (ep(1),)})
     lrs = runtime.lrs = reporter(runtime.clusters, clock)

@@ -9,7 +9,7 @@ from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
 from sidecar.config import ListenerConfig, RateLimitConfig, Route, RouteConfig, VirtualHost
 from sidecar.proxy.ratelimit import TokenBucket
-from sidecar.runtime import SidecarRuntime
+from sidecar.server import Server
 from tests.support.fakes import async_test
 from tests.unit.test_http_proxy import Mesh, assert_local_reply, parse_responses
 
@@ -78,8 +78,8 @@ def test_refuses_a_config_it_cannot_run(config: RateLimitConfig) -> None:
 # --- plumbing from LDS -------------------------------------------------------------------------------
 
 
-def _runtime() -> SidecarRuntime:
-    return SidecarRuntime(NodeInfo(node_id="n", service="svc"))
+def _runtime() -> Server:
+    return Server(NodeInfo(node_id="n", service="svc"))
 
 
 def _listeners(rate_limit: RateLimitConfig | None, headers_timeout: float = 0.0,
@@ -94,8 +94,8 @@ def _listeners(rate_limit: RateLimitConfig | None, headers_timeout: float = 0.0,
 
 def test_lds_sets_the_limits_and_keeps_the_bucket_while_its_config_is_unchanged() -> None:
     runtime = _runtime()
-    inbound = runtime.listener_runtimes[xds.INBOUND_LISTENER]
-    outbound = runtime.listener_runtimes[xds.OUTBOUND_LISTENER]
+    inbound = runtime.listener_contexts[xds.INBOUND_LISTENER]
+    outbound = runtime.listener_contexts[xds.OUTBOUND_LISTENER]
     limit = RateLimitConfig(max_tokens=2, tokens_per_fill=1, fill_interval=60.0)
     runtime.apply_listeners(_listeners(limit, headers_timeout=10.0, idle_timeout=300.0))
     bucket = inbound.rate_limit
@@ -117,7 +117,7 @@ def test_lds_sets_the_limits_and_keeps_the_bucket_while_its_config_is_unchanged(
 
 def test_an_invalid_rate_limit_is_refused_before_anything_changes() -> None:
     runtime = _runtime()
-    inbound = runtime.listener_runtimes[xds.INBOUND_LISTENER]
+    inbound = runtime.listener_contexts[xds.INBOUND_LISTENER]
     runtime.apply_listeners(_listeners(None, headers_timeout=5.0))
     with pytest.raises(ValueError):
         runtime.apply_listeners(_listeners(RateLimitConfig(1, 1, 0.0), headers_timeout=1.0))

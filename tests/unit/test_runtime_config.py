@@ -17,7 +17,8 @@ from meshkeeper import xds
 from meshkeeper.httpd import HttpServer
 from meshkeeper.xds import NodeInfo
 from sidecar.admin import MAX_RUNTIME_WAIT, AdminServer
-from sidecar.runtime import RuntimeLayer, SidecarRuntime
+from sidecar.runtime import RuntimeLayer
+from sidecar.server import Server
 from sidecar.xds import convert
 from sidecar.xds.client import AdsClient
 from tests.unit.test_xds_client import Sink, ads, eds_cluster, next_request, response  # noqa: F401  (ads: fixture)
@@ -146,7 +147,7 @@ async def get(port: int, target: str) -> tuple[int, dict[str, str], bytes]:
 
 @pytest.fixture
 async def admin():
-    rt = SidecarRuntime(sidecar_node())
+    rt = Server(sidecar_node())
     server = AdminServer(rt)
     port = await server.start("127.0.0.1", 0)
     yield rt, port
@@ -247,7 +248,7 @@ async def test_many_held_polls_all_return_on_one_change_and_a_gone_caller_leaves
 async def test_the_idle_timeout_does_not_cut_a_held_poll():
     """meshkeeper.httpd closes idle connections; a connection whose request is being answered is
     not idle, however long the answer takes."""
-    rt = SidecarRuntime(sidecar_node())
+    rt = Server(sidecar_node())
     rt.apply_runtime({}, "r1")
     server = await HttpServer.start(AdminServer(rt).handle, "127.0.0.1", 0, idle_timeout=0.1)
     try:
@@ -265,7 +266,7 @@ async def test_the_idle_timeout_does_not_cut_a_held_poll():
 
 async def test_client_subscribes_rtds_by_name_and_the_values_reach_the_runtime(ads):  # noqa: F811
     server, target = ads
-    rt = SidecarRuntime(sidecar_node())
+    rt = Server(sidecar_node())
     client = AdsClient(target, sidecar_node(), rt, backoff_base=0.01, backoff_max=0.05)
     rt.ads = client
     admin_server = AdminServer(rt)

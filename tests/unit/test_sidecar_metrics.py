@@ -4,12 +4,12 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from meshkeeper.xds import NodeInfo
 from sidecar.config import ClusterConfig, OutlierConfig
-from sidecar.runtime import SidecarRuntime
+from sidecar.server import Server
 from sidecar.upstream.stats import CLUSTER_STATS
 
 
 async def test_exposition_has_one_family_per_name_and_counts_by_code_class():
-    rt = SidecarRuntime(NodeInfo(node_id="n", service="s"))
+    rt = Server(NodeInfo(node_id="n", service="s"))
     rt.apply_clusters({"outbound|a.default": ClusterConfig(name="outbound|a.default")})
     stats = rt.clusters.get("outbound|a.default").stats
     for status in (200, 200, 503):
@@ -25,7 +25,7 @@ async def test_exposition_has_one_family_per_name_and_counts_by_code_class():
 
 
 async def test_active_stats_are_gauges_and_the_rest_counters():
-    rt = SidecarRuntime(NodeInfo(node_id="n", service="s"))
+    rt = Server(NodeInfo(node_id="n", service="s"))
     rt.apply_clusters({"c": ClusterConfig(name="c", outlier=OutlierConfig())})
     stats = rt.clusters.get("c").stats
     for i, name in enumerate(CLUSTER_STATS):
@@ -47,11 +47,11 @@ async def test_active_stats_are_gauges_and_the_rest_counters():
 
 
 async def test_histograms_request_counts_and_the_info_series():
-    rt = SidecarRuntime(NodeInfo(node_id="sidecar~h~s-1.ns", service="s", namespace="ns", version="v2"))
+    rt = Server(NodeInfo(node_id="sidecar~h~s-1.ns", service="s", namespace="ns", version="v2"))
     rt.apply_clusters({"outbound|a.ns": ClusterConfig(name="outbound|a.ns")})
     for seconds in (0.0004, 0.003, 0.003, 2.0):
         rt.clusters.get("outbound|a.ns").rq_time.observe(seconds)
-    rt.listener_runtimes["outbound"].route_stats[("a.ns", "outbound|a.ns")] = [0, 5, 0, 1, 2]
+    rt.listener_contexts["outbound"].route_stats[("a.ns", "outbound|a.ns")] = [0, 5, 0, 1, 2]
     body, _ = rt.metrics.exposition()
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
                for f in text_string_to_metric_families(body.decode()) for s in f.samples}

@@ -1,6 +1,6 @@
 """The status port (sidecar/status.py): the admin port's readiness and metrics, and nothing else.
 
-Driven through its handler with the real AdminServer over a real SidecarRuntime; the ADS client
+Driven through its handler with the real AdminServer over a real Server; the ADS client
 and the registration are stand-ins that only carry the two flags readiness reads. The sockets
 (which address each port binds) are tests/integration/test_status_port.py's.
 """
@@ -14,16 +14,16 @@ import pytest
 
 from meshkeeper.xds import NodeInfo
 from sidecar.admin import AdminServer
-from sidecar.runtime import SidecarRuntime
+from sidecar.server import Server
 from sidecar.status import StatusServer
 
 ADMIN_PAGES = ("/ready", "/config_dump", "/clusters", "/listeners", "/server_info", "/runtime", "/")
 
 
-def runtime() -> SidecarRuntime:
+def runtime() -> Server:
     node = NodeInfo(node_id="sidecar~127.0.0.1~catalog-15006.shop", service="catalog", namespace="shop",
                     app_port=8080, inbound_port=15006, outbound_port=15001, admin_port=15000)
-    return SidecarRuntime(node)
+    return Server(node)
 
 
 async def get(server: StatusServer | AdminServer, path: str, method: str = "GET") -> tuple:
