@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
+from sidecar import metrics
 from sidecar.config import (
     DEFAULT_IDLE_TIMEOUT,
     ClusterConfig,
@@ -36,6 +37,7 @@ from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.runtime import RuntimeLayer
+from sidecar.stats import StatsStore
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds.convert import XdsError
 
@@ -81,10 +83,21 @@ class BoundTcpListener:
 class Server:
     def __init__(self, node: NodeInfo, *, tracer: Tracer | None = None, access_log: AccessLog | None = None) -> None:
         self.node = node
+        # What every component counts is registered here; /stats/prometheus reads the store alone.
+        self.stats = StatsStore()
+        self.metrics = SidecarMetrics(self.stats)
+        self.stats.register(node, lambda: metrics.node_families(node))
         self.clusters = ClusterManager()
+        self.stats.register(self.clusters, lambda: metrics.cluster_families(self.clusters))
         self.listener_contexts = {name: ListenerContext(name, self.clusters) for name in BOUND_LISTENERS}
+        for ctx in self.listener_contexts.values():
+            self._register_listener(ctx)
         self.tracer = tracer  # None: tracing off (no --otlp-endpoint)
+        if tracer is not None:
+            self.stats.register(tracer, lambda: metrics.tracer_families(tracer))
         self.access_log = access_log
+        if access_log is not None:
+            self.stats.register(access_log, lambda: metrics.access_log_families(access_log))
         for rt in self.listener_contexts.values():
             rt.service, rt.namespace = node.service, node.namespace
             rt.access_log = access_log
@@ -100,16 +113,52 @@ class Server:
         # Explicit mode's listeners of tcp services (tcp|<svc>.<ns>), bound from their LDS address.
         self.tcp_listeners: dict[str, BoundTcpListener] = {}
         self.tcp_listener_errors = 0
-        self.dns: MeshDns | None = None  # the mesh DNS (transparent mode), started by sidecar.main
+        self._dns: MeshDns | None = None  # the mesh DNS (transparent mode), started by sidecar.main
         self.dns_domain = ""
         self.listener_configs: dict[str, ListenerConfig] = {}
         self.route_configs: dict[str, RouteConfig] = {}
-        self.ads: AdsClient | None = None
+        self._ads: AdsClient | None = None
         self.lrs: LoadReporter | None = None
-        self.registration: Registration | None = None
+        self._registration: Registration | None = None
         self.draining = False
         self.runtime_layer = RuntimeLayer()
-        self.metrics = SidecarMetrics(self)
+
+    # ------------------------------------------------------------------ components set by sidecar.main
+
+    @property
+    def dns(self) -> MeshDns | None:
+        return self._dns
+
+    @dns.setter
+    def dns(self, dns: MeshDns | None) -> None:
+        self._dns = self._component(self._dns, dns, metrics.dns_families)
+
+    @property
+    def ads(self) -> AdsClient | None:
+        return self._ads
+
+    @ads.setter
+    def ads(self, ads: AdsClient | None) -> None:
+        self._ads = self._component(self._ads, ads, metrics.ads_families)
+
+    @property
+    def registration(self) -> Registration | None:
+        return self._registration
+
+    @registration.setter
+    def registration(self, registration: Registration | None) -> None:
+        self._registration = self._component(self._registration, registration, metrics.registration_families)
+
+    def _component(self, old: Any, new: Any, families: Any) -> Any:
+        """Swap a component, its stats registration with it."""
+        if old is not None:
+            self.stats.unregister(old)
+        if new is not None:
+            self.stats.register(new, lambda: families(new))
+        return new
+
+    def _register_listener(self, ctx: ListenerContext) -> None:
+        self.stats.register(ctx, lambda: metrics.listener_families(ctx))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -242,7 +291,7 @@ class Server:
                 if replace(planned[2], name=cfg.name) != cfg:
                     raise XdsError(f"filter chain {name!r}: route configuration {key!r} differs from another chain's")
                 return Target(key, http=planned[0])
-            rt = self.chain_contexts.get(key) or self._chain_runtime(key)
+            rt = self.chain_contexts.get(key) or self._chain_context(key)
             chain_rts[key] = (rt, Router(cfg.route_config), cfg)
             return Target(key, http=rt)
 
@@ -318,7 +367,7 @@ class Server:
                 self.tcp_listeners[name] = bound
             bound.holder.table = table
 
-    def _chain_runtime(self, name: str) -> ListenerContext:
+    def _chain_context(self, name: str) -> ListenerContext:
         rt = ListenerContext(name, self.clusters)
         rt.service, rt.namespace = self.node.service, self.node.namespace
         rt.access_log = self.access_log
@@ -331,7 +380,13 @@ class Server:
             rt.router = router
             rt.set_tracing(self.tracer, cfg.trace_sample_ratio)
             rt.set_limits(rt.rate_limit_for(cfg.rate_limit), cfg.request_headers_timeout, cfg.idle_timeout)
-        self.chain_contexts = {name: rt for name, (rt, _, _) in chain_rts.items()}
+        old, self.chain_contexts = self.chain_contexts, {name: rt for name, (rt, _, _) in chain_rts.items()}
+        for ctx in old.values():  # a chain's stats leave with it
+            if ctx not in self.chain_contexts.values():
+                self.stats.unregister(ctx)
+        for ctx in self.chain_contexts.values():
+            if ctx not in self.stats:
+                self._register_listener(ctx)
         for key, rt in self.tcp_runtimes.items():
             if key not in tcp_rts:
                 rt.close()

@@ -67,3 +67,24 @@ async def test_histograms_request_counts_and_the_info_series():
     assert got == {"1xx": None, "2xx": 5, "4xx": 1, "5xx": 2}
     info = (("namespace", "ns"), ("node_id", "sidecar~h~s-1.ns"), ("service", "s"), ("version", "v2"))
     assert samples[("meshkeeper_sidecar_info", info)] == 1
+
+
+async def test_components_are_read_from_the_store_and_leave_with_their_registration():
+    rt = Server(NodeInfo(node_id="n", service="s"))
+    body, _ = rt.metrics.exposition()
+    assert b"meshkeeper_xds_connected" not in body  # no ADS client yet: nothing registered for it
+
+    class Ads:  # what the ADS client counts, as sidecar.metrics.ads_families reads it
+        state: dict = {}
+        connected = True
+        synced = False
+
+    rt.ads = Ads()
+    body, _ = rt.metrics.exposition()
+    assert b"meshkeeper_xds_connected 1.0" in body
+    rt.ads = None
+    assert b"meshkeeper_xds_connected" not in rt.metrics.exposition()[0]
+    # Both bound listeners report under one family each (a repeated family would be refused).
+    families = list(text_string_to_metric_families(rt.metrics.exposition()[0].decode()))
+    total = next(f for f in families if f.name == "meshkeeper_listener_downstream_rq")
+    assert sorted(s.labels["listener"] for s in total.samples) == ["inbound", "outbound"]
