@@ -67,7 +67,8 @@ def run(argv: list[str] | None = None) -> int:
     out = sys.stdout
     live = out.isatty()
     # The demo samples 100% of traces (the default is 1%).
-    mesh = LocalMesh(sidecar_args=("--trace-sample-ratio", "1"))
+    # The access log is off by default in a sidecar (it costs throughput); the demo shows it.
+    mesh = LocalMesh(sidecar_args=("--trace-sample-ratio", "1", "--access-log", "-"))
     traffic: TrafficDriver | None = None
     code = 0
     previous = signal.signal(signal.SIGTERM, _raise_stop)
