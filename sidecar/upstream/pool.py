@@ -108,14 +108,18 @@ class Pending:
             self.task.cancel()
             self.task = None
 
-    def __call__(self, conn: Http1ClientConnection | None) -> None:
-        """Woken in the queue: a connection came free (``conn``) or a slot did (None)."""
+    def __call__(self, conn: Http1ClientConnection | Http2ClientConnection | None) -> None:
+        """Woken in the queue: a connection came free or, HTTP/2, has room (``conn``), or a slot did (None)."""
         self.waiting = False
+        pool = self.pool
         if self.done:
             if conn is not None:
-                self.pool.release(conn)
+                if pool.http2:
+                    pool._serve_waiters(conn)  # the room it was woken for goes to the next waiter
+                else:
+                    pool.release(conn)
             return
-        if conn is not None and not conn.closed:
+        if conn is not None and (pool.http2 or not conn.closed):  # HTTP/2: _ready checks its capacity
             self.pool._ready(self, conn)
         else:
             self.pool._connect_or_wait(self, first=True)
