@@ -15,7 +15,7 @@ frame (today's answers HTTP/1.1 400) is left out of the rounds, with what it ans
 the sidecar speaks h2c it joins the rounds with no change here. ``--sidecar none`` skips it (no
 ZooKeeper or control plane is started then).
 
-    .venv/bin/python bench/h2.py [--rounds 8] [--duration 5] [--sidecar 'sidecar=.:--access-log off']
+    .venv/bin/python bench/h2c.py [--rounds 8] [--duration 5] [--sidecar 'sidecar=.:--access-log off']
 
 Per target: median req/s over the rounds and their range, the median of the per-round ratio to
 HAProxy and its range, failed requests, and the proxy's CPU µs per request (/proc).
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{bad} failed", flush=True)
             loads.append(os.getloadavg()[0])
         now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        cmd = shlex.join([".venv/bin/python", "bench/h2.py", *argv])
+        cmd = shlex.join([".venv/bin/python", "bench/h2c.py", *argv])
         print(f"\n{now}, `{cmd}`: h2load -c {CONNECTIONS} -m {STREAMS} -D {args.duration} per target per round, "
               f"{args.rounds} rounds, {time.monotonic() - started:.0f} s; load average (1 min) before "
               f"{load_before[0]:.2f}, per round {min(loads):.2f}-{max(loads):.2f}, after {os.getloadavg()[0]:.2f}\n")
