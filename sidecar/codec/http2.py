@@ -16,10 +16,13 @@ watermarks and receive credit are :mod:`.http2_session`'s.
   A response that ends before its request is followed by RST_STREAM(NO_ERROR) (RFC 9113 §8.1: the
   rest of the request is not needed), as Envoy does. ``reset()`` sends RST_STREAM(INTERNAL_ERROR): a
   gRPC client reads it as INTERNAL, not as a clean end.
-- **Drain.** ``go_away()`` sends GOAWAY(NO_ERROR) with the highest stream id seen; streams in flight
-  finish, a stream opened after it (crossing it on the wire) is refused with REFUSED_STREAM (safe
-  for the client to retry), and the connection closes once none is left: Envoy's drain sequence
-  without its second, delayed GOAWAY.
+- **Drain.** ``go_away()`` is RFC 9113 §6.8's graceful shutdown, as Envoy drains: GOAWAY(NO_ERROR,
+  2^31-1) says "no new streams" while refusing none, and a PING follows it; the PING's ACK comes
+  after every stream the client opened before it read the notice, so the final GOAWAY it triggers
+  names the highest stream id received. Streams up to it finish, a later one is refused with
+  REFUSED_STREAM (safe for the client to retry), and the connection closes once none is left. With
+  one GOAWAY only, requests crossing it on the wire were refused, and on a connection opened while
+  draining (the preface read before the first HEADERS) even the first request was.
 - **Limits.** SETTINGS advertise :data:`DEFAULT_MAX_CONCURRENT_STREAMS` and the header list limit
   (Envoy's 60 KiB ``max_request_headers_kb``). A request over the limit is answered 431 (flag DPE)
   here and reported as ``on_local_reply`` and ``protocol_error``; the connection stays up (RFC 9113
@@ -47,6 +50,7 @@ from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    PingAckReceived,
     RemoteSettingsChanged,
     RequestReceived,
     StreamReset,
@@ -97,6 +101,8 @@ _FORWARDED_KINDS = frozenset(REQUEST_HEADER_KIND.values()) - _CONSUMED_KINDS
 
 _STATUS = [b"%d" % code for code in range(1000)]
 _HEADERS_TOO_LARGE = json.dumps({"error": "request headers too large", "flags": "DPE"}).encode()
+_MAX_STREAM_ID = 2**31 - 1  # the drain notice's last stream id: refuses nothing
+_DRAIN_PING = b"drain\x00\x00\x00"  # the PING after it, told from others by its data
 
 
 
@@ -175,7 +181,8 @@ class Http2ServerCodec(Session):
         self._transport = transport
         self._tracing = tracing
         self._max_header_list_size = max_header_list_size
-        self._goaway_last: int | None = None  # the last stream id of our GOAWAY
+        self._goaway_last: int | None = None  # the last stream id of our final GOAWAY
+        self._goaway_notice = False  # the first GOAWAY (2^31-1) and its PING are sent
         self._peer_goaway = False
         self._start()
         self._write()
@@ -218,14 +225,22 @@ class Http2ServerCodec(Session):
                     self._peer_goaway = True  # the client opens no more streams
                     if not self._streams:
                         self._close_after_write = True
+                elif kind is PingAckReceived and event.ping_data == _DRAIN_PING and self._goaway_last is None:
+                    self._final_goaway()
                 if self._closed:
                     return
         finally:
             self.batch_end()
 
     def go_away(self) -> None:
-        if self._goaway_last is not None or self._closed:
+        if self._goaway_notice or self._closed:
             return
+        self._goaway_notice = True
+        self._h2.send_goaway(ErrorCodes.NO_ERROR, _MAX_STREAM_ID)
+        self._h2.ping(_DRAIN_PING)
+        self._flush()
+
+    def _final_goaway(self) -> None:
         self._goaway_last = last = self._h2.highest_inbound_stream_id
         self._h2.send_goaway(ErrorCodes.NO_ERROR, last)
         if not self._streams:

@@ -383,17 +383,22 @@ def test_go_away_lets_streams_in_flight_finish_then_closes() -> None:
     first = wire.request(end_stream=True)
     second = wire.request()
     wire.codec.go_away()
-    late = wire.client.get_next_available_stream_id()
-    wire.client.send_headers(late, REQUEST, end_stream=True)  # crossed the GOAWAY on the wire
+    crossing = wire.client.get_next_available_stream_id()
+    wire.client.send_headers(crossing, REQUEST, end_stream=True)  # sent before the client read the notice
     wire.pump()
-    (goaway,) = wire.of(ConnectionTerminated)
-    assert goaway.error_code == ErrorCodes.NO_ERROR and goaway.last_stream_id == second
+    notice, final = wire.of(ConnectionTerminated)  # RFC 9113 §6.8: a notice, then after a PING the final one
+    assert notice.error_code == final.error_code == ErrorCodes.NO_ERROR
+    assert notice.last_stream_id == 2**31 - 1 and final.last_stream_id == crossing
+    late = wire.client.get_next_available_stream_id()
+    wire.client.send_headers(late, REQUEST, end_stream=True)  # crossed the final GOAWAY on the wire
+    wire.pump()
     (refused,) = wire.of(StreamReset, late)
     assert refused.error_code == ErrorCodes.REFUSED_STREAM
-    assert len(wire.manager.streams) == 2 and not wire.transport.closed
+    assert len(wire.manager.streams) == 3 and not wire.transport.closed
 
-    a, b = wire.manager.streams
+    a, b, c = wire.manager.streams
     a.encoder.encode_headers(200, [], True)
+    c.encoder.encode_headers(200, [], True)
     wire.pump()
     assert not wire.transport.closed
     wire.client.send_data(second, b"rest", end_stream=True)
@@ -402,13 +407,30 @@ def test_go_away_lets_streams_in_flight_finish_then_closes() -> None:
     b.encoder.encode_data(b"done", True)
     wire.pump()
     assert b.body == b"rest" and wire.received(second) == b"done"
-    assert wire.of(StreamEnded, first) and wire.of(StreamEnded, second)
+    assert wire.of(StreamEnded, first) and wire.of(StreamEnded, second) and wire.of(StreamEnded, crossing)
     assert wire.transport.closed and wire.manager.closing_calls == 1
 
 
-def test_go_away_without_streams_closes_at_once() -> None:
-    wire = Wire()
+def test_go_away_on_a_connection_whose_first_request_is_still_on_the_wire_serves_it() -> None:
+    """A connection opened while the listener drains: the preface is read, the drain notice sent,
+    and the client's first request (sent with its preface) arrives after it."""
+    wire = Wire(client=H2(H2Configuration(client_side=True, header_encoding=None)))
     wire.codec.go_away()
+    sid = wire.client.get_next_available_stream_id()
+    wire.client.send_headers(sid, REQUEST, end_stream=True)
+    wire.pump()
+    assert not wire.of(StreamReset, sid) and len(wire.manager.streams) == 1
+    assert [e.last_stream_id for e in wire.of(ConnectionTerminated)] == [2**31 - 1, sid]
+    wire.manager.streams[0].encoder.encode_headers(200, [], True)
+    wire.pump()
+    assert wire.of(StreamEnded, sid) and wire.transport.closed
+
+
+def test_go_away_without_streams_closes_after_the_ping_round_trip() -> None:
+    wire = Wire(client=H2(H2Configuration(client_side=True, header_encoding=None)))  # stock h2 stops at GOAWAY
+    wire.codec.go_away()
+    assert not wire.transport.closed  # a request may be on its way: the PING's ACK says none is
+    wire.pump()
     assert wire.transport.closed and wire.manager.closing_calls == 1
 
 
