@@ -314,7 +314,9 @@ class Http1ServerCodec:
             self._http10 = ex.version == 10
             self._expect = ex.expect
             self._is_head = ex.method == b"HEAD"
-            ex.decode_headers(False)
+            # No Content-Length and no chunked: the request ends with its head (RFC 9112 §6.3).
+            self._complete = end = not ex.has_body
+            ex.decode_headers(end)
         else:
             queued.headers_done = True
             queued.keep_alive = keep_alive
@@ -341,7 +343,7 @@ class Http1ServerCodec:
             return
         queued = p.queued
         if queued is None:
-            if p.decoder is self._active:
+            if p.decoder is self._active and not self._complete:
                 self._complete = True
                 p.decoder.decode_data(b"", True)
             return

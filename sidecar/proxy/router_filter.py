@@ -20,7 +20,7 @@ body is also kept for a replay, up to ``RETRY_BUFFER_LIMIT`` (then the request i
 from __future__ import annotations
 
 from time import monotonic
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sidecar.codec.api import R_BUFFER, R_UPSTREAM, RESET_TERMINATION
 from sidecar.proxy import errors, grpc, telemetry
@@ -75,6 +75,7 @@ class ConnectionOwner:
         def arm_at(self, when: float) -> None: ...
         def batch_begin(self) -> None: ...
         def batch_end(self) -> None: ...
+        codec: Any  # its codec's batch_begin/batch_end gather an upstream read's writes
 
 
 class RetryState:
@@ -110,10 +111,14 @@ class UpstreamRequest:
     """One try: its endpoint, its stream on a pooled connection, its deadline."""
 
     __slots__ = ("router", "endpoint", "encoder", "conn", "pending", "t0", "deadline", "discarding",
-                 "stale_replay", "reported")
+                 "stale_replay", "reported", "batch_begin", "batch_end")
 
     def __init__(self, router: RouterFilter, endpoint: Endpoint) -> None:
         self.router = router
+        # An upstream read's writes downstream go out in one write (the downstream codec's batch).
+        codec = router.cm.codec
+        self.batch_begin = codec.batch_begin
+        self.batch_end = codec.batch_end
         self.endpoint = endpoint
         self.encoder: RequestEncoder | None = None
         self.conn = None  # the connection carrying the stream (its reuse count decides a stale replay)
@@ -192,12 +197,6 @@ class UpstreamRequest:
         if router.upstream is self and not router.stream.ended:
             router.stream.encoder.read_disable(R_UPSTREAM, paused)
 
-    def batch_begin(self) -> None:
-        self.router.cm.batch_begin()
-
-    def batch_end(self) -> None:
-        self.router.cm.batch_end()
-
     def abandon(self) -> None:
         """Stop this try: its stream is reset, its connection wait cancelled."""
         if self.pending is not None:
@@ -243,8 +242,9 @@ class RouterFilter:
     def start(self) -> None:
         stream = self.stream
         headers = stream.headers
-        headers += (_REQUEST_ID, b": ", telemetry.request_id(stream), b"\r\n")
-        telemetry.inject(stream, headers)
+        headers += (_REQUEST_ID, b": ", stream.request_id or telemetry.request_id(stream), b"\r\n")
+        if stream.trace_id:
+            telemetry.inject(stream, headers)
         stream.upstream_headers = headers
         if stream.expect and not stream.complete:
             stream.encoder.encode_100_continue()
@@ -257,7 +257,9 @@ class RouterFilter:
                 return
             if self._fault_abort(fault):
                 return
-        self._begin()
+        if stream.complete and self.timeout:  # the route timeout starts, then the first try
+            self._arm_route_timeout()
+        self._try()
 
     def _after_fault_delay(self) -> None:
         self.wait = None

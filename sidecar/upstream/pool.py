@@ -178,7 +178,7 @@ class ConnectionPool:
         if conn is not None:
             stats.upstream_rq_total += 1
             stats.upstream_rq_active += 1
-            callbacks.on_pool_ready(self._stream_on(conn, callbacks), conn)
+            callbacks.on_pool_ready(conn.new_stream(callbacks) if self.http2 else conn.attach(callbacks), conn)
             return None
         if not breaker.pending_allowed(limits):
             stats.upstream_rq_pending_overflow += 1
