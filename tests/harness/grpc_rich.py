@@ -81,10 +81,10 @@ class RichServer:
     def _unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         self.deadlines.append(context.time_remaining())
         args = json.loads(request or b"{}")
+        if args.get("sleep_ms"):  # before any metadata: a deadline passes with nothing answered
+            time.sleep(args["sleep_ms"] / 1000)
         context.send_initial_metadata((("x-initial", self.name),))
         context.set_trailing_metadata((("x-trailer", f"t-{self.name}"), ("x-blob-bin", BLOB)))
-        if args.get("sleep_ms"):
-            time.sleep(args["sleep_ms"] / 1000)
         if args.get("status"):
             context.abort(grpc.StatusCode[args["status"]], args.get("details", ""))
         metadata = {k: v for k, v in context.invocation_metadata() if k.startswith("x-")}

@@ -179,8 +179,8 @@ def test_bidi_streaming_interleaves(mesh: GrpcMesh) -> None:
         for i in range(20):
             ready.wait(CALL_TIMEOUT)
             ready.clear()
-            yield b"m%d" % i
-            outbox.append(b"m%d" % i)
+            outbox.append(b"m%d" % i)  # before the yield: the code after it runs at the next pull only
+            yield outbox[-1]
 
     ready.set()
     answers = []
