@@ -11,6 +11,8 @@
   (504 UT) is DEADLINE_EXCEEDED, what the caller's own deadline would have said.
 - **Deadlines.** ``grpc-timeout`` (the caller's deadline) bounds the route timeout
   (:func:`timeout`): the smaller one applies, and a route without a timeout takes the caller's.
+  A route timeout after the response began ends an HTTP/2 call with DEADLINE_EXCEEDED in trailers
+  (:func:`trailers`) rather than a reset, which a gRPC client would read as INTERNAL.
 - **Retries.** ``retry_on`` names the gRPC conditions of Envoy's ``x-envoy-retry-grpc-on``:
   ``cancelled``, ``deadline-exceeded``, ``internal``, ``resource-exhausted``, ``unavailable``;
   they apply to a trailers-only response (the status arrives before anything was sent on), as in
@@ -85,6 +87,13 @@ def timeout(headers: list[bytes]) -> float | None:
                 return int(digits) * _UNITS[unit]
             return None
     return None
+
+
+def trailers(code: int, message: str, flag: str) -> list[bytes]:
+    """Trailers that end a call the proxy cuts short after its response began (a route timeout)."""
+    return [b"grpc-status", b": ", b"%d" % code, b"\r\n",
+            b"grpc-message", b": ", quote(message, safe=" !#$&'()*+,/:;=?@[]~").encode(), b"\r\n",
+            b"x-meshkeeper-flags", b": ", flag.encode(), b"\r\n"]
 
 
 def local_reply(http: int, flag: str, message: str) -> tuple[int, list[bytes]]:

@@ -110,15 +110,12 @@ class RetryState:
 class UpstreamRequest:
     """One try: its endpoint, its stream on a pooled connection, its deadline."""
 
-    __slots__ = ("router", "endpoint", "encoder", "conn", "pending", "t0", "deadline", "discarding",
-                 "stale_replay", "reported", "batch_begin", "batch_end")
+    __slots__ = ("router", "codec", "endpoint", "encoder", "conn", "pending", "t0", "deadline", "discarding",
+                 "stale_replay", "reported")
 
     def __init__(self, router: RouterFilter, endpoint: Endpoint) -> None:
         self.router = router
-        # An upstream read's writes downstream go out in one write (the downstream codec's batch).
-        codec = router.cm.codec
-        self.batch_begin = codec.batch_begin
-        self.batch_end = codec.batch_end
+        self.codec = router.cm.codec  # the downstream codec (batch_begin/batch_end)
         self.endpoint = endpoint
         self.encoder: RequestEncoder | None = None
         self.conn = None  # the connection carrying the stream (its reuse count decides a stale replay)
@@ -196,6 +193,13 @@ class UpstreamRequest:
         router = self.router
         if router.upstream is self and not router.stream.ended:
             router.stream.encoder.read_disable(R_UPSTREAM, paused)
+
+    def batch_begin(self) -> None:
+        """An upstream read begins: the downstream writes it causes go out in one write."""
+        self.codec.batch_begin()
+
+    def batch_end(self) -> None:
+        self.codec.batch_end()
 
     def abandon(self) -> None:
         """Stop this try: its stream is reset, its connection wait cancelled."""
@@ -412,7 +416,8 @@ class RouterFilter:
             endpoint.rq_latency_counts[self.cluster.rq_time.observe(elapsed)] += 1
         if failed:
             endpoint.rq_error += 1
-        upstream.abandon()
+        if upstream.encoder is not None or upstream.pending is not None:
+            upstream.abandon()
 
     # --- failures and retries ------------------------------------------------------------------
 
@@ -569,7 +574,7 @@ class RouterFilter:
         stream.ended = True
         stream.answered = True
         upstream.encoder = None  # the connection is the pool's again
-        failed = stream.outcome >= 500
+        failed = (stream.status if stream.grpc_status < 0 else stream.outcome) >= 500
         if not failed:
             upstream.endpoint.rq_success += 1
         self._release_try(failed)
@@ -658,11 +663,19 @@ class RouterFilter:
             # Only a try that reached its host charges it (Envoy: the host is set at pool-ready);
             # one still waiting for a connection says nothing about the host.
             detector.report_local(upstream.endpoint, LocalOriginFailure.TIMEOUT)
-        if stream.started:
-            stream.flags = errors.UPSTREAM_TIMEOUT.flag
-            self.cm.reset_stream(stream)
-        else:
+        if not stream.started:
             self.cm.local_reply(stream, errors.UPSTREAM_TIMEOUT)
+            return
+        reply = errors.UPSTREAM_TIMEOUT
+        stream.flags = reply.flag
+        if stream.grpc and stream.version == 20:
+            # The call ends with the status its deadline gives (trailers can still follow the head).
+            stream.grpc_status = grpc.DEADLINE_EXCEEDED
+            stream.ended = stream.answered = True
+            stream.encoder.encode_trailers(grpc.trailers(grpc.DEADLINE_EXCEEDED, reply.message, reply.flag))
+            self.cm.end(stream)
+        else:
+            self.cm.reset_stream(stream)
 
 
 def absolute_form(url: bytes) -> tuple[bytes | None, bytes]:

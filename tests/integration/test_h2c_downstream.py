@@ -73,3 +73,34 @@ def test_http2_and_http1_clients_on_one_port_at_once(sidecar: Sidecar, backends:
     assert "status codes: 400 2xx" in out.stdout, out.stdout
     assert "h2c" in out.stdout  # h2load spoke HTTP/2 with prior knowledge
     assert statuses == {200: 200}
+
+
+def test_a_route_timeout_after_a_grpc_response_began_ends_the_call_with_deadline_exceeded(
+        sidecar: Sidecar) -> None:  # noqa: F811
+    import grpc
+
+    from sidecar.config import ClusterConfig, EndpointConfig, Route, RouteConfig, VirtualHost
+    from tests.harness.grpc_rich import SERVICE, RichServer
+
+    server = RichServer("a").start()
+    try:
+        def apply() -> None:
+            sidecar.clusters.update_clusters({"rich": ClusterConfig("rich", connect_timeout=1.0, http2=True)})
+            sidecar.clusters.update_endpoints("rich", (EndpointConfig("127.0.0.1", server.port),))
+            sidecar.runtime.set_route_config(RouteConfig("outbound", (
+                VirtualHost("rich", ("rich",), (Route("/", "rich", timeout=0.3),)),)))
+
+        sidecar.call(apply)
+        with grpc.insecure_channel(f"127.0.0.1:{sidecar.port}", options=[("grpc.default_authority", "rich")]) as ch:
+            stream = ch.unary_stream(f"/{SERVICE}/ServerStream")(b'{"count": 20, "size": 10, "interval_ms": 100}',
+                                                                  timeout=10)
+            got = []
+            with pytest.raises(grpc.RpcError) as info:
+                for message in stream:
+                    got.append(message)
+            assert got  # the response had begun: the head and first messages went out
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, info.value
+            assert info.value.details() == "upstream request timeout"
+            assert dict(info.value.trailing_metadata())["x-meshkeeper-flags"] == "UT"
+    finally:
+        server.stop(0)
