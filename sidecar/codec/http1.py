@@ -88,7 +88,7 @@ class Http1ServerCodec:
         "_active", "_queue", "_parsing", "_closing", "_input_closed", "_read_paused", "_buffered",
         "_batch", "_batching", "_error_after", "_awaiting_head", "_count_raw", "_head_size", "_head_raw",
         "_read_len", "_keep_alive", "_http10", "_expect", "_complete", "_is_head", "_resp_chunked",
-        "_started", "_rq_begun", "_swept", "_swept_at", "_tunnel",
+        "_started", "_rq_begun", "_swept", "_swept_at", "_tunnel", "_write_paused",
     )
 
     def __init__(self, callbacks: ServerCallbacks, transport: asyncio.Transport, *, tracing: bool,
@@ -125,6 +125,7 @@ class Http1ServerCodec:
         self._swept = -1
         self._swept_at = 0.0
         self._tunnel: asyncio.Protocol | None = None
+        self._write_paused = False  # the transport is above its high-water mark
 
     # --- ServerCodec --------------------------------------------------------------------------
 
@@ -184,6 +185,7 @@ class Http1ServerCodec:
             decoder.on_reset()
 
     def write_paused(self, paused: bool) -> None:
+        self._write_paused = paused
         active = self._active
         if active is not None:
             active.on_write_paused(paused)
@@ -317,6 +319,8 @@ class Http1ServerCodec:
             # No Content-Length and no chunked: the request ends with its head (RFC 9112 §6.3).
             self._complete = end = not ex.has_body
             ex.decode_headers(end)
+            if self._write_paused and self._active is ex:
+                ex.on_write_paused(True)  # still full from the response before: its upstream waits too
         else:
             queued.headers_done = True
             queued.keep_alive = keep_alive
@@ -475,6 +479,8 @@ class Http1ServerCodec:
         if self._read_paused & R_QUEUE and self._buffered <= BUFFER_LIMIT:
             self._resume(R_QUEUE)
         decoder.decode_headers(False)
+        if self._write_paused and self._active is decoder:
+            decoder.on_write_paused(True)
         for chunk in body:
             if self._active is not decoder:
                 return

@@ -623,6 +623,21 @@ async def test_slow_client_pauses_upstream_reading() -> None:
 
 
 @async_test
+async def test_a_client_still_slow_after_one_response_pauses_the_next_ones_upstream() -> None:
+    mesh = Mesh()
+    client = mesh.client(high_water=1024)
+    client.send(b"GET /a HTTP/1.1\r\nHost: svc\r\n\r\n")
+    up = await mesh.upstream()
+    up.respond(b"HTTP/1.1 200 OK\r\nContent-Length: 2048\r\n\r\n" + b"x" * 2048)  # the client reads none of it
+    assert client.transport.write_paused
+    up.received()
+    client.send(b"GET /b HTTP/1.1\r\nHost: svc\r\n\r\n")  # same upstream connection, pooled
+    assert not up.transport.reading  # the downstream is still full: the second response waits upstream
+    client.received()
+    assert up.transport.reading
+
+
+@async_test
 async def test_slow_upstream_pauses_client_reading() -> None:
     mesh = Mesh()
     client = mesh.client()
