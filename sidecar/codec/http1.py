@@ -295,8 +295,11 @@ class Http1ServerCodec:
             self._cb.protocol_error("request headers too large")
             self._reject(h.HEADERS_TOO_LARGE)
             return
-        version = parser.get_http_version()
-        if not ex.authority and p.url[:1] == b"/" and version != "1.0":
+        keep_alive = parser.should_keep_alive()
+        # An HTTP/1.1 request is keep-alive unless it says close; only the others need the version
+        # read (a string the parser formats on each call).
+        http10 = (not keep_alive or p.ka_token) and parser.get_http_version() == "1.0"
+        if not ex.authority and p.url[:1] == b"/" and not http10:
             self._cb.protocol_error("an HTTP/1.1 request needs exactly one Host header")
             self._reject(h.BAD_HOST)  # missing or repeated (RFC 9112 §3.2)
             return
@@ -304,9 +307,8 @@ class Http1ServerCodec:
             ex.authority = b""
         if p.conn_tokens:
             ex.headers = h.strip_named(ex.headers, p.conn_tokens)
-        keep_alive = parser.should_keep_alive()
-        ex.version = 10 if version == "1.0" else 11
-        if ex.version == 10:
+        if http10:
+            ex.version = 10
             ex.expect = False
         if not keep_alive:
             self._closing = True
