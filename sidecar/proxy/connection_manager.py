@@ -254,6 +254,7 @@ class ConnectionManager(asyncio.Protocol):
         f = stream.filter
         if f is not None:
             f.release()
+            stream.filter = None  # the router refers to the stream: no cycle left for the collector
         if stream.trace_id or stream.request_id is not None or stream.method:
             try:
                 telemetry.end(rt, stream, self._peer() if stream.sampled else None)
