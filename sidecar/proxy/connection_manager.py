@@ -31,6 +31,7 @@ from sidecar.codec.http2 import Http2ServerCodec
 from sidecar.proxy import errors, grpc, passthrough, telemetry
 from sidecar.proxy.router_filter import RouterFilter, absolute_form
 from sidecar.proxy.stream import Stream
+from sidecar.tracing.context import new_request_id
 
 if TYPE_CHECKING:
     from sidecar.codec.api import ResponseEncoder
@@ -134,7 +135,10 @@ class ConnectionManager(asyncio.Protocol):
     def on_headers(self, stream: Stream, end_stream: bool) -> None:
         """Route a stream and hand it to a router filter, or answer it locally."""
         rt = self._rt
-        telemetry.begin(rt, stream)
+        if rt.tracer is not None:
+            telemetry.begin(rt, stream)
+        elif stream.request_id is None:
+            stream.request_id = new_request_id()  # (what telemetry.begin does with tracing off)
         limiter = rt.rate_limit
         if limiter is not None:
             if not limiter.try_take():

@@ -347,7 +347,8 @@ class ConnectionPool:
             conn.close()
             return
         conn.decoder = None
-        conn.read_disable(False)  # an idle connection must notice the upstream closing it
+        if conn._read_paused:
+            conn.read_disable(False)  # an idle connection must notice the upstream closing it
         if self._waiters:
             # Handed to the oldest waiter on the next loop turn, outside the parser's callback that
             # released it; not idle meanwhile, so nobody else takes it.
