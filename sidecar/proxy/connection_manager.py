@@ -264,6 +264,9 @@ class ConnectionManager(asyncio.Protocol):
                 telemetry.end(rt, stream, self._peer() if stream.sampled else None)
             except Exception as exc:  # a bug: never let accounting break the connection
                 errors.log_once("telemetry-bug", "unexpected error recording a request", exc_info=exc)
+        # An HTTP/2 stream's encoder refers back to it: drop the link so that neither waits for the
+        # cyclic collector (nothing writes through a stream once it is accounted for).
+        stream.encoder = None
 
     # --- CONNECT tunnels (sidecar.proxy.passthrough) ----------------------------------------------
 
