@@ -2,14 +2,13 @@
 
 Used by both listeners (outbound 15001 and inbound 15006), in Envoy's terms the
 ``HttpConnectionManager``: it owns the downstream connection, its codec
-(:mod:`sidecar.codec.http1` today) and its streams, and nothing of upstream. For each stream it
+(:mod:`sidecar.codec.http1` or :mod:`sidecar.codec.http2`) and its streams, and nothing of upstream. For each stream it
 takes the request id and trace context (:mod:`.telemetry`), applies the listener's local rate
 limit, resolves the route (by Host or ``:authority``, or the authority of an absolute-form URI from
 apps using ``HTTP_PROXY``), and hands the stream to a router filter (:mod:`.router_filter`), which
 does the rest upstream. It answers locally what cannot be routed (404 NR, 503 NC, 429 RL, the
 outbound policy's refusals; see :mod:`.errors`; a gRPC call gets them as gRPC statuses, see
-:mod:`.grpc`) and accounts for every stream once, however it
-ended (:meth:`ConnectionManager.end`).
+:mod:`.grpc`) and accounts for every stream once, however it ended (:meth:`ConnectionManager.end`).
 
 Codec: HTTP/1.1 unless the client's first bytes are the HTTP/2 connection preface (h2c with prior
 knowledge, as Envoy's ``codec_type: AUTO`` detects it), so both share one port.
