@@ -84,14 +84,6 @@ def strip_named(pieces: list[bytes], names: set[bytes]) -> list[bytes]:
     return out
 
 
-def get(pieces: list[bytes], name: bytes) -> bytes | None:
-    """The value of the first header ``name`` (lower case) in pieces whose names are lower case."""
-    for i in range(0, len(pieces), 4):
-        if pieces[i] == name:
-            return pieces[i + 2]
-    return None
-
-
 # --------------------------------------------------------------------------- local replies
 
 CONTINUE_100 = b"HTTP/1.1 100 Continue\r\n\r\n"

@@ -30,7 +30,6 @@ from sidecar.codec.http2 import Http2ServerCodec
 from sidecar.proxy import errors, grpc, passthrough, telemetry
 from sidecar.proxy.router_filter import RouterFilter, absolute_form
 from sidecar.proxy.stream import Stream
-from sidecar.tracing.context import new_request_id
 
 if TYPE_CHECKING:
     from sidecar.codec.api import ResponseEncoder
@@ -134,10 +133,7 @@ class ConnectionManager(asyncio.Protocol):
     def on_headers(self, stream: Stream, end_stream: bool) -> None:
         """Route a stream and hand it to a router filter, or answer it locally."""
         rt = self._rt
-        if rt.tracer is not None:
-            telemetry.begin(rt, stream)
-        elif stream.request_id is None:
-            stream.request_id = new_request_id()  # (what telemetry.begin does with tracing off)
+        telemetry.begin(rt, stream)
         limiter = rt.rate_limit
         if limiter is not None:
             if not limiter.try_take():
@@ -185,11 +181,6 @@ class ConnectionManager(asyncio.Protocol):
         stream.upstream_path = path
         stream.filter = f = RouterFilter(self, rt, stream, entry, cluster)
         f.start()
-
-    def on_data(self, stream: Stream, data: bytes, end_stream: bool) -> None:
-        f = stream.filter
-        if f is not None:
-            f.on_request_data(data, end_stream)
 
     def on_reset(self, stream: Stream) -> None:
         self._reset(stream)

@@ -1,8 +1,9 @@
 """Local replies: the responses the proxy generates itself, in Envoy's words.
 
 Each carries the response flag in ``x-meshkeeper-flags`` and a small JSON body
-``{"error": "...", "flags": "..."}``. The bytes of every reply are built once at import, in a
-keep-alive and a ``Connection: close`` variant, so answering an error costs one write.
+``{"error": "...", "flags": "..."}`` (:func:`sidecar.codec.headers.reply_body`). Each codec
+encodes a reply its own way (HTTP/1.1 from bytes built once per reply, gRPC calls as a status:
+:mod:`sidecar.proxy.grpc`).
 
 The outbound policy (``sidecar.proxy.passthrough``): a proxy request (absolute-form or ``CONNECT``)
 for a host outside the mesh, under ``registry_only`` (the listener's default cluster is
@@ -18,9 +19,9 @@ and only counted afterwards.
 
 from __future__ import annotations
 
-import json
 import logging
-from http import HTTPStatus
+
+from sidecar.codec.headers import local_reply_bytes, reply_body
 
 log = logging.getLogger("meshkeeper.sidecar.proxy")
 
@@ -28,22 +29,16 @@ log = logging.getLogger("meshkeeper.sidecar.proxy")
 class LocalReply:
     """A prebuilt error response."""
 
-    __slots__ = ("flag", "status", "message", "body", "keep_alive_bytes", "close_bytes", "always_close")
+    __slots__ = ("flag", "status", "message", "body", "close_bytes", "always_close")
 
     def __init__(self, flag: str, status: int, message: str, always_close: bool = False) -> None:
         self.flag = flag
         self.status = status
         self.message = message
         self.always_close = always_close
-        self.body = body = json.dumps({"error": message, "flags": flag}).encode()
-        base = (
-            f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\n"
-            f"content-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n"
-            f"x-meshkeeper-flags: {flag}\r\n"
-        ).encode()
-        self.keep_alive_bytes = base + b"\r\n" + body
-        self.close_bytes = base + b"connection: close\r\n\r\n" + body
+        self.body = body = reply_body(message, flag)
+        # Whole, for a writer without a codec (a CONNECT tunnel's answer); codecs encode the rest.
+        self.close_bytes = local_reply_bytes(status, flag, body, True)
 
     def __repr__(self) -> str:
         return f"LocalReply({self.status} {self.flag})"

@@ -99,11 +99,7 @@ def trailers(code: int, message: str, flag: str) -> list[bytes]:
 def local_reply(http: int, flag: str, message: str) -> tuple[int, list[bytes]]:
     """(gRPC status, the head of a trailers-only response) for a local reply."""
     code = status_for_reply(http, flag)
-    head = [b"content-type", b": ", b"application/grpc", b"\r\n",
-            b"grpc-status", b": ", b"%d" % code, b"\r\n",
-            b"grpc-message", b": ", quote(message, safe=" !#$&'()*+,/:;=?@[]~").encode(), b"\r\n",
-            b"x-meshkeeper-flags", b": ", flag.encode(), b"\r\n"]
-    return code, head
+    return code, [b"content-type", b": ", b"application/grpc", b"\r\n", *trailers(code, message, flag)]
 
 
 def method_of(path: bytes) -> tuple[str, str]:

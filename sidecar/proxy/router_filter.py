@@ -246,7 +246,7 @@ class RouterFilter:
     def start(self) -> None:
         stream = self.stream
         headers = stream.headers
-        headers += (_REQUEST_ID, b": ", stream.request_id or telemetry.request_id(stream), b"\r\n")
+        headers += (_REQUEST_ID, b": ", stream.request_id, b"\r\n")  # telemetry.begin made one if none came
         if stream.trace_id:
             telemetry.inject(stream, headers)
         stream.upstream_headers = headers
@@ -261,9 +261,7 @@ class RouterFilter:
                 return
             if self._fault_abort(fault):
                 return
-        if stream.complete and self.timeout:  # the route timeout starts, then the first try
-            self._arm_route_timeout()
-        self._try()
+        self._begin()
 
     def _after_fault_delay(self) -> None:
         self.wait = None
@@ -416,8 +414,7 @@ class RouterFilter:
             endpoint.rq_latency_counts[self.cluster.rq_time.observe(elapsed)] += 1
         if failed:
             endpoint.rq_error += 1
-        if upstream.encoder is not None or upstream.pending is not None:
-            upstream.abandon()
+        upstream.abandon()
 
     # --- failures and retries ------------------------------------------------------------------
 
@@ -574,7 +571,7 @@ class RouterFilter:
         stream.ended = True
         stream.answered = True
         upstream.encoder = None  # the connection is the pool's again
-        failed = (stream.status if stream.grpc_status < 0 else stream.outcome) >= 500
+        failed = stream.outcome >= 500
         if not failed:
             upstream.endpoint.rq_success += 1
         self._release_try(failed)

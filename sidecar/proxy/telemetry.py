@@ -78,14 +78,6 @@ def begin(rt: ListenerContext, ex: Stream) -> None:
     ex.span_id = new_span_id()
 
 
-def request_id(ex: Stream) -> bytes:
-    """The request's x-request-id (the caller's, or the one :func:`begin` made)."""
-    rid = ex.request_id
-    if rid is None:
-        rid = ex.request_id = new_request_id()
-    return rid
-
-
 def inject(ex: Stream, head: list[bytes]) -> None:
     """Append the trace headers naming this hop's span to the upstream headers (as pieces)."""
     if ex.trace_id:

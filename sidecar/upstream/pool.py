@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from sidecar.codec.http1_client import Http1ClientConnection
 from sidecar.codec.http2_client import Http2ClientConnection
+from sidecar.config import CircuitBreakerConfig
 from sidecar.upstream import breaker
 from sidecar.upstream.stats import ClusterStats
 
@@ -76,11 +77,9 @@ class PoolCallbacks(Protocol):
 class _Unlimited:
     """The limits of a pool made without a cluster (tests, tools): none."""
 
-    def __init__(self, stats: ClusterStats) -> None:
-        from sidecar.config import CircuitBreakerConfig
+    breakers = CircuitBreakerConfig(max_connections=1 << 62, max_pending_requests=1 << 62, max_requests=1 << 62)
 
-        inf = 1 << 62
-        self.breakers = CircuitBreakerConfig(max_connections=inf, max_pending_requests=inf, max_requests=inf)
+    def __init__(self, stats: ClusterStats) -> None:
         self.stats = stats
         self.retries_active = 0
 
