@@ -139,6 +139,16 @@ class _ClientStream(Stream):
         self.conn._read_disable(self, 1, disabled)
 
 
+def _touch(s: _ClientStream, touched: dict[_ClientStream, ResponseDecoder]) -> ResponseDecoder:
+    """The decoder of ``s``, its batch begun the first time a read reaches it (``touched`` ends
+    every begun batch once the read is handled)."""
+    decoder = s.decoder
+    if s not in touched:
+        touched[s] = decoder
+        decoder.batch_begin()
+    return decoder
+
+
 class Http2ClientConnection(Session, asyncio.Protocol):
     """One pooled upstream HTTP/2 connection: streams multiplexed up to the peer's
     SETTINGS_MAX_CONCURRENT_STREAMS (:attr:`capacity`). Create it with
@@ -227,10 +237,7 @@ class Http2ClientConnection(Session, asyncio.Protocol):
                     if s is None:
                         self._h2.acknowledge_received_data(event.flow_controlled_length, sid)
                         continue
-                    decoder = s.decoder
-                    if s not in touched:
-                        touched[s] = decoder
-                        decoder.batch_begin()
+                    decoder = _touch(s, touched)
                     ended = event.stream_ended is not None
                     if ended:
                         self._remote_ended(s)
@@ -240,10 +247,7 @@ class Http2ClientConnection(Session, asyncio.Protocol):
                     s = streams.get(event.stream_id)
                     if s is None:
                         continue
-                    decoder = s.decoder
-                    if s not in touched:
-                        touched[s] = decoder
-                        decoder.batch_begin()
+                    decoder = _touch(s, touched)
                     headers = event.headers
                     status = 0
                     for name, value in headers:
@@ -258,10 +262,7 @@ class Http2ClientConnection(Session, asyncio.Protocol):
                     s = streams.get(event.stream_id)
                     if s is None:
                         continue
-                    decoder = s.decoder
-                    if s not in touched:
-                        touched[s] = decoder
-                        decoder.batch_begin()
+                    decoder = _touch(s, touched)
                     self._remote_ended(s)
                     decoder.on_response_trailers(pieces_of(event.headers))
                 elif kind is WindowUpdated:
@@ -270,10 +271,7 @@ class Http2ClientConnection(Session, asyncio.Protocol):
                     s = streams.get(event.stream_id)
                     if s is None:
                         continue
-                    decoder = s.decoder
-                    if s not in touched:
-                        touched[s] = decoder
-                        decoder.batch_begin()
+                    decoder = _touch(s, touched)
                     self._finish(s)
                     if event.error_code == ErrorCodes.REFUSED_STREAM:
                         decoder.on_upstream_reset(RESET_TERMINATION, refused=True)
@@ -342,10 +340,7 @@ class Http2ClientConnection(Session, asyncio.Protocol):
         doomed += self._unstarted
         self._unstarted.clear()
         for s in doomed:
-            decoder = s.decoder
-            if s not in touched:
-                touched[s] = decoder
-                decoder.batch_begin()
+            decoder = _touch(s, touched)
             self._finish(s)
             decoder.on_upstream_reset(RESET_TERMINATION, refused=True)
         if not self._streams:
