@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from sidecar.codec.http2 import Http2ClientConnection, Http2ServerCodec
+from tests.support.fakes import RecordingPool
 from tests.support.polling import until
 
 pytestmark = pytest.mark.integration
@@ -39,23 +40,6 @@ def health_server() -> Iterator[int]:
         yield port
     finally:
         server.stop(None)
-
-
-class Pool:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def opened(self, conn) -> None:
-        self.calls.append("opened")
-
-    def capacity_changed(self, conn) -> None:
-        self.calls.append("capacity_changed")
-
-    def stream_done(self, conn) -> None:
-        self.calls.append("stream_done")
-
-    def lost(self, conn) -> None:
-        self.calls.append("lost")
 
 
 class Call:
@@ -112,8 +96,8 @@ def check(conn: Http2ClientConnection, port: int, service: str) -> Call:
     return call
 
 
-async def connect(port: int) -> tuple[Http2ClientConnection, Pool]:
-    pool = Pool()
+async def connect(port: int) -> tuple[Http2ClientConnection, RecordingPool]:
+    pool = RecordingPool()
     _, conn = await asyncio.get_running_loop().create_connection(lambda: Http2ClientConnection(pool),
                                                                  "127.0.0.1", port)
     return conn, pool

@@ -144,3 +144,44 @@ class RecordingDecoder:
         pass
 
 
+
+
+class ByteSink:
+    """A transport that keeps what an HTTP/2 codec under test writes (``take`` empties it), so that
+    a peer (the h2 package, sans-IO) can be fed it."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+        self.writes = 0
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.writes += 1
+
+    def close(self) -> None:
+        self.closed = True
+
+    def take(self) -> bytes:
+        data = bytes(self.data)
+        self.data.clear()
+        return data
+
+
+class RecordingPool:
+    """What an HTTP/2 client connection tells its pool (sidecar.codec.http2_client), by name."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def opened(self, conn: Any) -> None:
+        self.calls.append("opened")
+
+    def capacity_changed(self, conn: Any) -> None:
+        self.calls.append("capacity_changed")
+
+    def stream_done(self, conn: Any) -> None:
+        self.calls.append("stream_done")
+
+    def lost(self, conn: Any) -> None:
+        self.calls.append("lost")

@@ -21,44 +21,11 @@ from h2.settings import SettingCodes
 
 from sidecar.codec.http2 import WRITE_HIGH_WATER, Http2ClientConnection
 from sidecar.codec.http2_session import H2
+from tests.support.fakes import ByteSink, RecordingPool
 
 GRPC_HEADERS = [b"Content-Type", b": ", b"application/grpc", b"\r\n", b"TE", b": ", b"trailers", b"\r\n",
                 b"Connection", b": ", b"keep-alive", b"\r\n", b"Keep-Alive", b": ", b"5", b"\r\n",
                 b"Host", b": ", b"catalog.shop", b"\r\n", b"X-Tenant", b": ", b"7", b"\r\n"]
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> bytes:
-        data = bytes(self.data)
-        self.data.clear()
-        return data
-
-
-class FakePool:
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def opened(self, conn) -> None:
-        self.calls.append("opened")
-
-    def capacity_changed(self, conn) -> None:
-        self.calls.append("capacity_changed")
-
-    def stream_done(self, conn) -> None:
-        self.calls.append("stream_done")
-
-    def lost(self, conn) -> None:
-        self.calls.append("lost")
 
 
 class FakeUpstreamRequest:
@@ -105,8 +72,8 @@ class Wire:
         self.server.initiate_connection()
         if settings:
             self.server.update_settings(settings)
-        self.transport = FakeTransport()
-        self.pool = FakePool()
+        self.transport = ByteSink()
+        self.pool = RecordingPool()
         self.conn = Http2ClientConnection(self.pool)
         self.conn.connection_made(self.transport)
         self.events: list = []

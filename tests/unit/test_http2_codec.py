@@ -25,27 +25,9 @@ from sidecar.codec.api import R_BUFFER, R_UPSTREAM
 from sidecar.codec.http2 import WRITE_HIGH_WATER, WRITE_LOW_WATER, Http2ServerCodec
 from sidecar.codec.http2_session import H2
 from sidecar.tracing.context import TP
+from tests.support.fakes import ByteSink
 
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"catalog.shop"), (b":path", b"/items")]
-
-
-class FakeTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.writes = 0
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-        self.writes += 1
-
-    def close(self) -> None:
-        self.closed = True
-
-    def take(self) -> bytes:
-        data = bytes(self.data)
-        self.data.clear()
-        return data
 
 
 class FakeDecoder:
@@ -98,7 +80,7 @@ class FakeManager:
 
 class Wire:
     def __init__(self, client: H2Connection | None = None, **codec_options) -> None:
-        self.transport = FakeTransport()
+        self.transport = ByteSink()
         self.manager = FakeManager()
         codec_options.setdefault("tracing", True)
         self.codec = Http2ServerCodec(self.manager, self.transport, **codec_options)
@@ -452,7 +434,7 @@ def test_header_list_over_the_limit_is_answered_431_and_the_connection_lives_on(
 def test_max_concurrent_streams_is_advertised_and_enforced() -> None:
     client = H2Connection(H2Configuration(client_side=True, header_encoding=None))
     client.initiate_connection()
-    transport = FakeTransport()
+    transport = ByteSink()
     manager = FakeManager()
     codec = Http2ServerCodec(manager, transport, tracing=False, max_concurrent_streams=2)
     # A client that has not read our SETTINGS yet opens three streams.
@@ -467,7 +449,7 @@ def test_max_concurrent_streams_is_advertised_and_enforced() -> None:
 
 
 def test_a_bad_preface_is_a_protocol_error() -> None:
-    transport = FakeTransport()
+    transport = ByteSink()
     manager = FakeManager()
     codec = Http2ServerCodec(manager, transport, tracing=False)
     transport.take()  # our SETTINGS
