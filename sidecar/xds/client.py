@@ -1,15 +1,21 @@
-"""The sidecar's ADS client (State of the World).
+"""The sidecar's ADS clients: what both variants share, and the State-of-the-World client.
 
-One gRPC stream to the control plane carries every type. The client subscribes to all
-listeners and clusters (wildcard), then to the route configurations the listeners name and the
-load assignments of the EDS clusters, and from the first request on to the RTDS Runtime named
-after its own service (runtime config for the app, served at ``/runtime``; it never holds back
-readiness). Each response is converted and validated as a whole: if
-any resource cannot be honoured, the response is NACKed with an error_detail naming it and the
-previous config stays in force; otherwise the whole set is applied in one swap and ACKed.
+One gRPC stream to the control plane carries every type. A client subscribes to all listeners
+and clusters (wildcard), then to the route configurations the listeners name and the load
+assignments of the EDS clusters, and from the first request on to the RTDS Runtime named after
+its own service (runtime config for the app, served at ``/runtime``; it never holds back
+readiness). Each resource of a response is converted and validated on its own
+(:mod:`sidecar.xds.state`): the valid ones are applied in one swap, a refused one keeps its last
+accepted value, and the response is NACKed naming every refused resource (else ACKed).
 
 When the stream breaks the sidecar keeps routing with its last config and reconnects with
-jittered exponential backoff, presenting the versions it holds.
+jittered exponential backoff, presenting what it holds.
+
+:class:`XdsClient` is that shared part (lifecycle, reconnection, readiness, applying to the
+:class:`~sidecar.xds.state.ConfigSink`, following CDS/LDS with EDS/RDS subscriptions); a variant
+says how it opens its stream, words its requests and reads a response. :class:`AdsClient` speaks
+State of the World (``StreamAggregatedResources``); :class:`sidecar.xds.delta.DeltaAdsClient`
+speaks Delta (``DeltaAggregatedResources``).
 
 :func:`open_channel` makes the channel of every stream to the control plane (ADS here, LRS in
 :mod:`sidecar.xds.lrs`): insecure, or TLS with the credentials of :func:`channel_credentials`
@@ -22,32 +28,36 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
-from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import base_pb2
-from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.config.listener.v3 import listener_pb2
-from envoy.config.route.v3 import route_pb2
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from meshkeeper import __version__, xds
 from meshkeeper.xds import NodeInfo
-from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
-from sidecar.xds import convert, listeners
+from sidecar.xds import convert
+from sidecar.xds.state import (
+    MERGED_TYPES,
+    MESSAGES,
+    SUBSCRIBE_ORDER,
+    ConfigSink,
+    TypeState,
+    Update,
+    referenced_names,
+    resource_name,
+    unpack,
+)
 
 log = logging.getLogger("meshkeeper.sidecar.xds")
 
 BACKOFF_BASE = 0.5
 BACKOFF_MAX = 15.0
 STABLE_STREAM = 30.0  # a stream that lived this long resets the back-off: the control plane just restarted
-_INVALID_ARGUMENT = 3
+INVALID_ARGUMENT = 3  # google.rpc.Code of a NACK's error_detail
 # The ADS stream is idle most of the time: keepalive pings are what tell a half-open stream
 # (control plane host gone, network partition) from a quiet one, so the client reconnects.
 CHANNEL_OPTIONS = (
@@ -56,56 +66,6 @@ CHANNEL_OPTIONS = (
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
 )
-
-_CONVERTERS = {
-    xds.LISTENER: listeners.listener,
-    xds.ROUTE: convert.route_configuration,
-    xds.CLUSTER: convert.cluster,
-    xds.ENDPOINT: convert.endpoints,
-    xds.RUNTIME: convert.runtime,
-}
-_MESSAGES = {
-    xds.LISTENER: listener_pb2.Listener,
-    xds.ROUTE: route_pb2.RouteConfiguration,
-    xds.CLUSTER: cluster_pb2.Cluster,
-    xds.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    xds.RUNTIME: rtds_pb2.Runtime,
-}
-# Types whose responses may carry only some of the subscribed names (merged into what is held).
-# An RTDS response is the full state of its names: the service's resource missing means empty.
-_MERGED_TYPES = (xds.ROUTE, xds.ENDPOINT)
-
-
-class ConfigSink(Protocol):
-    """Where accepted config goes. Each call carries the complete, validated set of its type."""
-
-    def apply_clusters(self, clusters: dict[str, ClusterConfig]) -> None: ...
-
-    def apply_endpoints(self, assignments: dict[str, tuple[EndpointConfig, ...]]) -> None: ...
-
-    def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None: ...
-
-    def apply_routes(self, routes: dict[str, RouteConfig]) -> None: ...
-
-    def apply_runtime(self, values: Mapping[str, str], version: str) -> None:
-        """The service's runtime values (empty when the response lacks its resource), as of the
-        RTDS version being accepted; called only for a response that will be ACKed."""
-
-
-@dataclass
-class TypeState:
-    """What the client holds of one resource type."""
-
-    version: str = ""  # last accepted
-    nonce: str = ""  # of the last response seen
-    names: tuple[str, ...] = ()  # subscribed (empty = wildcard for LDS/CDS; RTDS: the own service)
-    received: bool = False  # a response was accepted at least once
-    accepted: int = 0
-    rejected: int = 0
-    last_error: str = ""
-    resources: dict[str, Any] = field(default_factory=dict)  # name -> converted config
-    raw: dict[str, Any] = field(default_factory=dict)  # name -> proto, for /config_dump
-    updated_at: float = 0.0
 
 
 def backoff(attempt: int, base: float, maximum: float, rng: random.Random) -> float:
@@ -151,7 +111,18 @@ def build_node(info: NodeInfo) -> base_pb2.Node:
                          user_agent_name="meshkeeper", user_agent_version=__version__)
 
 
-class AdsClient:
+def nack_status(detail: str) -> status_pb2.Status:
+    return status_pb2.Status(code=INVALID_ARGUMENT, message=detail)
+
+
+class XdsClient:
+    """An ADS client's shared part; a variant implements the five methods at the end.
+
+    The variant owns its wording only: what the first request of a type says, how an ACK, a NACK
+    and a change of EDS/RDS names are sent, and how a response becomes an :class:`Update`, which
+    it hands to :meth:`_settle`.
+    """
+
     def __init__(self, target: str, node: NodeInfo, sink: ConfigSink, *,
                  on_change: Callable[[], None] | None = None, rng: random.Random | None = None,
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
@@ -165,12 +136,12 @@ class AdsClient:
         self.rng = rng or random.Random()
         self.backoff_base = backoff_base
         self.backoff_max = backoff_max
-        self.state = {t: TypeState() for t in _MESSAGES}
+        self.state = {t: TypeState() for t in MESSAGES}
         self.state[xds.RUNTIME].names = (node.service,)  # fixed: the own service's runtime layer
         self.connected = False
         self._initialized = False
         self.connects = 0
-        self._queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] | None = None
+        self._queue: asyncio.Queue[Any] | None = None
         self._task: asyncio.Task | None = None
 
     # ------------------------------------------------------------------ lifecycle
@@ -216,12 +187,12 @@ class AdsClient:
             await asyncio.sleep(backoff(attempt, self.backoff_base, self.backoff_max, self.rng))
 
     async def _stream_once(self) -> None:
-        queue: asyncio.Queue[discovery_pb2.DiscoveryRequest | None] = asyncio.Queue()
+        queue: asyncio.Queue[Any] = asyncio.Queue()
         self._queue = queue
         for st in self.state.values():
             st.nonce = ""  # nonces belong to a stream; the server numbers each stream anew
 
-        async def requests():
+        async def requests() -> AsyncIterator[Any]:
             while True:
                 req = await queue.get()
                 if req is None:
@@ -229,16 +200,17 @@ class AdsClient:
                 yield req
 
         async with open_channel(self.target, self.credentials) as channel:
-            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-            call = stub.StreamAggregatedResources(requests())
+            call = self._open_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), requests())
             # Initial subscriptions: wildcard LDS and CDS, the own service's RTDS layer, plus what
-            # we already hold (after a reconnect).
+            # we already hold (after a reconnect). The node goes on the stream's first request.
             first = True
-            for type_url in (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME):
-                st = self.state[type_url]
-                if type_url in xds.WILDCARD_TYPES or st.names:
-                    queue.put_nowait(self._request(type_url, nonce="", node=first))
-                    first = False
+            for type_url in SUBSCRIBE_ORDER:
+                if type_url in xds.WILDCARD_TYPES or self.state[type_url].names:
+                    req = self._first_request(type_url)
+                    if first:
+                        req.node.CopyFrom(self.node)
+                        first = False
+                    queue.put_nowait(req)
             async for resp in call:
                 if not self.connected:
                     self.connected = True
@@ -246,124 +218,55 @@ class AdsClient:
                     log.info("xds stream to %s established", self.target)
                 self._on_response(resp)
 
-    # ------------------------------------------------------------------ protocol
-
-    def _request(self, type_url: str, nonce: str, error: str = "", node: bool = False) -> discovery_pb2.DiscoveryRequest:
-        st = self.state[type_url]
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=st.version,
-                                             response_nonce=nonce, resource_names=list(st.names))
-        if node:
-            req.node.CopyFrom(self.node)
-        if error:
-            req.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
-        return req
-
-    def _send(self, req: discovery_pb2.DiscoveryRequest) -> None:
+    def _send(self, req: Any) -> None:
         if self._queue is not None:
             self._queue.put_nowait(req)
 
-    def _on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
+    # ------------------------------------------------------------------ a response, either variant
+
+    def _settle(self, up: Update, nonce: str, version: str, count: int) -> None:
         """Apply what can be honoured, NACK what cannot (Envoy's and gRFC A46's semantics).
 
-        A resource that fails to convert keeps its last accepted value (or stays absent if it is
-        new) while the valid resources of the same response are applied; the response is then
-        NACKed naming every refused resource, and the accepted version does not move. So one
-        service with an unsupported setting never freezes the rest of the mesh. If applying the
-        set fails as a whole (a runtime object refuses it), nothing changes and it is NACKed.
+        The valid resources of ``up`` are applied even when others are refused (they keep their
+        last accepted value, or stay absent if new); the response is then NACKed naming every
+        refused resource, and the accepted version does not move. So one service with an
+        unsupported setting never freezes the rest of the mesh. Nothing is applied when ``up`` is
+        refused whole, when the own service's RTDS resource is refused (one resource matters, so
+        the values stay those of the accepted version, which /runtime reports with them), or when
+        the sink refuses the set (a runtime object such as a Router).
         """
-        type_url = resp.type_url
-        st = self.state.get(type_url)
-        if st is None:
-            log.warning("ignoring xds response of unsupported type %s", type_url)
-            return
-        st.nonce = resp.nonce
-        short = xds.SHORT_TYPE[type_url]
-        named = type_url in _MERGED_TYPES  # a response may carry only some names: merge
-        converted, raw, errors = self._convert(type_url, resp, st)
-        if type_url == xds.RUNTIME and errors:
-            # One resource matters (the own service's), so a refused response changes nothing:
-            # the values stay those of the accepted version, which /runtime reports with them.
-            converted = None
-        try:
-            if converted is not None:
-                self._apply(type_url, converted, resp.version_info)
-        except Exception as exc:  # a runtime object refused the set (e.g. a Router); nothing changed
-            if not isinstance(exc, ValueError):
-                log.exception("applying %s version %s failed", short, resp.version_info)
-            errors, converted = [str(exc)], None
-        if converted is not None:
-            if named:
-                st.resources.update(converted)
-                st.raw.update(raw)
-            else:
-                st.resources, st.raw = converted, raw
+        type_url, st, short = up.type_url, up.held, up.short
+        st.nonce = nonce
+        errors = up.errors
+        accepted = not up.whole and not (type_url == xds.RUNTIME and errors)
+        if accepted:
+            resources, raw, versions = up.held_after()
+            try:
+                self._apply(type_url, up.converted if type_url in MERGED_TYPES else resources, version)
+            except Exception as exc:  # a runtime object refused the set; nothing changed
+                if not isinstance(exc, ValueError):
+                    log.exception("applying %s version %s failed", short, version)
+                errors, accepted = [str(exc)], False
+        if accepted:
+            st.resources, st.raw, st.versions = resources, raw, versions
             st.received = True
             st.updated_at = time.time()
+        removed = f", {len(up.removed)} removed" if accepted and up.removed else ""
         if errors:
             detail = "; ".join(errors)
             st.rejected += 1
             st.last_error = detail
-            log.warning("NACK %s version %s: %s", short, resp.version_info, detail)
-            self._send(self._request(type_url, resp.nonce, error=detail))
+            log.warning("NACK %s version %s: %s", short, version, detail)
+            self._send_ack(type_url, nonce, detail)
         else:
-            st.version = resp.version_info
+            st.version = version
             st.accepted += 1
             st.last_error = ""
-            log.info("ACK %s version %s (%d resources)", short, resp.version_info, len(resp.resources))
-            self._send(self._request(type_url, resp.nonce))
-        if converted is not None:
+            log.info("ACK %s version %s (%d resources%s)", short, version, count, removed)
+            self._send_ack(type_url, nonce, "")
+        if accepted:
             self._resubscribe(type_url)
         self.on_change()
-
-    def _convert(self, type_url: str, resp: discovery_pb2.DiscoveryResponse,
-                 st: TypeState) -> tuple[dict | None, dict, list[str]]:
-        """(converted, protos, errors); a refused resource keeps its last accepted value.
-
-        ``converted`` is None when an error cannot be pinned on a named resource (wrong type,
-        undecodable, nameless): then the whole response is refused, since applying the rest of a
-        State-of-the-World set would delete whatever that resource was.
-        """
-        cls = _MESSAGES[type_url]
-        short = xds.SHORT_TYPE[type_url]
-        converted: dict[str, Any] = {}
-        raw: dict[str, Any] = {}
-        errors: list[str] = []
-        whole = False
-        for any_msg in resp.resources:
-            if any_msg.type_url != type_url:
-                errors.append(f"resource of type {any_msg.type_url} in a {short} response")
-                whole = True
-                continue
-            msg = cls()
-            try:
-                if not any_msg.Unpack(msg):
-                    raise convert.XdsError("cannot decode it")
-            except Exception as exc:  # DecodeError is not a ValueError
-                errors.append(f"a {short} resource does not decode: {exc}")
-                whole = True
-                continue
-            name = msg.cluster_name if type_url == xds.ENDPOINT else msg.name
-            if not name:
-                errors.append(f"a {short} resource has no name")
-                whole = True
-                continue
-            if type_url == xds.RUNTIME and name not in st.names:
-                log.debug("ignoring %s resource %r: not subscribed", short, name)
-                continue
-            if name in converted:
-                errors.append(f"{short} resource {name!r} appears twice")
-                whole = True
-                continue
-            try:
-                converted[name] = _CONVERTERS[type_url](msg)
-                raw[name] = msg
-            except Exception as exc:
-                if not isinstance(exc, ValueError):
-                    log.exception("converting %s %r failed", short, name)
-                errors.append(str(exc))
-                if name in st.resources:  # keep serving the last accepted value
-                    converted[name], raw[name] = st.resources[name], st.raw[name]
-        return (None if whole else converted), raw, errors
 
     def _apply(self, type_url: str, converted: dict[str, Any], version: str) -> None:
         if type_url == xds.RUNTIME:
@@ -379,19 +282,82 @@ class AdsClient:
             self.sink.apply_routes(converted)
 
     def _resubscribe(self, type_url: str) -> None:
-        """After CDS/LDS, subscribe to the EDS/RDS names they reference (SotW: the full list)."""
-        if type_url == xds.CLUSTER:
-            names = tuple(sorted(n for n, c in self.state[xds.CLUSTER].resources.items() if c.discovery == "EDS"))
-            dep = xds.ENDPOINT
-        elif type_url == xds.LISTENER:
-            names = tuple(sorted({c.rds_name for c in self.state[xds.LISTENER].resources.values() if c.rds_name}))
-            dep = xds.ROUTE
-        else:
+        """After CDS/LDS, subscribe to the EDS/RDS names they reference."""
+        ref = referenced_names(type_url, self.state[type_url].resources)
+        if ref is None:
             return
+        dep, names = ref
         st = self.state[dep]
         if names != st.names:
-            st.names = names
-            # Forget what is no longer subscribed so that `synced` and the dump stay exact.
-            st.resources = {n: v for n, v in st.resources.items() if n in names}
-            st.raw = {n: v for n, v in st.raw.items() if n in names}
-            self._send(self._request(dep, st.nonce))
+            added, gone = st.subscribe(names)
+            self._send_subscription(dep, added, gone)
+
+    # ------------------------------------------------------------------ the variant's part
+
+    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
+        raise NotImplementedError
+
+    def _first_request(self, type_url: str) -> Any:
+        """The request that subscribes to ``type_url`` on a new stream (the base adds the node)."""
+        raise NotImplementedError
+
+    def _on_response(self, resp: Any) -> None:
+        """Read ``resp`` into an Update and :meth:`_settle` it."""
+        raise NotImplementedError
+
+    def _send_ack(self, type_url: str, nonce: str, error: str) -> None:
+        """ACK the response ``nonce``, or NACK it with ``error`` (non-empty)."""
+        raise NotImplementedError
+
+    def _send_subscription(self, type_url: str, added: list[str], gone: list[str]) -> None:
+        """Tell the server the names of ``type_url`` changed (``self.state`` already has them)."""
+        raise NotImplementedError
+
+
+class AdsClient(XdsClient):
+    """State of the World: every request carries the full list of names and the version held; a
+    response is the whole set of its type (LDS, CDS, RTDS) or of the names it carries (EDS, RDS).
+    A response with a resource that cannot be attributed to a name is refused whole, since applying
+    the rest of the set would delete whatever that resource was."""
+
+    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
+        return stub.StreamAggregatedResources(requests)
+
+    def _request(self, type_url: str, nonce: str, error: str = "") -> discovery_pb2.DiscoveryRequest:
+        st = self.state[type_url]
+        req = discovery_pb2.DiscoveryRequest(type_url=type_url, version_info=st.version,
+                                             response_nonce=nonce, resource_names=list(st.names))
+        if error:
+            req.error_detail.CopyFrom(nack_status(error))
+        return req
+
+    def _first_request(self, type_url: str) -> discovery_pb2.DiscoveryRequest:
+        return self._request(type_url, nonce="")
+
+    def _send_ack(self, type_url: str, nonce: str, error: str) -> None:
+        self._send(self._request(type_url, nonce, error))
+
+    def _send_subscription(self, type_url: str, added: list[str], gone: list[str]) -> None:
+        self._send(self._request(type_url, self.state[type_url].nonce))
+
+    def _on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
+        type_url = resp.type_url
+        st = self.state.get(type_url)
+        if st is None:
+            log.warning("ignoring xds response of unsupported type %s", type_url)
+            return
+        up = Update(type_url, st, incremental=False)
+        for any_msg in resp.resources:
+            try:
+                msg = unpack(type_url, any_msg)
+            except convert.XdsError as exc:
+                up.refuse(str(exc))
+                continue
+            name = resource_name(type_url, msg)
+            if not name:
+                up.refuse(f"a {up.short} resource has no name")
+                continue
+            up.add(name, msg)
+        if type_url not in MERGED_TYPES:
+            up.remove_unlisted()
+        self._settle(up, resp.nonce, resp.version_info, len(resp.resources))
