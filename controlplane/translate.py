@@ -457,22 +457,47 @@ class SharedResources:
     resources: Mapping[str, Mapping[str, Message]]
 
 
+@dataclass(frozen=True)
+class ServiceResources:
+    """What one service adds to its namespace's shared resources: its outbound clusters (the
+    service and one per version subset), their ClusterLoadAssignments, and its virtual host of
+    RouteConfiguration ``outbound`` (None for a service that is not HTTP). It depends on the
+    :class:`ServiceSnapshot` alone, so a service that did not change need not be translated again."""
+
+    clusters: Mapping[str, cluster_pb2.Cluster]
+    endpoints: Mapping[str, endpoint_pb2.ClusterLoadAssignment]
+    virtual_host: route_components_pb2.VirtualHost | None
+
+
+def service_resources(svc: ServiceSnapshot) -> ServiceResources:
+    clusters, endpoints = {}, {}
+    main = xds.outbound_cluster(svc.name, svc.namespace)
+    clusters[main] = eds_cluster(main, svc.policy, svc.record.protocol)
+    endpoints[main] = load_assignment(main, svc, svc.instances.values())
+    for version, instances in subset_versions(svc).items():
+        sub = xds.outbound_cluster(svc.name, svc.namespace, version)
+        clusters[sub] = eds_cluster(sub, svc.policy, svc.record.protocol)
+        endpoints[sub] = load_assignment(sub, svc, instances)
+    vhost = virtual_host(svc) if svc.record.protocol in HTTP_PROTOCOLS else None
+    return ServiceResources(clusters, endpoints, vhost)
+
+
+def outbound_route_configuration(vhosts: Iterable[route_components_pb2.VirtualHost]) -> route_pb2.RouteConfiguration:
+    """RouteConfiguration ``outbound``: the namespace's virtual hosts, in service name order."""
+    return route_pb2.RouteConfiguration(name=xds.OUTBOUND_ROUTE, virtual_hosts=vhosts)
+
+
 @lru_cache(maxsize=16)
 def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResources:
     out = empty_resources()
-    clusters, endpoints = out[xds.CLUSTER], out[xds.ENDPOINT]
-    route = route_pb2.RouteConfiguration(name=xds.OUTBOUND_ROUTE)
-    for name, svc in sorted(snapshot.services(namespace).items()):
-        main = xds.outbound_cluster(name, namespace)
-        clusters[main] = eds_cluster(main, svc.policy, svc.record.protocol)
-        endpoints[main] = load_assignment(main, svc, svc.instances.values())
-        for version, instances in subset_versions(svc).items():
-            sub = xds.outbound_cluster(name, namespace, version)
-            clusters[sub] = eds_cluster(sub, svc.policy, svc.record.protocol)
-            endpoints[sub] = load_assignment(sub, svc, instances)
-        if svc.record.protocol in HTTP_PROTOCOLS:
-            route.virtual_hosts.append(virtual_host(svc))
-    out[xds.ROUTE][route.name] = route
+    vhosts = []
+    for _, svc in sorted(snapshot.services(namespace).items()):
+        got = service_resources(svc)
+        out[xds.CLUSTER].update(got.clusters)
+        out[xds.ENDPOINT].update(got.endpoints)
+        if got.virtual_host is not None:
+            vhosts.append(got.virtual_host)
+    out[xds.ROUTE][xds.OUTBOUND_ROUTE] = outbound_route_configuration(vhosts)
     for name in snapshot.runtime_services(namespace):
         out[xds.RUNTIME][name] = runtime(name, snapshot.config(namespace, name))
     return SharedResources(namespace, MappingProxyType({t: MappingProxyType(r) for t, r in out.items()}))
