@@ -529,7 +529,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         for short in sorted(p.types, key=_type_order):
             st = p.types[short]
             acked = out.types.add(type=short, version=st.version_acked)
-            for r in st.acked_resources:
+            for r in st.acked_held():
                 acked.resources_json[r.name] = json_format.MessageToJson(r.any, preserving_proto_field_name=True,
                                                                          indent=None)
         return out

@@ -1,35 +1,55 @@
-"""xDS snapshot cache: the latest registry snapshot, translated and packed on demand.
+"""xDS snapshot cache: the latest registry snapshot, translated incrementally and packed once.
 
-The ADS server depends only on :class:`ConfigWatcher` (as go-control-plane's server only knows
-its ConfigWatcher): ``fetch`` answers "what should this node have for this type and subscription"
-and ``subscribe`` says when to ask again. :class:`SnapshotCache` is the implementation.
+The ADS servers (controlplane.ads_sotw, controlplane.ads_delta) depend only on
+:class:`ConfigWatcher`, as go-control-plane's servers only know theirs: ``layers`` answers "what
+does this node hold of this type" and ``subscribe`` says when to ask again.
+:class:`SnapshotCache` is the implementation.
 
-Resources are packed into ``Any`` with deterministic serialization once: shared ones once per
-snapshot and namespace, per-node ones once per node identity. A response's version is a short
-hash of the names and bytes it carries, so an unchanged set means an unchanged version and no push.
+What a node holds of a type is three :class:`TypeView` layers, each shared by every node that
+holds it:
+
+* the namespace's shared resources (outbound clusters, their ClusterLoadAssignments,
+  RouteConfiguration ``outbound``, one RTDS Runtime per service), kept between snapshots: a new
+  snapshot translates again only the services whose :class:`ServiceSnapshot` changed, and a
+  resource whose bytes did not change stays the same :class:`Resource` object;
+* the namespace's resources for the node's interception mode (controlplane.transparent);
+* the node's own (its listeners and inbound cluster), per node identity and own policy.
+
+A view is immutable and derived from the previous one, so what changed between the view a stream
+was sent and the current one is found by identity (:meth:`TypeView.changes`, computed once per
+pair of views however many streams ask), and a view is serialized into a response once
+(:meth:`TypeView.sotw_blob`, :meth:`TypeView.delta_blob`): a push to K streams costs K cheap
+sends, not K translations. Per stream, a server keeps only references to views.
 
 Proxyless gRPC clients (nodes without Meshkeeper metadata) are served by resource name instead
-(controlplane.proxyless: a Listener per target they ask for), each name packed once per snapshot.
+(controlplane.proxyless: a Listener per target they ask for), each name packed once per snapshot,
+through :meth:`SnapshotCache.fetch`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import time
-from collections.abc import Callable, Mapping
+import weakref
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Protocol
 
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from controlplane import proxyless, translate, transparent
 from controlplane.metrics import Metrics
-from controlplane.snapshot import RegistrySnapshot
+from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.policy import Policy
+from meshkeeper.registry import RuntimeValues
 from meshkeeper.xds import NodeInfo
+
+log = logging.getLogger("meshkeeper.controlplane.xds")
 
 # Push order on a change: CDS before EDS, LDS before RDS (as Envoy applies them), RTDS last.
 SERVED_TYPES = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME)
@@ -41,6 +61,11 @@ class Resource:
     any: any_pb2.Any
     digest: bytes
 
+    @property
+    def version(self) -> str:
+        """The resource's version (Delta xDS): its digest in hex."""
+        return self.digest.hex()
+
 
 @dataclass(frozen=True, slots=True)
 class Response:
@@ -51,22 +76,17 @@ class Response:
     resources: tuple[Resource, ...]
 
 
-class ConfigWatcher(Protocol):
-    def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:
-        """The node's resources of ``type_url`` (``names`` None = all of them), or None while no
-        complete registry snapshot exists yet."""
-
-    def subscribe(self, notify: Callable[[], None]) -> Callable[[], None]:
-        """Call ``notify()`` on the loop after each new snapshot; returns the unsubscribe call."""
-
-
-def pack(name: str, msg: Message) -> Resource:
+def pack(name: str, msg: Message, prev: Resource | None = None) -> Resource:
+    """``msg`` packed into an ``Any`` (deterministic bytes); ``prev`` itself when its bytes are the same."""
     value = msg.SerializeToString(deterministic=True)
+    digest = hashlib.sha256(value).digest()[:16]
+    if prev is not None and prev.digest == digest and prev.name == name:
+        return prev
     a = any_pb2.Any(type_url="type.googleapis.com/" + msg.DESCRIPTOR.full_name, value=value)
-    return Resource(name, a, hashlib.sha256(value).digest()[:16])
+    return Resource(name, a, digest)
 
 
-def version_of(resources: tuple[Resource, ...]) -> str:
+def version_of(resources: Iterable[Resource]) -> str:
     h = hashlib.sha256()
     for r in resources:
         h.update(r.name.encode())
@@ -75,26 +95,203 @@ def version_of(resources: tuple[Resource, ...]) -> str:
     return h.hexdigest()[:12]
 
 
-def _pack_all(res: Mapping[str, Mapping[str, Message]]) -> dict[str, dict[str, Resource]]:
-    return {t: {n: pack(n, m) for n, m in sorted(items.items())} for t, items in res.items()}
+class TypeView:
+    """An immutable set of packed resources of one type (name -> :class:`Resource`, in name
+    order) and its version. See the module docstring for how views are shared."""
+
+    __slots__ = ("type_url", "items", "version", "_names", "_changes", "_sotw", "_delta", "__weakref__")
+
+    def __init__(self, type_url: str, items: Mapping[str, Resource]) -> None:
+        self.type_url = type_url
+        self.items = items
+        self.version = version_of(items.values())
+        self._names: frozenset[str] | None = None
+        self._changes: weakref.WeakKeyDictionary[TypeView, tuple] = weakref.WeakKeyDictionary()
+        self._sotw: bytes | None = None
+        self._delta: bytes | None = None
+
+    @classmethod
+    def derive(cls, prev: TypeView | None, type_url: str, items: Mapping[str, Resource]) -> TypeView:
+        """A view of ``items``; ``prev`` itself when it holds the very same resources."""
+        if prev is not None and len(prev.items) == len(items):
+            held = prev.items
+            if all(held.get(n) is r for n, r in items.items()):
+                return prev
+        return cls(type_url, dict(sorted(items.items())))
+
+    def names(self) -> frozenset[str]:
+        if self._names is None:
+            self._names = frozenset(self.items)
+        return self._names
+
+    def changes(self, old: TypeView) -> tuple[tuple[Resource, ...], tuple[str, ...]]:
+        """(resources added or changed since ``old``, names removed since ``old``), computed once
+        per pair of views."""
+        if old is self:
+            return (), ()
+        got = self._changes.get(old)
+        if got is None:
+            before = old.items
+            changed = tuple(r for n, r in self.items.items()
+                            if (o := before.get(n)) is not r and (o is None or o.digest != r.digest))
+            removed = tuple(n for n in before if n not in self.items)
+            got = self._changes[old] = (changed, removed)
+        return got
+
+    def sotw_blob(self) -> bytes:
+        """The view's resources as the ``resources`` field of a serialized DiscoveryResponse:
+        concatenated with the serialized other fields it is a whole response (protobuf merges
+        concatenated messages), so each stream adds only its version and nonce."""
+        if self._sotw is None:
+            self._sotw = discovery_pb2.DiscoveryResponse(
+                resources=[r.any for r in self.items.values()]).SerializeToString()
+        return self._sotw
+
+    def delta_blob(self) -> bytes:
+        """The same for the ``resources`` field of a DeltaDiscoveryResponse (name, version, resource)."""
+        if self._delta is None:
+            self._delta = discovery_pb2.DeltaDiscoveryResponse(
+                resources=[delta_resource(r) for r in self.items.values()]).SerializeToString()
+        return self._delta
+
+
+def delta_resource(r: Resource) -> discovery_pb2.Resource:
+    return discovery_pb2.Resource(name=r.name, version=r.version, resource=r.any)
+
+
+EMPTY_VIEWS: Mapping[str, TypeView] = {t: TypeView(t, {}) for t in SERVED_TYPES}
+
+Layers = tuple[TypeView, TypeView, TypeView]  # (namespace, interception mode, node)
+
+
+def held(layers: Layers, names: frozenset[str] | None) -> tuple[Resource, ...]:
+    """The resources of ``layers`` a node holds with subscription ``names`` (None: all), by name."""
+    out = [r for view in layers for n, r in view.items.items() if names is None or n in names]
+    out.sort(key=lambda r: r.name)
+    return tuple(out)
+
+
+def layers_version(layers: Layers) -> str:
+    return "-".join(v.version for v in layers)
+
+
+class ConfigWatcher(Protocol):
+    def layers(self, node: NodeInfo, type_url: str) -> Layers | None:
+        """What ``node`` holds of ``type_url`` (every name of it), or None while no complete
+        registry snapshot exists yet or for a proxyless node (served by :meth:`fetch`)."""
+
+    def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:
+        """The node's resources of ``type_url`` (``names`` None = all of them), or None while no
+        complete registry snapshot exists yet."""
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        """One object for equal subscriptions, so that a thousand streams hold one set."""
+
+    def subscribe(self, notify: Callable[[], None]) -> Callable[[], None]:
+        """Call ``notify()`` on the loop after each new snapshot; returns the unsubscribe call."""
+
+
+def _derive_all(prev: Mapping[str, TypeView], res: Mapping[str, Mapping[str, Message]]) -> dict[str, TypeView]:
+    """Views of ``res`` (type -> name -> message) derived from ``prev``: unchanged bytes keep their Resource."""
+    out = {}
+    for t in SERVED_TYPES:
+        before = prev.get(t) or EMPTY_VIEWS[t]
+        items = {n: pack(n, m, before.items.get(n)) for n, m in (res.get(t) or {}).items()}
+        out[t] = TypeView.derive(before, t, items) if items else EMPTY_VIEWS[t]
+    return out
 
 
 @lru_cache(maxsize=8192)
-def _node_packed(node: NodeInfo, policy: Policy) -> dict[str, dict[str, Resource]]:
+def _own_views(node: NodeInfo, policy: Policy) -> dict[str, TypeView]:
     # Per-node resources depend on the node and its own service's policy, not on the rest of the registry.
-    return _pack_all(transparent.node_resources(node, policy))
+    return _derive_all({}, transparent.node_resources(node, policy))
+
+
+@dataclass(frozen=True, slots=True)
+class _Service:
+    svc: ServiceSnapshot
+    clusters: Mapping[str, Resource]
+    endpoints: Mapping[str, Resource]
+    vhost: Message | None
+    vhost_bytes: bytes
+
+
+class NamespaceTranslation:
+    """A namespace's shared resources, kept from one snapshot to the next (module docstring)."""
+
+    def __init__(self, namespace: str) -> None:
+        self.namespace = namespace
+        self.views: dict[str, TypeView] = dict(EMPTY_VIEWS)
+        self._services: dict[str, _Service] = {}
+        self._runtime: dict[str, tuple[RuntimeValues | None, Resource]] = {}
+        self._route: Resource | None = None
+        self.translated = 0  # services translated by the last update
+
+    def update(self, snapshot: RegistrySnapshot) -> dict[str, TypeView]:
+        ns = self.namespace
+        before = self._services
+        now: dict[str, _Service] = {}
+        clusters: dict[str, Resource] = {}
+        endpoints: dict[str, Resource] = {}
+        route_changed = self._route is None or len(before) != len(snapshot.services(ns))
+        self.translated = 0
+        for name, svc in sorted(snapshot.services(ns).items()):
+            entry = before.get(name)
+            if entry is None or (entry.svc is not svc and entry.svc != svc):
+                entry = self._translate(svc, entry)
+                route_changed = route_changed or before.get(name) is None or (
+                    entry.vhost_bytes != before[name].vhost_bytes)
+            now[name] = entry
+            clusters.update(entry.clusters)
+            endpoints.update(entry.endpoints)
+        route_changed = route_changed or now.keys() != before.keys()
+        self._services = now
+        if route_changed:
+            route = translate.outbound_route_configuration([e.vhost for e in now.values() if e.vhost is not None])
+            self._route = pack(xds.OUTBOUND_ROUTE, route, self._route)
+        runtime = {}
+        for name in snapshot.runtime_services(ns):
+            values = snapshot.config(ns, name)
+            prev = self._runtime.get(name)
+            if prev is None or prev[0] != values:
+                prev = (values, pack(name, translate.runtime(name, values), prev[1] if prev else None))
+            runtime[name] = prev
+        self._runtime = runtime
+        v = self.views
+        self.views = {
+            xds.CLUSTER: TypeView.derive(v[xds.CLUSTER], xds.CLUSTER, clusters),
+            xds.ENDPOINT: TypeView.derive(v[xds.ENDPOINT], xds.ENDPOINT, endpoints),
+            xds.LISTENER: EMPTY_VIEWS[xds.LISTENER],
+            xds.ROUTE: TypeView.derive(v[xds.ROUTE], xds.ROUTE, {xds.OUTBOUND_ROUTE: self._route}),
+            xds.RUNTIME: TypeView.derive(v[xds.RUNTIME], xds.RUNTIME, {n: r for n, (_, r) in runtime.items()}),
+        }
+        return self.views
+
+    def _translate(self, svc: ServiceSnapshot, prev: _Service | None) -> _Service:
+        self.translated += 1
+        got = translate.service_resources(svc)
+        old_c = prev.clusters if prev is not None else {}
+        old_e = prev.endpoints if prev is not None else {}
+        vhost = got.virtual_host
+        return _Service(svc, {n: pack(n, m, old_c.get(n)) for n, m in got.clusters.items()},
+                        {n: pack(n, m, old_e.get(n)) for n, m in got.endpoints.items()},
+                        vhost, vhost.SerializeToString(deterministic=True) if vhost is not None else b"")
 
 
 class SnapshotCache:
     """Holds the latest :class:`RegistrySnapshot`; implements :class:`ConfigWatcher`."""
 
+    INTERNED_MAX = 4096  # distinct subscriptions remembered (per snapshot, beyond which new ones are not shared)
+
     def __init__(self, metrics: Metrics | None = None) -> None:
         self._metrics = metrics or Metrics()
         self._snapshot: RegistrySnapshot | None = None
-        self._shared: dict[str, dict[str, dict[str, Resource]]] = {}
-        self._nodes: dict[NodeInfo, dict[str, dict[str, Resource]]] = {}
-        self._transparent: dict[tuple[str, str], dict[str, dict[str, Resource]]] = {}
+        self._namespaces: dict[str, NamespaceTranslation] = {}
+        self._modes: dict[tuple[str, bool], dict[str, TypeView]] = {}  # interception-mode layers, kept across snapshots
+        self._modes_now: dict[tuple[str, bool], dict[str, TypeView]] = {}
+        self._nodes: dict[NodeInfo, dict[str, Layers]] = {}
         self._proxyless: dict[tuple[str, str, str], Resource] = {}  # (type, name, namespace)
+        self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -104,42 +301,57 @@ class SnapshotCache:
     def set_snapshot(self, snapshot: RegistrySnapshot) -> None:
         """Publish a registry snapshot (on the loop) and tell every subscriber."""
         started = time.perf_counter()
-        shared = {ns: _pack_all(translate.shared_resources(snapshot, ns).resources)
-                  for ns in {*snapshot.namespaces, *snapshot.configs}}
+        translated = 0
+        for ns in sorted({*snapshot.namespaces, *snapshot.configs, *self._namespaces}):
+            t = self._namespaces.get(ns)
+            if t is None:
+                t = self._namespaces[ns] = NamespaceTranslation(ns)
+            t.update(snapshot)
+            translated += t.translated
         self._metrics.snapshot_build.labels(stage="xds").observe(time.perf_counter() - started)
-        self._snapshot, self._shared, self._nodes, self._transparent = snapshot, shared, {}, {}
-        self._proxyless = {}
+        log.debug("snapshot %d: %d services translated again", snapshot.version, translated)
+        self._snapshot, self._nodes, self._modes_now, self._proxyless = snapshot, {}, {}, {}
+        if len(self._interned) > self.INTERNED_MAX:
+            self._interned = {}
         for notify in list(self._listeners):
             notify()
 
-    def _resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]]:
+    def _namespace_views(self, namespace: str) -> dict[str, TypeView]:
+        t = self._namespaces.get(namespace)
+        if t is None:  # a namespace nobody registered in: same shape, no services
+            t = self._namespaces[namespace] = NamespaceTranslation(namespace)
+            t.update(self._snapshot)
+        return t.views
+
+    def _mode_views(self, node: NodeInfo) -> Mapping[str, TypeView]:
+        extra = transparent.shared_for(self._snapshot, node)
+        if extra is None:
+            return EMPTY_VIEWS
+        key = (node.namespace, node.interception == "redirect")
+        got = self._modes_now.get(key)
+        if got is None:
+            got = self._modes_now[key] = self._modes[key] = _derive_all(self._modes.get(key, {}), extra)
+        return got
+
+    def _layers(self, node: NodeInfo) -> dict[str, Layers]:
         got = self._nodes.get(node)
         if got is None:
-            shared = self._shared.get(node.namespace)
-            if shared is None:  # a namespace nobody registered in: same shape, no services
-                shared = self._shared[node.namespace] = _pack_all(
-                    translate.shared_resources(self._snapshot, node.namespace).resources)
-            policy = translate.node_policy(self._snapshot, node)
-            got = {t: dict(items) for t, items in _node_packed(node, policy).items()}
-            for t, items in shared.items():
-                got[t].update(items)
-            extra = transparent.shared_for(self._snapshot, node)
-            if extra is not None:
-                for t, items in self._transparent_packed((node.namespace, node.interception), extra).items():
-                    got[t].update(items)
-            self._nodes[node] = got
+            shared = self._namespace_views(node.namespace)
+            mode = self._mode_views(node)
+            own = _own_views(node, translate.node_policy(self._snapshot, node))
+            got = self._nodes[node] = {t: (shared[t], mode[t], own[t]) for t in SERVED_TYPES}
         return got
 
-    def _transparent_packed(self, key: tuple[str, str], extra) -> dict[str, dict[str, Resource]]:
-        """The namespace resources of an interception mode (controlplane.transparent), packed once
-        per snapshot, namespace and mode."""
-        got = self._transparent.get(key)
+    def layers(self, node: NodeInfo, type_url: str) -> Layers | None:
+        if self._snapshot is None or node.proxyless or type_url not in EMPTY_VIEWS:
+            return None
+        return self._layers(node)[type_url]
+
+    def intern(self, names: frozenset[str]) -> frozenset[str]:
+        got = self._interned.get(names)
         if got is None:
-            got = self._transparent[key] = _pack_all(extra)
+            got = self._interned[names] = names
         return got
-
-    def resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]] | None:
-        return None if self._snapshot is None else self._resources(node)
 
     def _proxyless_fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response:
         wanted = proxyless.wildcard_names(self._snapshot, type_url, node.namespace) if names is None else sorted(names)
@@ -153,19 +365,21 @@ class SnapshotCache:
                     continue
                 got = self._proxyless[key] = pack(name, msg)
             chosen.append(got)
-        return Response(type_url, version_of(tuple(chosen)), tuple(chosen))
+        return Response(type_url, version_of(chosen), tuple(chosen))
 
     def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:
         if self._snapshot is None:
             return None
         if node.proxyless:
             return self._proxyless_fetch(node, type_url, names)
-        items = self._resources(node).get(type_url, {})
-        if names is None:
-            chosen = tuple(items[n] for n in sorted(items))
-        else:
-            chosen = tuple(items[n] for n in sorted(names) if n in items)
+        chosen = held(self._layers(node)[type_url], names) if type_url in EMPTY_VIEWS else ()
         return Response(type_url, version_of(chosen), chosen)
+
+    def resources(self, node: NodeInfo) -> dict[str, dict[str, Resource]] | None:
+        """Everything ``node`` holds, by type and name (for the admin API and tests)."""
+        if self._snapshot is None:
+            return None
+        return {t: {r.name: r for r in held(layers, None)} for t, layers in self._layers(node).items()}
 
     def subscribe(self, notify: Callable[[], None]) -> Callable[[], None]:
         self._listeners.append(notify)

@@ -23,7 +23,7 @@ import uvloop
 
 from controlplane.admin import AdminService
 from controlplane.admin import add_to_server as add_admin_to_server
-from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
+from controlplane.ads import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.alerts.evaluate import DEFAULT_INTERVAL as DEFAULT_ALERT_INTERVAL
 from controlplane.alerts.evaluate import Evaluator
 from controlplane.alerts.notify import Notifier

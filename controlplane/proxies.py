@@ -49,10 +49,11 @@ class TypeStatus:
     pushes: int = 0  # responses sent on this stream
     nacks: int = 0
     last_ack_latency: float | None = None  # seconds from the last ACKed push to its ACK
-    # The resources of the last response sent, and of the last one ACKed (admin GetProxyConfig):
-    # shared packed resources of the cache, so keeping them costs references only.
-    sent_resources: tuple = ()
-    acked_resources: tuple = ()
+    # What the node holds after the last response sent, and after the last one ACKed (admin
+    # GetProxyConfig): a call that lists them from the cache's shared views, so keeping it costs
+    # a reference, not a list per stream.
+    sent_held: Callable[[], tuple] = tuple
+    acked_held: Callable[[], tuple] = tuple
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -123,18 +124,20 @@ class ProxyRegistry:
         found = [p for p in self._proxies.values() if p.node.node_id == node_id]
         return max(found, key=lambda p: p.stream_id) if found else None
 
-    def sent(self, p: ProxyStatus, type_url: str, version: str, nonce: str, resources: tuple = ()) -> None:
+    def sent(self, p: ProxyStatus, type_url: str, version: str, nonce: str, count: int = 0,
+             held: Callable[[], tuple] = tuple) -> None:
+        """A response of ``count`` resources went out; ``held()`` lists what the node then holds."""
         st = p.type(type_url)
         st.version_sent, st.nonce_sent = version, nonce
         st.sent_at, st.sent_mono = self._wall(), self._mono()
-        st.sent_resources = resources
+        st.sent_held = held
         st.pushes += 1
         short = SHORT_TYPE.get(type_url, "other")
         self._metrics.pushes.labels(type=short).inc()
         if self._events is not None and self._events.active:
             self._events.publish("push", namespace=p.node.namespace, service=p.node.service,
                                  node_id=p.node.node_id,
-                                 summary=f"{short} version {version} ({len(resources)} resources)")
+                                 summary=f"{short} version {version} ({count} resources)")
 
     def acked(self, p: ProxyStatus, type_url: str, version: str) -> None:
         st = p.type(type_url)
@@ -144,7 +147,7 @@ class ProxyRegistry:
             st.last_ack_latency = self._mono() - st.sent_mono
             self._metrics.push_ack_latency.labels(type=short).observe(st.last_ack_latency)
         if version == st.version_sent:
-            st.acked_resources = st.sent_resources
+            st.acked_held = st.sent_held
         st.version_acked, st.acked_at = version, self._wall()
         st.nack = None  # a later version was accepted: the refusal is resolved (the counter keeps it)
 

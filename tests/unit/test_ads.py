@@ -14,7 +14,7 @@ from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import json_format, struct_pb2, symbol_database
 from google.rpc import status_pb2
 
-from controlplane.ads_sotw import SERVER_OPTIONS, AdsServer, add_to_server
+from controlplane.ads import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.cache import SnapshotCache
 from controlplane.metrics import Metrics
 from controlplane.proxies import ProxyRegistry

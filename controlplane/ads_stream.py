@@ -1,0 +1,92 @@
+"""What both ADS variants (controlplane.ads_sotw, controlplane.ads_delta) do alike on one stream:
+identify the node from its first request, read requests into the stream's queue, and coalesce
+snapshot changes into one pending re-check.
+
+A stream's responses are messages, or bytes already serialized (a message's fields followed by a
+:class:`controlplane.cache.TypeView`'s pre-serialized resources); :func:`serialize` sends either.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from controlplane.cache import ConfigWatcher
+from controlplane.proxies import ProxyRegistry, ProxyStatus
+from meshkeeper import __version__
+from meshkeeper.registry import RecordError
+from meshkeeper.xds import NodeInfo
+
+log = logging.getLogger("meshkeeper.controlplane.xds")
+
+CONTROL_PLANE_ID = f"meshkeeper-controlplane/{__version__}"
+CONTROL_PLANE = base_pb2.ControlPlane(identifier=CONTROL_PLANE_ID)
+
+EOF_ = object()  # the client's side of the stream ended (or the server closes it)
+CHANGED = object()  # a new snapshot: re-check every type
+
+
+def serialize(response: Message | bytes) -> bytes:
+    return response if response.__class__ is bytes else response.SerializeToString()
+
+
+class AdsStream:
+    """One ADS stream's node, queue and nonces; the variants add their per-type state."""
+
+    def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry, context: grpc.aio.ServicerContext):
+        self.watcher, self.proxies, self.context = watcher, proxies, context
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.node: NodeInfo | None = None
+        self.status: ProxyStatus | None = None
+        self._nonces = itertools.count(1)
+        self._change_queued = False
+
+    def notify(self) -> None:
+        if not self._change_queued:  # coalesce: one pending re-check is enough
+            self._change_queued = True
+            self.queue.put_nowait(CHANGED)
+
+    def next_nonce(self) -> str:
+        return str(next(self._nonces))
+
+    async def read(self, requests: AsyncIterator) -> None:
+        try:
+            async for req in requests:
+                self.queue.put_nowait(req)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the client went away mid-read
+            log.debug("ADS stream read ended: %s", exc)
+        finally:
+            self.queue.put_nowait(EOF_)
+
+    async def identify(self, node: base_pb2.Node) -> None:
+        """Take the node of the stream's first request, or end the stream with INVALID_ARGUMENT."""
+        if not node.id:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "the first request must carry node.id")
+        try:
+            meta = json_format.MessageToDict(node.metadata)
+            self.node = NodeInfo.from_node(node.id, node.cluster, meta)
+        except (ValueError, RecordError) as exc:
+            log.warning("refusing ADS stream of %s: %s", node.id, exc)
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad node metadata: {exc}")
+        self.status = self.proxies.connect(self.node, self.context.peer() or "")
+
+    async def on_request(self, req) -> Message | bytes | None:
+        raise NotImplementedError
+
+    def on_change(self) -> list[Message | bytes]:
+        raise NotImplementedError
+
+    def changed(self) -> list[Message | bytes]:
+        self._change_queued = False
+        if self.node is None:
+            return []
+        return self.on_change()

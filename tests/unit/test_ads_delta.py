@@ -1,0 +1,327 @@
+"""Incremental xDS: the cache's shared views, SotW's partial EDS/RDS responses, and Delta ADS
+(``DeltaAggregatedResources``) with Envoy's semantics, over a real in-process grpc.aio server."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from types import MappingProxyType
+
+import grpc
+import pytest
+from envoy.config.endpoint.v3 import endpoint_pb2
+from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from google.rpc import status_pb2
+
+from controlplane.cache import SERVED_TYPES, SnapshotCache
+from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+from meshkeeper import xds
+from meshkeeper.registry import InstanceRecord, Override, ServiceRecord
+from tests.unit.test_ads import NODE_INFO, QUIET, Env, names_of, node_proto
+
+MAIN = "outbound|svc0.default"
+
+
+def mesh(version: int, services: int, *, weights: dict[str, int] | None = None, gone: str = "",
+         extra: str = "") -> RegistrySnapshot:
+    """``services`` services svc0..svcN of two instances (10.<i>.0.1 and .2) each; ``weights``:
+    instance key -> override weight (a key of svc0's); ``gone``: a service left out; ``extra``: one more."""
+    svcs = {}
+    names = [f"svc{i}" for i in range(services)] + ([extra] if extra else [])
+    for i, name in enumerate(names):
+        if name == gone:
+            continue
+        recs = {f"10.{i}.0.{h}:8080": InstanceRecord(address=f"10.{i}.0.{h}", port=8080) for h in (1, 2)}
+        ovr = {k: Override(weight=w) for k, w in (weights or {}).items()} if name == "svc0" else {}
+        svcs[name] = ServiceSnapshot(name, "default", ServiceRecord(), MappingProxyType(recs), MappingProxyType(ovr))
+    return RegistrySnapshot(version, MappingProxyType({"default": MappingProxyType(svcs)}))
+
+
+def eds_names(n: int) -> list[str]:
+    return [f"outbound|svc{i}.default" for i in range(n)]
+
+
+def weights_of(any_msg) -> dict[str, int]:
+    cla = endpoint_pb2.ClusterLoadAssignment()
+    assert any_msg.Unpack(cla)
+    return {e.endpoint.address.socket_address.address: e.load_balancing_weight.value
+            for loc in cla.endpoints for e in loc.lb_endpoints}
+
+
+# --------------------------------------------------------------------------- the cache
+
+
+def test_a_new_snapshot_translates_only_the_service_that_changed_and_keeps_the_rest_shared():
+    cache = SnapshotCache()
+    cache.set_snapshot(mesh(1, 50))
+    before = {t: cache.layers(NODE_INFO, t) for t in SERVED_TYPES}
+    cache.set_snapshot(mesh(2, 50, weights={"10.0.0.1:8080": 5}))
+    after = {t: cache.layers(NODE_INFO, t) for t in SERVED_TYPES}
+    ns = cache._namespaces["default"]
+    assert ns.translated == 1
+    # Clusters, routes and listeners did not change: the very same views (no stream is pushed).
+    for t in (xds.CLUSTER, xds.LISTENER, xds.ROUTE, xds.RUNTIME):
+        assert after[t] == before[t]
+    old, new = before[xds.ENDPOINT][0], after[xds.ENDPOINT][0]
+    assert new is not old
+    changed, removed = new.changes(old)
+    assert [r.name for r in changed] == [MAIN] and removed == ()
+    assert new.changes(old) is new.changes(old)  # once per pair of views, however many streams ask
+    assert new.items["outbound|svc7.default"] is old.items["outbound|svc7.default"]
+    assert weights_of(changed[0].any) == {"10.0.0.1": 5, "10.0.0.2": 10}
+
+
+def test_nodes_of_a_namespace_share_its_views_and_a_removed_service_shows_as_removed():
+    cache = SnapshotCache()
+    cache.set_snapshot(mesh(1, 5))
+    other = replace(NODE_INFO, node_id="sidecar~127.0.0.2~web-15006.default", advertise_host="127.0.0.2")
+    assert cache.layers(NODE_INFO, xds.CLUSTER)[0] is cache.layers(other, xds.CLUSTER)[0]
+    assert cache.layers(NODE_INFO, xds.LISTENER)[2] is not cache.layers(other, xds.LISTENER)[2]
+    old = cache.layers(NODE_INFO, xds.CLUSTER)[0]
+    cache.set_snapshot(mesh(2, 5, gone="svc3"))
+    changed, removed = cache.layers(NODE_INFO, xds.CLUSTER)[0].changes(old)
+    assert changed == () and removed == ("outbound|svc3.default",)
+
+
+# --------------------------------------------------------------------------- SotW, incrementally
+
+
+async def sotw_synced(env: Env, services: int):
+    """A SotW stream that holds everything (ACKed), and what it received first."""
+    c = env.client()
+    first = {}
+    subs = {xds.CLUSTER: [], xds.ENDPOINT: eds_names(services), xds.LISTENER: [], xds.ROUTE: ["outbound"],
+            xds.RUNTIME: ["web"]}
+    for i, (t, names) in enumerate(subs.items()):
+        c.send(t, names, node=node_proto() if i == 0 else None)
+        first[t] = await c.recv()
+        c.ack(first[t], names)
+    return c, first, subs
+
+
+@pytest.mark.parametrize("services", [10, 200])
+def test_sotw_sends_one_endpoint_change_as_one_resource_whatever_the_mesh_size(services):
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, services))
+            c, first, subs = await sotw_synced(env, services)
+            assert len(first[xds.ENDPOINT].resources) == services
+            env.cache.set_snapshot(mesh(2, services, weights={"10.0.0.1:8080": 3}))
+            eds = await c.recv()
+            assert eds.type_url == xds.ENDPOINT and names_of(eds) == [MAIN]
+            assert weights_of(eds.resources[0]) == {"10.0.0.1": 3, "10.0.0.2": 10}
+            assert eds.ByteSize() < 600  # one ClusterLoadAssignment, not the mesh's
+            c.ack(eds, subs[xds.ENDPOINT])
+            await c.nothing()
+            # a new service: CDS is the full set again, EDS has nothing the stream subscribed to
+            env.cache.set_snapshot(mesh(3, services, weights={"10.0.0.1:8080": 3}, extra="late"))
+            cds = await c.recv()
+            assert cds.type_url == xds.CLUSTER and len(cds.resources) == len(first[xds.CLUSTER].resources) + 1
+            assert "outbound|late.default" in names_of(cds)
+            c.ack(cds)
+            rds = await c.recv()  # its virtual host
+            assert rds.type_url == xds.ROUTE
+            c.ack(rds, ["outbound"])
+            await c.nothing()
+            await c.close()
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- Delta
+
+
+class DeltaClient:
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self.requests: asyncio.Queue = asyncio.Queue()
+        self.responses: asyncio.Queue = asyncio.Queue()
+        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
+        self.call = stub.DeltaAggregatedResources(self._requests())
+        self.reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _requests(self):
+        while (req := await self.requests.get()) is not None:
+            yield req
+
+    async def _read(self) -> None:
+        async for resp in self.call:
+            self.responses.put_nowait(resp)
+
+    def send(self, type_url: str, subscribe=(), unsubscribe=(), *, nonce: str = "", node=None,
+             initial: dict[str, str] | None = None, error: str | None = None) -> None:
+        req = discovery_pb2.DeltaDiscoveryRequest(
+            type_url=type_url, resource_names_subscribe=list(subscribe), resource_names_unsubscribe=list(unsubscribe),
+            response_nonce=nonce, initial_resource_versions=initial or {})
+        if node is not None:
+            req.node.CopyFrom(node)
+        if error is not None:
+            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
+        self.requests.put_nowait(req)
+
+    def ack(self, resp, **kw) -> None:
+        self.send(resp.type_url, nonce=resp.nonce, **kw)
+
+    async def recv(self, within: float = 3.0) -> discovery_pb2.DeltaDiscoveryResponse:
+        return await asyncio.wait_for(self.responses.get(), within)
+
+    async def nothing(self, within: float = QUIET) -> None:
+        with pytest.raises(TimeoutError):
+            resp = await asyncio.wait_for(self.responses.get(), within)
+            pytest.fail(f"unexpected push: {resp.type_url} {resp.system_version_info}")
+
+    async def close(self) -> None:
+        self.requests.put_nowait(None)
+        self.call.cancel()
+        self.reader.cancel()
+
+
+def delta_client(env: Env) -> DeltaClient:
+    return DeltaClient(env.channel)
+
+
+def rnames(resp) -> list[str]:
+    return sorted(r.name for r in resp.resources)
+
+
+async def delta_synced(env: Env, services: int, **initial):
+    """A Delta stream: wildcard CDS and LDS, EDS for every service, RDS outbound, RTDS web; all ACKed."""
+    c = delta_client(env)
+    first = {}
+    subs = {xds.CLUSTER: ["*"], xds.ENDPOINT: eds_names(services), xds.LISTENER: ["*"], xds.ROUTE: ["outbound"],
+            xds.RUNTIME: ["web"]}
+    for i, (t, names) in enumerate(subs.items()):
+        c.send(t, names, node=node_proto() if i == 0 else None, initial=initial.get(t))
+        first[t] = await c.recv()
+        assert first[t].type_url == t
+        c.ack(first[t])
+    return c, first
+
+
+def test_delta_sends_what_changed_and_names_what_was_removed():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 20))
+            c, first = await delta_synced(env, 20)
+            assert len(first[xds.ENDPOINT].resources) == 20
+            assert all(r.version for r in first[xds.CLUSTER].resources)
+            env.cache.set_snapshot(mesh(2, 20, weights={"10.0.0.2:8080": 4}))
+            eds = await c.recv()
+            assert eds.type_url == xds.ENDPOINT and rnames(eds) == [MAIN] and not eds.removed_resources
+            assert weights_of(eds.resources[0].resource) == {"10.0.0.1": 10, "10.0.0.2": 4}
+            c.ack(eds)
+            await c.nothing()
+            env.cache.set_snapshot(mesh(3, 20, weights={"10.0.0.2:8080": 4}, gone="svc5"))
+            cds = await c.recv()
+            assert cds.type_url == xds.CLUSTER and list(cds.resources) == []
+            assert list(cds.removed_resources) == ["outbound|svc5.default"]
+            c.ack(cds)
+            got = [await c.recv() for _ in range(2)]
+            assert [r.type_url for r in got] == [xds.ENDPOINT, xds.ROUTE]
+            assert list(got[0].removed_resources) == ["outbound|svc5.default"]
+            assert rnames(got[1]) == ["outbound"]
+            for r in got:
+                c.ack(r)
+            await env.until(lambda: env.sample("meshkeeper_xds_acks_total", "EDS") == 3)
+            await c.nothing()
+            await c.close()
+    asyncio.run(main())
+
+
+def test_a_delta_reconnect_is_sent_only_what_it_does_not_hold():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 10))
+            c, first = await delta_synced(env, 10)
+            held = {t: {r.name: r.version for r in resp.resources} for t, resp in first.items()}
+            await c.close()
+            # Meanwhile one weight changes and svc9 goes away.
+            env.cache.set_snapshot(mesh(2, 10, weights={"10.0.0.1:8080": 2}, gone="svc9"))
+            c2, again = await delta_synced(env, 10, **held)
+            assert rnames(again[xds.ENDPOINT]) == [MAIN]
+            assert list(again[xds.ENDPOINT].removed_resources) == ["outbound|svc9.default"]
+            assert list(again[xds.CLUSTER].resources) == []
+            assert list(again[xds.CLUSTER].removed_resources) == ["outbound|svc9.default"]
+            assert rnames(again[xds.ROUTE]) == ["outbound"]  # without svc9's virtual host
+            for t in (xds.LISTENER, xds.RUNTIME):
+                assert list(again[t].resources) == [] and list(again[t].removed_resources) == [], t
+            await c2.close()
+    asyncio.run(main())
+
+
+def test_delta_subscriptions_follow_subscribe_and_unsubscribe_and_a_late_name_arrives():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 3))
+            c = delta_client(env)
+            c.send(xds.ENDPOINT, ["outbound|svc1.default", "outbound|late.default"], node=node_proto())
+            eds = await c.recv()
+            assert rnames(eds) == ["outbound|svc1.default"]  # late does not exist yet
+            c.ack(eds, subscribe=["outbound|svc2.default"], unsubscribe=["outbound|svc1.default"])
+            eds = await c.recv()
+            assert rnames(eds) == ["outbound|svc2.default"]
+            c.ack(eds)
+            env.cache.set_snapshot(mesh(2, 3, weights={"10.0.0.1:8080": 9}))  # svc0: not subscribed
+            await c.nothing()
+            env.cache.set_snapshot(mesh(3, 3, weights={"10.0.0.1:8080": 9}, extra="late"))
+            eds = await c.recv()
+            assert rnames(eds) == ["outbound|late.default"]
+            await c.close()
+    asyncio.run(main())
+
+
+def test_a_delta_nack_is_counted_and_the_refused_resource_is_not_sent_again_until_it_changes():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 3))
+            c, _ = await delta_synced(env, 3)
+            env.cache.set_snapshot(mesh(2, 3, weights={"10.0.0.1:8080": 9}))
+            eds = await c.recv()
+            c.ack(eds, error="refused for the test")
+            await env.until(lambda: env.sample("meshkeeper_xds_nacks_total", "EDS") == 1)
+            status = env.proxies.list()[0].types["EDS"]
+            assert status.nack is not None and status.nack.error == "refused for the test"
+            env.cache.set_snapshot(mesh(3, 3, weights={"10.0.0.1:8080": 9}))  # the same content
+            await c.nothing()
+            env.cache.set_snapshot(mesh(4, 3, weights={"10.0.0.1:8080": 8}))
+            eds = await c.recv()
+            assert rnames(eds) == [MAIN]
+            await c.close()
+    asyncio.run(main())
+
+
+def test_delta_refuses_a_proxyless_client():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 1))
+            c = delta_client(env)
+            c.send(xds.LISTENER, ["svc0.default"], node=node_proto(None))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await c.reader
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("interception", ["none", "redirect"])
+def test_delta_and_sotw_serve_the_same_resources_for_every_type(interception):
+    node = replace(NODE_INFO, interception=interception)
+
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 4))
+            sotw, delta = {}, {}
+            s = env.client()
+            d = delta_client(env)
+            subs = {xds.CLUSTER: [], xds.LISTENER: [], xds.ENDPOINT: eds_names(4), xds.ROUTE: ["outbound"],
+                    xds.RUNTIME: ["web", "svc1"]}
+            for i, (t, names) in enumerate(subs.items()):
+                s.send(t, names, node=node_proto(node) if i == 0 else None)
+                d.send(t, names or ["*"], node=node_proto(node) if i == 0 else None)
+                got = await s.recv()
+                sotw[t] = sorted((name, a.value) for name, a in zip(names_of(got), got.resources, strict=True))
+                got = await d.recv()
+                delta[t] = sorted((r.name, r.resource.value) for r in got.resources)
+                assert sotw[t] == delta[t], t
+                assert len(sotw[t]) == len({n for n, _ in sotw[t]}), "a name twice"
+            assert {n for n, _ in sotw[xds.LISTENER]} >= {"outbound", "inbound"}
+            await s.close()
+            await d.close()
+    asyncio.run(main())
