@@ -18,6 +18,10 @@ and the status port live in worker 0.
 ``--xds-ca FILE`` makes the ADS and LRS streams use TLS, trusting that CA for the control plane's
 certificate (which must name the host of ``--cp``); ``--xds-cert FILE --xds-key FILE`` add a client
 certificate for mutual TLS. The files are read (and checked) once at start; workers get the same flags.
+
+``--xds-api delta|sotw`` picks the ADS variant, as Envoy's ``ads_config.api_type`` (DELTA_GRPC or
+GRPC): Delta (sidecar/xds/delta.py) or State of the World (sidecar/xds/client.py). The default is
+``sotw`` until the control plane serves ``DeltaAggregatedResources``.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import signal
 import ssl
 import subprocess
 import sys
-from typing import BinaryIO, NamedTuple
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from meshkeeper import xds
 from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
@@ -40,9 +44,14 @@ from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Path
 from meshkeeper.xds import NodeInfo
 from sidecar.status import DEFAULT_STATUS_PORT
 
+if TYPE_CHECKING:
+    from sidecar.xds.client import XdsClient
+
 log = logging.getLogger("meshkeeper.sidecar")
 
 DEFAULT_SAMPLE_RATIO = 0.01  # Istio's default trace sampling: 1%
+XDS_APIS = ("delta", "sotw")  # Envoy's ads api_type DELTA_GRPC and GRPC
+DEFAULT_XDS_API = "sotw"  # until the control plane serves DeltaAggregatedResources
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -56,6 +65,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--xds-cert", metavar="FILE", default="",
                    help="PEM client certificate for mutual TLS with the control plane (with --xds-key)")
     p.add_argument("--xds-key", metavar="FILE", default="", help="PEM private key of --xds-cert")
+    p.add_argument("--xds-api", choices=XDS_APIS, default=DEFAULT_XDS_API,
+                   help="the ADS variant: delta (incremental, DeltaAggregatedResources) or sotw (State of "
+                        "the World, StreamAggregatedResources); default %(default)s")
     p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK", "127.0.0.1:2181"), help="ZooKeeper hosts")
     p.add_argument("--version", default="", help="the instance's version label (subsets)")
     p.add_argument("--zone", default="", help="the instance's zone label (locality)")
@@ -202,7 +214,7 @@ async def run(args: argparse.Namespace) -> int:
     from sidecar.registration import Registration, check_http, check_tcp
     from sidecar.server import Server
     from sidecar.status import StatusServer
-    from sidecar.xds.client import AdsClient, channel_credentials
+    from sidecar.xds.client import channel_credentials
     from sidecar.xds.lrs import LoadReporter
 
     loop = asyncio.get_running_loop()
@@ -282,7 +294,7 @@ async def run(args: argparse.Namespace) -> int:
 
     # One set of credentials for both streams to the control plane (None: insecure).
     credentials = channel_credentials(*args.xds_tls) if args.xds_tls is not None else None
-    ads = AdsClient(args.cp, node, runtime, on_change=changed, credentials=credentials)
+    ads = ads_client_class(args.xds_api)(args.cp, node, runtime, on_change=changed, credentials=credentials)
     runtime.ads = ads
     ads.start()
     lrs = LoadReporter(args.cp, node, runtime.clusters, credentials=credentials)  # every worker reports its own load
@@ -396,6 +408,15 @@ def _tracer(args: argparse.Namespace, node: NodeInfo):
         raise TracingUnavailable(f"tracing needs the OTLP exporter, which does not import ({exc}): {REPAIR_HINT}") from None
 
 
+def ads_client_class(api: str) -> type[XdsClient]:
+    """The ADS client of ``--xds-api``; both have one surface (sidecar/xds/client.py)."""
+    if api == "delta":
+        from sidecar.xds.delta import DeltaAdsClient
+        return DeltaAdsClient
+    from sidecar.xds.client import AdsClient
+    return AdsClient
+
+
 class Worker(NamedTuple):
     proc: subprocess.Popen
     ready: BinaryIO  # the read end of the worker's --ready-fd pipe
@@ -407,6 +428,7 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
         read_end, write_end = os.pipe()
         argv = [sys.executable, "-m", "meshkeeper.cli", "sidecar", "--service", args.service,
                 "--app-port", str(args.app_port), "--namespace", args.namespace, "--cp", args.cp,
+                "--xds-api", args.xds_api,
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
                 "--interception", args.interception, "--outbound-policy", args.outbound_policy,
                 "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),

@@ -1,5 +1,5 @@
 """The sidecar's Delta ADS client against a scripted in-process DeltaAggregatedResources server
-(real gRPC on 127.0.0.1)."""
+(real gRPC on 127.0.0.1), and the ``--xds-api`` flag that picks it."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from google.protobuf import any_pb2, struct_pb2
 
 from meshkeeper import xds
 from meshkeeper.xds import NodeInfo
+from sidecar import main as sidecar_main
+from sidecar.xds.client import AdsClient
 from sidecar.xds.delta import DeltaAdsClient
 from tests.support.polling import until
 from tests.unit.test_xds_client import eds_cluster
@@ -310,3 +312,25 @@ async def test_a_reconnect_presents_the_versions_held(started):
     assert client.connects == 2 and sink.cluster_calls[-1] == {a, b}
     assert client.state[xds.CLUSTER].version == "s2"
 
+
+# --------------------------------------------------------------------------- the flag
+
+
+def test_xds_api_picks_the_client_sotw_by_default_and_workers_get_it(monkeypatch):
+    base = ["--service", SERVICE, "--app-port", "8080"]
+    assert sidecar_main.parse_args(base).xds_api == "sotw"
+    args = sidecar_main.parse_args([*base, "--xds-api", "delta", "--workers", "2"])
+    assert sidecar_main.ads_client_class(args.xds_api) is DeltaAdsClient
+    assert sidecar_main.ads_client_class("sotw") is AdsClient
+
+    spawned = []
+
+    class FakePopen:
+        def __init__(self, argv, pass_fds=()):
+            spawned.append(list(argv))
+
+    monkeypatch.setattr(sidecar_main.subprocess, "Popen", FakePopen)
+    for w in sidecar_main._spawn_workers(args, 15001, 15006):
+        w.ready.close()
+    [argv] = spawned
+    assert sidecar_main.parse_args(argv[argv.index("sidecar") + 1:]).xds_api == "delta"
