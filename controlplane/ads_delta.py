@@ -88,7 +88,7 @@ class DeltaStream(AdsStream):
                 else:
                     self.proxies.acked(self.status, t, st.version)
         self._subscribe(st, req.resource_names_subscribe, req.resource_names_unsubscribe)
-        return self.push(t, first=first)
+        return self.push(t)
 
     def _subscribe(self, st: _DeltaType, subscribe, unsubscribe) -> None:
         if not subscribe and not unsubscribe:
@@ -104,7 +104,7 @@ class DeltaStream(AdsStream):
             st.added |= add
             st.added -= drop
 
-    def push(self, t: str, first: bool = False) -> Message | bytes | None:
+    def push(self, t: str) -> Message | bytes | None:
         st = self.types.get(t)
         if st is None or st.in_flight:
             return None
@@ -114,7 +114,8 @@ class DeltaStream(AdsStream):
         resources: list = []
         blobs: list = []
         removed: list[str] = []
-        if st.layers is None:  # the first response on this stream: everything subscribed
+        initial = st.layers is None
+        if initial:  # the first response on this stream: everything subscribed
             known = st.initial
             for view in layers:
                 if not known and view.items and (st.wildcard or view.names() <= st.names):
@@ -134,7 +135,7 @@ class DeltaStream(AdsStream):
                     resources += [view.items[n] for n in st.added if n in view.items and n not in sent]
         st.added = set()
         st.layers = layers
-        if not (resources or blobs or removed or first):
+        if not (resources or blobs or removed or initial):  # the first is sent even empty
             return None
         version = layers_version(layers)
         nonce = self.next_nonce()

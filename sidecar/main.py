@@ -20,8 +20,7 @@ certificate (which must name the host of ``--cp``); ``--xds-cert FILE --xds-key 
 certificate for mutual TLS. The files are read (and checked) once at start; workers get the same flags.
 
 ``--xds-api delta|sotw`` picks the ADS variant, as Envoy's ``ads_config.api_type`` (DELTA_GRPC or
-GRPC): Delta (sidecar/xds/delta.py) or State of the World (sidecar/xds/client.py). The default is
-``sotw`` until the control plane serves ``DeltaAggregatedResources``.
+GRPC): Delta (sidecar/xds/delta.py, the default) or State of the World (sidecar/xds/client.py).
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ log = logging.getLogger("meshkeeper.sidecar")
 
 DEFAULT_SAMPLE_RATIO = 0.01  # Istio's default trace sampling: 1%
 XDS_APIS = ("delta", "sotw")  # Envoy's ads api_type DELTA_GRPC and GRPC
-DEFAULT_XDS_API = "sotw"  # until the control plane serves DeltaAggregatedResources
+DEFAULT_XDS_API = "delta"  # Envoy's DELTA_GRPC; "sotw" for GRPC
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     from sidecar.dns import MeshDns
     from sidecar.registration import Registration
     from sidecar.tracing.export import Tracer
-    from sidecar.xds.client import AdsClient
+    from sidecar.xds.client import XdsClient
     from sidecar.xds.lrs import LoadReporter
 
 log = logging.getLogger("meshkeeper.sidecar")
@@ -117,7 +117,7 @@ class Server:
         self.dns_domain = ""
         self.listener_configs: dict[str, ListenerConfig] = {}
         self.route_configs: dict[str, RouteConfig] = {}
-        self._ads: AdsClient | None = None
+        self._ads: XdsClient | None = None
         self.lrs: LoadReporter | None = None
         self._registration: Registration | None = None
         self.draining = False
@@ -134,11 +134,11 @@ class Server:
         self._dns = self._component(self._dns, dns, metrics.dns_families)
 
     @property
-    def ads(self) -> AdsClient | None:
+    def ads(self) -> XdsClient | None:
         return self._ads
 
     @ads.setter
-    def ads(self, ads: AdsClient | None) -> None:
+    def ads(self, ads: XdsClient | None) -> None:
         self._ads = self._component(self._ads, ads, metrics.ads_families)
 
     @property

@@ -325,3 +325,16 @@ def test_delta_and_sotw_serve_the_same_resources_for_every_type(interception):
             await s.close()
             await d.close()
     asyncio.run(main())
+
+
+def test_a_delta_request_before_the_first_snapshot_is_answered_once_there_is_one_even_empty():
+    async def main():
+        async with Env() as env:
+            c = delta_client(env)
+            c.send(xds.RUNTIME, ["web"], node=node_proto())  # web has no runtime config: nothing to send
+            await c.nothing()
+            env.cache.set_snapshot(mesh(1, 1))
+            got = await c.recv()
+            assert got.type_url == xds.RUNTIME and list(got.resources) == [] and got.nonce
+            await c.close()
+    asyncio.run(main())

@@ -316,9 +316,9 @@ async def test_a_reconnect_presents_the_versions_held(started):
 # --------------------------------------------------------------------------- the flag
 
 
-def test_xds_api_picks_the_client_sotw_by_default_and_workers_get_it(monkeypatch):
+def test_xds_api_picks_the_client_delta_by_default_and_workers_get_it(monkeypatch):
     base = ["--service", SERVICE, "--app-port", "8080"]
-    assert sidecar_main.parse_args(base).xds_api == "sotw"
+    assert sidecar_main.parse_args(base).xds_api == "delta"
     args = sidecar_main.parse_args([*base, "--xds-api", "delta", "--workers", "2"])
     assert sidecar_main.ads_client_class(args.xds_api) is DeltaAdsClient
     assert sidecar_main.ads_client_class("sotw") is AdsClient
