@@ -46,8 +46,9 @@ What it does
    (utime + stime from /proc/<pid>/stat) from the write until no stream has received anything for
    ``--quiet`` seconds (that idle tail is included; the idle rate is reported so it can be taken
    off); the bytes (serialized DiscoveryResponse / DeltaDiscoveryResponse sizes), resources and
-   responses every stream received in that window; the simulator workers' CPU seconds; and the
-   control plane's own counters (snapshot builds and their time, pushes by type) from /metrics.
+   responses every stream received in that window; the simulator workers' CPU seconds; the control
+   plane's RSS and peak RSS (VmHWM) afterwards; and its own counters (snapshot builds and their
+   time, pushes by type) from /metrics.
 6. Prints a Markdown table and a summary, writes the raw figures as JSON to ``--out`` (default
    bench/out/scale/<timestamp>.json; processes' logs next to it in <timestamp>.logs/), and stops
    every process it started, on failure and Ctrl-C too.
@@ -299,6 +300,25 @@ def sidecar_node(k: int, services: int) -> NodeInfo:
                     outbound_policy="allow_any")
 
 
+class Items:
+    """A response's resources as (name or None, serialized resource) pairs, listed only when
+    iterated: most responses are only ACKed, counted and looked up by their content key."""
+
+    __slots__ = ("resources", "delta", "_pairs")
+
+    def __init__(self, resources: Any, delta: bool) -> None:
+        self.resources, self.delta = resources, delta
+        self._pairs: list[tuple[str | None, bytes]] | None = None
+
+    def __iter__(self):
+        if self._pairs is None:
+            if self.delta:  # a Resource without its resource is a TTL heartbeat: nothing changes
+                self._pairs = [(r.name or None, r.resource.value) for r in self.resources if r.HasField("resource")]
+            else:
+                self._pairs = [(None, a.value) for a in self.resources]
+        return iter(self._pairs)
+
+
 @dataclass(slots=True)
 class Info:
     """What one distinct response content says, worked out once per worker and shared by every
@@ -312,7 +332,7 @@ class Info:
     rds_names: frozenset[str] = EMPTY
 
 
-def _info(type_url: str, items: list[tuple[str | None, bytes]], removed: Iterable[str] = ()) -> Info:
+def _info(type_url: str, items: Iterable[tuple[str | None, bytes]], removed: Iterable[str] = ()) -> Info:
     names = frozenset(n if n is not None else resource_name(type_url, v) for n, v in items)
     info = Info(names=names, removed=frozenset(removed))
     if type_url == xds.CLUSTER:
@@ -402,7 +422,7 @@ class Stream:
             acc[2] += 1
         self.worker.last_rx = time.monotonic()
 
-    def recognise(self, type_url: str, key: bytes, items: list[tuple[str | None, bytes]], acked_at: float) -> None:
+    def recognise(self, type_url: str, key: bytes, items: Items, acked_at: float) -> None:
         """Check the current change's markers of this type against a response just ACKed."""
         markers = self.worker.markers_by_type.get(type_url)
         if not markers or self.done is not None:
@@ -479,7 +499,7 @@ class SotwStream(Stream):
         acked_at = time.monotonic()
         self.received.add(t)
         self.account(len(raw), len(resp.resources))
-        items = [(None, a.value) for a in resp.resources]
+        items = Items(resp.resources, delta=False)
         key = content_key(raw, resp.nonce)
         info = self.worker.info(t, key, items)
         followups = []
@@ -540,7 +560,7 @@ class DeltaStream(Stream):
         acked_at = time.monotonic()
         self.received.add(t)
         self.account(len(raw), len(resp.resources))
-        items = [(r.name or None, r.resource.value) for r in resp.resources if r.HasField("resource")]
+        items = Items(resp.resources, delta=True)
         key = content_key(raw, resp.nonce)
         info = self.worker.info(t, key, items, resp.removed_resources)
         w = self.worker
@@ -615,7 +635,7 @@ class Worker:
 
     # -- shared state between streams
 
-    def info(self, type_url: str, key: bytes, items: list, removed: Iterable[str] = ()) -> Info:
+    def info(self, type_url: str, key: bytes, items: Items, removed: Iterable[str] = ()) -> Info:
         got = self.infos.get((type_url, key))
         if got is None:
             got = _info(type_url, items, removed)
@@ -655,7 +675,7 @@ class Worker:
         """SotW merge of a named type: what was held and still subscribed, plus what came."""
         return self.apply(held, held - sub, got) if held - sub else self.apply(held, EMPTY, got)
 
-    def marker_result(self, idx: int, marker: Marker, key: bytes, items: list) -> bool:
+    def marker_result(self, idx: int, marker: Marker, key: bytes, items: Items) -> bool:
         got = self.marker_results.get((idx, key))
         if got is None:
             got = self.marker_results[(idx, key)] = evaluate(marker, items)
@@ -1004,6 +1024,7 @@ class Run:
         last_rx = self.wait_quiet(time.monotonic() + args.timeout)
         end = time.monotonic()
         cpu1, sim1 = cpu_seconds(self.cp_pid), self.workers.cpu()
+        rss, peak = _rss(self.cp_pid), _rss(self.cp_pid, "VmHWM")
         m1 = scrape(self.http_port)
         parts = self.workers.call("collect")
         lat, marks, unexpected = [], [[] for _ in change.markers], 0
@@ -1032,6 +1053,7 @@ class Run:
             "marker_latency_ms": {m.label: sorted(v) for m, v in zip(change.markers, marks, strict=True)},
             "window_s": round(end - t0, 3), "last_response_after_s": round(last_rx - t0, 3),
             "cp_cpu_s": round(cpu1 - cpu0, 3), "sim_cpu_s": round(sim1 - sim0, 3),
+            "cp_rss_kib_after": rss, "cp_peak_rss_kib_after": peak,
             "bytes_total": sum(bytes_), "resources_total": sum(resources), "responses_total": sum(responses),
             "bytes_per_stream": sum(bytes_) / k, "resources_per_stream": sum(resources) / k,
             "responses_per_stream": sum(responses) / k,
@@ -1229,7 +1251,7 @@ def main(argv: list[str] | None = None) -> int:
         sync_res = [x for part in sync for x in part["resources"]]
         run.wait_quiet(time.monotonic() + args.sync_timeout)
         cpu_synced, sim_synced = cpu_seconds(cp.pid), workers.cpu()
-        rss_synced = _rss(cp.pid)
+        rss_synced, peak_synced = _rss(cp.pid), _rss(cp.pid, "VmHWM")
         # The control plane's CPU while idle with K streams, over two --quiet windows (the rate is
         # what each change's window carries besides the change itself).
         t_idle = time.monotonic()
@@ -1241,7 +1263,8 @@ def main(argv: list[str] | None = None) -> int:
             "bytes_per_stream": sum(sync_bytes) / len(sync_bytes),
             "resources_per_stream": sum(sync_res) / len(sync_res),
         }
-        report["controlplane"].update(rss_kib_synced=rss_synced, idle_cpu_rate=round(idle_rate, 4),
+        report["controlplane"].update(rss_kib_synced=rss_synced, peak_rss_kib_synced=peak_synced,
+                                      idle_cpu_rate=round(idle_rate, 4),
                                       rss_kib_per_sidecar=round((rss_synced - cp_rss_idle) / args.sidecars, 1))
         log(f"{args.sidecars} streams synced in {report['sync']['all_synced_s']:.1f}s; CP RSS "
             f"{rss_synced / 1024:.0f} MiB ({report['controlplane']['rss_kib_per_sidecar']:.0f} KiB per sidecar)")
@@ -1255,11 +1278,13 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{kind:13s} #{rep + 1} {change.service}: {rec['reached']}/{rec['affected']} streams, "
                     f"p50 {_ms(pct(rec['latency_ms'], 0.5))} p99 {_ms(pct(rec['latency_ms'], 0.99))} "
                     f"max {_ms(max(rec['latency_ms'], default=None))} ms; CP CPU {rec['cp_cpu_s']:.2f}s; "
-                    f"{rec['bytes_per_stream'] / 1024:.1f} KiB/stream")
+                    f"{rec['bytes_per_stream'] / 1024:.1f} KiB/stream; CP RSS {rec['cp_rss_kib_after'] / 1024:.0f} MiB "
+                    f"(peak {rec['cp_peak_rss_kib_after'] / 1024:.0f})")
         report["changes"] = run.results
         report["sim"] = {"workers": len(workers.procs), "cpu_s_sync": report["sync"]["sim_cpu_s"],
                          "cpu_s_changes": round(workers.cpu() - sim_changes0, 3), "cpu_s_total": round(workers.cpu(), 3)}
-        report["controlplane"].update(rss_kib_end=_rss(cp.pid), cpu_s_end=cpu_seconds(cp.pid))
+        report["controlplane"].update(rss_kib_end=_rss(cp.pid), peak_rss_kib_end=_rss(cp.pid, "VmHWM"),
+                                      cpu_s_end=cpu_seconds(cp.pid))
     except HarnessError as exc:
         log(f"FAILED: {exc}")
         report["error"] = str(exc)
@@ -1284,10 +1309,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _rss(pid: int) -> int:
-    from meshkeeper.demo.process import rss_kib
-
-    return rss_kib(pid)
+def _rss(pid: int, field: str = "VmRSS") -> int:
+    """VmRSS (or VmHWM, the peak RSS so far) of a process in KiB, from /proc/<pid>/status."""
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    return 0
 
 
 def _ms(v: float | None) -> str:
@@ -1336,8 +1364,9 @@ def markdown(report: dict) -> str:
     lines += [
         "",
         f"- Control plane RSS: {idle / 1024:.0f} MiB idle (S services, no sidecar), {synced / 1024:.0f} MiB with "
-        f"{k} streams synced: **{cp['rss_kib_per_sidecar']:.0f} KiB per connected sidecar**; "
-        f"{cp['rss_kib_end'] / 1024:.0f} MiB after the changes.",
+        f"{k} streams synced: **{cp['rss_kib_per_sidecar']:.0f} KiB per connected sidecar** (peak RSS by then "
+        f"{cp['peak_rss_kib_synced'] / 1024:.0f} MiB); {cp['rss_kib_end'] / 1024:.0f} MiB after the changes "
+        f"(peak {cp['peak_rss_kib_end'] / 1024:.0f} MiB).",
         f"- Initial sync: all {k} streams in {sync['all_synced_s']:.1f} s (half in {sync['p50_synced_s']:.1f} s), "
         f"control plane CPU {sync['cp_cpu_s']:.1f} s, {_size(sync['bytes_per_stream'])} and "
         f"{sync['resources_per_stream']:,.0f} resources per stream.",
