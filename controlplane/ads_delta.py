@@ -19,6 +19,12 @@ references to shared views, not a version per resource.
 * ACK is a request with the latest ``response_nonce`` and no ``error_detail``; NACK has one (logged,
   counted, shown in /api/proxies; the refused resources are not sent again until they change).
   One response per type in flight, as in SotW; types are pushed in the order CDS, EDS, LDS, RDS, RTDS.
+* A subscribed name that does not exist is listed in ``removed_resources`` of the response that
+  answers the subscription ("does not exist"), so a client waiting for it need not time out.
+* A scoped sidecar (DESIGN §13: ``--egress``, ``policy.egress``) is sent only the services it
+  declared. Subscribing by name to the cluster of another service of its namespace
+  (``outbound|<svc>.<ns>``, beside the CDS wildcard: Envoy's on-demand CDS) adds that service to
+  what this stream is sent, clusters, load assignments and virtual host; unsubscribing removes it.
 * Proxyless gRPC clients speak SotW: a proxyless node on this stream is refused (UNIMPLEMENTED).
 """
 
@@ -34,6 +40,7 @@ from google.protobuf.message import Message
 
 from controlplane.ads_stream import CONTROL_PLANE, AdsStream
 from controlplane.cache import SERVED_TYPES, Layers, delta_resource, held, layers_version
+from meshkeeper import xds
 from meshkeeper.xds import SHORT_TYPE, WILDCARD_TYPES
 
 log = logging.getLogger("meshkeeper.controlplane.xds")
@@ -58,6 +65,7 @@ class DeltaStream(AdsStream):
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.types: dict[str, _DeltaType] = {}
+        self.on_demand: frozenset[str] = frozenset()  # services a scoped sidecar asked for by cluster name
 
     async def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> Message | bytes | None:
         if self.node is None:
@@ -88,7 +96,19 @@ class DeltaStream(AdsStream):
                 else:
                     self.proxies.acked(self.status, t, st.version)
         self._subscribe(st, req.resource_names_subscribe, req.resource_names_unsubscribe)
+        if t == xds.CLUSTER:
+            self._follow_on_demand(st)
         return self.push(t)
+
+    def _follow_on_demand(self, st: _DeltaType) -> None:
+        """A scoped sidecar subscribes by name to the cluster of a service it was not sent (a
+        first request for it, as Envoy's on-demand CDS): the service joins its scope, so its
+        clusters, load assignments and virtual host follow in every type."""
+        ns = self.node.namespace
+        wanted = frozenset(s for n in st.names if (s := xds.outbound_service(n, ns)) is not None)
+        if wanted != self.on_demand:
+            self.on_demand = self.watcher.intern(wanted)
+            self.notify()  # EDS and RDS change with the scope
 
     def _subscribe(self, st: _DeltaType, subscribe, unsubscribe) -> None:
         if not subscribe and not unsubscribe:
@@ -108,7 +128,7 @@ class DeltaStream(AdsStream):
         st = self.types.get(t)
         if st is None or st.in_flight:
             return None
-        layers = self.watcher.layers(self.node, t)
+        layers = self.watcher.layers(self.node, t, self.on_demand)
         if layers is None:
             return None
         resources: list = []
@@ -123,6 +143,8 @@ class DeltaStream(AdsStream):
                     continue
                 resources += [r for n, r in view.items.items() if st.subscribed(n) and known.get(n) != r.version]
             removed = [n for n in known if st.subscribed(n) and not any(n in v.items for v in layers)]
+            # A name subscribed that does not exist is said so (removed), not left unanswered.
+            removed += [n for n in sorted(st.names) if n not in known and not any(n in v.items for v in layers)]
             st.initial = {}
         else:
             for new, old in zip(layers, st.layers, strict=True):
@@ -133,6 +155,7 @@ class DeltaStream(AdsStream):
                 sent = {r.name for r in resources}
                 for view in layers:
                     resources += [view.items[n] for n in st.added if n in view.items and n not in sent]
+                removed += [n for n in sorted(st.added) if not any(n in v.items for v in layers) and n not in removed]
         st.added = set()
         st.layers = layers
         if not (resources or blobs or removed or initial):  # the first is sent even empty

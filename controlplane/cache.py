@@ -176,9 +176,10 @@ def layers_version(layers: Layers) -> str:
 
 
 class ConfigWatcher(Protocol):
-    def layers(self, node: NodeInfo, type_url: str) -> Layers | None:
+    def layers(self, node: NodeInfo, type_url: str, on_demand: frozenset[str] = frozenset()) -> Layers | None:
         """What ``node`` holds of ``type_url`` (every name of it), or None while no complete
-        registry snapshot exists yet or for a proxyless node (served by :meth:`fetch`)."""
+        registry snapshot exists yet or for a proxyless node (served by :meth:`fetch`). A scoped
+        node (``--egress``, ``policy.egress``) holds the services it declared and ``on_demand``."""
 
     def fetch(self, node: NodeInfo, type_url: str, names: frozenset[str] | None) -> Response | None:
         """The node's resources of ``type_url`` (``names`` None = all of them), or None while no
@@ -226,6 +227,10 @@ class NamespaceTranslation:
         self._runtime: dict[str, tuple[RuntimeValues | None, Resource]] = {}
         self._route: Resource | None = None
         self.translated = 0  # services translated by the last update
+        # Scoped views (sidecars that call only some services), by scope: this snapshot's, and
+        # the last one's to derive them from.
+        self._scoped: dict[frozenset[str], tuple[dict[str, TypeView], tuple[_Service, ...], Resource]] = {}
+        self._scoped_before: dict[frozenset[str], tuple[dict[str, TypeView], tuple[_Service, ...], Resource]] = {}
 
     def update(self, snapshot: RegistrySnapshot) -> dict[str, TypeView]:
         ns = self.namespace
@@ -257,6 +262,7 @@ class NamespaceTranslation:
                 prev = (values, pack(name, translate.runtime(name, values), prev[1] if prev else None))
             runtime[name] = prev
         self._runtime = runtime
+        self._scoped_before, self._scoped = self._scoped, {}
         v = self.views
         self.views = {
             xds.CLUSTER: TypeView.derive(v[xds.CLUSTER], xds.CLUSTER, clusters),
@@ -266,6 +272,31 @@ class NamespaceTranslation:
             xds.RUNTIME: TypeView.derive(v[xds.RUNTIME], xds.RUNTIME, {n: r for n, (_, r) in runtime.items()}),
         }
         return self.views
+
+    def scoped(self, scope: frozenset[str]) -> dict[str, TypeView]:
+        """The views of a sidecar that may call only the services in ``scope``: their clusters,
+        load assignments and virtual hosts (RTDS is not scoped: a sidecar names its own)."""
+        got = self._scoped.get(scope)
+        if got is None:
+            views, members, route = self._scoped_before.get(scope) or (EMPTY_VIEWS, (), None)
+            now = tuple(self._services[n] for n in sorted(scope) if n in self._services)
+            clusters: dict[str, Resource] = {}
+            endpoints: dict[str, Resource] = {}
+            for e in now:
+                clusters.update(e.clusters)
+                endpoints.update(e.endpoints)
+            if route is None or len(now) != len(members) or any(a is not b for a, b in zip(now, members, strict=True)):
+                route = pack(xds.OUTBOUND_ROUTE, translate.outbound_route_configuration(
+                    [e.vhost for e in now if e.vhost is not None]), route)
+            views = {
+                xds.CLUSTER: TypeView.derive(views[xds.CLUSTER], xds.CLUSTER, clusters),
+                xds.ENDPOINT: TypeView.derive(views[xds.ENDPOINT], xds.ENDPOINT, endpoints),
+                xds.LISTENER: EMPTY_VIEWS[xds.LISTENER],
+                xds.ROUTE: TypeView.derive(views[xds.ROUTE], xds.ROUTE, {xds.OUTBOUND_ROUTE: route}),
+                xds.RUNTIME: self.views[xds.RUNTIME],
+            }
+            got = self._scoped[scope] = (views, now, route)
+        return got[0]
 
     def _translate(self, svc: ServiceSnapshot, prev: _Service | None) -> _Service:
         self.translated += 1
@@ -289,7 +320,7 @@ class SnapshotCache:
         self._namespaces: dict[str, NamespaceTranslation] = {}
         self._modes: dict[tuple[str, bool], dict[str, TypeView]] = {}  # interception-mode layers, kept across snapshots
         self._modes_now: dict[tuple[str, bool], dict[str, TypeView]] = {}
-        self._nodes: dict[NodeInfo, dict[str, Layers]] = {}
+        self._nodes: dict[NodeInfo, tuple[frozenset[str] | None, dict[str, Layers]]] = {}
         self._proxyless: dict[tuple[str, str, str], Resource] = {}  # (type, name, namespace)
         self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._listeners: list[Callable[[], None]] = []
@@ -316,12 +347,12 @@ class SnapshotCache:
         for notify in list(self._listeners):
             notify()
 
-    def _namespace_views(self, namespace: str) -> dict[str, TypeView]:
+    def _namespace(self, namespace: str) -> NamespaceTranslation:
         t = self._namespaces.get(namespace)
         if t is None:  # a namespace nobody registered in: same shape, no services
             t = self._namespaces[namespace] = NamespaceTranslation(namespace)
             t.update(self._snapshot)
-        return t.views
+        return t
 
     def _mode_views(self, node: NodeInfo) -> Mapping[str, TypeView]:
         extra = transparent.shared_for(self._snapshot, node)
@@ -333,19 +364,38 @@ class SnapshotCache:
             got = self._modes_now[key] = self._modes[key] = _derive_all(self._modes.get(key, {}), extra)
         return got
 
-    def _layers(self, node: NodeInfo) -> dict[str, Layers]:
+    def scope(self, node: NodeInfo) -> frozenset[str] | None:
+        """The services ``node`` may call (None: all): its ``--egress``, else its own service's
+        ``policy.egress``."""
+        declared = node.declared_egress
+        if declared is None:
+            egress = translate.node_policy(self._snapshot, node).egress
+            declared = None if "*" in egress else frozenset(egress)
+        return None if declared is None else self.intern(declared)
+
+    def _node_layers(self, node: NodeInfo) -> tuple[frozenset[str] | None, dict[str, Layers]]:
         got = self._nodes.get(node)
         if got is None:
-            shared = self._namespace_views(node.namespace)
+            scope = self.scope(node)
+            ns = self._namespace(node.namespace)
+            shared = ns.views if scope is None else ns.scoped(scope)
             mode = self._mode_views(node)
             own = _own_views(node, translate.node_policy(self._snapshot, node))
-            got = self._nodes[node] = {t: (shared[t], mode[t], own[t]) for t in SERVED_TYPES}
+            got = self._nodes[node] = (scope, {t: (shared[t], mode[t], own[t]) for t in SERVED_TYPES})
         return got
 
-    def layers(self, node: NodeInfo, type_url: str) -> Layers | None:
+    def _layers(self, node: NodeInfo) -> dict[str, Layers]:
+        return self._node_layers(node)[1]
+
+    def layers(self, node: NodeInfo, type_url: str, on_demand: frozenset[str] = frozenset()) -> Layers | None:
         if self._snapshot is None or node.proxyless or type_url not in EMPTY_VIEWS:
             return None
-        return self._layers(node)[type_url]
+        scope, layers = self._node_layers(node)
+        got = layers[type_url]
+        if scope is None or on_demand <= scope:
+            return got
+        shared = self._namespace(node.namespace).scoped(self.intern(scope | on_demand))
+        return (shared[type_url], got[1], got[2])
 
     def intern(self, names: frozenset[str]) -> frozenset[str]:
         got = self._interned.get(names)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, get_type_hints
 
+from meshkeeper.registry import RecordError, validate_name
+
 LB_POLICIES = ("round_robin", "least_request", "random", "ring_hash", "maglev")
 RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-status-codes",
             "refused-stream", "retriable-4xx",
@@ -157,6 +159,9 @@ class Policy:
     match: tuple[Match, ...] = ()
     fault: Fault = Fault()
     tracing: Tracing | None = None  # None: the sidecar's --trace-sample-ratio applies
+    # The services of the namespace this service's sidecars may call (Istio's Sidecar egress
+    # hosts): ["*"] is all of them; otherwise they are scoped (a sidecar's --egress wins).
+    egress: tuple[str, ...] = ("*",)
 
     def __hash__(self) -> int:
         # ``split`` is a read-only mapping, which does not hash: hash its items, so that a policy
@@ -263,6 +268,12 @@ def _check(p: Policy) -> None:
         raise PolicyError("policy.fault.abort_status: must be an HTTP status 200..599 when abort_percent is set")
     if p.fault.delay_percent and not p.fault.delay_ms:
         raise PolicyError("policy.fault.delay_ms: must be positive when delay_percent is set")
+    for i, name in enumerate(p.egress):
+        if name != "*":
+            try:
+                validate_name("service", name)
+            except RecordError as exc:
+                raise PolicyError(f"policy.egress[{i}]: {exc}, or '*'") from None
     cb = p.circuit_breaker
     if cb.retry_budget is not None and cb.max_retries != DEFAULT_POLICY.circuit_breaker.max_retries:
         raise PolicyError("policy.circuit_breaker.max_retries: has no effect while retry_budget is set "

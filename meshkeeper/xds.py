@@ -92,6 +92,16 @@ def outbound_cluster(svc: str, ns: str, subset: str = "") -> str:
     return f"{base}|{subset}" if subset else base
 
 
+def outbound_service(cluster: str, ns: str) -> str | None:
+    """The service of namespace ``ns`` that ``outbound|<svc>.<ns>[|<version>]`` names, else None."""
+    kind, _, rest = cluster.partition("|")
+    host = rest.partition("|")[0]
+    svc, dot, cluster_ns = host.partition(".")
+    if kind != "outbound" or not dot or cluster_ns != ns or not svc:
+        return None
+    return svc
+
+
 def passthrough_cluster(svc: str, ns: str) -> str:
     """``passthrough|<svc>.<ns>``: an ORIGINAL_DST cluster with the service's policy, for apps that
     dial one of its instances by address (the Dubbo/thrift style): the call goes to that instance,
@@ -154,10 +164,15 @@ class NodeInfo:
     # Where traffic for no known service goes: allow_any | registry_only; "" from a sidecar older than
     # the outbound policy (it would NACK the default chain and the ORIGINAL_DST clusters: it gets neither).
     outbound_policy: str = "allow_any"
+    # The services of its namespace this sidecar may call (Istio's Sidecar egress hosts), comma-
+    # separated, "*" for all; with any other value it is scoped (DESIGN §13): it is sent only those
+    # services, and discovers others on demand. "*" (the default, and from older sidecars) defers
+    # to the own service's ``policy.egress``.
+    egress: str = "*"
     proxyless: bool = False
 
     META_FIELDS = ("service", "namespace", "app_port", "inbound_port", "outbound_port", "admin_port",
-                   "advertise_host", "version", "protocol", "interception", "outbound_policy")
+                   "advertise_host", "version", "protocol", "interception", "outbound_policy", "egress")
 
     @staticmethod
     def make_id(advertise_host: str, service: str, inbound_port: int, namespace: str) -> str:
@@ -202,7 +217,27 @@ class NodeInfo:
             protocol=str(metadata.get("protocol") or "http"),
             interception=_one_of(metadata, "interception", INTERCEPTION_MODES),
             outbound_policy=_one_of(metadata, "outbound_policy", OUTBOUND_POLICIES) if "outbound_policy" in metadata else "",
+            egress=",".join(parse_egress(str(metadata.get("egress", "*")))),
         )
+
+    @property
+    def declared_egress(self) -> frozenset[str] | None:
+        """The services this sidecar declared it calls; None: all ("*")."""
+        names = parse_egress(self.egress)
+        return None if "*" in names else frozenset(names)
+
+
+def parse_egress(value: str) -> list[str]:
+    """``--egress`` / node metadata ``egress``: service names separated by commas, or ``*``; empty
+    means none (everything on demand). Raises ValueError naming a bad entry."""
+    names = [n.strip() for n in value.split(",") if n.strip()]
+    for n in names:
+        if n != "*":
+            try:
+                validate_name("service", n)
+            except ValueError as exc:
+                raise ValueError(f"egress: {exc}") from None
+    return sorted(set(names))
 
 
 def _one_of(metadata: Mapping[str, Any], key: str, allowed: tuple[str, ...]) -> str:

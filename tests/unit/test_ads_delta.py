@@ -241,8 +241,9 @@ def test_a_delta_reconnect_is_sent_only_what_it_does_not_hold():
             assert list(again[xds.CLUSTER].resources) == []
             assert list(again[xds.CLUSTER].removed_resources) == ["outbound|svc9.default"]
             assert rnames(again[xds.ROUTE]) == ["outbound"]  # without svc9's virtual host
-            for t in (xds.LISTENER, xds.RUNTIME):
-                assert list(again[t].resources) == [] and list(again[t].removed_resources) == [], t
+            assert list(again[xds.LISTENER].resources) == [] and list(again[xds.LISTENER].removed_resources) == []
+            assert list(again[xds.RUNTIME].resources) == []
+            assert list(again[xds.RUNTIME].removed_resources) == ["web"]  # web has no runtime: it does not exist
             await c2.close()
     asyncio.run(main())
 
@@ -254,7 +255,8 @@ def test_delta_subscriptions_follow_subscribe_and_unsubscribe_and_a_late_name_ar
             c = delta_client(env)
             c.send(xds.ENDPOINT, ["outbound|svc1.default", "outbound|late.default"], node=node_proto())
             eds = await c.recv()
-            assert rnames(eds) == ["outbound|svc1.default"]  # late does not exist yet
+            assert rnames(eds) == ["outbound|svc1.default"]
+            assert list(eds.removed_resources) == ["outbound|late.default"]  # it does not exist (yet)
             c.ack(eds, subscribe=["outbound|svc2.default"], unsubscribe=["outbound|svc1.default"])
             eds = await c.recv()
             assert rnames(eds) == ["outbound|svc2.default"]
@@ -336,5 +338,99 @@ def test_a_delta_request_before_the_first_snapshot_is_answered_once_there_is_one
             env.cache.set_snapshot(mesh(1, 1))
             got = await c.recv()
             assert got.type_url == xds.RUNTIME and list(got.resources) == [] and got.nonce
+            assert list(got.removed_resources) == ["web"]
+            await c.close()
+    asyncio.run(main())
+
+
+# --------------------------------------------------------------------------- scoping
+
+
+SCOPED = replace(NODE_INFO, egress="svc1,svc2")
+
+
+def vhost_domains(route_any) -> set[str]:
+    from envoy.config.route.v3 import route_pb2
+
+    rc = route_pb2.RouteConfiguration()
+    assert route_any.Unpack(rc)
+    return {vh.name for vh in rc.virtual_hosts}
+
+
+def test_a_scoped_node_holds_only_the_services_it_declared_and_nodes_with_one_scope_share_views():
+    cache = SnapshotCache()
+    cache.set_snapshot(mesh(1, 50))
+    held = cache.resources(SCOPED)
+    assert sorted(n for n in held[xds.CLUSTER] if n.startswith("outbound|")) == [
+        "outbound|svc1.default", "outbound|svc2.default"]
+    assert sorted(held[xds.ENDPOINT]) == ["outbound|svc1.default", "outbound|svc2.default"]
+    assert vhost_domains(held[xds.ROUTE]["outbound"].any) == {"svc1.default", "svc2.default"}
+    twin = replace(SCOPED, node_id="sidecar~127.0.0.9~web-15006.default", advertise_host="127.0.0.9")
+    assert cache.layers(twin, xds.CLUSTER)[0] is cache.layers(SCOPED, xds.CLUSTER)[0]
+    # A weight change elsewhere leaves the scoped views as they were: nothing to push.
+    before = {t: cache.layers(SCOPED, t) for t in SERVED_TYPES}
+    cache.set_snapshot(mesh(2, 50, weights={"10.0.0.1:8080": 3}))
+    assert {t: cache.layers(SCOPED, t) for t in SERVED_TYPES} == before
+    # The own service's policy.egress scopes a sidecar that declares nothing ("*").
+    from meshkeeper.policy import decode_policy
+
+    snap = mesh(3, 50)
+    web = ServiceSnapshot("web", "default", ServiceRecord(), policy=decode_policy({"egress": ["svc7"]}))
+    svcs = dict(snap.namespaces["default"]) | {"web": web}
+    cache.set_snapshot(RegistrySnapshot(3, MappingProxyType({"default": MappingProxyType(svcs)})))
+    assert sorted(cache.resources(NODE_INFO)[xds.ENDPOINT]) == ["outbound|svc7.default"]
+    assert len(cache.resources(replace(NODE_INFO, egress="*"))[xds.ENDPOINT]) == 1
+    assert len(cache.resources(replace(NODE_INFO, egress="svc1"))[xds.ENDPOINT]) == 1
+
+
+def test_a_scoped_delta_sidecar_discovers_a_service_on_demand_and_hears_at_once_of_one_that_does_not_exist():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 30))
+            c = delta_client(env)
+            c.send(xds.CLUSTER, ["*"], node=node_proto(SCOPED))
+            cds = await c.recv()
+            assert [n for n in rnames(cds) if n.startswith("outbound|")] == ["outbound|svc1.default",
+                                                                            "outbound|svc2.default"]
+            c.ack(cds)
+            c.send(xds.ROUTE, ["outbound"])
+            rds = await c.recv()
+            assert vhost_domains(rds.resources[0].resource) == {"svc1.default", "svc2.default"}
+            c.ack(rds)
+            # A first request for svc9: the sidecar subscribes to its cluster by name.
+            c.send(xds.CLUSTER, ["outbound|svc9.default"])
+            cds = await c.recv()
+            assert rnames(cds) == ["outbound|svc9.default"] and not cds.removed_resources
+            c.ack(cds)
+            rds = await c.recv()  # its virtual host joins the stream's route configuration
+            assert rds.type_url == xds.ROUTE
+            assert vhost_domains(rds.resources[0].resource) == {"svc1.default", "svc2.default", "svc9.default"}
+            c.ack(rds)
+            c.send(xds.ENDPOINT, ["outbound|svc9.default"])
+            eds = await c.recv()
+            assert rnames(eds) == ["outbound|svc9.default"]
+            c.ack(eds)
+            # A service that does not exist: said at once.
+            c.send(xds.CLUSTER, ["outbound|nosuch.default"])
+            cds = await c.recv()
+            assert list(cds.resources) == [] and list(cds.removed_resources) == ["outbound|nosuch.default"]
+            c.ack(cds)
+            await c.nothing()
+            # A change to a service outside the scope reaches nobody; to svc9, this stream.
+            env.cache.set_snapshot(mesh(2, 30, weights={"10.0.0.1:8080": 3}))
+            await c.nothing()
+            await c.close()
+    asyncio.run(main())
+
+
+def test_a_scoped_sotw_sidecar_gets_its_declared_services():
+    async def main():
+        async with Env() as env:
+            env.cache.set_snapshot(mesh(1, 30))
+            c = env.client()
+            c.send(xds.CLUSTER, node=node_proto(SCOPED))
+            cds = await c.recv()
+            assert [n for n in names_of(cds) if n.startswith("outbound|")] == ["outbound|svc1.default",
+                                                                              "outbound|svc2.default"]
             await c.close()
     asyncio.run(main())
