@@ -415,8 +415,8 @@ class Stream:
     async def send(self, req: Any) -> None:
         await self.call.write(req)
 
-    def account(self, size: int, resources: int) -> None:
-        for acc in (self.total, self.window):
+    def account(self, type_url: str, size: int, resources: int) -> None:
+        for acc in (self.total, self.window, self.worker.by_type[xds.SHORT_TYPE[type_url]]):
             acc[0] += size
             acc[1] += resources
             acc[2] += 1
@@ -498,7 +498,7 @@ class SotwStream(Stream):
         await self.send(self.request(t))
         acked_at = time.monotonic()
         self.received.add(t)
-        self.account(len(raw), len(resp.resources))
+        self.account(t, len(raw), len(resp.resources))
         items = Items(resp.resources, delta=False)
         key = content_key(raw, resp.nonce)
         info = self.worker.info(t, key, items)
@@ -559,7 +559,7 @@ class DeltaStream(Stream):
         await self.send(self.request(t, nonce=resp.nonce))
         acked_at = time.monotonic()
         self.received.add(t)
-        self.account(len(raw), len(resp.resources))
+        self.account(t, len(raw), len(resp.resources))
         items = Items(resp.resources, delta=True)
         key = content_key(raw, resp.nonce)
         info = self.worker.info(t, key, items, resp.removed_resources)
@@ -629,6 +629,7 @@ class Worker:
         self.markers_by_type: dict[str, list[tuple[int, Marker]]] = {}
         self.marker_results: dict[tuple[int, bytes], bool] = {}
         self.last_rx = 0.0
+        self.by_type: dict[str, list[int]] = {short: [0, 0, 0] for short in xds.SHORT_TYPE.values()}
         self.unimplemented: str | None = None
         self.errors: Counter[str] = Counter()
         self.stopped: asyncio.Future | None = None
@@ -722,6 +723,7 @@ class Worker:
         for idx, m in enumerate(markers):
             self.markers_by_type.setdefault(m.type_url, []).append((idx, m))
         self.marker_results = {}
+        self.by_type = {short: [0, 0, 0] for short in xds.SHORT_TYPE.values()}
         for s in self.streams:
             s.window = [0, 0, 0]
             s.marks, s.done = {}, None
@@ -729,7 +731,8 @@ class Worker:
         return {"affected": sum(1 for s in self.streams if s.affected)}
 
     def cmd_collect(self) -> dict:
-        out = {"k": [], "affected": [], "done": [], "marks": [], "bytes": [], "resources": [], "responses": []}
+        out = {"k": [], "affected": [], "done": [], "marks": [], "bytes": [], "resources": [], "responses": [],
+               "by_type": self.by_type}
         for s in self.streams:
             out["k"].append(s.k)
             out["affected"].append(s.affected)
@@ -1044,6 +1047,13 @@ class Run:
                     if t is not None:
                         marks[i].append(round((t - t0) * 1000, 3))
         k = len(bytes_)
+        by_type = {}
+        for p in parts:
+            for short, (b, r, n) in p["by_type"].items():
+                got = by_type.setdefault(short, {"bytes": 0, "resources": 0, "responses": 0})
+                got["bytes"] += b
+                got["resources"] += r
+                got["responses"] += n
         rec = {
             "kind": change.kind, "rep": change.rep, "service": change.service, "detail": change.detail,
             "services_in_registry": self.services, "affected": affected, "reached": len(lat),
@@ -1057,6 +1067,7 @@ class Run:
             "bytes_total": sum(bytes_), "resources_total": sum(resources), "responses_total": sum(responses),
             "bytes_per_stream": sum(bytes_) / k, "resources_per_stream": sum(resources) / k,
             "responses_per_stream": sum(responses) / k,
+            "by_type": {t: v for t, v in by_type.items() if v["responses"]},
             "bytes_by_stream": bytes_, "cp_metrics": metric_delta(m0, m1),
         }
         if change.kind == "new_service":
@@ -1344,8 +1355,8 @@ def markdown(report: dict) -> str:
         f"{' / '.join(report['host']['loadavg_before'])} before, {' / '.join(report['host']['loadavg_after'])} after",
         "",
         "| change | K | S | mode | affected streams | reached | write → ACK p50 ms | p99 ms | max ms | "
-        "CP CPU s per change | bytes per stream per change | resources per stream per change |",
-        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "CP CPU s per change | bytes per stream per change | resources per stream per change | bytes by type |",
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for kind in report["kinds"]:
         recs = [r for r in report["changes"] if r["kind"] == kind]
@@ -1358,7 +1369,10 @@ def markdown(report: dict) -> str:
             f"{_ms(pct(lat, 0.5))} | {_ms(pct(lat, 0.99))} | {_ms(max(lat, default=None))} | "
             f"{sum(cpu) / len(cpu):.2f} ({min(cpu):.2f}-{max(cpu):.2f}) | "
             f"{_size(sum(r['bytes_per_stream'] for r in recs) / len(recs))} | "
-            f"{sum(r['resources_per_stream'] for r in recs) / len(recs):,.0f} |")
+            f"{sum(r['resources_per_stream'] for r in recs) / len(recs):,.0f} | "
+            + ", ".join(f"{t} {_size(sum(r['by_type'].get(t, {}).get('bytes', 0) for r in recs) / len(recs) / k)}"
+                        for t in ("CDS", "EDS", "LDS", "RDS", "RTDS") if any(t in r["by_type"] for r in recs))
+            + " |")
     idle, synced = cp["rss_kib_idle"], cp["rss_kib_synced"]
     windows = [r["window_s"] for r in report["changes"]]
     lines += [
