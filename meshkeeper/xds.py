@@ -102,6 +102,22 @@ def outbound_service(cluster: str, ns: str) -> str | None:
     return svc
 
 
+def service_of_authority(authority: str, ns: str) -> str | None:
+    """The service of namespace ``ns`` a Host header names by one of its domains (``svc``,
+    ``svc.ns``, either with a port: :func:`service_domains`), else None."""
+    host = authority.lower()
+    if host.startswith("["):
+        return None
+    host = host.rpartition(":")[0] if ":" in host else host
+    svc, dot, rest = host.partition(".")
+    if dot and rest != ns:
+        return None
+    try:
+        return validate_name("service", svc)
+    except ValueError:
+        return None
+
+
 def passthrough_cluster(svc: str, ns: str) -> str:
     """``passthrough|<svc>.<ns>``: an ORIGINAL_DST cluster with the service's policy, for apps that
     dial one of its instances by address (the Dubbo/thrift style): the call goes to that instance,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import replace
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -34,6 +34,7 @@ from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
 from sidecar.metrics import SidecarMetrics
 from sidecar.proxy.context import ListenerContext
 from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener
+from sidecar.proxy.on_demand import OnDemand
 from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.runtime import RuntimeLayer
@@ -141,6 +142,31 @@ class Server:
     def ads(self, ads: XdsClient | None) -> None:
         self._ads = self._component(self._ads, ads, metrics.ads_families)
 
+    def enable_on_demand(self, subscribe: Callable[[str], None]) -> None:
+        """Hold outbound requests for services not yet known while ``subscribe(cluster)`` asks the
+        control plane for them (sidecar.proxy.on_demand; needs Delta xDS)."""
+        ctx = self.listener_contexts[xds.OUTBOUND_LISTENER]
+        ctx.on_demand = OnDemand(self.node.namespace, subscribe, self._routable, ctx.stats)
+
+    def _routable(self, service: str) -> bool:
+        """The outbound listener routes to ``service`` with its cluster and every load assignment in."""
+        router = self.listener_contexts[xds.OUTBOUND_LISTENER].router
+        if router is None or self._ads is None or not self._ads.synced:
+            return False
+        entry = router.resolve(service.encode(), b"/")
+        return entry is not None and self.clusters.get(entry.cluster()) is not None
+
+    def xds_changed(self) -> None:
+        """The ADS client applied a response: held requests whose service arrived are routed."""
+        on_demand = self.listener_contexts[xds.OUTBOUND_LISTENER].on_demand
+        if on_demand is not None:
+            on_demand.config_changed()
+
+    def on_demand_missing(self, cluster: str) -> None:
+        on_demand = self.listener_contexts[xds.OUTBOUND_LISTENER].on_demand
+        if on_demand is not None:
+            on_demand.missing(cluster)
+
     @property
     def registration(self) -> Registration | None:
         return self._registration
@@ -197,6 +223,9 @@ class Server:
     def apply_clusters(self, clusters: dict[str, ClusterConfig]) -> None:
         self._lrs_sync()
         self.clusters.update_clusters(clusters)
+        on_demand = self.listener_contexts[xds.OUTBOUND_LISTENER].on_demand
+        if on_demand is not None:
+            on_demand.clusters_changed()
 
     def apply_endpoints(self, assignments: dict[str, tuple[EndpointConfig, ...]]) -> None:
         self._lrs_sync()

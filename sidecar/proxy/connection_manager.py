@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from sidecar.codec.http1 import Http1ServerCodec
 from sidecar.codec.http2 import Http2ServerCodec
 from sidecar.proxy import errors, grpc, passthrough, telemetry
+from sidecar.proxy.on_demand import HeldStream
 from sidecar.proxy.router_filter import RouterFilter, absolute_form
 from sidecar.proxy.stream import Stream
 
@@ -141,6 +142,25 @@ class ConnectionManager(asyncio.Protocol):
                 self.local_reply(stream, errors.RATE_LIMITED)
                 return
             rt.stats.ratelimit_ok += 1
+        self._route(stream)
+
+    def route_held(self, stream: Stream, held: HeldStream, found: bool) -> None:
+        """A stream held for on-demand discovery (sidecar.proxy.on_demand): route it now that its
+        service arrived, or answer 404 NR; the body it buffered goes to the router."""
+        if stream.done or stream.filter is not held:
+            return
+        stream.filter = None
+        self.codec.batch_begin()
+        if found:
+            self._route(stream, held)
+        else:
+            held.release()
+            self._rt.stats.no_route += 1
+            self.local_reply(stream, errors.NO_ROUTE)
+        self.codec.batch_end()
+
+    def _route(self, stream: Stream, held: HeldStream | None = None) -> None:
+        rt = self._rt
         url = stream.path
         if url[:1] == b"/":
             path = url
@@ -162,6 +182,10 @@ class ConnectionManager(asyncio.Protocol):
         # The headers are as parsed; only routes with header matches read them.
         entry = router.resolve(authority, path, stream.headers, stream.method) if router is not None else None
         if entry is None:
+            if held is None and url[:1] == b"/" and rt.on_demand is not None and self._hold(stream, authority):
+                return
+            if held is not None:
+                held.release()
             if rt.default_cluster is None or url[:1] == b"/":
                 rt.stats.no_route += 1
                 self.local_reply(stream, errors.NO_ROUTE)
@@ -180,7 +204,21 @@ class ConnectionManager(asyncio.Protocol):
         stream.cluster = cluster
         stream.upstream_path = path
         stream.filter = f = RouterFilter(self, rt, stream, entry, cluster)
+        if held is not None and held.pending is not None:  # the body that came while it was held
+            f.pending, f.pending_size, held.pending = held.pending, held.pending_size, None
         f.start()
+
+    def _hold(self, stream: Stream, authority: bytes) -> bool:
+        """Hold ``stream`` while the service its authority names is discovered; False: it names none."""
+        on_demand = self._rt.on_demand
+        service = on_demand.service_for(authority)
+        if service is None:
+            return False
+        deadline = self._loop.time() + on_demand.hold_timeout
+        stream.filter = held = HeldStream(self, stream, service, on_demand, deadline)
+        on_demand.hold(held)
+        self.arm_at(deadline)
+        return True
 
     def on_reset(self, stream: Stream) -> None:
         self._reset(stream)

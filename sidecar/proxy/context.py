@@ -47,6 +47,7 @@ from sidecar.upstream.stats import Counters, Histogram
 if TYPE_CHECKING:
     from sidecar.accesslog import AccessLog
     from sidecar.l4 import TcpProxyRuntime
+    from sidecar.proxy.on_demand import OnDemand
     from sidecar.tracing.export import Tracer
 
 MIN_SWEEP_PERIOD = 0.25  # the listener timeouts' sweep runs at most this often
@@ -82,6 +83,12 @@ LISTENER_STATS: tuple[str, ...] = (
     "ratelimit_ok",
     "fault_delays_injected",
     "fault_aborts_injected",
+    # on-demand discovery (sidecar.proxy.on_demand): requests held for a service not yet known, and how
+    # they ended: routed once it arrived, 404 because it does not exist, 404 after the hold timed out
+    "rq_on_demand_held",
+    "rq_on_demand_routed",
+    "rq_on_demand_missing",
+    "rq_on_demand_timeout",
 )
 
 
@@ -125,6 +132,9 @@ class ListenerContext:
         # or BlackHoleCluster), for proxy requests (absolute-form, CONNECT) to hosts outside the
         # mesh; None: no default chain, such requests get 404 NR.
         self.default_cluster: str | None = None
+        # A scoped sidecar's outbound listener: requests for services not yet known are held while
+        # they are discovered (sidecar.proxy.on_demand); None: they get 404 NR at once.
+        self.on_demand: OnDemand | None = None
         # The tcp_proxy of that default chain, which tunnels CONNECT requests (set by the sidecar's
         # runtime with the dispatch tables); None: no tunnel can be made.
         self.default_tcp: TcpProxyRuntime | None = None

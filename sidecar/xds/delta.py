@@ -25,7 +25,7 @@ its ``resource`` field is a TTL heartbeat (Envoy's reading): the held value stay
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
@@ -41,7 +41,23 @@ WILDCARD = "*"  # xDS's explicit wildcard subscription (an empty first list is t
 
 
 class DeltaAdsClient(XdsClient):
-    """Delta ADS; constructed, started and read exactly as :class:`sidecar.xds.client.AdsClient`."""
+    """Delta ADS; constructed, started and read exactly as :class:`sidecar.xds.client.AdsClient`.
+
+    On-demand discovery (sidecar.proxy.on_demand): :meth:`request_cluster` subscribes to a cluster
+    by name beside the CDS wildcard (a scoped sidecar is then sent that service); when the control
+    plane answers that it does not exist (``removed_resources`` naming a cluster not held),
+    ``on_missing(name)`` is called and the name unsubscribed.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.on_demand: set[str] = set()  # clusters subscribed by name, beside the wildcard
+        self.on_missing: Callable[[str], None] = lambda name: None
+
+    def request_cluster(self, name: str) -> None:
+        if name not in self.on_demand:
+            self.on_demand.add(name)
+            self._send_subscription(xds.CLUSTER, [name], [])
 
     def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
         return stub.DeltaAggregatedResources(requests)
@@ -49,6 +65,8 @@ class DeltaAdsClient(XdsClient):
     def _first_request(self, type_url: str) -> discovery_pb2.DeltaDiscoveryRequest:
         st = self.state[type_url]
         names = [WILDCARD] if type_url in xds.WILDCARD_TYPES else list(st.names)
+        if type_url == xds.CLUSTER:
+            names += sorted(self.on_demand)
         return discovery_pb2.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names,
                                                    initial_resource_versions=st.versions)
 
@@ -73,7 +91,15 @@ class DeltaAdsClient(XdsClient):
             _read(up, res)
         for name in resp.removed_resources:
             up.remove(name)
+        missing = []
+        if type_url == xds.CLUSTER and self.on_demand:
+            missing = sorted(n for n in resp.removed_resources if n in self.on_demand and n not in st.resources)
         self._settle(up, resp.nonce, resp.system_version_info, len(resp.resources))
+        if missing:
+            self.on_demand.difference_update(missing)
+            self._send_subscription(xds.CLUSTER, [], missing)
+            for name in missing:
+                self.on_missing(name)
 
 
 def _read(up: Update, res: discovery_pb2.Resource) -> None:
