@@ -81,6 +81,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--outbound-policy", choices=xds.OUTBOUND_POLICIES, default="allow_any",
                    help="where traffic for no known service goes: allow_any (default: to where it was "
                         "going, PassthroughCluster) or registry_only (refused, BlackHoleCluster)")
+    p.add_argument("--egress", default="*", metavar="SERVICES",
+                   help="the services of its namespace this sidecar calls, comma-separated (Istio's Sidecar "
+                        "egress hosts): it is sent only those, and discovers others on the first request (Delta "
+                        "xDS); '*' (default): all of them, or its service's policy.egress when that is set")
     p.add_argument("--dns-port", type=port, default=15053, help="the mesh DNS's port (UDP and TCP) in transparent mode")
     p.add_argument("--dns-domain", default="mesh.local",
                    help="the mesh DNS also answers <svc>.<ns>.<this> (default %(default)s)")
@@ -123,6 +127,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not 0 <= args.weight <= MAX_WEIGHT:
         p.error(f"--weight {args.weight} is outside 0..{MAX_WEIGHT}")
+    try:
+        args.egress = ",".join(xds.parse_egress(args.egress))
+    except ValueError as exc:
+        p.error(f"--{exc}")
     if not 1 <= args.workers <= 64:
         p.error("--workers must be between 1 and 64")
     if args.app_port == 0:
@@ -250,7 +258,7 @@ async def run(args: argparse.Namespace) -> int:
     node = NodeInfo(node_id=node_id, service=args.service, namespace=args.namespace, app_port=args.app_port,
                     inbound_port=inbound_port, outbound_port=outbound_port, admin_port=admin_port,
                     advertise_host=args.advertise_host, version=args.version, protocol=args.protocol,
-                    interception=args.interception, outbound_policy=args.outbound_policy)
+                    interception=args.interception, outbound_policy=args.outbound_policy, egress=args.egress)
     transparent = args.interception == "redirect"
 
     try:
@@ -281,6 +289,7 @@ async def run(args: argparse.Namespace) -> int:
     workers_serving = 0
 
     def changed() -> None:
+        runtime.xds_changed()
         if ads.initialized:
             config_ready.set()
         if registration is not None:
@@ -295,6 +304,9 @@ async def run(args: argparse.Namespace) -> int:
     credentials = channel_credentials(*args.xds_tls) if args.xds_tls is not None else None
     ads = ads_client_class(args.xds_api)(args.cp, node, runtime, on_change=changed, credentials=credentials)
     runtime.ads = ads
+    if args.xds_api == "delta":  # on-demand discovery subscribes by name: Delta only
+        runtime.enable_on_demand(ads.request_cluster)
+        ads.on_missing = runtime.on_demand_missing
     ads.start()
     lrs = LoadReporter(args.cp, node, runtime.clusters, credentials=credentials)  # every worker reports its own load
     runtime.lrs = lrs
@@ -430,7 +442,7 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
                 "--xds-api", args.xds_api,
                 "--version", args.version, "--protocol", args.protocol, "--advertise-host", args.advertise_host,
                 "--interception", args.interception, "--outbound-policy", args.outbound_policy,
-                "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
+                "--egress", args.egress, "--inbound-bind", args.inbound_bind, "--outbound-port", str(outbound_port),
                 "--inbound-port", str(inbound_port), "--admin-port", "0", "--status-port", "0",
                 "--drain-timeout", str(args.drain_timeout),
                 "--drain-delay", str(args.drain_delay), "--otlp-endpoint", args.otlp_endpoint,
