@@ -15,6 +15,10 @@ holds it:
 * the namespace's resources for the node's interception mode (controlplane.transparent);
 * the node's own (its listeners and inbound cluster), per node identity and own policy.
 
+A scoped node (``--egress`` or ``policy.egress``: DESIGN §13) gets, instead of the namespace's
+layer, one of only the services in its scope (:meth:`NamespaceTranslation.scoped`), shared by every
+node of that scope; a Delta stream may widen it with services asked for on demand.
+
 A view is immutable and derived from the previous one, so what changed between the view a stream
 was sent and the current one is found by identity (:meth:`TypeView.changes`, computed once per
 pair of views however many streams ask), and a view is serialized into a response once
