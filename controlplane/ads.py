@@ -10,6 +10,7 @@ pre-serialized resources of a view (controlplane.ads_stream.serialize).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -36,9 +37,16 @@ SERVER_OPTIONS = [
 
 
 class AdsServer:
-    def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry) -> None:
+    """``serving()`` says whether new streams are taken: a replica that lost ZooKeeper after its
+    first snapshot refuses them (UNAVAILABLE: the sidecar tries its next ``--cp``) and keeps
+    serving the streams it has what it last knew."""
+
+    def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry,
+                 serving: Callable[[], bool] = lambda: True) -> None:
         self.watcher, self.proxies = watcher, proxies
+        self.serving = serving
         self._streams: set[AdsStream] = set()
+        self.refused = 0  # streams refused while not serving
 
     def close_streams(self) -> None:
         """End every open stream with status OK (shutdown): sidecars reconnect, to us or a peer."""
@@ -54,6 +62,10 @@ class AdsServer:
             yield resp
 
     async def _serve(self, stream: AdsStream, request_iterator):
+        if not self.serving():
+            self.refused += 1
+            await stream.context.abort(grpc.StatusCode.UNAVAILABLE,
+                                       "this control plane lost ZooKeeper: try another replica")
         self._streams.add(stream)
         unsubscribe = self.watcher.subscribe(stream.notify)
         reader = asyncio.get_running_loop().create_task(stream.read(request_iterator))

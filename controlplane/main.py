@@ -44,12 +44,11 @@ from controlplane.watch import DEFAULT_DEBOUNCE, RegistryWatch
 from controlplane.web import Web
 from controlplane.zksource import KazooSource
 from controlplane.zkstore import ZkStore
-from meshkeeper.cliargs import ArgumentParser, port, seconds
+from meshkeeper.cliargs import ArgumentParser, add_zk_argument, port, seconds, zk_from_environment
 from meshkeeper.httpd import HttpServer
 
 log = logging.getLogger("meshkeeper.controlplane")
 
-DEFAULT_ZK = "127.0.0.1:2181"
 DEFAULT_XDS_PORT = 15010
 DEFAULT_HTTP_PORT = 15014
 SHUTDOWN_GRACE = 1.0  # seconds for streams to end after close_streams() before they are cancelled
@@ -58,8 +57,7 @@ SHUTDOWN_GRACE = 1.0  # seconds for streams to end after close_streams() before 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="meshkeeper controlplane",
                                 description="xDS control plane over the ZooKeeper registry")
-    p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK") or DEFAULT_ZK,
-                   help="ZooKeeper hosts, host:port[,host:port] (env MESHKEEPER_ZK; default %(default)s)")
+    add_zk_argument(p, "the ZooKeeper it watches")
     p.add_argument("--xds-port", type=port, default=DEFAULT_XDS_PORT, help="gRPC xDS port (0: pick a free one)")
     p.add_argument("--http-port", type=port, default=DEFAULT_HTTP_PORT,
                    help="HTTP port for /healthz, /metrics, /api (0: pick a free one)")
@@ -91,6 +89,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default http://<host name>:<http port>)")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = p.parse_args(argv)
+    zk_from_environment(p, args)
     for flag in ("xds_port", "http_port"):
         if not 0 <= getattr(args, flag) < 65536:
             p.error(f"--{flag.replace('_', '-')}: not a port")
@@ -163,7 +162,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     load = LoadStore(args.load_report_interval)
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
-    ads = AdsServer(cache, proxies)
+    # Replicas (DESIGN §13): one that lost ZooKeeper after its first snapshot takes no new stream.
+    ads = AdsServer(cache, proxies, serving=lambda: cache.snapshot is None or watch.state == "CONNECTED")
     add_to_server(server, ads)
     lrs = LoadReportingServer(load, metrics)
     add_lrs_to_server(server, lrs)

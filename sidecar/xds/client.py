@@ -104,6 +104,27 @@ async def stop_task(task: asyncio.Task, what: str) -> None:
         log.debug("%s stream ended with %r", what, task.exception())
 
 
+class Targets:
+    """The control plane replicas of ``--cp`` (``HOST:PORT[,HOST:PORT...]``): a stream goes to
+    :attr:`current`; when it ends or cannot be opened, the next one is tried (in order, round)."""
+
+    def __init__(self, text: str) -> None:
+        self.all = [t.strip() for t in text.split(",") if t.strip()]
+        if not self.all:
+            raise ValueError("no control plane address")
+        self._i = 0
+
+    @property
+    def current(self) -> str:
+        return self.all[self._i]
+
+    def advance(self) -> None:
+        self._i = (self._i + 1) % len(self.all)
+
+    def __str__(self) -> str:
+        return self.current
+
+
 def build_node(info: NodeInfo) -> base_pb2.Node:
     meta = struct_pb2.Struct()
     meta.update(info.metadata())
@@ -127,7 +148,7 @@ class XdsClient:
                  on_change: Callable[[], None] | None = None, rng: random.Random | None = None,
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.target = target
+        self.targets = Targets(target)  # one or several control plane replicas
         self.credentials = credentials  # None: insecure channel
         self.service = node.service
         self.node = build_node(node)
@@ -143,6 +164,11 @@ class XdsClient:
         self.connects = 0
         self._queue: asyncio.Queue[Any] | None = None
         self._task: asyncio.Task | None = None
+
+    @property
+    def target(self) -> str:
+        """The control plane replica the stream goes to (or will, next)."""
+        return self.targets.current
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -181,6 +207,7 @@ class XdsClient:
                 log.warning("xds stream to %s ended: %s %s", self.target, exc.code().name, exc.details())
             except Exception:  # a bug must not stop reconnection; the last config keeps routing
                 log.exception("xds stream to %s failed", self.target)
+            self.targets.advance()  # the next replica, if there are several
             self.connected = False
             self.on_change()
             attempt = 0 if time.monotonic() - started > STABLE_STREAM else attempt + 1

@@ -71,6 +71,7 @@ from sidecar.xds.client import (
     BACKOFF_BASE,
     BACKOFF_MAX,
     STABLE_STREAM,
+    Targets,
     backoff,
     build_node,
     open_channel,
@@ -164,7 +165,7 @@ class LoadReporter:
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
                  clock: Callable[[], float] = time.monotonic, rng: random.Random | None = None,
                  credentials: grpc.ChannelCredentials | None = None) -> None:
-        self.target = target
+        self.targets = Targets(target)  # the control plane replicas, as the ADS client's
         self.credentials = credentials  # None: insecure channel (as the ADS client's)
         self.node = build_node(node)
         self.clusters = clusters
@@ -183,6 +184,10 @@ class LoadReporter:
         self.reports = 0
         self.last_error = ""
         self._task: asyncio.Task | None = None
+
+    @property
+    def target(self) -> str:
+        return self.targets.current
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -220,6 +225,7 @@ class LoadReporter:
                 log.warning("load reporting to %s: stream ended (%s); reconnecting with back-off",
                             self.target, cause, exc_info=bug)
                 self.last_error = cause
+            self.targets.advance()
             self.connected = False
             attempt = 0 if self._clock() - started > STABLE_STREAM else attempt + 1
             await asyncio.sleep(backoff(attempt, self.backoff_base, self.backoff_max, self._rng))
