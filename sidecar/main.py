@@ -58,7 +58,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--service", required=True, help="the service this instance belongs to")
     p.add_argument("--app-port", type=port, required=True, help="the local app's port")
     p.add_argument("--namespace", "-n", default="default")
-    p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"), help="control plane HOST:PORT")
+    p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"),
+                   help="control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT,...: the xDS and "
+                        "load-reporting streams go to the first and fail over to the next")
     p.add_argument("--xds-ca", metavar="FILE", default="",
                    help="PEM CA to trust for the control plane's certificate: xDS and LRS use TLS")
     p.add_argument("--xds-cert", metavar="FILE", default="",
@@ -153,9 +155,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     if args.interception == "redirect" and args.advertise_host.startswith(("127.", "localhost", "::1")):
         p.error(f"--advertise-host {args.advertise_host}: in transparent mode it must be the pod's own IP "
                 "(callers' sidecars dial it, and this pod's capture rules bring it to the inbound listener)")
-    cp_host, sep, cp_port = args.cp.rpartition(":")
-    if not sep or not cp_host or not cp_port.isdigit():
-        p.error(f"--cp {args.cp!r}: expected HOST:PORT")
+    for cp in args.cp.split(","):
+        cp_host, sep, cp_port = cp.strip().rpartition(":")
+        if not sep or not cp_host or not cp_port.isdigit():
+            p.error(f"--cp {args.cp!r}: expected HOST:PORT[,HOST:PORT...] (one address per control plane replica)")
     try:
         args.xds_tls = read_xds_tls(args.xds_ca, args.xds_cert, args.xds_key)
     except ValueError as exc:
