@@ -7,6 +7,9 @@ or a traceback.
 from __future__ import annotations
 
 import argparse
+import os
+
+DEFAULT_ZK = "127.0.0.1:2181"
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -65,14 +68,32 @@ def host_port(text: str) -> str:
 
 
 def zk_hosts(text: str) -> str:
-    """ZooKeeper's connect string, ``HOST:PORT[,HOST:PORT...][/chroot]``, checked as kazoo parses it
-    (kazoo would otherwise raise from its connection thread)."""
+    """ZooKeeper's connect string, ``HOST:PORT[,HOST:PORT...][/chroot]``: one server, or every server
+    of an ensemble (kazoo picks one at random and moves to another when it is lost). Checked as kazoo
+    parses it, which would otherwise raise from its connection thread or retry an empty host forever."""
     from kazoo.hosts import collect_hosts
 
+    expected = "expected HOST:PORT[,HOST:PORT...][/chroot]"
     try:
         hosts, _ = collect_hosts(text)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"{text!r}: {exc} (expected HOST:PORT[,HOST:PORT...])") from None
-    if not hosts:
-        raise argparse.ArgumentTypeError(f"{text!r}: no host (expected HOST:PORT[,HOST:PORT...])")
+        raise argparse.ArgumentTypeError(f"{text!r}: {exc} ({expected})") from None
+    if not hosts or any(not host.strip() for host, _ in hosts):
+        raise argparse.ArgumentTypeError(f"{text!r}: a server without a host ({expected})")
     return text
+
+
+def add_zk_argument(p: argparse.ArgumentParser, what: str = "ZooKeeper servers") -> None:
+    """``--zk HOSTS``; after parsing, :func:`zk_from_environment` fills in the default."""
+    p.add_argument("--zk", type=zk_hosts, default=None, metavar="HOSTS",
+                   help=f"{what}, HOST:PORT[,HOST:PORT...][/chroot]: one server or every server of an "
+                        f"ensemble (env MESHKEEPER_ZK; default {DEFAULT_ZK})")
+
+
+def zk_from_environment(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Without ``--zk``: ``MESHKEEPER_ZK``, else 127.0.0.1:2181; a bad value is one line naming it."""
+    if args.zk is None:
+        try:
+            args.zk = zk_hosts(os.environ.get("MESHKEEPER_ZK") or DEFAULT_ZK)
+        except argparse.ArgumentTypeError as exc:
+            p.error(f"MESHKEEPER_ZK {exc}")
