@@ -53,13 +53,18 @@ class AdsServer:
         for stream in self._streams:
             stream.queue.put_nowait(EOF_)
 
+    # A response sent is dropped at once (``resp = None``): a stream must not keep its last one,
+    # which may be the whole mesh, until its next request.
+
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for resp in self._serve(SotwStream(self.watcher, self.proxies, context), request_iterator):
             yield resp
+            resp = None
 
     async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for resp in self._serve(DeltaStream(self.watcher, self.proxies, context), request_iterator):
             yield resp
+            resp = None
 
     async def _serve(self, stream: AdsStream, request_iterator):
         if not self.serving():
@@ -75,12 +80,15 @@ class AdsServer:
                 if item is EOF_:
                     return
                 if item is CHANGED:
-                    for resp in stream.changed():
-                        yield resp
+                    responses = stream.changed()
+                    while responses:
+                        yield responses.pop(0)
                     continue
                 resp = await stream.on_request(item)
+                item = None
                 if resp is not None:
                     yield resp
+                    resp = None
         finally:
             self._streams.discard(stream)
             unsubscribe()
