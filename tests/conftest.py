@@ -3,6 +3,9 @@
 ZooKeeper:
     zk_server   session-wide ZooKeeper; tests isolate themselves with ``namespace``. Never stop it.
     zk          a ZooKeeper of the test's own, for tests that stop, kill or restart it.
+    zk_ensemble a 3-server ZooKeeper ensemble of the test's own (``hosts`` names all three), for
+                failover tests: ``leader()``, ``servers[i].kill()/stop()/start()``, ``wait_quorum()``,
+                ``rolling_restart()``.
     namespace   a registry namespace no other test uses.
     zk_client   a connected kazoo client on ``zk_server``, closed in teardown.
 Processes:
@@ -23,11 +26,12 @@ from pathlib import Path
 import pytest
 
 from meshkeeper.demo.process import kill_all, live_processes
-from tests.harness import ProcessGroup, ZooKeeper, unique_namespace
+from tests.harness import ProcessGroup, ZooKeeper, ZooKeeperEnsemble, unique_namespace
 
 _BENIGN_ZK_WARNINGS = ("running in standalone mode", "maxCnxns is not configured")
 _GROUP_KEY = pytest.StashKey[ProcessGroup]()
 _ZK_KEY = pytest.StashKey[ZooKeeper]()
+_ENSEMBLE_KEY = pytest.StashKey[ZooKeeperEnsemble]()
 
 
 @pytest.fixture(scope="session")
@@ -49,6 +53,17 @@ def zk(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ZooKeeper]:
         yield server
     finally:
         server.close()
+
+
+@pytest.fixture
+def zk_ensemble(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ZooKeeperEnsemble]:
+    ensemble = ZooKeeperEnsemble(tmp_path / "zk-ensemble", size=3)
+    request.node.stash[_ENSEMBLE_KEY] = ensemble
+    try:
+        ensemble.start()
+        yield ensemble
+    finally:
+        ensemble.close()
 
 
 @pytest.fixture
@@ -86,19 +101,25 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
         group = item.stash.get(_GROUP_KEY, None)
         if group is not None and group.processes:
             report.sections.append(("meshkeeper processes (stderr tails)", group.logs()))
-        server = item.stash.get(_ZK_KEY, None)
-        if server is not None:
-            problems = [
-                line
-                for line in server.log_tail(400).splitlines()
-                if (" WARN " in line or " ERROR " in line) and not any(b in line for b in _BENIGN_ZK_WARNINGS)
-            ]
-            state = "running" if server.running() else "stopped"
-            text = "\n".join(problems[-15:]) or "(no warnings)"
-            report.sections.append(
-                (f"zookeeper {server.hosts}, {state}: warnings in {server.log_path}", text)
-            )
+        servers = [item.stash.get(_ZK_KEY, None)]
+        ensemble = item.stash.get(_ENSEMBLE_KEY, None)
+        if ensemble is not None:
+            servers += ensemble.servers
+        for server in servers:
+            if server is not None:
+                report.sections.append(_zookeeper_warnings(server))
     return report
+
+
+def _zookeeper_warnings(server: ZooKeeper) -> tuple[str, str]:
+    problems = [
+        line
+        for line in server.log_tail(400).splitlines()
+        if (" WARN " in line or " ERROR " in line) and not any(b in line for b in _BENIGN_ZK_WARNINGS)
+    ]
+    state = "running" if server.running() else "stopped"
+    text = "\n".join(problems[-15:]) or "(no warnings)"
+    return f"zookeeper {server.hosts}, {state}: warnings in {server.log_path}", text
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -126,6 +126,14 @@ class ZooKeeper:
         """Start (or restart, same port and data) and wait until ``srvr`` reports a mode."""
         if self.running():
             return self
+        self.spawn()
+        return self.wait_serving(timeout)
+
+    def spawn(self) -> None:
+        """Launch the server without waiting for it (a member of an ensemble serves only once a
+        quorum runs, so an ensemble spawns all its members before it waits for any)."""
+        if self.running():
+            return
         self._write_config()
         argv = [
             self._java,
@@ -142,16 +150,18 @@ class ZooKeeper:
         ]
         self._proc = ChildProcess(argv, name="zookeeper", log_dir=self.workdir)
         self._proc.spawn()
+
+    def wait_serving(self, timeout: float = START_TIMEOUT) -> ZooKeeper:
+        """Wait until ``srvr`` reports a mode; on a timeout the server is killed."""
+        if self._proc is None:
+            raise ZooKeeperError(f"ZooKeeper on {self.hosts} was never started")
         deadline = time.monotonic() + timeout
         while True:
             if not self._proc.running():
                 code = self._proc.returncode
                 raise ZooKeeperError(f"ZooKeeper exited with code {code} while starting\n{self.log_tail()}")
-            try:
-                if "Mode:" in four_letter_word(self.host, self.port, "srvr"):
-                    return self
-            except OSError:
-                pass
+            if self.mode() is not None:
+                return self
             if time.monotonic() >= deadline:
                 self._proc.kill()
                 raise ZooKeeperError(
@@ -177,6 +187,18 @@ class ZooKeeper:
 
     def srvr(self) -> str:
         return four_letter_word(self.host, self.port, "srvr")
+
+    def mode(self) -> str | None:
+        """What ``srvr`` says the server is (``standalone``, ``leader``, ``follower``), or None when
+        it does not answer or does not serve (a member of an ensemble without a quorum)."""
+        try:
+            reply = self.srvr()
+        except OSError:
+            return None
+        for line in reply.splitlines():
+            if line.startswith("Mode:"):
+                return line.partition(":")[2].strip()
+        return None
 
     def log_tail(self, lines: int = 30) -> str:
         text = ""

@@ -16,11 +16,13 @@ A test of a small mesh, in a namespace of its own on the session's ZooKeeper::
         url = f"http://127.0.0.1:{fe.port('outbound_port')}/"
         wait_until(lambda: http_get(url, {"Host": "catalog"})[0] == 200, 10, message="catalog routed")
 
-Use the ``zk`` fixture instead of ``zk_server`` to stop, kill or restart ZooKeeper. No sleeps:
-poll with :func:`wait_until`. The mechanics are shared with the demo and the benchmark in
+Use the ``zk`` fixture instead of ``zk_server`` to stop, kill or restart ZooKeeper, and
+``zk_ensemble`` (:class:`ZooKeeperEnsemble`, three servers) to take members of an ensemble away.
+No sleeps: poll with :func:`wait_until`. The mechanics are shared with the demo and the benchmark in
 :mod:`meshkeeper.demo`.
 """
 
+from meshkeeper.demo.ensemble import EnsembleServer, ZooKeeperEnsemble
 from meshkeeper.demo.process import (
     ManagedProcess,
     free_port,
@@ -35,10 +37,12 @@ from tests.harness.namespaces import unique_namespace
 from tests.harness.processes import MeshProcess, ProcessGroup
 
 __all__ = [
+    "EnsembleServer",
     "ManagedProcess",
     "MeshProcess",
     "ProcessGroup",
     "ZooKeeper",
+    "ZooKeeperEnsemble",
     "ZooKeeperError",
     "four_letter_word",
     "free_port",

@@ -19,6 +19,7 @@ from tests.harness import (
     ManagedProcess,
     ProcessGroup,
     ZooKeeper,
+    ZooKeeperEnsemble,
     free_port,
     http_get,
     parse_ready_line,
@@ -107,6 +108,41 @@ def test_zk_kill_is_a_crash_and_close_cleans_up(tmp_path: Path) -> None:
     workdir = owned.workdir
     owned.close()
     assert not workdir.exists()
+
+
+def test_zk_ensemble_survives_its_leader_and_a_rolling_restart(zk_ensemble: ZooKeeperEnsemble) -> None:
+    servers = zk_ensemble.servers
+    ports = {p for s in servers for p in (s.port, s.quorum_port, s.election_port)}
+    assert len(ports) == 9
+    assert zk_ensemble.hosts == ",".join(f"127.0.0.1:{s.port}" for s in servers)
+    assert [(s.data_dir / "myid").read_text().strip() for s in servers] == ["1", "2", "3"]
+    assert sorted(zk_ensemble.modes().values()) == ["follower", "follower", "leader"]
+
+    client = KazooClient(hosts=zk_ensemble.hosts, timeout=10.0)
+    client.start(timeout=10)
+    try:
+        client.create("/meshkeeper/mine", b"yes", ephemeral=True, makepath=True)
+        session = client.client_id
+
+        old = zk_ensemble.leader()
+        assert old is not None
+        old.kill()
+        new = zk_ensemble.wait_quorum(10)
+        assert new is not old and new.running()
+        old.start()
+        assert old.mode() == "follower" and zk_ensemble.wait_quorum(10) is new
+
+        restarted: list[int] = []
+        zk_ensemble.rolling_restart(10, on_restarted=lambda s: restarted.append(s.myid))
+        assert restarted[-1] == new.myid and sorted(restarted) == [1, 2, 3]  # the leader last
+        assert zk_ensemble.running() and zk_ensemble.leader() is not None
+
+        wait_until(lambda: client.state == KazooState.CONNECTED, 15, message="kazoo reconnects")
+        assert client.client_id == session  # one session throughout: the ephemeral znode stayed
+        assert client.get("/meshkeeper/mine")[0] == b"yes"
+    finally:
+        client.stop()
+        client.close()
 
 
 # --------------------------------------------------------------------------- helpers
