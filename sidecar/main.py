@@ -38,7 +38,15 @@ import sys
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 
 from meshkeeper import xds
-from meshkeeper.cliargs import ArgumentParser, non_negative_seconds, port, ratio, seconds
+from meshkeeper.cliargs import (
+    ArgumentParser,
+    add_zk_argument,
+    non_negative_seconds,
+    port,
+    ratio,
+    seconds,
+    zk_from_environment,
+)
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
 from sidecar.status import DEFAULT_STATUS_PORT
@@ -69,7 +77,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--xds-api", choices=XDS_APIS, default=DEFAULT_XDS_API,
                    help="the ADS variant: delta (incremental, DeltaAggregatedResources) or sotw (State of "
                         "the World, StreamAggregatedResources); default %(default)s")
-    p.add_argument("--zk", default=os.environ.get("MESHKEEPER_ZK", "127.0.0.1:2181"), help="ZooKeeper hosts")
+    add_zk_argument(p, "the ZooKeeper the instance registers in")
     p.add_argument("--version", default="", help="the instance's version label (subsets)")
     p.add_argument("--zone", default="", help="the instance's zone label (locality)")
     p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
@@ -127,6 +135,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--worker-index", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--ready-fd", type=int, default=-1, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    zk_from_environment(p, args)
     if not 0 <= args.weight <= MAX_WEIGHT:
         p.error(f"--weight {args.weight} is outside 0..{MAX_WEIGHT}")
     try:

@@ -23,7 +23,7 @@ import os
 import signal
 import sys
 
-from meshkeeper.cliargs import ArgumentParser, port, seconds, zk_hosts
+from meshkeeper.cliargs import ArgumentParser, add_zk_argument, port, seconds, zk_from_environment
 from meshkeeper.registry import (
     DEFAULT_NAMESPACE,
     DEFAULT_WEIGHT,
@@ -45,7 +45,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--service", required=True, help="the service the server belongs to")
     p.add_argument("--port", type=port, required=True, help="the server's port (callers dial it)")
     p.add_argument("--namespace", "-n", default=DEFAULT_NAMESPACE)
-    p.add_argument("--zk", type=zk_hosts, default=None, help="ZooKeeper hosts (env MESHKEEPER_ZK, default 127.0.0.1:2181)")
+    add_zk_argument(p)
     p.add_argument("--advertise-host", default="127.0.0.1", help="the server's address, as callers dial it")
     p.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     p.add_argument("--weight", type=int, default=DEFAULT_WEIGHT, help="registered weight")
@@ -57,11 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--zk-session-timeout", type=seconds, default=10.0)
     p.add_argument("--log-level", default=os.environ.get("MESHKEEPER_LOG_LEVEL", "info"))
     args = p.parse_args(argv)
-    if args.zk is None:
-        try:
-            args.zk = zk_hosts(os.environ.get("MESHKEEPER_ZK") or "127.0.0.1:2181")
-        except argparse.ArgumentTypeError as exc:
-            p.error(f"MESHKEEPER_ZK {exc}")
+    zk_from_environment(p, args)
     if args.port == 0:
         p.error("--port must name the server's port")
     if not 0 <= args.weight <= MAX_WEIGHT:

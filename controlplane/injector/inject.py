@@ -19,7 +19,7 @@ import yaml
 
 from controlplane.injector.patch import InjectConfig, InjectError
 from controlplane.injector.workloads import describe, inject_object
-from meshkeeper.cliargs import ArgumentParser
+from meshkeeper.cliargs import ArgumentParser, zk_hosts
 
 PROG = "meshkeeper inject"
 
@@ -28,7 +28,9 @@ def add_injection_flags(p: argparse.ArgumentParser) -> None:
     """The flags ``meshkeeper inject`` and ``meshkeeper injector`` share."""
     defaults = InjectConfig()
     p.add_argument("--cp", default=defaults.cp, help="control plane HOST:PORT the proxies dial (default %(default)s)")
-    p.add_argument("--zk", default=defaults.zk, help="ZooKeeper hosts the proxies register in (default %(default)s)")
+    p.add_argument("--zk", type=zk_hosts, default=defaults.zk, metavar="HOSTS",
+                   help="ZooKeeper the proxies register in, HOST:PORT[,HOST:PORT...]: one server or every "
+                        "server of an ensemble (default %(default)s)")
     p.add_argument("--image", default=defaults.image, help="image of meshkeeper-init and meshkeeper-proxy "
                                                           "(default %(default)s)")
     p.add_argument("--proxy-uid", type=_uid, default=defaults.proxy_uid,
