@@ -7,6 +7,7 @@ BIN        := $(VENV)/bin
 STAMP      := $(VENV)/.installed
 BENCH_ARGS ?=
 PYTEST_ARGS ?=
+ZK_ENSEMBLE ?=
 
 # sudo only when not root (CI and containers run as root and often have no sudo).
 SUDO       := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
@@ -18,6 +19,7 @@ APT_INSTALL := $(APT_GET) install -y --no-install-recommends
 help:
 	@echo "targets: venv zookeeper test lint demo bench proto console-vendor clean distclean"
 	@echo "  make test PYTEST_ARGS='-k harness'   make bench BENCH_ARGS='--only haproxy,nginx --duration 5'"
+	@echo "  make demo ZK_ENSEMBLE=3   (ZooKeeper as a 3-server ensemble on this machine)"
 
 # --------------------------------------------------------------------------- environment
 
@@ -50,8 +52,9 @@ test: venv zookeeper
 	$(BIN)/ruff check
 	$(BIN)/pytest -q $(PYTEST_ARGS)
 
+# ZK_ENSEMBLE=3: ZooKeeper as an ensemble of three servers (meshkeeper demo --zk-ensemble 3).
 demo: venv zookeeper
-	$(BIN)/meshkeeper demo
+	$(BIN)/meshkeeper demo $(if $(ZK_ENSEMBLE),--zk-ensemble $(ZK_ENSEMBLE))
 
 # --------------------------------------------------------------------------- benchmark
 

@@ -6,13 +6,18 @@ with its own sidecar:
 * ``frontend``: one app that calls ``http://catalog/`` through its sidecar (``HTTP_PROXY``);
 * ``catalog``: three apps, versions v1, v1, v2 with weights 1, 2, 7.
 
+With ``--zk-ensemble N`` ZooKeeper is an ensemble of N servers on this machine (``make demo
+ZK_ENSEMBLE=3``): the table then says which server leads, and killing any one of them (its pid is
+printed) shows the mesh serving on.
+
 Then it sends ``--rps`` requests per second to the frontend and prints, every second, how many
 requests each catalog instance answered next to the share its weight asks for, and where the
 admin endpoints are. Ctrl-C or SIGTERM (or the end of ``--duration``) stops everything: sidecars,
 apps, control plane, ZooKeeper, in that order; the temp directory is removed.
 
 The pieces are reusable: :mod:`meshkeeper.demo.mesh` (a local mesh), :mod:`.app` (the demo app),
-:mod:`.zookeeper` (a throwaway ZooKeeper), :mod:`.process` (child processes), :mod:`.traffic`.
+:mod:`.zookeeper` (a throwaway ZooKeeper), :mod:`.ensemble` (several, as one ensemble),
+:mod:`.process` (child processes), :mod:`.traffic`.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from collections import Counter
 
 CATALOG = (("v1", 1), ("v1", 2), ("v2", 7))
 DEFAULT_RPS = 50.0
+MAX_ENSEMBLE = 7  # servers of a demo ensemble: each is a JVM on this machine
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -42,12 +48,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help=f"requests per second to the frontend ({DEFAULT_RPS:g})",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, ZooKeeper data)")
+    p.add_argument("--zk-ensemble", type=int, default=1, metavar="N",
+                   help="run ZooKeeper as an ensemble of N servers on 127.0.0.1 (e.g. 3); kill one and the "
+                        "mesh keeps serving (default 1: one standalone server)")
     p.add_argument("--otlp-endpoint", default=os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT", ""),
                    help="OTLP/gRPC collector for the sidecars' spans, e.g. a local Jaeger at 127.0.0.1:4317 "
                         "(default: the control plane's own trace store; the demo samples every trace)")
     args = p.parse_args(argv)
     if args.rps <= 0:
         p.error("--rps must be positive")
+    if not 1 <= args.zk_ensemble <= MAX_ENSEMBLE:
+        p.error(f"--zk-ensemble must be 1 to {MAX_ENSEMBLE}")
     return args
 
 
@@ -68,7 +79,7 @@ def run(argv: list[str] | None = None) -> int:
     live = out.isatty()
     # The demo samples 100% of traces (the default is 1%).
     # The access log is off by default in a sidecar (it costs throughput); the demo shows it.
-    mesh = LocalMesh(sidecar_args=("--trace-sample-ratio", "1", "--access-log", "-"))
+    mesh = LocalMesh(sidecar_args=("--trace-sample-ratio", "1", "--access-log", "-"), zk_servers=args.zk_ensemble)
     traffic: TrafficDriver | None = None
     code = 0
     previous = signal.signal(signal.SIGTERM, _raise_stop)
@@ -99,6 +110,8 @@ def run(argv: list[str] | None = None) -> int:
             time.sleep(min(1.0, max(0.0, deadline - now)))
             total, errors = traffic.snapshot()
             table = share_table(targets, total, total - before, errors, time.monotonic() - started)
+            if args.zk_ensemble > 1:
+                table.append(mesh.registry_status())
             before = total
             if live:
                 # Redraw in place: home, clear, then the endpoints and the table.

@@ -4,6 +4,10 @@ Every process listens on a port chosen at start (port 0 or :func:`free_port`) an
 its ready line (docs/contracts.md). :meth:`LocalMesh.stop` takes everything down in the order that
 keeps the registry honest: sidecars and apps first (a sidecar deregisters its instance while its
 app still answers), then the control plane, then ZooKeeper.
+
+``zk_servers`` > 1 runs ZooKeeper as an ensemble of that many servers on 127.0.0.1
+(:class:`~meshkeeper.demo.ensemble.ZooKeeperEnsemble`), and every process gets all of them in
+``--zk``: a server may then be killed while the mesh serves (:meth:`LocalMesh.registry_status`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from meshkeeper.demo.ensemble import ZooKeeperEnsemble
 from meshkeeper.demo.process import (
     ChildProcess,
     ManagedProcess,
@@ -67,7 +72,8 @@ class LocalMesh:
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="meshkeeper-demo-")))
     namespace: str = "default"
     sidecar_args: tuple[str, ...] = ()  # extra flags of every sidecar (the demo's tracing flags)
-    zk: ZooKeeper | None = None
+    zk_servers: int = 1  # more than one: a ZooKeeper ensemble of that many servers
+    zk: ZooKeeper | ZooKeeperEnsemble | None = None
     controlplane: ManagedProcess | None = None
     instances: list[Instance] = field(default_factory=list)
     _started: list[ChildProcess] = field(default_factory=list)
@@ -76,7 +82,10 @@ class LocalMesh:
 
     def start_registry(self) -> None:
         """ZooKeeper, then a control plane watching it."""
-        self.zk = ZooKeeper(self.workdir / "zookeeper").start()
+        if self.zk_servers > 1:
+            self.zk = ZooKeeperEnsemble(self.workdir / "zookeeper", size=self.zk_servers).start()
+        else:
+            self.zk = ZooKeeper(self.workdir / "zookeeper").start()
         cp = ManagedProcess(
             # A local demo: no tokens, every caller may use the admin API (said on start).
             meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", "0", "--http-port", "0",
@@ -172,16 +181,32 @@ class LocalMesh:
     # ------------------------------------------------------------------ observe
 
     def dead(self) -> list[str]:
-        """Descriptions of processes that were started and are no longer running."""
+        """Descriptions of processes that were started and are no longer running. A member of an
+        ensemble is not one of them: losing it is what the ensemble is for (see :meth:`registry_status`)."""
         gone = [p.describe() for p in self._started if p.popen is not None and not p.running()]
-        if self.zk is not None and not self.zk.running():
+        if isinstance(self.zk, ZooKeeper) and not self.zk.running():
             gone.append(f"zookeeper {self.zk.hosts} (log: {self.zk.log_path})")
         return gone
+
+    def registry_status(self) -> str:
+        """One line: what each ZooKeeper server says it is (``leader``, ``follower``, ``down``...)."""
+        if isinstance(self.zk, ZooKeeperEnsemble):
+            modes = ", ".join(f"{s.myid} {s.mode() or ('not serving' if s.running() else 'down')}"
+                              for s in self.zk.servers)
+            return f"ZooKeeper        ensemble: {modes}"
+        if self.zk is not None:
+            return f"ZooKeeper        {self.zk.mode() or 'not serving'}"
+        return "ZooKeeper        not started"
 
     def endpoints(self) -> list[str]:
         """Where to look, one line each."""
         lines = []
-        if self.zk is not None:
+        if isinstance(self.zk, ZooKeeperEnsemble):
+            lines.append(f"ZooKeeper        ensemble of {len(self.zk.servers)}: {self.zk.hosts}  "
+                         f"(zkCli.sh -server {self.zk.hosts})")
+            lines += [f"                 server {s.myid} {s.hosts} pid {s.pid}  (kill -9 {s.pid}: the mesh "
+                      f"keeps serving; logs {s.workdir})" for s in self.zk.servers]
+        elif self.zk is not None:
             lines.append(f"ZooKeeper        {self.zk.hosts}  (zkCli.sh -server {self.zk.hosts})")
         if self.controlplane is not None:
             url = self.cp_http_url

@@ -36,3 +36,18 @@ def test_demo_runs_splits_by_weight_and_leaves_nothing_behind():
         except OSError:  # the process ended while we looked
             pass
     assert not [c for c in cmdlines if workdir in c or "meshkeeper.demo.app" in c]
+
+
+def test_demo_on_a_zookeeper_ensemble():
+    proc = subprocess.run(meshkeeper_argv("demo", "--zk-ensemble", "3", "--duration", "4"), capture_output=True,
+                          text=True, timeout=90)
+    out = proc.stdout
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hosts = re.search(r"^ZooKeeper\s+ensemble of 3: (\S+)", out, re.M).group(1)
+    assert len(hosts.split(",")) == 3
+    assert len(re.findall(r"^\s+server \d 127\.0\.0\.1:\d+ pid \d+", out, re.M)) == 3
+    # The status under the table: one leader, two followers.
+    status = re.findall(r"^ZooKeeper\s+ensemble: (.*)$", out, re.M)[-1]
+    assert sorted(m.split(" ", 1)[1] for m in status.split(", ")) == ["follower", "follower", "leader"], status
+    assert " 0 failed" in out.rsplit("instance ", 1)[1]
+    assert not Path(re.search(r"starting in (\S+)", out).group(1)).exists()
