@@ -36,10 +36,16 @@ SERVER_OPTIONS = [
 ]
 
 
+# A client with other replicas left to try says so on the stream (sidecar.xds.client.TRY_OTHERS).
+TRY_OTHERS = "x-meshkeeper-try-others"
+
+
 class AdsServer:
-    """``serving()`` says whether new streams are taken: a replica that lost ZooKeeper after its
-    first snapshot refuses them (UNAVAILABLE: the sidecar tries its next ``--cp``) and keeps
-    serving the streams it has what it last knew."""
+    """``serving()`` says whether this replica is in step with ZooKeeper (False: it lost it after
+    its first snapshot). While it is not, a new stream whose client has other replicas left to try
+    (metadata ``x-meshkeeper-try-others: 1``) is refused with UNAVAILABLE, so that the sidecar
+    goes to its next ``--cp``; other clients (one control plane, the last replica of a round,
+    Envoy, grpcio) are served what it last knew, as are the streams it has."""
 
     def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry,
                  serving: Callable[[], bool] = lambda: True) -> None:
@@ -67,7 +73,7 @@ class AdsServer:
             resp = None
 
     async def _serve(self, stream: AdsStream, request_iterator):
-        if not self.serving():
+        if not self.serving() and _tries_others(stream.context):
             self.refused += 1
             await stream.context.abort(grpc.StatusCode.UNAVAILABLE,
                                        "this control plane lost ZooKeeper: try another replica")
@@ -95,6 +101,10 @@ class AdsServer:
             reader.cancel()
             if stream.status is not None:
                 self.proxies.disconnect(stream.status)
+
+
+def _tries_others(context: grpc.aio.ServicerContext) -> bool:
+    return any(k == TRY_OTHERS and v == "1" for k, v in context.invocation_metadata() or ())
 
 
 def add_to_server(server: grpc.aio.Server, ads: AdsServer) -> None:

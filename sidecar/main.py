@@ -68,7 +68,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--namespace", "-n", default="default")
     p.add_argument("--cp", default=os.environ.get("MESHKEEPER_CP", "127.0.0.1:15010"),
                    help="control plane HOST:PORT, or several replicas HOST:PORT,HOST:PORT,...: the xDS and "
-                        "load-reporting streams go to the first and fail over to the next")
+                        "load-reporting streams go to the first and fail over to the next (one that lost "
+                        "ZooKeeper sends the sidecar on while others are left to try)")
     p.add_argument("--xds-ca", metavar="FILE", default="",
                    help="PEM CA to trust for the control plane's certificate: xDS and LRS use TLS")
     p.add_argument("--xds-cert", metavar="FILE", default="",

@@ -104,15 +104,28 @@ async def stop_task(task: asyncio.Task, what: str) -> None:
         log.debug("%s stream ended with %r", what, task.exception())
 
 
+# Sent on an ADS stream while other replicas are left to try: a replica that lost ZooKeeper then
+# refuses the stream (UNAVAILABLE) rather than serve what it last knew; on the last untried one
+# (or with one --cp) it is not sent, and a stale replica is better than none.
+TRY_OTHERS = (("x-meshkeeper-try-others", "1"),)
+
+
 class Targets:
     """The control plane replicas of ``--cp`` (``HOST:PORT[,HOST:PORT...]``): a stream goes to
-    :attr:`current`; when it ends or cannot be opened, the next one is tried (in order, round)."""
+    :attr:`current`; when it ends or cannot be opened, the next one is tried (in order, round).
+    ``failed`` counts the attempts in a row that got no response."""
 
     def __init__(self, text: str) -> None:
         self.all = [t.strip() for t in text.split(",") if t.strip()]
         if not self.all:
             raise ValueError("no control plane address")
         self._i = 0
+        self.failed = 0
+
+    @property
+    def others_left(self) -> bool:
+        """Whether a replica not yet tried in this round remains after the current one."""
+        return self.failed < len(self.all) - 1
 
     @property
     def current(self) -> str:
@@ -207,6 +220,7 @@ class XdsClient:
                 log.warning("xds stream to %s ended: %s %s", self.target, exc.code().name, exc.details())
             except Exception:  # a bug must not stop reconnection; the last config keeps routing
                 log.exception("xds stream to %s failed", self.target)
+            self.targets.failed = 0 if self.connected else self.targets.failed + 1
             self.targets.advance()  # the next replica, if there are several
             self.connected = False
             self.on_change()
@@ -227,7 +241,8 @@ class XdsClient:
                 yield req
 
         async with open_channel(self.target, self.credentials) as channel:
-            call = self._open_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), requests())
+            call = self._open_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), requests(),
+                                     TRY_OTHERS if self.targets.others_left else None)
             # Initial subscriptions: wildcard LDS and CDS, the own service's RTDS layer, plus what
             # we already hold (after a reconnect). The node goes on the stream's first request.
             first = True
@@ -321,7 +336,8 @@ class XdsClient:
 
     # ------------------------------------------------------------------ the variant's part
 
-    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
+    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any],
+                     metadata: tuple | None) -> Any:
         raise NotImplementedError
 
     def _first_request(self, type_url: str) -> Any:
@@ -347,8 +363,9 @@ class AdsClient(XdsClient):
     A response with a resource that cannot be attributed to a name is refused whole, since applying
     the rest of the set would delete whatever that resource was."""
 
-    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
-        return stub.StreamAggregatedResources(requests)
+    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any],
+                     metadata: tuple | None) -> Any:
+        return stub.StreamAggregatedResources(requests, metadata=metadata)
 
     def _request(self, type_url: str, nonce: str, error: str = "") -> discovery_pb2.DiscoveryRequest:
         st = self.state[type_url]

@@ -59,8 +59,9 @@ class DeltaAdsClient(XdsClient):
             self.on_demand.add(name)
             self._send_subscription(xds.CLUSTER, [name], [])
 
-    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any]) -> Any:
-        return stub.DeltaAggregatedResources(requests)
+    def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any],
+                     metadata: tuple | None) -> Any:
+        return stub.DeltaAggregatedResources(requests, metadata=metadata)
 
     def _first_request(self, type_url: str) -> discovery_pb2.DeltaDiscoveryRequest:
         st = self.state[type_url]

@@ -131,11 +131,11 @@ def test_sotw_sends_one_endpoint_change_as_one_resource_whatever_the_mesh_size(s
 
 
 class DeltaClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, metadata: tuple | None = None) -> None:
         self.requests: asyncio.Queue = asyncio.Queue()
         self.responses: asyncio.Queue = asyncio.Queue()
         stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        self.call = stub.DeltaAggregatedResources(self._requests())
+        self.call = stub.DeltaAggregatedResources(self._requests(), metadata=metadata)
         self.reader = asyncio.get_running_loop().create_task(self._read())
 
     async def _requests(self):

@@ -11,7 +11,7 @@ from controlplane.ads import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.cache import SnapshotCache
 from controlplane.proxies import ProxyRegistry
 from meshkeeper import xds
-from sidecar.xds.client import AdsClient, Targets
+from sidecar.xds.client import TRY_OTHERS, AdsClient, Targets
 from sidecar.xds.delta import DeltaAdsClient
 from tests.support.fakes import async_test, until
 from tests.unit.test_ads import NODE_INFO, node_proto
@@ -57,8 +57,12 @@ class Sink:
         pass
 
 
-def test_targets_go_round_in_order():
+def test_targets_go_round_in_order_and_know_when_none_is_left_to_try():
     t = Targets("a:1, b:2,c:3")
+    assert t.others_left
+    t.failed = 2  # two refused in a row: the third is the last of the round
+    assert not t.others_left
+    assert not Targets("a:1").others_left
     assert [t.current, (t.advance(), t.current)[1], (t.advance(), t.current)[1], (t.advance(), t.current)[1]] == [
         "a:1", "b:2", "c:3", "a:1"]
     with pytest.raises(ValueError):
@@ -100,12 +104,17 @@ async def test_a_replica_that_lost_zookeeper_refuses_new_streams_and_keeps_servi
         first = await kept.recv()
         kept.ack(first)
         r.zk_connected = False
-        refused = DeltaClient(channel)
+        refused = DeltaClient(channel, TRY_OTHERS)  # a sidecar with other replicas left to try
         refused.send(xds.CLUSTER, ["*"], node=node_proto())
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await refused.reader
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "another replica" in err.value.details()
         assert r.ads.refused == 1 and len(r.proxies) == 1
+        # One with no other replica (the last of its round, one --cp, Envoy, grpcio): what it last knew.
+        last = DeltaClient(channel)
+        last.send(xds.CLUSTER, ["*"], node=node_proto())
+        assert "outbound|svc1.default" in [res.name for res in (await last.recv()).resources]
+        await last.close()
         # The stream it has is still served (what it last knew; here a change it was given).
         r.cache.set_snapshot(mesh(2, 3))
         got = await kept.recv()
