@@ -22,7 +22,10 @@ What it does
    plane that answers UNIMPLEMENTED stops the run with a message saying so.
 4. Waits (polling, with a deadline) until every stream has ACKed the initial state: LDS, CDS and
    RTDS received, and every subscribed EDS and RDS name held. Then measures the control plane's
-   RSS again, and its CPU use while idle with K streams.
+   RSS again ("synced"), and its CPU use while idle with K streams; then polls its RSS every 0.5 s
+   until it has not fallen by more than 1% over 3 s (deadline 30 s): the "settled" RSS, once gRPC
+   has given back the transient buffers of the initial sync (``settle_rss``). Both are reported,
+   each also per connected sidecar (minus the idle RSS).
 5. Writes changes straight into ZooKeeper, one at a time, each kind ``--repeat`` times (the kinds
    interleaved round by round), always on a quiet mesh:
 
@@ -153,17 +156,20 @@ def instance(i: int, j: int) -> InstanceRecord:
                           labels={"version": "v1", "zone": "a"}, protocol="http", app_port=APP_PORT)
 
 
-def service_ops(tx: Any, paths: Paths, name: str, index: int) -> None:
-    """Add the creates of one service and its two instances to a kazoo transaction."""
+def service_ops(tx: Any, paths: Paths, name: str, index: int,
+                record: Callable[[int, int], InstanceRecord] = instance) -> None:
+    """Add the creates of one service and its two instances (``record(index, j)``) to a kazoo transaction."""
     tx.create(paths.service(name), ServiceRecord(protocol="http").encode())
     tx.create(paths.instances(name), b"")
     for j in range(2):
-        inst = instance(index, j)
+        inst = record(index, j)
         tx.create(paths.instance(name, inst.key), inst.encode(), ephemeral=True)
 
 
-def populate(zk: Any, services: int, batch: int = 100, in_flight: int = 8) -> None:
-    """S services with two instances each, ``batch`` services per transaction, several in flight."""
+def populate(zk: Any, services: int, batch: int = 100, in_flight: int = 8,
+             record: Callable[[int, int], InstanceRecord] = instance) -> None:
+    """S services with two instances each, ``batch`` services per transaction, several in flight.
+    ``record(i, j)`` is instance j of service i (default :func:`instance`: addresses nothing answers)."""
     paths = Paths(NS)
     zk.ensure_path(paths.services)
     pending: list[tuple[int, Any]] = []
@@ -178,7 +184,7 @@ def populate(zk: Any, services: int, batch: int = 100, in_flight: int = 8) -> No
     for start in range(0, services, batch):
         tx = zk.transaction()
         for i in range(start, min(services, start + batch)):
-            service_ops(tx, paths, service_name(i), i)
+            service_ops(tx, paths, service_name(i), i, record)
         pending.append((start, tx.commit_async()))
         if len(pending) >= in_flight:
             settle(pending.pop(0))
@@ -1075,6 +1081,14 @@ class Run:
         return rec
 
 
+def start_zookeeper(log_dir: Path) -> Any:
+    """A throwaway standalone ZooKeeper (meshkeeper.demo.zookeeper) with its files in log_dir/zookeeper;
+    ``.hosts`` is its connection string, ``.close()`` stops it."""
+    from meshkeeper.demo.zookeeper import ZooKeeper
+
+    return ZooKeeper(log_dir / "zookeeper").start()
+
+
 def start_controlplane(args: argparse.Namespace, zk_hosts: str, log_dir: Path) -> Any:
     from meshkeeper.demo.process import ManagedProcess, meshkeeper_argv
 
@@ -1114,6 +1128,35 @@ def wait_cp_loaded(args: argparse.Namespace, zk: Any, http_port: int, cp: Any) -
         if time.monotonic() > deadline:
             raise HarnessError(f"the control plane did not load {args.services} services within {args.sync_timeout}s")
         time.sleep(0.1)
+
+
+SETTLE_INTERVAL = 0.5  # seconds between RSS samples
+SETTLE_WINDOW = 3.0  # RSS settled: it has not fallen by more than SETTLE_FALL over this long
+SETTLE_FALL = 0.01
+SETTLE_DEADLINE = 30.0
+
+
+def settle_rss(read: Callable[[], int], interval: float = SETTLE_INTERVAL, window: float = SETTLE_WINDOW,
+               fall: float = SETTLE_FALL, deadline: float = SETTLE_DEADLINE) -> dict:
+    """Poll ``read()`` (an RSS in KiB) every ``interval`` s until, over the last ``window`` s, it has
+    not fallen by more than ``fall`` of the highest sample in that window (deadline ``deadline`` s).
+
+    Right after a burst of work (the initial sync of K streams) RSS still holds transient buffers
+    that are given back within seconds with nothing happening; the settled figure is what stays.
+    Returns ``rss_kib`` (the last sample), ``first_kib``, ``settled`` (False: the deadline passed
+    while it still fell), ``after_s`` (seconds of polling) and ``samples`` ([seconds, KiB] each)."""
+    t0 = time.monotonic()
+    samples: list[tuple[float, int]] = [(t0, read())]
+    while True:
+        time.sleep(interval)
+        now = time.monotonic()
+        samples.append((now, read()))
+        in_window = [rss for t, rss in samples if t >= now - window - interval / 2]
+        full = now - samples[0][0] >= window - interval / 2
+        settled = full and max(in_window) - in_window[-1] <= fall * max(in_window)
+        if settled or now - t0 >= deadline:
+            return {"rss_kib": samples[-1][1], "first_kib": samples[0][1], "settled": settled,
+                    "after_s": round(now - t0, 1), "samples": [[round(t - t0, 1), rss] for t, rss in samples]}
 
 
 def git_state() -> dict:
@@ -1173,8 +1216,6 @@ def main(argv: list[str] | None = None) -> int:
 
     from kazoo.client import KazooClient
 
-    from meshkeeper.demo.zookeeper import ZooKeeper
-
     report: dict[str, Any] = {
         "command": shlex.join([os.path.relpath(sys.executable, ROOT), os.path.relpath(__file__, ROOT),
                                *(argv if argv is not None else sys.argv[1:])]),
@@ -1214,7 +1255,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.zk:
             hosts = args.zk
         else:
-            zk_server = ZooKeeper(log_dir / "zookeeper").start()
+            zk_server = start_zookeeper(log_dir)
             hosts = zk_server.hosts
         zk = KazooClient(hosts=hosts, timeout=30.0)
         zk.start(30)
@@ -1263,6 +1304,7 @@ def main(argv: list[str] | None = None) -> int:
         run.wait_quiet(time.monotonic() + args.sync_timeout)
         cpu_synced, sim_synced = cpu_seconds(cp.pid), workers.cpu()
         rss_synced, peak_synced = _rss(cp.pid), _rss(cp.pid, "VmHWM")
+        t_rss_synced = time.monotonic()
         # The control plane's CPU while idle with K streams, over two --quiet windows (the rate is
         # what each change's window carries besides the change itself).
         t_idle = time.monotonic()
@@ -1279,6 +1321,15 @@ def main(argv: list[str] | None = None) -> int:
                                       rss_kib_per_sidecar=round((rss_synced - cp_rss_idle) / args.sidecars, 1))
         log(f"{args.sidecars} streams synced in {report['sync']['all_synced_s']:.1f}s; CP RSS "
             f"{rss_synced / 1024:.0f} MiB ({report['controlplane']['rss_kib_per_sidecar']:.0f} KiB per sidecar)")
+        # What stays: gRPC gives back the transient buffers of the initial sync within seconds.
+        settle = settle_rss(lambda: _rss(cp.pid))
+        report["controlplane"].update(
+            rss_kib_settled=settle["rss_kib"], rss_settled=settle["settled"], rss_settle_samples=settle["samples"],
+            rss_settled_after_s=round(time.monotonic() - t_rss_synced, 1),  # after the synced figure
+            rss_kib_per_sidecar_settled=round((settle["rss_kib"] - cp_rss_idle) / args.sidecars, 1))
+        log(f"CP RSS settled{'' if settle['settled'] else ' (NOT: still falling at the deadline)'} "
+            f"{report['controlplane']['rss_settled_after_s']:.1f}s later: {settle['rss_kib'] / 1024:.0f} MiB "
+            f"({report['controlplane']['rss_kib_per_sidecar_settled']:.0f} KiB per sidecar)")
 
         sim_changes0 = workers.cpu()
         for rep in range(args.repeat):
@@ -1379,7 +1430,10 @@ def markdown(report: dict) -> str:
         "",
         f"- Control plane RSS: {idle / 1024:.0f} MiB idle (S services, no sidecar), {synced / 1024:.0f} MiB with "
         f"{k} streams synced: **{cp['rss_kib_per_sidecar']:.0f} KiB per connected sidecar** (peak RSS by then "
-        f"{cp['peak_rss_kib_synced'] / 1024:.0f} MiB); {cp['rss_kib_end'] / 1024:.0f} MiB after the changes "
+        f"{cp['peak_rss_kib_synced'] / 1024:.0f} MiB); settled {cp['rss_settled_after_s']:.1f} s later"
+        f"{'' if cp['rss_settled'] else ' (NOT settled: still falling at the deadline)'}: "
+        f"{cp['rss_kib_settled'] / 1024:.0f} MiB, **{cp['rss_kib_per_sidecar_settled']:.0f} KiB per connected "
+        f"sidecar**; {cp['rss_kib_end'] / 1024:.0f} MiB after the changes "
         f"(peak {cp['peak_rss_kib_end'] / 1024:.0f} MiB).",
         f"- Initial sync: all {k} streams in {sync['all_synced_s']:.1f} s (half in {sync['p50_synced_s']:.1f} s), "
         f"control plane CPU {sync['cp_cpu_s']:.1f} s, {_size(sync['bytes_per_stream'])} and "
