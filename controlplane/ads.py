@@ -17,7 +17,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from controlplane.ads_delta import DeltaStream
 from controlplane.ads_sotw import SotwStream
-from controlplane.ads_stream import CHANGED, EOF_, AdsStream, serialize
+from controlplane.ads_stream import CHANGED, EOF_, AdsStream, Outgoing, serialize
 from controlplane.cache import ConfigWatcher
 from controlplane.proxies import ProxyRegistry
 
@@ -59,8 +59,8 @@ class AdsServer:
         for stream in self._streams:
             stream.queue.put_nowait(EOF_)
 
-    # A response sent is dropped at once (``resp = None``): a stream must not keep its last one,
-    # which may be the whole mesh, until its next request.
+    # A response sent is dropped at once (``resp = None``, and gRPC gets it in an Outgoing it
+    # empties): a stream must not keep its last one, which may be the whole mesh, until its next.
 
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
         async for resp in self._serve(SotwStream(self.watcher, self.proxies, context), request_iterator):
@@ -88,12 +88,12 @@ class AdsServer:
                 if item is CHANGED:
                     responses = stream.changed()
                     while responses:
-                        yield responses.pop(0)
+                        yield Outgoing(responses.pop(0))
                     continue
                 resp = await stream.on_request(item)
                 item = None
                 if resp is not None:
-                    yield resp
+                    yield Outgoing(resp)
                     resp = None
         finally:
             self._streams.discard(stream)

@@ -33,7 +33,21 @@ EOF_ = object()  # the client's side of the stream ended (or the server closes i
 CHANGED = object()  # a new snapshot: re-check every type
 
 
-def serialize(response: Message | bytes) -> bytes:
+class Outgoing:
+    """A response on its way to gRPC. gRPC's server loop keeps the last object a handler yielded
+    until the next one (measured: ~180 KiB per stream held after a full push, on 1,000 streams);
+    :func:`serialize` takes the payload out, so what is kept is this empty shell."""
+
+    __slots__ = ("payload",)
+
+    def __init__(self, payload: Message | bytes) -> None:
+        self.payload = payload
+
+
+def serialize(response: Outgoing | Message | bytes) -> bytes:
+    if response.__class__ is Outgoing:
+        payload, response.payload = response.payload, None
+        response = payload
     return response if response.__class__ is bytes else response.SerializeToString()
 
 
