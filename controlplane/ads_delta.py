@@ -34,7 +34,6 @@ import logging
 from dataclasses import dataclass, field
 from functools import partial
 
-import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 
@@ -62,22 +61,16 @@ class _DeltaType:
 
 
 class DeltaStream(AdsStream):
+    PROXYLESS = False  # grpcio speaks SotW
+
     def __init__(self, *args) -> None:
         super().__init__(*args)
         self.types: dict[str, _DeltaType] = {}
         self.on_demand: frozenset[str] = frozenset()  # services a scoped sidecar asked for by cluster name
 
     async def on_request(self, req: discovery_pb2.DeltaDiscoveryRequest) -> Message | bytes | None:
-        if self.node is None:
-            await self.identify(req.node)
-            if self.node.proxyless:
-                await self.context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                         "proxyless gRPC clients are served over StreamAggregatedResources")
-        t = req.type_url
-        if not t:
-            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url")
-        if t not in SERVED_TYPES:
-            log.debug("%s subscribed to %s, which is not served", self.node.node_id, t)
+        t = await self.served_type(req)
+        if t is None:
             return None
         st = self.types.get(t)
         first = st is None

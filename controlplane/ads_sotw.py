@@ -27,7 +27,6 @@ import logging
 from dataclasses import dataclass
 from functools import partial
 
-import grpc
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 
@@ -58,13 +57,8 @@ class SotwStream(AdsStream):
         self.types: dict[str, _TypeState] = {}
 
     async def on_request(self, req: discovery_pb2.DiscoveryRequest) -> Message | bytes | None:
-        if self.node is None:
-            await self.identify(req.node)
-        t = req.type_url
-        if not t:
-            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url")
-        if t not in SERVED_TYPES:
-            log.debug("%s subscribed to %s, which is not served", self.node.node_id, t)
+        t = await self.served_type(req)
+        if t is None:
             return None
         st = self.types.get(t)
         initial = st is None or not req.response_nonce

@@ -18,7 +18,7 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.cache import ConfigWatcher
+from controlplane.cache import SERVED_TYPES, ConfigWatcher
 from controlplane.proxies import ProxyRegistry, ProxyStatus
 from meshkeeper import __version__
 from meshkeeper.registry import RecordError
@@ -53,6 +53,8 @@ def serialize(response: Outgoing | Message | bytes) -> bytes:
 
 class AdsStream:
     """One ADS stream's node, queue and nonces; the variants add their per-type state."""
+
+    PROXYLESS = True  # whether proxyless gRPC clients are served on this variant
 
     def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry, context: grpc.aio.ServicerContext):
         self.watcher, self.proxies, self.context = watcher, proxies, context
@@ -91,7 +93,23 @@ class AdsStream:
         except (ValueError, RecordError) as exc:
             log.warning("refusing ADS stream of %s: %s", node.id, exc)
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"bad node metadata: {exc}")
+        if self.node.proxyless and not self.PROXYLESS:
+            await self.context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                     "proxyless gRPC clients are served over StreamAggregatedResources")
         self.status = self.proxies.connect(self.node, self.context.peer() or "")
+
+    async def served_type(self, req) -> str | None:
+        """The type a request is about, the node taken from the stream's first request; None for a
+        type this control plane does not serve (the request is ignored)."""
+        if self.node is None:
+            await self.identify(req.node)
+        t = req.type_url
+        if not t:
+            await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url")
+        if t not in SERVED_TYPES:
+            log.debug("%s subscribed to %s, which is not served", self.node.node_id, t)
+            return None
+        return t
 
     async def on_request(self, req) -> Message | bytes | None:
         raise NotImplementedError

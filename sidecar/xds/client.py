@@ -334,6 +334,14 @@ class XdsClient:
             added, gone = st.subscribe(names)
             self._send_subscription(dep, added, gone)
 
+    def _update(self, type_url: str, *, incremental: bool) -> Update | None:
+        """A response's :class:`Update` of what is held of ``type_url``; None for a type not asked for."""
+        st = self.state.get(type_url)
+        if st is None:
+            log.warning("ignoring xds response of unsupported type %s", type_url)
+            return None
+        return Update(type_url, st, incremental=incremental)
+
     # ------------------------------------------------------------------ the variant's part
 
     def _open_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, requests: AsyncIterator[Any],
@@ -386,11 +394,9 @@ class AdsClient(XdsClient):
 
     def _on_response(self, resp: discovery_pb2.DiscoveryResponse) -> None:
         type_url = resp.type_url
-        st = self.state.get(type_url)
-        if st is None:
-            log.warning("ignoring xds response of unsupported type %s", type_url)
+        up = self._update(type_url, incremental=False)
+        if up is None:
             return
-        up = Update(type_url, st, incremental=False)
         for any_msg in resp.resources:
             try:
                 msg = unpack(type_url, any_msg)

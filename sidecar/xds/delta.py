@@ -83,11 +83,10 @@ class DeltaAdsClient(XdsClient):
 
     def _on_response(self, resp: discovery_pb2.DeltaDiscoveryResponse) -> None:
         type_url = resp.type_url
-        st = self.state.get(type_url)
-        if st is None:
-            log.warning("ignoring delta xds response of unsupported type %s", type_url)
+        up = self._update(type_url, incremental=True)
+        if up is None:
             return
-        up = Update(type_url, st, incremental=True)
+        st = up.held
         for res in resp.resources:
             _read(up, res)
         for name in resp.removed_resources:

@@ -9,10 +9,9 @@ import grpc
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import json_format, struct_pb2, symbol_database
-from google.rpc import status_pb2
 
 from controlplane.ads import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.cache import SnapshotCache
@@ -22,10 +21,10 @@ from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.registry import InstanceRecord, Override, RuntimeValues, ServiceRecord
 from meshkeeper.xds import NodeInfo
+from tests.support.ads_streams import SotwClient
 
 NODE_INFO = NodeInfo(node_id=NodeInfo.make_id("127.0.0.1", "web", 15006, "default"), service="web",
                      app_port=8080, inbound_port=15006, outbound_port=15001)
-QUIET = 0.3  # how long "no push" is watched for
 
 
 def registry(version: int, *instances: tuple[str, str], overrides: dict | None = None,
@@ -50,51 +49,6 @@ def node_proto(info: NodeInfo | None = NODE_INFO) -> base_pb2.Node:
     return base_pb2.Node(id=info.node_id, cluster=info.service, metadata=md)
 
 
-class Client:
-    """One ADS stream; responses are collected by a reader task."""
-
-    def __init__(self, channel: grpc.aio.Channel) -> None:
-        self.requests: asyncio.Queue = asyncio.Queue()
-        self.responses: asyncio.Queue = asyncio.Queue()
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        self.call = stub.StreamAggregatedResources(self._requests())
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _requests(self):
-        while (req := await self.requests.get()) is not None:
-            yield req
-
-    async def _read(self) -> None:
-        async for resp in self.call:
-            self.responses.put_nowait(resp)
-
-    def send(self, type_url: str, names=(), *, version: str = "", nonce: str = "", node=None,
-             error: str | None = None) -> None:
-        req = discovery_pb2.DiscoveryRequest(type_url=type_url, resource_names=list(names),
-                                             version_info=version, response_nonce=nonce)
-        if node is not None:
-            req.node.CopyFrom(node)
-        if error is not None:
-            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        self.requests.put_nowait(req)
-
-    def ack(self, resp: discovery_pb2.DiscoveryResponse, names=()) -> None:
-        self.send(resp.type_url, names, version=resp.version_info, nonce=resp.nonce)
-
-    async def recv(self, within: float = 3.0) -> discovery_pb2.DiscoveryResponse:
-        return await asyncio.wait_for(self.responses.get(), within)
-
-    async def nothing(self, within: float = QUIET) -> None:
-        with pytest.raises(TimeoutError):
-            resp = await asyncio.wait_for(self.responses.get(), within)
-            pytest.fail(f"unexpected push: {resp.type_url} {resp.version_info}")
-
-    async def close(self) -> None:
-        self.requests.put_nowait(None)
-        self.call.cancel()
-        self.reader.cancel()
-
-
 class Env:
     def __init__(self) -> None:
         self.metrics = Metrics()
@@ -113,8 +67,8 @@ class Env:
         await self.channel.close()
         await self.server.stop(None)
 
-    def client(self) -> Client:
-        return Client(self.channel)
+    def client(self) -> SotwClient:
+        return SotwClient(self.channel)
 
     def sample(self, name: str, type_: str) -> float:
         return self.metrics.registry.get_sample_value(name, {"type": type_}) or 0

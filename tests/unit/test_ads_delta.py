@@ -10,14 +10,13 @@ from types import MappingProxyType
 import grpc
 import pytest
 from envoy.config.endpoint.v3 import endpoint_pb2
-from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
-from google.rpc import status_pb2
 
 from controlplane.cache import SERVED_TYPES, SnapshotCache
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.registry import InstanceRecord, Override, ServiceRecord
-from tests.unit.test_ads import NODE_INFO, QUIET, Env, names_of, node_proto
+from tests.support.ads_streams import DeltaClient
+from tests.unit.test_ads import NODE_INFO, Env, names_of, node_proto
 
 MAIN = "outbound|svc0.default"
 
@@ -128,50 +127,6 @@ def test_sotw_sends_one_endpoint_change_as_one_resource_whatever_the_mesh_size(s
 
 
 # --------------------------------------------------------------------------- Delta
-
-
-class DeltaClient:
-    def __init__(self, channel: grpc.aio.Channel, metadata: tuple | None = None) -> None:
-        self.requests: asyncio.Queue = asyncio.Queue()
-        self.responses: asyncio.Queue = asyncio.Queue()
-        stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-        self.call = stub.DeltaAggregatedResources(self._requests(), metadata=metadata)
-        self.reader = asyncio.get_running_loop().create_task(self._read())
-
-    async def _requests(self):
-        while (req := await self.requests.get()) is not None:
-            yield req
-
-    async def _read(self) -> None:
-        async for resp in self.call:
-            self.responses.put_nowait(resp)
-
-    def send(self, type_url: str, subscribe=(), unsubscribe=(), *, nonce: str = "", node=None,
-             initial: dict[str, str] | None = None, error: str | None = None) -> None:
-        req = discovery_pb2.DeltaDiscoveryRequest(
-            type_url=type_url, resource_names_subscribe=list(subscribe), resource_names_unsubscribe=list(unsubscribe),
-            response_nonce=nonce, initial_resource_versions=initial or {})
-        if node is not None:
-            req.node.CopyFrom(node)
-        if error is not None:
-            req.error_detail.CopyFrom(status_pb2.Status(code=3, message=error))
-        self.requests.put_nowait(req)
-
-    def ack(self, resp, **kw) -> None:
-        self.send(resp.type_url, nonce=resp.nonce, **kw)
-
-    async def recv(self, within: float = 3.0) -> discovery_pb2.DeltaDiscoveryResponse:
-        return await asyncio.wait_for(self.responses.get(), within)
-
-    async def nothing(self, within: float = QUIET) -> None:
-        with pytest.raises(TimeoutError):
-            resp = await asyncio.wait_for(self.responses.get(), within)
-            pytest.fail(f"unexpected push: {resp.type_url} {resp.system_version_info}")
-
-    async def close(self) -> None:
-        self.requests.put_nowait(None)
-        self.call.cancel()
-        self.reader.cancel()
 
 
 def delta_client(env: Env) -> DeltaClient:

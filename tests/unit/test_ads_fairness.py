@@ -13,9 +13,10 @@ from controlplane.ads import SERVER_OPTIONS, AdsServer, add_to_server
 from controlplane.cache import SnapshotCache
 from controlplane.proxies import ProxyRegistry
 from meshkeeper import xds
+from tests.support.ads_streams import DeltaClient
 from tests.support.fakes import async_test, until
 from tests.unit.test_ads import node_proto
-from tests.unit.test_ads_delta import DeltaClient, mesh
+from tests.unit.test_ads_delta import mesh
 
 
 @async_test

@@ -13,9 +13,10 @@ from controlplane.proxies import ProxyRegistry
 from meshkeeper import xds
 from sidecar.xds.client import TRY_OTHERS, AdsClient, Targets
 from sidecar.xds.delta import DeltaAdsClient
+from tests.support.ads_streams import DeltaClient
 from tests.support.fakes import async_test, until
 from tests.unit.test_ads import NODE_INFO, node_proto
-from tests.unit.test_ads_delta import DeltaClient, mesh
+from tests.unit.test_ads_delta import mesh
 
 
 class Replica:
