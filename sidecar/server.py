@@ -149,12 +149,13 @@ class Server:
         ctx.on_demand = OnDemand(self.node.namespace, subscribe, self._routable, ctx.stats)
 
     def _routable(self, service: str) -> bool:
-        """The outbound listener routes to ``service`` with its cluster and every load assignment in."""
+        """The outbound listener routes to ``service``, whose cluster and load assignment are in."""
         router = self.listener_contexts[xds.OUTBOUND_LISTENER].router
-        if router is None or self._ads is None or not self._ads.synced:
+        if router is None or self._ads is None or router.resolve(service.encode(), b"/") is None:
             return False
-        entry = router.resolve(service.encode(), b"/")
-        return entry is not None and self.clusters.get(entry.cluster()) is not None
+        cluster = xds.outbound_cluster(service, self.node.namespace)
+        eds = self._ads.state[xds.ENDPOINT]
+        return self.clusters.get(cluster) is not None and (cluster not in eds.names or cluster in eds.resources)
 
     def xds_changed(self) -> None:
         """The ADS client applied a response: held requests whose service arrived are routed."""
