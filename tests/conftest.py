@@ -8,6 +8,8 @@ ZooKeeper:
                 ``rolling_restart()``.
     namespace   a registry namespace no other test uses.
     zk_client   a connected kazoo client on ``zk_server``, closed in teardown.
+Fuzzing (tests/unit/test_fuzz_*.py): hypothesis profile "ci" (bounded, derandomized), or "long"
+    with MESHKEEPER_FUZZ=long (see tests/support/fuzz.py).
 Processes:
     procs       a ProcessGroup: ``procs.controlplane(...)``, ``procs.sidecar(...)``, ``procs.app(...)``,
                 ``procs.meshkeeper(...)``; stopped in teardown, their stderr attached to failures.
@@ -27,6 +29,10 @@ import pytest
 
 from meshkeeper.demo.process import kill_all, live_processes
 from tests.harness import ProcessGroup, ZooKeeper, ZooKeeperEnsemble, unique_namespace
+from tests.support import fuzz
+
+# The fuzz properties' hypothesis profile (tests/support/fuzz.py): "ci" unless MESHKEEPER_FUZZ=long.
+fuzz.load_profile()
 
 _BENIGN_ZK_WARNINGS = ("running in standalone mode", "maxCnxns is not configured")
 _GROUP_KEY = pytest.StashKey[ProcessGroup]()
