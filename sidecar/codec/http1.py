@@ -388,7 +388,7 @@ class Http1ServerCodec:
             self._response_done()
 
     def encode_data(self, data: bytes, end_stream: bool) -> None:
-        if data:
+        if data and not self._is_head:  # (an HTTP/2 upstream may send a body with its answer to HEAD)
             if self._resp_chunked:
                 if self._batching:
                     self._batch += _chunk(data)
@@ -413,7 +413,10 @@ class Http1ServerCodec:
         # A client waiting for 100 Continue may or may not send its body now: close to be safe.
         if close or self._draining or (self._expect and not self._complete):
             self._keep_alive = False
-        self._write(h.local_reply_bytes(status, flag, body, not self._keep_alive))
+        data = h.local_reply_bytes(status, flag, body, not self._keep_alive)
+        if self._is_head and body:
+            data = data[: -len(body)]  # the answer to HEAD has the head of the reply, no body (RFC 9110 §9.3.2)
+        self._write(data)
         if not self._keep_alive:
             self._closing = True
         self._response_done()
@@ -465,7 +468,11 @@ class Http1ServerCodec:
         self._keep_alive = True
         self._complete = False
         if not nxt.headers_done:
-            return  # its head is still arriving: on_headers_complete decodes it
+            # Its head is still arriving: on_headers_complete decodes it, as the active request now.
+            p = self._parsing
+            if p is not None and p.queued is nxt:
+                p.queued = None
+            return
         self._replay(nxt)
 
     def _replay(self, queued: _Queued) -> None:
@@ -499,6 +506,8 @@ class Http1ServerCodec:
         data = h.local_reply_bytes(reply.status, reply.flag, reply.body, True)
         p = self._parsing
         bad = p.decoder if p is not None and not p.discard else None
+        if bad is not None and bad.method == b"HEAD":
+            data = data[: -len(reply.body)]  # a HEAD whose head was read: no body in the answer either
         if bad is not None:
             if bad is self._active:
                 self._active = None
@@ -513,6 +522,10 @@ class Http1ServerCodec:
                 self._queue.remove(p.queued)
                 self._buffered -= p.queued.size
                 bad.on_local_reply(reply.status, reply.flag)  # answered after those before it
+            elif p.queued is None:
+                # Answered already (a reply before its body ended): a request gets one response.
+                self._close()
+                return
         if self._active is None:
             self._write(data)
             self._close()

@@ -178,6 +178,9 @@ class ConnectionManager(asyncio.Protocol):
                         self.local_reply(stream, reply, close=True)
                 return
             stream.authority = authority
+        if stream.method == b"CONNECT":  # its target is host:port (RFC 9110 §9.3.6): never sent on as a request
+            self.local_reply(stream, errors.BAD_CONNECT)
+            return
         router = rt.router
         # The headers are as parsed; only routes with header matches read them.
         entry = router.resolve(authority, path, stream.headers, stream.method) if router is not None else None
