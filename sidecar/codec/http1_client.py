@@ -10,6 +10,8 @@ Rules that keep a pool honest:
 - ``should_keep_alive()`` and the status code are read inside the parser's callbacks: httptools
   resets its per-message state once ``feed_data()`` returns.
 - Bytes arriving on an idle connection mean the upstream is confused: the connection is closed.
+  So do bytes after a response in the read that ended it (an answer to a request not sent yet: we
+  never pipeline), even when the next stream took the connection in the meantime: a protocol error.
 - Responses without a body: 1xx interim responses are skipped, 204 and 304 are known to the parser,
   and for HEAD (which the parser cannot know about) the message is finished at headers-complete and
   the parser replaced by a fresh one. Trailers of a chunked response are dropped (Envoy's HTTP/1
@@ -73,7 +75,7 @@ class Http1ClientConnection(asyncio.Protocol):
         "pool", "transport", "decoder", "requests", "idle_since", "closed", "request_done",
         "_parser", "_is_head", "_head", "_head_size", "_head_raw", "_read_len", "_in_head", "_body_kind",
         "_conn_tokens", "_chunked", "_interim", "_finished", "_reset_parser", "_read_paused", "write_paused",
-        "_held",
+        "_held", "_head_ended", "_ended_in_read",
     )
 
     def __init__(self, pool: ConnectionOwner) -> None:
@@ -102,6 +104,10 @@ class Http1ClientConnection(asyncio.Protocol):
         # The last body piece of a read, held until the read is parsed: when the message ends in the
         # same read it goes out with the end (one call instead of two, the usual whole response).
         self._held: bytes | None = None
+        # The response ended at its head (HEAD, 204, 304): the parser's on_message_complete for it
+        # is not about the stream the connection may carry by then.
+        self._head_ended = False
+        self._ended_in_read = False  # a response ended in the read being parsed
 
     @property
     def capacity(self) -> int:
@@ -254,6 +260,7 @@ class Http1ClientConnection(asyncio.Protocol):
             return
         counting = self._in_head
         self._read_len = len(data)
+        self._head_ended = self._ended_in_read = False
         decoder.batch_begin()
         try:
             self._parser.feed_data(data)
@@ -281,6 +288,12 @@ class Http1ClientConnection(asyncio.Protocol):
         decoder.batch_end()
 
     # --- parser callbacks ---------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        if self._ended_in_read:
+            # A response in the read that ended the one before: an answer to a request not sent
+            # yet (we never pipeline). Never the next stream's: a protocol error (HttpParserCallbackError).
+            raise ValueError("unsolicited response")
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self._in_head:
@@ -340,6 +353,7 @@ class Http1ClientConnection(asyncio.Protocol):
             # for HEAD, start a fresh parser for the next response on this connection).
             if self._is_head:
                 self._reset_parser = True
+            self._head_ended = True
             self._finish(self._parser.should_keep_alive(), status)
             return
         decoder.on_response_headers(status, self._head, False)
@@ -356,6 +370,9 @@ class Http1ClientConnection(asyncio.Protocol):
         if self._interim:
             self._interim = False
             return
+        if self._head_ended:
+            self._head_ended = False
+            return
         if self._finished or self.decoder is None:
             return
         # Read keep-alive here: httptools forgets it once feed_data() returns.
@@ -367,6 +384,7 @@ class Http1ClientConnection(asyncio.Protocol):
         """The response is complete (``head_status``: it was a head alone, which ends it)."""
         decoder = self.decoder
         self._finished = True
+        self._ended_in_read = True
         self._body_kind = BODY_NONE
         self.decoder = None
         self.requests += 1
