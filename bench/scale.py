@@ -109,15 +109,14 @@ import grpc  # noqa: E402
 from envoy.config.cluster.v3 import cluster_pb2  # noqa: E402
 from envoy.config.endpoint.v3 import endpoint_pb2  # noqa: E402
 from envoy.config.listener.v3 import listener_pb2  # noqa: E402
-from envoy.config.route.v3 import route_pb2  # noqa: E402
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2  # noqa: E402
 from envoy.service.discovery.v3 import discovery_pb2  # noqa: E402
-from envoy.service.runtime.v3 import rtds_pb2  # noqa: E402
 
 from meshkeeper import xds  # noqa: E402
 from meshkeeper.registry import InstanceRecord, Paths, ServiceRecord  # noqa: E402
 from meshkeeper.xds import NodeInfo  # noqa: E402
 from sidecar.xds.client import CHANNEL_OPTIONS, build_node  # noqa: E402 (the sidecar's own node and channel)
+from sidecar.xds.state import MESSAGES  # noqa: E402
 
 NS = "default"
 PREFIX = "scale"  # service names scale-00000 ...; new services scale-new-<rep>
@@ -129,13 +128,6 @@ SOTW_METHOD = ADS + "StreamAggregatedResources"
 DELTA_METHOD = ADS + "DeltaAggregatedResources"
 # Order of the first requests, as the sidecar sends them (sidecar/xds/client.py).
 INITIAL_TYPES = (xds.CLUSTER, xds.LISTENER, xds.RUNTIME)
-MESSAGES = {
-    xds.LISTENER: listener_pb2.Listener,
-    xds.ROUTE: route_pb2.RouteConfiguration,
-    xds.CLUSTER: cluster_pb2.Cluster,
-    xds.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
-    xds.RUNTIME: rtds_pb2.Runtime,
-}
 EMPTY: frozenset[str] = frozenset()
 
 

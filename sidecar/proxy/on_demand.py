@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from meshkeeper import xds
 from sidecar.codec.api import R_BUFFER
+from sidecar.proxy.body import BUFFER_LIMIT, hold_body
 
 if TYPE_CHECKING:
     from sidecar.proxy.stream import Stream
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("meshkeeper.sidecar.proxy")
 
 HOLD_TIMEOUT = 5.0  # seconds a request waits for its service to be discovered
-BUFFER_LIMIT = 64 * 1024  # request bytes held per stream meanwhile (the router's limit)
 
 
 class HeldOwner(Protocol):
@@ -51,15 +51,8 @@ class HeldStream:
         self.pending_size = 0
 
     def on_request_data(self, data: bytes, end_stream: bool) -> None:
-        if not data:
-            return
-        if self.pending is None:
-            self.pending = [data]
-        else:
-            self.pending.append(data)
-        self.pending_size += len(data)
-        if self.pending_size > BUFFER_LIMIT:
-            self.stream.encoder.read_disable(R_BUFFER, True)  # the router lifts it once it sends them
+        if data:
+            hold_body(self, data)  # the router lifts R_BUFFER once it sends them
 
     def on_request_trailers(self, trailers: list[bytes]) -> None:
         pass  # request trailers are not forwarded (as the router)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from sidecar.codec.api import R_BUFFER, R_UPSTREAM, RESET_TERMINATION
 from sidecar.proxy import errors, grpc, telemetry
+from sidecar.proxy.body import BUFFER_LIMIT, hold_body
 from sidecar.upstream import breaker
 from sidecar.upstream.host import LocalOriginFailure
 from sidecar.upstream.pool import PoolFailure
@@ -40,7 +41,6 @@ if TYPE_CHECKING:
     from sidecar.upstream.host import Endpoint
     from sidecar.upstream.pool import Pending
 
-BUFFER_LIMIT = 64 * 1024  # request bytes held per stream while no upstream can take them
 # Request body bytes kept per request so it can be retried (Envoy's per-request buffer limit
 # defaults to the 1 MiB connection buffer limit); a longer body is streamed and not retried.
 RETRY_BUFFER_LIMIT = 1024 * 1024
@@ -295,13 +295,7 @@ class RouterFilter:
                 sent.append(data)
                 self._retain(len(data))
         elif data:
-            if self.pending is None:
-                self.pending = [data]
-            else:
-                self.pending.append(data)
-            self.pending_size += len(data)
-            if self.pending_size > BUFFER_LIMIT:
-                self.stream.encoder.read_disable(R_BUFFER, True)
+            hold_body(self, data)
         if end_stream and (self.timeout or self.entry.per_try_timeout):
             self._request_complete()
 
