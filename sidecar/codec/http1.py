@@ -303,6 +303,13 @@ class Http1ServerCodec:
             self._cb.protocol_error("an HTTP/1.1 request needs exactly one Host header")
             self._reject(h.BAD_HOST)  # missing or repeated (RFC 9112 §3.2)
             return
+        if ex.has_body and parser.should_upgrade():
+            # The parser reads no body after an Upgrade (or CONNECT) head: the bytes are the new
+            # protocol's. Upgrades are not proxied, so its body would be parsed as the next request
+            # while the head went upstream promising it (a smuggling vector): refused.
+            self._cb.protocol_error("an Upgrade or CONNECT request with a body")
+            self._reject(h.BAD_REQUEST)
+            return
         if ex.authority is None:
             ex.authority = b""
         if p.conn_tokens:
