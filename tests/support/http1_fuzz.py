@@ -57,6 +57,9 @@ SMUGGLING: dict[str, bytes] = {
     "nul-in-host": b"GET / HTTP/1.1\r\nHost: s\x00vc\r\n\r\n",
     "nul-in-name": b"GET / HTTP/1.1\r\nHost: svc\r\nX\x00Y: 1\r\n\r\n",
     "nul-in-target": b"GET /\x00 HTTP/1.1\r\nHost: svc\r\n\r\n",
+    # The parser reads no body after an Upgrade head: it was parsed as a second request.
+    "upgrade-with-body": _POST + b"Connection: upgrade\r\nUpgrade: x\r\nContent-Length: 34\r\n\r\n"
+                                 b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n",
     "two-hosts": b"GET / HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n",
     "no-host": b"GET / HTTP/1.1\r\n\r\n",
 }
@@ -177,8 +180,8 @@ def read_responses(data: bytes, answers_head: list[bool], closed: bool,
         m = _ResponseReader()
         try:
             m.parser.feed_data(data[pos : end + 4])
-        except HttpParserError as exc:
-            raise AssertionError(f"malformed response head ({exc}): {data[pos:end + 4]!r}") from None
+        except (HttpParserError, HttpParserUpgrade) as exc:
+            raise AssertionError(f"malformed response head ({exc!r}): {data[pos:end + 4]!r}") from None
         assert m.head_done, f"not one response head: {data[pos:end + 4]!r}"
         version = m.parser.get_http_version()
         names = [n for n, _ in m.headers]
@@ -200,7 +203,10 @@ def read_responses(data: bytes, answers_head: list[bool], closed: bool,
             if b"content-length" in heads:
                 n = int(heads[b"content-length"])
                 body = data[pos : pos + n]
-                m.parser.feed_data(body)
+                try:
+                    m.parser.feed_data(body)
+                except (HttpParserError, HttpParserUpgrade) as exc:
+                    raise AssertionError(f"malformed response body ({exc!r})") from None
                 pos += len(body)
                 if len(body) < n:
                     return out + [Received(m.status, heads, bytes(m.body), version)], interim, True
@@ -209,8 +215,8 @@ def read_responses(data: bytes, answers_head: list[bool], closed: bool,
                 while not m.done and pos < len(data):
                     try:
                         m.parser.feed_data(data[pos : pos + 1])
-                    except HttpParserError as exc:
-                        raise AssertionError(f"malformed chunked body ({exc}): {data[pos - 20:pos + 20]!r}") from None
+                    except (HttpParserError, HttpParserUpgrade) as exc:
+                        raise AssertionError(f"malformed chunked body ({exc!r}): {data[pos - 20:pos + 20]!r}") from None
                     pos += 1
                 if not m.done:
                     return out + [Received(m.status, heads, bytes(m.body), version)], interim, True

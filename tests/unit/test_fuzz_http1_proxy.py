@@ -1,0 +1,361 @@
+"""Fuzzing the HTTP/1.1 proxy as a whole (issue 16): a connection manager on a fake transport,
+routing to a cluster whose one endpoint is a fake upstream that answers every request it receives
+(in one of several response shapes, echoing the request's method and body in ``x-echo``).
+
+For any byte stream, cut into reads anywhere:
+- no exception escapes ``data_received``, none reaches the event loop's handler, none is logged;
+- no hang: while the connection is open every complete request is answered, and reading is never
+  left paused;
+- what the client receives is well-formed HTTP/1.1, and response *i* answers request *i*;
+- every byte sent upstream parses as HTTP/1.1 requests, and the upstream receives a whole request
+  only for the responses it gave: a request the sidecar refused (400 and 431 of the codec, 404 NR,
+  any reply with ``x-meshkeeper-flags``) never reaches it whole. A request refused before its head
+  ended sends it nothing; one refused in its body (a bad chunk) may have had its head sent before,
+  and then the upstream connection is aborted, never reused;
+- once the client leaves, nothing is left in flight.
+The smuggling corpus (tests/support/http1_fuzz.py) is replayed as explicit cases: 400, nothing
+upstream, the connection closed, whether the upstream connection is new or pooled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from httptools import HttpParserError, HttpParserUpgrade, HttpRequestParser
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from sidecar.config import ClusterConfig, EndpointConfig, Route, RouteConfig, VirtualHost
+from sidecar.proxy.connection_manager import ConnectionManager
+from sidecar.proxy.context import ListenerContext
+from sidecar.upstream.cluster import ClusterManager
+from tests.support.fakes import FakeConnector, FakeTransport
+from tests.support.fuzz import cuts, fuzz_settings, run_checked, split_at, tally
+from tests.support.http1_fuzz import SMUGGLING, echo, read_requests, read_responses, request_stream
+
+# The upstream's answers, by shape: (head and body for an x-echo value, whether it closes after).
+SHAPES = 8
+_IDLE_TURNS = 4  # loop turns without any byte moving before the exchange is taken as settled
+
+
+def upstream_response(shape: int, method: bytes, tag: bytes) -> tuple[bytes, bool]:
+    x = b"x-echo: " + tag + b"\r\n"
+    head_only = method == b"HEAD"
+    if shape == 1:
+        return b"HTTP/1.1 201 Created\r\n" + x + b"Transfer-Encoding: chunked\r\n\r\n" + (
+            b"" if head_only else b"2\r\nok\r\n3\r\n!!!\r\n0\r\nX-T: 1\r\n\r\n"), False
+    if shape == 2:
+        return b"HTTP/1.1 204 No Content\r\n" + x + b"\r\n", False
+    if shape == 3:  # the body ends when the upstream closes
+        return b"HTTP/1.1 200 OK\r\n" + x + b"\r\n" + (b"" if head_only else b"until-close"), True
+    if shape == 4:
+        return b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n" + x + b"Content-Length: 0\r\n\r\n", False
+    if shape == 5:
+        return b"HTTP/1.1 503 Service Unavailable\r\n" + x + b"Connection: close\r\nContent-Length: 4\r\n\r\n" + (
+            b"" if head_only else b"busy"), True
+    if shape == 6:
+        return b"HTTP/1.1 304 Not Modified\r\n" + x + b"\r\n", False
+    if shape == 7:  # HTTP/1.0 without keep-alive: the sidecar must not pool the connection
+        return b"HTTP/1.0 200 OK\r\n" + x + b"Content-Length: 2\r\n\r\n" + (b"" if head_only else b"ok"), False
+    return b"HTTP/1.1 200 OK\r\n" + x + b"Content-Length: 2\r\n\r\n" + (b"" if head_only else b"ok"), False
+
+
+class UpstreamEnd:
+    """The far end of one upstream connection: reads what the sidecar sends, answers each request."""
+
+    def __init__(self, protocol: Any, transport: FakeTransport, shapes: list[int], split: int) -> None:
+        self.protocol = protocol
+        self.transport = transport
+        self.shapes = shapes
+        self.split = split
+        self.parser = HttpRequestParser(self)
+        self.heads = 0  # request heads received
+        self.complete = 0  # whole requests received
+        self.in_request = False
+        self.method = b""
+        self.body = bytearray()
+        self.answer: list[tuple[bytes, bytes]] = []
+        self.closed_by_us = False
+
+    def on_message_begin(self) -> None:
+        self.in_request = True
+        self.body.clear()
+
+    def on_headers_complete(self) -> None:
+        self.heads += 1
+        self.method = self.parser.get_method()
+
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        self.in_request = False
+        self.complete += 1
+        self.answer.append((self.method, echo(self.method, bytes(self.body))))
+
+    def pump(self, counter: list[int]) -> bool:
+        """Read what arrived and answer; True if a byte moved."""
+        data = self.transport.take()
+        moved = bool(data)
+        if data:
+            try:
+                self.parser.feed_data(data)
+            except (HttpParserError, HttpParserUpgrade) as exc:
+                raise AssertionError(f"the sidecar sent upstream bytes that do not parse ({exc!r}): {data!r}") from None
+        while self.answer and not self.transport.closed:
+            method, tag = self.answer.pop(0)
+            shape = self.shapes[counter[0] % len(self.shapes)]
+            counter[0] += 1
+            reply, close = upstream_response(shape, method, tag)
+            cut = self.split % (len(reply) + 1)
+            for piece in (reply[:cut], reply[cut:]):
+                if piece and not self.transport.closed:
+                    self.protocol.data_received(piece)
+            if close and not self.transport.closed:
+                self.closed_by_us = True
+                self.transport.peer_close()
+            moved = True
+        return moved
+
+
+class Exchange:
+    """One client connection through a listener whose cluster ``svc`` has one fake endpoint."""
+
+    def __init__(self, shapes: list[int], split: int, high_water: int | None) -> None:
+        self.connector = FakeConnector()
+        self.clusters = ClusterManager(connector=self.connector)
+        self.clusters.update_clusters({"svc": ClusterConfig("svc"), "empty": ClusterConfig("empty")})
+        self.clusters.update_endpoints("svc", (EndpointConfig("10.0.0.1", 8080),))
+        self.runtime = ListenerContext("outbound", self.clusters)
+        self.runtime.set_route_config(RouteConfig("outbound", (
+            VirtualHost("svc", ("svc", "svc:*"), (Route("/", "svc"),)),
+            VirtualHost("empty", ("empty",), (Route("/", "empty"),)),
+            VirtualHost("ghost", ("ghost",), (Route("/", "no-such-cluster"),)),
+        )))
+        self.shapes = shapes
+        self.split = split
+        self.ends: list[UpstreamEnd] = []
+        self.answered = [0]
+        self.protocol = ConnectionManager(self.runtime)
+        self.transport = FakeTransport(self.protocol, high_water)
+        self.protocol.connection_made(self.transport)
+        self.received = bytearray()
+
+    def _turn(self) -> bool:
+        moved = False
+        for protocol, transport in self.connector.connections[len(self.ends):]:
+            self.ends.append(UpstreamEnd(protocol, transport, self.shapes, self.split))
+        for end in self.ends:
+            moved |= end.pump(self.answered)
+        out = self.transport.take()  # the client reads all it is sent
+        if out:
+            self.received += out
+            moved = True
+        return moved
+
+    async def settle(self) -> None:
+        idle = 0
+        for _ in range(2000):
+            await asyncio.sleep(0)
+            idle = 0 if self._turn() else idle + 1
+            if idle >= _IDLE_TURNS:
+                return
+        raise AssertionError("the exchange never settled (bytes kept moving)")
+
+    async def run(self, reads: list[bytes]) -> bool:
+        """Send ``reads``; returns whether everything was sent (False: the sidecar closed first)."""
+        for data in reads:
+            await self.settle()
+            if self.transport.closed:
+                return False
+            assert self.transport.reading, "reading left paused while nothing moves: a hang"
+            self.protocol.data_received(data)
+        await self.settle()
+        return True
+
+
+async def _exchange(data: bytes, read_cuts: list[int], shapes: list[int], split: int,
+                    high_water: int | None) -> None:
+    x = Exchange(shapes, split, high_water)
+    sent_all = await x.run(split_at(data, read_cuts))
+    closed = x.transport.closed
+    sent = read_requests(data)
+    answers_head = [r.method == b"HEAD" for r in sent]
+    responses, _, cut_short = read_responses(bytes(x.received), answers_head, closed)
+    assert not cut_short or x.transport.aborted, "a response cut short on a connection not reset"
+
+    # Response i answers request i; the upstream got a whole request only for those it answered.
+    echoed = 0
+    for i, resp in enumerate(responses):
+        tag = resp.headers.get(b"x-echo")
+        if tag is None:
+            assert b"x-meshkeeper-flags" in resp.headers, f"response {i} is neither the upstream's nor ours: {resp}"
+            continue
+        echoed += 1
+        assert i < len(sent) and sent[i].complete, f"response {i} answers no complete request"
+        assert tag == sent[i].echo, f"response {i} answers {tag!r}, request {i} was {sent[i].echo!r}"
+    upstream_complete = sum(end.complete for end in x.ends)
+    assert upstream_complete == echoed, (
+        f"the upstream received {upstream_complete} whole requests, the client got {echoed} of its answers")
+    for end in x.ends:
+        if end.in_request and not sent_all:
+            assert end.transport.closed, "a refused request's partial head or body left on a pooled connection"
+
+    complete = [r for r in sent if r.complete]
+    tally(f"answered upstream: {min(echoed, 3)}")
+    for resp in responses:
+        if b"x-meshkeeper-flags" in resp.headers:
+            tally(f"local reply {resp.status} {resp.headers[b'x-meshkeeper-flags'].decode()}")
+    if not closed:
+        # (A request may be answered before its body ends: a local reply, as Envoy's.)
+        assert len(complete) <= len(responses) <= len(sent), (
+            f"{len(complete)} complete requests, {len(responses)} answered, the connection still open: a hang")
+        assert x.transport.reading, "reading left paused on an open connection"
+    else:
+        assert len(responses) <= len(sent), "more responses than requests"
+        for resp in responses[:-1]:
+            assert resp.headers.get(b"connection") != b"close", "a response said close, more came after it"
+
+    # The client leaves: nothing stays in flight, no upstream connection keeps half a request.
+    x.transport.peer_close()
+    await x.settle()
+    stats = x.runtime.stats
+    assert stats.downstream_rq_active == 0, "a stream never accounted for"
+    cluster = x.clusters.get("svc")
+    assert cluster.stats.upstream_rq_active == 0, "an upstream request never released"
+    assert cluster.endpoints["10.0.0.1:8080"].active_requests == 0
+    for end in x.ends:
+        assert not end.in_request or end.transport.closed, "an upstream connection kept a partial request"
+
+
+def check_exchange(data: bytes, read_cuts: list[int], shapes: list[int], split: int = 0,
+                   high_water: int | None = None) -> None:
+    run_checked(lambda: _exchange(data, read_cuts, shapes, split, high_water))
+
+
+shapes = st.lists(st.integers(0, SHAPES - 1), min_size=1, max_size=4)
+high_waters = st.sampled_from((None, None, 64, 1024))
+
+
+@fuzz_settings(400)
+@given(data=request_stream(), read_cuts=cuts(), shapes=shapes, split=st.integers(0, 200), high_water=high_waters)
+@example(data=SMUGGLING["cl-te"], read_cuts=[], shapes=[0], split=0, high_water=None)
+@example(data=b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n" * 20, read_cuts=[], shapes=[3, 0], split=5, high_water=64)
+def test_proxy_any_request_stream(data: bytes, read_cuts: list[int], shapes: list[int], split: int,
+                                  high_water: int | None) -> None:
+    check_exchange(data, read_cuts, shapes, split, high_water)
+
+
+# --- the smuggling corpus -------------------------------------------------------------------------
+
+_WARM = b"GET /warm HTTP/1.1\r\nHost: svc\r\n\r\n"
+
+
+async def _refused(vector: bytes, warm: bool, byte_by_byte: bool) -> tuple[list[Any], Exchange]:
+    x = Exchange([0], 0, None)
+    if warm:  # a pooled upstream connection is idle: a routed head would be written at once
+        await x.run([_WARM])
+        assert x.ends and x.ends[0].complete == 1
+    reads = [vector[i : i + 1] for i in range(len(vector))] if byte_by_byte else [vector]
+    await x.run(reads)
+    answers_head = [False] * 2
+    responses, _, _ = read_responses(bytes(x.received), answers_head, x.transport.closed)
+    assert x.transport.closed
+    assert all(end.complete == int(warm) for end in x.ends), "a refused request reached the upstream whole"
+    return responses[int(warm):], x
+
+
+# Vectors refused in the body (a bad chunk), after a head that was fine: a streaming proxy may have
+# sent that head on before the bad bytes came (so does Envoy when they come in a later read).
+_BODY_PHASE = frozenset(name for name in SMUGGLING if name.startswith("chunk-"))
+
+
+@pytest.mark.parametrize("warm", [False, True], ids=["new-upstream", "pooled-upstream"])
+@pytest.mark.parametrize("name", sorted(SMUGGLING))
+def test_smuggling_vector_is_refused_with_400_and_nothing_upstream(name: str, warm: bool) -> None:
+    for byte_by_byte in (False, True):
+        responses, x = run_checked(lambda: _refused(SMUGGLING[name], warm, byte_by_byte))  # noqa: B023
+        assert [r.status for r in responses] == [400], (name, byte_by_byte, responses)
+        assert responses[0].headers[b"x-meshkeeper-flags"] == b"DPE"
+        assert x.runtime.stats.downstream_cx_protocol_error == 1
+        heads = sum(end.heads for end in x.ends) - warm
+        if name not in _BODY_PHASE or not (warm or byte_by_byte):
+            assert heads == 0, f"{name}: bytes of a refused request went upstream"
+        else:
+            # Its head may have gone on (the upstream connection was idle, or the head came in an
+            # earlier read); then the connection is reset, never given another request.
+            assert heads <= 1
+            assert all(end.transport.aborted for end in x.ends if end.heads > end.complete)
+
+
+# --- found by fuzzing (each was a failure of the property above) -----------------------------------
+
+_GET = b"GET / HTTP/1.1\r\nHost: svc\r\n\r\n"
+
+
+async def _through(reads: list[bytes], shapes: list[int] | None = None) -> tuple[bytes, Exchange]:
+    x = Exchange(shapes or [0], 0, None)
+    await x.run(reads)
+    return bytes(x.received), x
+
+
+def test_a_local_reply_to_head_has_no_body() -> None:
+    # The JSON body of the reply followed the head: the client read it as the next response.
+    data, _ = run_checked(lambda: _through([b"HEAD / HTTP/1.1\r\nHost: empty\r\n\r\n" + _GET]))
+    head, _, rest = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 503 ") and b"x-meshkeeper-flags: UH" in head
+    assert rest.startswith(b"HTTP/1.1 200 OK\r\n")  # no body in between
+    check_exchange(b"HEAD / HTTP/1.1\r\nHost: empty\r\n\r\n" + _GET, [], [0])
+
+
+def test_a_head_refused_by_the_codec_gets_no_body() -> None:
+    data, x = run_checked(lambda: _through([b"HEAD / HTTP/1.1\r\n\r\n"]))
+    assert data.startswith(b"HTTP/1.1 400 ") and data.endswith(b"\r\n\r\n") and x.transport.closed
+
+
+def test_a_pipelined_request_whose_head_straddles_the_answer_before_it_is_answered() -> None:
+    # The first read ended one byte into the second request; the first was answered before the rest
+    # came: its head then went to the queue entry the answer had already taken out, never decoded.
+    reads = [_GET + b"G", _GET[1:]]
+    data, x = run_checked(lambda: _through(reads))
+    assert data.count(b"HTTP/1.1 200 OK") == 2 and x.ends[0].complete == 2
+    check_exchange(_GET * 2, [30], [0])
+
+
+def test_connect_with_a_path_or_an_absolute_uri_is_refused_not_forwarded() -> None:
+    # It was routed as a request and sent upstream: "CONNECT / HTTP/1.1" on a pooled connection.
+    for target in (b"/", b"http://svc/"):
+        data, x = run_checked(lambda: _through([b"CONNECT " + target + b" HTTP/1.1\r\nHost: svc\r\n\r\n"]))  # noqa: B023
+        assert data.startswith(b"HTTP/1.1 400 ") and b"x-meshkeeper-flags: DPE" in data and x.transport.closed
+        assert x.connector.connections == []
+
+
+def test_a_request_answered_before_its_body_was_refused_gets_one_response() -> None:
+    # 503 UH at the head, then a Content-Length among the trailers (the parser refuses it): a second
+    # response (400) went out for the same request.
+    vector = b"GET / HTTP/1.1\r\nHost: empty\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 5\r\n\r\n"
+    data, x = run_checked(lambda: _through([vector]))
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 503 ") and x.transport.closed
+    check_exchange(vector, [], [0])
+
+
+def test_a_204_does_not_end_the_next_request_on_its_upstream_connection() -> None:
+    # A 204 ends at its head; the next request took the connection at once, and the parser's end of
+    # the 204 then ended that request too, with no response: a hang, or the next answer misplaced.
+    data, x = run_checked(lambda: _through([_GET * 2], shapes=[2]))
+    assert data.count(b"HTTP/1.1 204 ") == 2 and sum(end.complete for end in x.ends) == 2
+    check_exchange(_GET * 3 + b"POST / HTTP/1.1\r\nHost: svc\r\n\r\n", [], [2, 3])
+
+
+def test_an_upgrade_request_with_a_body_is_refused() -> None:
+    # The parser reads no body after an Upgrade head (those bytes are the new protocol's): the head
+    # went upstream promising 34 bytes that never came, and the body was routed as a second request.
+    vector = SMUGGLING["upgrade-with-body"]
+    data, x = run_checked(lambda: _through([vector]))
+    assert data.count(b"HTTP/1.1 ") == 1 and data.startswith(b"HTTP/1.1 400 ") and x.transport.closed
+    assert x.connector.connections == []
+    # Without a body it is a plain request (Upgrade is hop-by-hop: dropped).
+    data, x = run_checked(lambda: _through([b"GET / HTTP/1.1\r\nHost: svc\r\nConnection: upgrade\r\nUpgrade: x\r\n\r\n"]))
+    assert data.startswith(b"HTTP/1.1 200 ") and x.ends[0].complete == 1
