@@ -84,6 +84,8 @@ WINDOW = 10.0
 RSS_LIMIT = 0.10
 SAMPLE_EVERY = 2.0
 FD_SLACK = 2
+COUNTERS = ("rq_retry_total", "rq_retry_success", "rq_retry_overflow", "rq_retry_limit_exceeded",
+            "cx_connect_fail", "rq_per_try_timeout", "rq_timeout")
 
 
 # --------------------------------------------------------------------------- the mesh
@@ -176,6 +178,21 @@ class SoakMesh:
 
     def registered(self, inst: Instance) -> bool:
         return bool(self.kz.exists(Paths(NAMESPACE).instance(inst.service, inst.key)))
+
+    def counters(self) -> dict[str, dict[str, float]]:
+        """Each sidecar's outbound retry and connect-failure counters (since its last start)."""
+        out: dict[str, dict[str, float]] = {}
+        for inst in self.instances:
+            with contextlib.suppress(OSError, ValueError):
+                text = http_get(self.admin(inst) + "/stats/prometheus", timeout=2)[2].decode()
+                for line in text.splitlines():
+                    name, _, value = line.rpartition(" ")
+                    if 'cluster="outbound|' in name and any(k in name for k in COUNTERS):
+                        metric = name.split("{")[0].removeprefix("meshkeeper_upstream_")
+                        cluster = name.split('cluster="outbound|')[1].split(".")[0]
+                        if float(value):
+                            out.setdefault(inst.sidecar.name, {})[f"{cluster} {metric}"] = float(value)
+        return out
 
     def close(self) -> None:
         terminate_all(list(reversed(self.procs)), 5.0)
@@ -501,6 +518,10 @@ def markdown(r: dict) -> str:
         lines += ["", "Skipped: " + "; ".join(f"{k} ({v})" for k, v in r["faults_skipped"].items())]
     if r["fault_errors"]:
         lines += ["", "Fault errors: " + "; ".join(r["fault_errors"])]
+    if r.get("sidecar_counters"):
+        lines += ["", "Sidecar counters at the end (since each sidecar's last start):", ""]
+        lines += [f"- {name}: " + ", ".join(f"{k} {v:.0f}" for k, v in sorted(c.items()))
+                  for name, c in sorted(r["sidecar_counters"].items())]
     lines += ["", "Verdict: " + ", ".join(f"{k}={'yes' if ok else 'NO'}" for k, ok in v.items())]
     return "\n".join(lines)
 
@@ -529,7 +550,9 @@ def run(seconds: float, rate: float, workdir: Path, warmup: float | None = None)
             stop.set()
             load.stop()
             sampler.stop()
-        return report(load, sampler, faults, seconds=seconds, warmup=warmup, rate=rate)
+        result = report(load, sampler, faults, seconds=seconds, warmup=warmup, rate=rate)
+        result["sidecar_counters"] = mesh.counters()
+        return result
     finally:
         stop.set()
         mesh.close()
