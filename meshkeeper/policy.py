@@ -287,7 +287,7 @@ def decode_policy(data: bytes | str | Mapping[str, Any] | None) -> Policy:
     if isinstance(data, (bytes, str)):
         try:
             data = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as exc:
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested past the parser's depth)
             raise PolicyError(f"policy: not valid JSON ({exc})") from None
     policy = _decode_obj(Policy, data, "policy")
     _check(policy)

@@ -147,7 +147,7 @@ def _load(kind: str, data: bytes | str | None) -> dict[str, Any]:
         return {}
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested past the parser's depth)
         raise RecordError(f"{kind}: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise RecordError(f"{kind}: expected a JSON object, got {type(obj).__name__}")

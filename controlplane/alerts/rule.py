@@ -17,6 +17,7 @@ every replica's reporters (controlplane.alerts.evaluate):
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -80,7 +81,7 @@ class AlertRule:
         except RecordError as exc:
             raise AlertRuleError(f"alert.service: {exc}") from None
         condition = obj["condition"]
-        if condition not in CONDITIONS:
+        if not isinstance(condition, str) or condition not in CONDITIONS:
             raise AlertRuleError(f"alert.condition: {condition!r} is not one of {', '.join(CONDITIONS)}")
         _, lo, hi, integer = CONDITIONS[condition]
         threshold = _number("threshold", obj["threshold"], lo, hi, integer=integer)
@@ -123,7 +124,7 @@ class AlertRule:
 def parse_duration(value: Any, where: str) -> float:
     """A Prometheus-style duration (``30s``, ``5m``, ``1h``, ``500ms``) or a number of seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        seconds = float(value)
+        seconds = float(value) if -1e300 < value < 1e300 else float("inf")  # (float() of a huge int overflows)
     elif isinstance(value, str) and (m := _DURATION_RE.match(value.strip())):
         seconds = float(m.group(1)) * _UNIT[m.group(2)]
     else:
@@ -150,7 +151,7 @@ def _load(data: bytes | str | dict | None) -> dict[str, Any]:
         raise AlertRuleError("alert: empty; a rule needs service, condition and threshold")
     try:
         obj = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # (nested past the parser's depth)
         raise AlertRuleError(f"alert: not valid JSON ({exc})") from None
     if not isinstance(obj, dict):
         raise AlertRuleError(f"alert: expected an object, got {type(obj).__name__}")
@@ -158,7 +159,7 @@ def _load(data: bytes | str | dict | None) -> dict[str, Any]:
 
 
 def _number(name: str, value: Any, lo: float, hi: float, *, integer: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not math.isfinite(value)):
         raise AlertRuleError(f"alert.{name}: expected a number, got {value!r}")
     if integer and value != int(value):
         raise AlertRuleError(f"alert.{name}: expected a whole number, got {value!r}")
@@ -174,4 +175,7 @@ def _text(name: str, value: Any) -> str:
 
 
 def _num(v: float) -> str:
-    return f"{v:g}"
+    try:
+        return f"{v:g}"
+    except OverflowError:  # an integer too large for a float
+        return str(v)
