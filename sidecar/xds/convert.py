@@ -31,7 +31,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import struct_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from meshkeeper import xds
 from sidecar.codec.headers import UNMATCHABLE_HEADERS
@@ -114,9 +114,13 @@ def _fraction(fp: percent_pb2.FractionalPercent, where: str) -> float:
     return min(fp.numerator * 100 / denominator, 100.0)
 
 
-def _unpack(any_msg, message: Message, where: str) -> Message:
-    if not any_msg.Unpack(message):
-        raise XdsError(f"{where}: cannot decode {any_msg.type_url}")
+def _unpack(any_msg, message: Message, where: str, what: str = "") -> Message:
+    try:
+        ok = any_msg.Unpack(message)
+    except DecodeError:  # bytes that are not the message (DecodeError is not a ValueError)
+        ok = False
+    if not ok:
+        raise XdsError(f"{where}: cannot decode {what or any_msg.type_url}")
     return message
 
 
@@ -145,9 +149,7 @@ def network_filter(name: str, chain, where: str) -> ListenerConfig:
         return ListenerConfig(name=name, tcp=tcp_proxy(flt, where))
     if flt.typed_config.type_url != xds.HCM:
         raise XdsError(f"{where}: network filter {flt.typed_config.type_url or flt.name!r} is not supported")
-    hcm = _HCM()
-    if not flt.typed_config.Unpack(hcm):
-        raise XdsError(f"{where}: cannot decode http_connection_manager")
+    hcm = _unpack(flt.typed_config, _HCM(), where, "http_connection_manager")
     where = f"{where} http_connection_manager"
     _only(hcm, ("stat_prefix", "rds", "route_config", "http_filters", "codec_type", "request_headers_timeout",
                 "common_http_protocol_options", "tracing"), where)
@@ -175,9 +177,7 @@ def network_filter(name: str, chain, where: str) -> ListenerConfig:
 
 def tcp_proxy(flt, where: str) -> TcpRoute:
     """``envoy.filters.network.tcp_proxy``: its cluster or weighted clusters, and its idle timeout."""
-    msg = tcp_proxy_pb2.TcpProxy()
-    if not flt.typed_config.Unpack(msg):
-        raise XdsError(f"{where}: cannot decode tcp_proxy")
+    msg = _unpack(flt.typed_config, tcp_proxy_pb2.TcpProxy(), where, "tcp_proxy")
     where = f"{where} tcp_proxy"
     _only(msg, ("stat_prefix", "cluster", "weighted_clusters", "idle_timeout"), where)
     which = msg.WhichOneof("cluster_specifier")

@@ -29,7 +29,7 @@ from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 
 from meshkeeper import xds
 from sidecar.config import DnsTableConfig, FilterChain, ListenerConfig, TransparentConfig
-from sidecar.xds.convert import XdsError, _only, network_filter
+from sidecar.xds.convert import XdsError, _only, _unpack, network_filter
 from sidecar.xds.convert import listener as plain_listener
 
 MAX_DNS_NAMES = 100_000
@@ -124,9 +124,7 @@ def _dns(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
                 "traffic_direction"), where)
     if len(msg.listener_filters) != 1 or msg.listener_filters[0].typed_config.type_url != xds.DNS_FILTER:
         raise XdsError(f"{where}: a UDP listener needs exactly one listener filter, envoy.filters.udp.dns_filter")
-    config = dns_filter_pb2.DnsFilterConfig()
-    if not msg.listener_filters[0].typed_config.Unpack(config):
-        raise XdsError(f"{where}: cannot decode the dns_filter config")
+    config = _unpack(msg.listener_filters[0].typed_config, dns_filter_pb2.DnsFilterConfig(), where, "the dns_filter config")
     fwhere = f"{where} dns_filter"
     _only(config, ("stat_prefix", "server_config"), fwhere)
     _only(config.server_config, ("inline_dns_table",), f"{fwhere} server_config")
