@@ -57,7 +57,7 @@ from h2.events import (
     TrailersReceived,
     WindowUpdated,
 )
-from h2.exceptions import H2Error
+from h2.exceptions import FrameTooLargeError, H2Error
 
 from sidecar.codec.api import RequestDecoder, ServerCallbacks
 from sidecar.codec.headers import (
@@ -229,6 +229,12 @@ class Http2ServerCodec(Session):
                     self._final_goaway()
                 if self._closed:
                     return
+            # h2 checks a frame's length only once the whole frame is in: a header that declares
+            # more than SETTINGS_MAX_FRAME_SIZE is refused now, not after up to 16 MiB are buffered.
+            pending = self._h2.incoming_buffer._data
+            if len(pending) >= 9 and int.from_bytes(pending[:3], "big") > self._h2.max_inbound_frame_size:
+                self._h2.close_connection(ErrorCodes.FRAME_SIZE_ERROR)
+                self._protocol_error(FrameTooLargeError("a frame longer than SETTINGS_MAX_FRAME_SIZE"))
         finally:
             self.batch_end()
 
