@@ -16,11 +16,11 @@ Faults, in a cycle spread over the run (after a warm-up, and ending before a qui
 of an inventory app (restarted), SIGKILL of a catalog sidecar (restarted), a slow inventory
 instance, SIGKILL of the control plane (restarted on its ports), SIGKILL of the ZooKeeper leader
 (restarted), expiry of a catalog sidecar's ZooKeeper session (its ZooKeeper traffic dropped, see
-tests/harness/zk_blackhole.py), a rolling SIGTERM restart of the catalog sidecars, and a network partition of one catalog pod (its app and sidecar cut off by packet
-drops on loopback until its session has expired, tests/harness/loopback_partition.py; on by
-default, ``--no-partition`` leaves it out). Faults are
-only on services with more than one instance: the frontend is the single entry, as an ingress is.
-Not injected: certificate rotation (the mesh has no mTLS yet).
+tests/harness/zk_blackhole.py), a rolling SIGTERM restart of the catalog sidecars, and a network
+partition of one catalog pod (its app and sidecar cut off by packet drops on loopback until its
+session has expired, tests/harness/loopback_partition.py; ``--no-partition`` leaves it out).
+Faults are only on services with more than one instance: the frontend is the single entry, as an
+ingress is. Not injected: certificate rotation (the mesh has no mTLS yet).
 
 Verdict (PASS needs all three):
 - no failed request that a retry could have saved. Every failure counts: each fault hits one
