@@ -29,13 +29,15 @@ import sys
 import time
 from collections import Counter
 
+from meshkeeper.cliargs import ArgumentParser
+
 CATALOG = (("v1", 1), ("v1", 2), ("v2", 7))
 DEFAULT_RPS = 50.0
 MAX_ENSEMBLE = 7  # servers of a demo ensemble: each is a JVM on this machine
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(  # a mistake is one line and exit 2 (meshkeeper.cliargs), not a usage dump
         prog="meshkeeper demo", description="Run a local mesh with demo services and traffic."
     )
     p.add_argument(
