@@ -359,6 +359,10 @@ class Http1ClientConnection(asyncio.Protocol):
         decoder.on_response_headers(status, self._head, False)
 
     def on_body(self, body: bytes) -> None:
+        if self._interim:
+            # A 1xx has no body (RFC 9110 §15.2); the parser reads one after 104..199 with a length.
+            # It must not reach the client ahead of the final head: a protocol error.
+            raise ValueError("a body on an interim (1xx) response")
         decoder = self.decoder
         if decoder is not None and not self._finished:
             held = self._held

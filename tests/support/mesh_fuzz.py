@@ -60,6 +60,9 @@ class UpstreamEnd:
         self.body = bytearray()
         self.answer: list[tuple[bytes, bytes]] = []
         self.closed_by_us = False
+        # Set: every request is answered with these reads instead (and the connection closed after
+        # them if the flag says so), whatever they are.
+        self.raw: tuple[list[bytes], bool] | None = None
 
     def on_message_begin(self) -> None:
         self.in_request = True
@@ -92,7 +95,10 @@ class UpstreamEnd:
             counter[0] += 1
             reply, close = upstream_response(shape, method, tag)
             cut = self.split % (len(reply) + 1)
-            for piece in (reply[:cut], reply[cut:]):
+            pieces = [reply[:cut], reply[cut:]]
+            if self.raw is not None:
+                pieces, close = self.raw
+            for piece in pieces:
                 if piece and not self.transport.closed:
                     self.protocol.data_received(piece)
             if close and not self.transport.closed:
@@ -105,7 +111,9 @@ class UpstreamEnd:
 class Exchange:
     """One client connection through a listener whose cluster ``svc`` has one fake endpoint."""
 
-    def __init__(self, shapes: list[int], split: int, high_water: int | None) -> None:
+    def __init__(self, shapes: list[int], split: int, high_water: int | None,
+                 raw: tuple[list[bytes], bool] | None = None) -> None:
+        self.raw = raw  # what every upstream request is answered with instead of a shape (UpstreamEnd.raw)
         self.connector = FakeConnector()
         self.clusters = ClusterManager(connector=self.connector)
         self.clusters.update_clusters({"svc": ClusterConfig("svc"), "empty": ClusterConfig("empty")})
@@ -128,7 +136,9 @@ class Exchange:
     def _turn(self) -> bool:
         moved = False
         for protocol, transport in self.connector.connections[len(self.ends):]:
-            self.ends.append(UpstreamEnd(protocol, transport, self.shapes, self.split))
+            end = UpstreamEnd(protocol, transport, self.shapes, self.split)
+            end.raw = self.raw
+            self.ends.append(end)
         for end in self.ends:
             moved |= end.pump(self.answered)
         out = self.transport.take()  # the client reads all it is sent
