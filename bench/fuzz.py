@@ -1,6 +1,7 @@
 """The long run of the fuzz properties (issue 16): the HTTP/1.1 path's properties, by the million.
 
-The properties are the suite's (tests/unit/test_fuzz_http1_proxy.py, test_fuzz_http1_codecs.py);
+The properties are the suite's (tests/unit/test_fuzz_http1_proxy.py: any request stream, any
+upstream response; test_fuzz_http1_codecs.py: each codec alone);
 here each is run on random inputs through hypothesis' ``fuzz_one_input`` (what an external fuzzer
 would call: the strategies read random bytes, and there is no shrinking, database or per-run
 overhead), in one process per worker, until the time or the input count is up. A failure is kept
@@ -34,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TARGETS = {
     # name: (module, test function, share of the inputs)
     "proxy": ("tests.unit.test_fuzz_http1_proxy", "test_proxy_any_request_stream", 2),
+    "proxy-upstream": ("tests.unit.test_fuzz_http1_proxy", "test_proxy_any_upstream_response", 1),
     "request-codec": ("tests.unit.test_fuzz_http1_codecs", "test_request_codec_any_stream", 1),
     "response-codec": ("tests.unit.test_fuzz_http1_codecs", "test_response_codec_any_response", 1),
 }
