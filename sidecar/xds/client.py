@@ -253,12 +253,19 @@ class XdsClient:
                         req.node.CopyFrom(self.node)
                         first = False
                     queue.put_nowait(req)
-            async for resp in call:
-                if not self.connected:
-                    self.connected = True
-                    self.connects += 1
-                    log.info("xds stream to %s established", self.target)
-                self._on_response(resp)
+            try:
+                async for resp in call:
+                    if not self.connected:
+                        self.connected = True
+                        self.connects += 1
+                        log.info("xds stream to %s established", self.target)
+                    self._on_response(resp)
+            finally:
+                # End the request iterator, which waits on the queue: left waiting, gRPC's task
+                # that reads it is destroyed pending when the channel closes (an ERROR each time a
+                # control plane goes away).
+                queue.put_nowait(None)
+                call.cancel()
 
     def _send(self, req: Any) -> None:
         if self._queue is not None:

@@ -237,8 +237,7 @@ class LoadReporter:
 
         async def requests():
             yield lrs_pb2.LoadStatsRequest(node=self.node)
-            while True:
-                await queue.get()
+            while await queue.get() is not None:
                 # Built only when gRPC takes it to write: load is consumed as late as possible, so
                 # a stream that broke meanwhile leaves it for the next one.
                 yield self.build_report()
@@ -246,11 +245,15 @@ class LoadReporter:
         try:
             async with open_channel(self.target, self.credentials) as channel:
                 call = lrs_pb2_grpc.LoadReportingServiceStub(channel).StreamLoadStats(requests())
-                async for resp in call:
-                    interval = self.on_response(resp)
-                    if ticker is not None:
-                        ticker.cancel()
-                    ticker = loop.create_task(self._tick(queue, interval), name="lrs-ticker")
+                try:
+                    async for resp in call:
+                        interval = self.on_response(resp)
+                        if ticker is not None:
+                            ticker.cancel()
+                        ticker = loop.create_task(self._tick(queue, interval), name="lrs-ticker")
+                finally:
+                    queue.put_nowait(None)  # end the request iterator (as the ADS client's)
+                    call.cancel()
         finally:
             if ticker is not None:
                 ticker.cancel()
