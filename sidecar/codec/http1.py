@@ -298,7 +298,16 @@ class Http1ServerCodec:
         keep_alive = parser.should_keep_alive()
         # An HTTP/1.1 request is keep-alive unless it says close; only the others need the version
         # read (a string the parser formats on each call).
-        http10 = (not keep_alive or p.ka_token) and parser.get_http_version() == "1.0"
+        http10 = False
+        if not keep_alive or p.ka_token:
+            version = parser.get_http_version()
+            if version != "1.0" and version != "1.1":
+                # HTTP/0.9 (a request line without a version, which the parser takes): not served,
+                # nor sent on as HTTP/1.1 (it let "PRI http://svc/" through as a request).
+                self._cb.protocol_error(f"HTTP/{version} is not supported")
+                self._reject(h.BAD_REQUEST)
+                return
+            http10 = version == "1.0"
         if not ex.authority and p.url[:1] == b"/" and not http10:
             self._cb.protocol_error("an HTTP/1.1 request needs exactly one Host header")
             self._reject(h.BAD_HOST)  # missing or repeated (RFC 9112 §3.2)

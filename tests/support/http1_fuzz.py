@@ -60,6 +60,11 @@ SMUGGLING: dict[str, bytes] = {
     # The parser reads no body after an Upgrade head: it was parsed as a second request.
     "upgrade-with-body": _POST + b"Connection: upgrade\r\nUpgrade: x\r\nContent-Length: 34\r\n\r\n"
                                  b"GET /admin HTTP/1.1\r\nHost: svc\r\n\r\n",
+    # HTTP/0.9 (no version): the parser takes it; it was routed by its absolute URI and sent on as
+    # HTTP/1.1, even with the method PRI (the HTTP/2 preface's), which the upstream cannot parse.
+    "http09-absolute": b"GET http://svc/x\r\n\r\n",
+    "http09-pri": b"PRI http://svc:0\r\n\r\n",
+    "http09": b"GET /\r\n\r\n",
     "two-hosts": b"GET / HTTP/1.1\r\nHost: svc\r\nHost: evil\r\n\r\n",
     "no-host": b"GET / HTTP/1.1\r\n\r\n",
 }
