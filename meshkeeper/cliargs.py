@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from typing import Any
 
 DEFAULT_ZK = "127.0.0.1:2181"
 
@@ -15,6 +17,14 @@ DEFAULT_ZK = "127.0.0.1:2181"
 class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         self.exit(2, f"{self.prog}: {message}\n")
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        # argparse (3.11) drops the value of ``--flag=--`` and sets the flag to [] unchecked, which
+        # then breaks whatever reads it (found by fuzzing): no flag of ours takes "--" as its value.
+        for arg in sys.argv[1:] if args is None else args:
+            if isinstance(arg, str) and arg.startswith("-") and arg.endswith("=--"):
+                self.error(f"argument {arg[:-3]}: expected a value, got '--'")
+        return super().parse_known_args(args, namespace)
 
 
 def port(text: str) -> int:
