@@ -10,9 +10,9 @@ import httptools
 
 from sidecar.codec.http1 import MAX_PIPELINED
 from sidecar.config import ClusterConfig, EndpointConfig, Route, RouteConfig, VirtualHost
+from sidecar.proxy.body import BUFFER_LIMIT
 from sidecar.proxy.connection_manager import ConnectionManager
 from sidecar.proxy.context import ListenerContext
-from sidecar.proxy.body import BUFFER_LIMIT
 from sidecar.upstream.cluster import ClusterManager
 from tests.support.fakes import FakeConnector, FakeTransport, async_test, until
 
