@@ -200,6 +200,8 @@ class ConnectionManager(asyncio.Protocol):
                 return
         cluster = rt.clusters.get(entry.cluster())
         if cluster is None:
+            if held is not None:
+                held.release()
             rt.stats.no_cluster += 1
             self.local_reply(stream, errors.NO_CLUSTER)
             return
