@@ -32,13 +32,22 @@ class Sink:
 
 
 class ScriptedAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """Records every request; the test pushes responses into the current stream's queue."""
+    """Records every request; the test pushes responses into the current stream's queue. Serves
+    both ADS variants alike (the responses pushed say which)."""
 
     def __init__(self):
         self.requests: asyncio.Queue = asyncio.Queue()
         self.streams: asyncio.Queue = asyncio.Queue()
 
     async def StreamAggregatedResources(self, request_iterator, context):
+        async for item in self._serve(request_iterator):
+            yield item
+
+    async def DeltaAggregatedResources(self, request_iterator, context):
+        async for item in self._serve(request_iterator):
+            yield item
+
+    async def _serve(self, request_iterator):
         out: asyncio.Queue = asyncio.Queue()
         await self.streams.put(out)
 

@@ -19,7 +19,7 @@ from sidecar import main as sidecar_main
 from sidecar.xds.client import AdsClient
 from sidecar.xds.delta import DeltaAdsClient
 from tests.support.polling import until
-from tests.unit.test_xds_client import eds_cluster
+from tests.unit.test_xds_client import ScriptedAds, eds_cluster
 from tests.unit.test_xds_convert import cla, hcm_listener
 
 SERVICE = "frontend"
@@ -51,36 +51,10 @@ class RecordingSink:
         self.runtime.append((dict(values), version))
 
 
-class ScriptedDeltaAds(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):
-    """Records every request; the test pushes responses into the current stream's queue."""
-
-    def __init__(self):
-        self.requests: asyncio.Queue = asyncio.Queue()
-        self.streams: asyncio.Queue = asyncio.Queue()
-
-    async def DeltaAggregatedResources(self, request_iterator, context):
-        out: asyncio.Queue = asyncio.Queue()
-        await self.streams.put(out)
-
-        async def pump():
-            async for req in request_iterator:
-                await self.requests.put(req)
-
-        reader = asyncio.ensure_future(pump())
-        try:
-            while True:
-                item = await out.get()
-                if item is None:  # end the stream: the client must reconnect
-                    return
-                yield item
-        finally:
-            reader.cancel()
-
-
 @pytest.fixture
 async def delta_ads():
     server = grpc.aio.server()
-    servicer = ScriptedDeltaAds()
+    servicer = ScriptedAds()
     ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
