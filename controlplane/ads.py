@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
@@ -20,6 +21,9 @@ from controlplane.ads_sotw import SotwStream
 from controlplane.ads_stream import CHANGED, EOF_, AdsStream, Outgoing, serialize
 from controlplane.cache import ConfigWatcher
 from controlplane.proxies import ProxyRegistry
+
+if TYPE_CHECKING:
+    from controlplane.ca import Issuer
 
 SERVICE = "envoy.service.discovery.v3.AggregatedDiscoveryService"
 
@@ -48,8 +52,10 @@ class AdsServer:
     Envoy, grpcio) are served what it last knew, as are the streams it has."""
 
     def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry,
-                 serving: Callable[[], bool] = lambda: True) -> None:
+                 serving: Callable[[], bool] = lambda: True, issuer: Issuer | None = None) -> None:
         self.watcher, self.proxies = watcher, proxies
+        # The CA (controlplane.ca): SDS secrets and CSR signing; None: no CA, no secrets (docs/identity.md).
+        self.issuer = issuer
         self.serving = serving
         self._streams: set[AdsStream] = set()
         self.refused = 0  # streams refused while not serving

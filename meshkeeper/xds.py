@@ -19,6 +19,7 @@ ROUTE = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 ENDPOINT = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
 RUNTIME = "type.googleapis.com/envoy.service.runtime.v3.Runtime"
+SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"  # SDS (docs/identity.md)
 HCM = "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager"
 ROUTER = "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"
 FAULT = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
@@ -34,7 +35,7 @@ PREVIOUS_HOSTS_PREDICATE = "envoy.retry_host_predicates.previous_hosts"
 # Cluster.typed_extension_protocol_options key of the upstream HTTP protocol options.
 HTTP_PROTOCOL_OPTIONS_KEY = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
-SHORT_TYPE = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS", RUNTIME: "RTDS"}
+SHORT_TYPE = {LISTENER: "LDS", ROUTE: "RDS", CLUSTER: "CDS", ENDPOINT: "EDS", RUNTIME: "RTDS", SECRET: "SDS"}
 # Wildcard types: an empty resource_names list means "everything" (SotW, DESIGN §4).
 WILDCARD_TYPES = (LISTENER, CLUSTER)
 
