@@ -21,6 +21,7 @@ from controlplane.ads_sotw import SotwStream
 from controlplane.ads_stream import CHANGED, EOF_, AdsStream, Outgoing, serialize
 from controlplane.cache import ConfigWatcher
 from controlplane.proxies import ProxyRegistry
+from controlplane.sds import StreamSecrets, TrustBundle
 
 if TYPE_CHECKING:
     from controlplane.ca import Issuer
@@ -56,9 +57,13 @@ class AdsServer:
         self.watcher, self.proxies = watcher, proxies
         # The CA (controlplane.ca): SDS secrets and CSR signing; None: no CA, no secrets (docs/identity.md).
         self.issuer = issuer
+        self._bundle = TrustBundle(issuer) if issuer is not None else None
         self.serving = serving
         self._streams: set[AdsStream] = set()
         self.refused = 0  # streams refused while not serving
+
+    def _secrets(self) -> StreamSecrets:
+        return StreamSecrets(self.issuer, self._bundle)
 
     def close_streams(self) -> None:
         """End every open stream with status OK (shutdown): sidecars reconnect, to us or a peer."""
@@ -69,12 +74,12 @@ class AdsServer:
     # empties): a stream must not keep its last one, which may be the whole mesh, until its next.
 
     async def StreamAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        async for resp in self._serve(SotwStream(self.watcher, self.proxies, context), request_iterator):
+        async for resp in self._serve(SotwStream(self.watcher, self.proxies, context, self._secrets()), request_iterator):
             yield resp
             resp = None
 
     async def DeltaAggregatedResources(self, request_iterator, context):  # noqa: N802 (gRPC name)
-        async for resp in self._serve(DeltaStream(self.watcher, self.proxies, context), request_iterator):
+        async for resp in self._serve(DeltaStream(self.watcher, self.proxies, context, self._secrets()), request_iterator):
             yield resp
             resp = None
 

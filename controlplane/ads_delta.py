@@ -37,8 +37,8 @@ from functools import partial
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 
-from controlplane.ads_stream import CONTROL_PLANE, AdsStream
-from controlplane.cache import SERVED_TYPES, Layers, delta_resource, held, layers_version
+from controlplane.ads_stream import CONTROL_PLANE, STREAM_TYPES, AdsStream
+from controlplane.cache import Layers, delta_resource, held, layers_version
 from meshkeeper import xds
 from meshkeeper.xds import SHORT_TYPE, WILDCARD_TYPES
 
@@ -121,7 +121,7 @@ class DeltaStream(AdsStream):
         st = self.types.get(t)
         if st is None or st.in_flight:
             return None
-        layers = self.watcher.layers(self.node, t, self.on_demand)
+        layers = self.layers(t, self.on_demand)
         if layers is None:
             return None
         resources: list = []
@@ -167,4 +167,4 @@ class DeltaStream(AdsStream):
         return head.SerializeToString() + b"".join(v.delta_blob() for v in blobs)
 
     def on_change(self) -> list[Message | bytes]:
-        return [r for t in SERVED_TYPES if (r := self.push(t)) is not None]
+        return [r for t in STREAM_TYPES if (r := self.push(t)) is not None]

@@ -30,8 +30,8 @@ from functools import partial
 from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import Message
 
-from controlplane.ads_stream import CONTROL_PLANE, AdsStream
-from controlplane.cache import SERVED_TYPES, Layers, held, layers_version, version_of
+from controlplane.ads_stream import CONTROL_PLANE, STREAM_TYPES, AdsStream
+from controlplane.cache import Layers, held, layers_version, version_of
 from meshkeeper import xds
 from meshkeeper.xds import SHORT_TYPE, WILDCARD_TYPES
 
@@ -89,7 +89,7 @@ class SotwStream(AdsStream):
             return None
         if self.node.proxyless:
             return self._push_fetched(t, st, force)
-        layers = self.watcher.layers(self.node, t)
+        layers = self.layers(t)
         if layers is None:
             return None
         names = st.names
@@ -140,4 +140,4 @@ class SotwStream(AdsStream):
             control_plane=CONTROL_PLANE)
 
     def on_change(self) -> list[Message | bytes]:
-        return [r for t in SERVED_TYPES if (r := self.push(t)) is not None]
+        return [r for t in STREAM_TYPES if (r := self.push(t)) is not None]

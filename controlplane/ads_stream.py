@@ -18,9 +18,11 @@ from envoy.config.core.v3 import base_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from controlplane.cache import SERVED_TYPES, ConfigWatcher
+from controlplane.cache import SERVED_TYPES, ConfigWatcher, Layers
 from controlplane.proxies import ProxyRegistry, ProxyStatus
-from meshkeeper import __version__
+from controlplane.sds import StreamRefused, StreamSecrets
+from meshkeeper import __version__, xds
+from meshkeeper.identity import CSR_METADATA
 from meshkeeper.registry import RecordError
 from meshkeeper.xds import NodeInfo
 
@@ -28,6 +30,10 @@ log = logging.getLogger("meshkeeper.controlplane.xds")
 
 CONTROL_PLANE_ID = f"meshkeeper-controlplane/{__version__}"
 CONTROL_PLANE = base_pb2.ControlPlane(identifier=CONTROL_PLANE_ID)
+
+# What a stream serves, in push order: SDS first (a cluster's TLS context names its secrets, as
+# Envoy warms a cluster until they arrive), then the snapshot's types (CDS, EDS, LDS, RDS, RTDS).
+STREAM_TYPES = (xds.SECRET, *SERVED_TYPES)
 
 EOF_ = object()  # the client's side of the stream ended (or the server closes it)
 CHANGED = object()  # a new snapshot: re-check every type
@@ -56,8 +62,10 @@ class AdsStream:
 
     PROXYLESS = True  # whether proxyless gRPC clients are served on this variant
 
-    def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry, context: grpc.aio.ServicerContext):
+    def __init__(self, watcher: ConfigWatcher, proxies: ProxyRegistry, context: grpc.aio.ServicerContext,
+                 secrets: StreamSecrets | None = None):
         self.watcher, self.proxies, self.context = watcher, proxies, context
+        self.secrets = secrets or StreamSecrets(None, None)
         self.queue: asyncio.Queue = asyncio.Queue()
         self.node: NodeInfo | None = None
         self.status: ProxyStatus | None = None
@@ -96,6 +104,12 @@ class AdsStream:
         if self.node.proxyless and not self.PROXYLESS:
             await self.context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                      "proxyless gRPC clients are served over StreamAggregatedResources")
+        if not self.node.proxyless:
+            try:
+                self.secrets.authenticate(self.node, self.context.invocation_metadata())
+            except StreamRefused as exc:
+                log.warning("refusing ADS stream of %s: %s", node.id, exc)
+                await self.context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         self.status = self.proxies.connect(self.node, self.context.peer() or "")
 
     async def served_type(self, req) -> str | None:
@@ -103,13 +117,32 @@ class AdsStream:
         type this control plane does not serve (the request is ignored)."""
         if self.node is None:
             await self.identify(req.node)
+        if CSR_METADATA in req.node.metadata.fields and not self.node.proxyless:
+            await self._take_csr(req.node)
         t = req.type_url
         if not t:
             await self.context.abort(grpc.StatusCode.INVALID_ARGUMENT, "ADS requests must set type_url")
-        if t not in SERVED_TYPES:
+        if t not in STREAM_TYPES or (t == xds.SECRET and self.node.proxyless):
             log.debug("%s subscribed to %s, which is not served", self.node.node_id, t)
             return None
         return t
+
+    async def _take_csr(self, node: base_pb2.Node) -> None:
+        """A node carrying a CSR (the first request, or a rotation): signed if new, then ``default``
+        goes out with the next re-check (docs/identity.md)."""
+        try:
+            changed = self.secrets.observe(json_format.MessageToDict(node.metadata))
+        except StreamRefused as exc:
+            log.warning("refusing ADS stream of %s: %s", self.node.node_id, exc)
+            await self.context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
+        if changed:
+            self.notify()
+
+    def layers(self, type_url: str, on_demand: frozenset[str] = frozenset()) -> Layers | None:
+        """What this stream's node holds of ``type_url``: its own secrets, or the cache's layers."""
+        if type_url == xds.SECRET:
+            return self.secrets.layers()
+        return self.watcher.layers(self.node, type_url, on_demand)
 
     async def on_request(self, req) -> Message | bytes | None:
         raise NotImplementedError
