@@ -290,6 +290,16 @@ class TransparentConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecretConfig:
+    """An SDS ``Secret`` (docs/identity.md): ``default`` carries ``certificate_chain`` (PEM, leaf
+    first; never a private key: the sidecar made its own), ``ROOTCA`` carries ``trusted_ca`` (PEM)."""
+
+    name: str
+    certificate_chain: bytes = b""
+    trusted_ca: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
 class RuntimeConfig:
     """An RTDS ``Runtime`` resource: its name (the service) and its layer flattened into strings.
 

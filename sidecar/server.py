@@ -26,6 +26,7 @@ from sidecar.config import (
     FilterChain,
     ListenerConfig,
     RouteConfig,
+    SecretConfig,
     TcpRoute,
 )
 from sidecar.interception import dispatch
@@ -39,6 +40,7 @@ from sidecar.proxy.ratelimit import TokenBucket
 from sidecar.proxy.router import Router
 from sidecar.runtime import RuntimeLayer
 from sidecar.stats import StatsStore
+from sidecar.tls import TlsIdentity
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds.convert import XdsError
 
@@ -123,6 +125,9 @@ class Server:
         self._registration: Registration | None = None
         self.draining = False
         self.runtime_layer = RuntimeLayer()
+        # The workload identity (docs/identity.md): the SDS side sets its keys, apply_secrets its
+        # certificate and bundle; listeners and pools read its TLS contexts.
+        self.tls = TlsIdentity()
 
     # ------------------------------------------------------------------ components set by sidecar.main
 
@@ -271,6 +276,14 @@ class Server:
         routers = self._routers(self.listener_configs, merged)
         self.route_configs = merged
         self._swap(routers)
+
+    def apply_secrets(self, secrets: Mapping[str, SecretConfig]) -> None:
+        """SDS secrets (``default``, ``ROOTCA``): a chain for a key this sidecar does not have, or
+        anything malformed, raises XdsError (a NACK) and the last good identity stays."""
+        try:
+            self.tls.apply_secrets(secrets)
+        except ValueError as exc:
+            raise XdsError(str(exc)) from None
 
     def apply_runtime(self, values: Mapping[str, str], version: str) -> None:
         if self.runtime_layer.apply(values, version):
