@@ -38,6 +38,7 @@ from google.protobuf import struct_pb2
 from google.rpc import status_pb2
 
 from meshkeeper import __version__, xds
+from meshkeeper.identity import CSR_METADATA, SECRET_DEFAULT, SECRET_ROOTCA
 from meshkeeper.xds import NodeInfo
 from sidecar.xds import convert
 from sidecar.xds.state import (
@@ -160,9 +161,12 @@ class XdsClient:
     def __init__(self, target: str, node: NodeInfo, sink: ConfigSink, *,
                  on_change: Callable[[], None] | None = None, rng: random.Random | None = None,
                  backoff_base: float = BACKOFF_BASE, backoff_max: float = BACKOFF_MAX,
-                 credentials: grpc.ChannelCredentials | None = None) -> None:
+                 credentials: grpc.ChannelCredentials | None = None, token: str = "") -> None:
         self.targets = Targets(target)  # one or several control plane replicas
         self.credentials = credentials  # None: insecure channel
+        # The bootstrap token (docs/identity.md): sent on every stream; with it the sidecar asks for
+        # its certificate and the trust bundle over SDS, its CSR in the node (:meth:`set_csr`).
+        self.token = token
         self.service = node.service
         self.node = build_node(node)
         self.sink = sink
@@ -172,6 +176,8 @@ class XdsClient:
         self.backoff_max = backoff_max
         self.state = {t: TypeState() for t in MESSAGES}
         self.state[xds.RUNTIME].names = (node.service,)  # fixed: the own service's runtime layer
+        if token:
+            self.state[xds.SECRET].names = (SECRET_DEFAULT, SECRET_ROOTCA)
         self.connected = False
         self._initialized = False
         self.connects = 0
@@ -205,6 +211,9 @@ class XdsClient:
         """True while LDS and CDS are accepted and every subscribed RDS/EDS name has arrived."""
         lds, cds, rds, eds = (self.state[t] for t in (xds.LISTENER, xds.CLUSTER, xds.ROUTE, xds.ENDPOINT))
         if not (lds.received and cds.received):
+            return False
+        sds = self.state[xds.SECRET]
+        if sds.names and not sds.received:  # as Envoy warms a cluster until its secrets arrive
             return False
         return all(n in rds.resources for n in rds.names) and all(n in eds.resources for n in eds.names)
 
@@ -242,7 +251,7 @@ class XdsClient:
 
         async with open_channel(self.target, self.credentials) as channel:
             call = self._open_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), requests(),
-                                     TRY_OTHERS if self.targets.others_left else None)
+                                     self._call_metadata())
             # Initial subscriptions: wildcard LDS and CDS, the own service's RTDS layer, plus what
             # we already hold (after a reconnect). The node goes on the stream's first request.
             first = True
@@ -266,6 +275,21 @@ class XdsClient:
                 # control plane goes away).
                 queue.put_nowait(None)
                 call.cancel()
+
+    def _call_metadata(self) -> tuple | None:
+        metadata = TRY_OTHERS if self.targets.others_left else ()
+        if self.token:
+            metadata += (("authorization", f"Bearer {self.token}"),)
+        return metadata or None
+
+    def set_csr(self, csr_pem: bytes) -> None:
+        """Ask for a certificate for a new key: the CSR goes in the node, on every stream from now
+        on, and at once on this one in a request for the secrets (a rotation, docs/identity.md)."""
+        self.node.metadata.update({CSR_METADATA: csr_pem.decode("ascii")})
+        if self.connected and self.state[xds.SECRET].names:
+            req = self._first_request(xds.SECRET)
+            req.node.CopyFrom(self.node)
+            self._send(req)
 
     def _send(self, req: Any) -> None:
         if self._queue is not None:
@@ -327,6 +351,8 @@ class XdsClient:
             self.sink.apply_endpoints(converted)
         elif type_url == xds.LISTENER:
             self.sink.apply_listeners(converted)
+        elif type_url == xds.SECRET:
+            self.sink.apply_secrets(converted)
         else:
             self.sink.apply_routes(converted)
 

@@ -26,13 +26,14 @@ from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2
 from envoy.service.runtime.v3 import rtds_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
 from meshkeeper import xds
-from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig
-from sidecar.xds import convert, listeners
+from sidecar.config import ClusterConfig, EndpointConfig, ListenerConfig, RouteConfig, SecretConfig
+from sidecar.xds import convert, listeners, secrets
 
 log = logging.getLogger("meshkeeper.sidecar.xds")
 
@@ -42,6 +43,7 @@ CONVERTERS = {
     xds.CLUSTER: convert.cluster,
     xds.ENDPOINT: convert.endpoints,
     xds.RUNTIME: convert.runtime,
+    xds.SECRET: secrets.secret,
 }
 MESSAGES = {
     xds.LISTENER: listener_pb2.Listener,
@@ -49,12 +51,14 @@ MESSAGES = {
     xds.CLUSTER: cluster_pb2.Cluster,
     xds.ENDPOINT: endpoint_pb2.ClusterLoadAssignment,
     xds.RUNTIME: rtds_pb2.Runtime,
+    xds.SECRET: secret_pb2.Secret,
 }
 # Types whose sink calls carry only the resources of one response, merged into what the sink
 # holds. LDS and CDS (and RTDS, whose one resource the sink is given) are always applied whole.
 MERGED_TYPES = (xds.ROUTE, xds.ENDPOINT)
-# The order of a stream's first requests: CDS before EDS, LDS before RDS, RTDS last.
-SUBSCRIBE_ORDER = (xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME)
+# The order of a stream's first requests: SDS (with a bootstrap token only), CDS before EDS, LDS
+# before RDS, RTDS last.
+SUBSCRIBE_ORDER = (xds.SECRET, xds.CLUSTER, xds.ENDPOINT, xds.LISTENER, xds.ROUTE, xds.RUNTIME)
 
 
 class ConfigSink(Protocol):
@@ -69,6 +73,10 @@ class ConfigSink(Protocol):
     def apply_listeners(self, listeners: dict[str, ListenerConfig]) -> None: ...
 
     def apply_routes(self, routes: dict[str, RouteConfig]) -> None: ...
+
+    def apply_secrets(self, secrets: dict[str, SecretConfig]) -> None:
+        """The SDS secrets (``default``, ``ROOTCA``); a chain for no key of this sidecar raises
+        ValueError (NACK) and the last good ones stay."""
 
     def apply_runtime(self, values: Mapping[str, str], version: str) -> None:
         """The service's runtime values (empty when its resource is absent), as of the RTDS
