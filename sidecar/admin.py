@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 JSON = "application/json"
 _DUMP_ORDER = ((xds.LISTENER, "listeners"), (xds.ROUTE, "routes"), (xds.CLUSTER, "clusters"),
-               (xds.ENDPOINT, "endpoints"), (xds.RUNTIME, "runtime"))
+               (xds.ENDPOINT, "endpoints"), (xds.RUNTIME, "runtime"), (xds.SECRET, "secrets"))
 RUNTIME_VERSION_HEADER = "x-meshkeeper-runtime-version"
 DEFAULT_RUNTIME_WAIT = 60.0
 MAX_RUNTIME_WAIT = 300.0
@@ -65,6 +65,7 @@ class AdminServer:
             "/server_info": self.server_info,
             "/stats/prometheus": self.prometheus,
             "/runtime": self.runtime_config,
+            "/certs": self.certs,
             "/": self.index,
         }
 
@@ -174,12 +175,43 @@ class AdminServer:
                                           "version": layer.version, "values": dict(layer.values)})
         return status, ctype, body, {RUNTIME_VERSION_HEADER: _header_value(layer.version)}
 
+    def certs(self) -> tuple[int, str, bytes]:
+        """Envoy's ``/certs``: the trust bundle and the workload chain the sidecar serves with
+        (docs/identity.md), each certificate's serial, SANs and validity; never a key."""
+        tls = self.runtime.tls
+        return _json(200, {"certificates": [{
+            "ca_cert": [_cert_view(c) for c in _certificates(tls.trust_bundle)],
+            "cert_chain": [_cert_view(c) for c in _certificates(tls.certificate_chain)],
+        }] if tls.certificate_chain or tls.trust_bundle else []})
+
     def clusters(self) -> tuple[int, str, bytes]:
         return _json(200, {"clusters": self.runtime.clusters_view()})
 
     def prometheus(self) -> tuple[int, str, bytes]:
         body, ctype = self.runtime.metrics.exposition()
         return 200, ctype, body
+
+
+def _certificates(pem: bytes) -> list:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificates(pem) if pem else []
+
+
+def _cert_view(cert) -> dict[str, Any]:
+    from cryptography import x509
+
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        alt = [{"uri": str(u)} for u in sans.get_values_for_type(x509.UniformResourceIdentifier)]
+        alt += [{"dns": str(d)} for d in sans.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        alt = []
+    expires = cert.not_valid_after_utc.timestamp()
+    return {"serial_number": format(cert.serial_number, "x"), "subject": cert.subject.rfc4514_string(),
+            "subject_alt_names": alt, "valid_from": cert.not_valid_before_utc.isoformat(),
+            "expiration_time": cert.not_valid_after_utc.isoformat(),
+            "seconds_until_expiration": max(0, int(expires - time.time()))}
 
 
 def _header_value(text: str) -> str:

@@ -47,6 +47,7 @@ from meshkeeper.cliargs import (
     seconds,
     zk_from_environment,
 )
+from meshkeeper.identity import TOKEN_ENV
 from meshkeeper.registry import DEFAULT_WEIGHT, MAX_WEIGHT, InstanceRecord, Paths, RecordError, ServiceRecord
 from meshkeeper.xds import NodeInfo
 from sidecar.status import DEFAULT_STATUS_PORT
@@ -75,6 +76,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--xds-cert", metavar="FILE", default="",
                    help="PEM client certificate for mutual TLS with the control plane (with --xds-key)")
     p.add_argument("--xds-key", metavar="FILE", default="", help="PEM private key of --xds-cert")
+    p.add_argument("--identity-token-file", metavar="FILE", default="",
+                   help="the bootstrap token that proves this sidecar's service to the control plane's CA "
+                        f"(docs/identity.md); default: ${TOKEN_ENV}; none: no certificate, plaintext only")
     p.add_argument("--xds-api", choices=XDS_APIS, default=DEFAULT_XDS_API,
                    help="the ADS variant: delta (incremental, DeltaAggregatedResources) or sotw (State of "
                         "the World, StreamAggregatedResources); default %(default)s")
@@ -173,7 +177,29 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         args.xds_tls = read_xds_tls(args.xds_ca, args.xds_cert, args.xds_key)
     except ValueError as exc:
         p.error(str(exc))
+    args.identity_token = _identity_token(p, args.identity_token_file)
+    if args.identity_token and args.identity_token.split(".")[1:3] != [args.namespace, args.service]:
+        _, ns, svc, _ = args.identity_token.split(".")
+        p.error(f"the bootstrap token is for service {svc!r} of namespace {ns!r}, "
+                f"not --service {args.service} --namespace {args.namespace}")
     return args
+
+
+def _identity_token(p: argparse.ArgumentParser, path: str) -> str:
+    """The bootstrap token of ``--identity-token-file``, else of the environment, else ""."""
+    from sidecar.identity import read_token
+
+    try:
+        if path:
+            with open(path, encoding="ascii") as f:
+                return read_token(f.read(), f"--identity-token-file {path}")
+        if os.environ.get(TOKEN_ENV, "").strip():
+            return read_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    except (OSError, UnicodeDecodeError) as exc:
+        p.error(f"--identity-token-file {path}: {getattr(exc, 'strerror', None) or exc}")
+    except ValueError as exc:
+        p.error(str(exc))
+    return ""
 
 
 class XdsTls(NamedTuple):
@@ -315,8 +341,15 @@ async def run(args: argparse.Namespace) -> int:
 
     # One set of credentials for both streams to the control plane (None: insecure).
     credentials = channel_credentials(*args.xds_tls) if args.xds_tls is not None else None
-    ads = ads_client_class(args.xds_api)(args.cp, node, runtime, on_change=changed, credentials=credentials)
+    ads = ads_client_class(args.xds_api)(args.cp, node, runtime, on_change=changed, credentials=credentials,
+                                         token=args.identity_token)
     runtime.ads = ads
+    identity = None
+    if args.identity_token:  # a key of our own, certified over SDS and rotated at half life
+        from sidecar.identity import IdentityAgent
+
+        identity = IdentityAgent(runtime.tls, ads)
+        identity.start()
     if args.xds_api == "delta":  # on-demand discovery subscribes by name: Delta only
         runtime.enable_on_demand(ads.request_cluster)
         ads.on_missing = runtime.on_demand_missing
@@ -331,7 +364,8 @@ async def run(args: argparse.Namespace) -> int:
         # send there, and this pod's capture rules bring it to the inbound listener (DESIGN §3).
         record = InstanceRecord(address=args.advertise_host, port=args.app_port if transparent else inbound_port,
                                 weight=args.weight,
-                                labels=labels, protocol=args.protocol, app_port=args.app_port)
+                                labels=labels, protocol=args.protocol, app_port=args.app_port,
+                                mtls=bool(args.identity_token))
         if args.protocol == "tcp":
             def check():
                 return check_tcp("127.0.0.1", args.app_port)
@@ -387,6 +421,8 @@ async def run(args: argparse.Namespace) -> int:
     drained = await runtime.drain(args.drain_delay if runtime.listeners else 0.0, args.drain_timeout)
     if not drained:
         log.warning("drain timeout: reset the connections still open")
+    if identity is not None:
+        identity.stop()
     await ads.stop()
     await lrs.stop()
     if runtime.dns is not None:
@@ -467,7 +503,9 @@ def _spawn_workers(args: argparse.Namespace, outbound_port: int, inbound_port: i
         if shutil.which("setpriv"):
             argv = ["setpriv", "--pdeathsig", "TERM", *argv]
         try:
-            procs.append(Worker(subprocess.Popen(argv, pass_fds=(write_end,)), os.fdopen(read_end, "rb")))
+            # The token goes by the environment, not argv (which any local user can read).
+            env = {**os.environ, TOKEN_ENV: args.identity_token} if args.identity_token else None
+            procs.append(Worker(subprocess.Popen(argv, pass_fds=(write_end,), env=env), os.fdopen(read_end, "rb")))
         finally:
             os.close(write_end)
     return procs
