@@ -13,7 +13,12 @@ holds it:
   snapshot translates again only the services whose :class:`ServiceSnapshot` changed, and a
   resource whose bytes did not change stays the same :class:`Resource` object;
 * the namespace's resources for the node's interception mode (controlplane.transparent);
-* the node's own (its listeners and inbound cluster), per node identity and own policy.
+* the node's own (its listeners and inbound cluster), per node identity, own policy and own
+  :class:`controlplane.translate.NodeSecurity` (peer authentication mode and ``authz`` of its
+  service): a change of those rebuilds that layer only.
+
+With a :class:`meshkeeper.security.MeshIdentity` (``SnapshotCache(identity=...)``: the control
+plane has a CA) the resources carry mTLS (docs/identity.md); without one they are as before.
 
 A scoped node (``--egress`` or ``policy.egress``: DESIGN §13) gets, instead of the namespace's
 layer, one of only the services in its scope (:meth:`NamespaceTranslation.scoped`), shared by every
@@ -51,6 +56,7 @@ from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.policy import Policy
 from meshkeeper.registry import RuntimeValues
+from meshkeeper.security import DEFAULT_MODE, MeshIdentity
 from meshkeeper.xds import NodeInfo
 
 log = logging.getLogger("meshkeeper.controlplane.xds")
@@ -207,14 +213,16 @@ def _derive_all(prev: Mapping[str, TypeView], res: Mapping[str, Mapping[str, Mes
 
 
 @lru_cache(maxsize=8192)
-def _own_views(node: NodeInfo, policy: Policy) -> dict[str, TypeView]:
-    # Per-node resources depend on the node and its own service's policy, not on the rest of the registry.
-    return _derive_all({}, transparent.node_resources(node, policy))
+def _own_views(node: NodeInfo, policy: Policy, sec: translate.NodeSecurity) -> dict[str, TypeView]:
+    # Per-node resources depend on the node and its own service's policy and security, not on the
+    # rest of the registry.
+    return _derive_all({}, transparent.node_resources(node, policy, sec))
 
 
 @dataclass(frozen=True, slots=True)
 class _Service:
     svc: ServiceSnapshot
+    mode: str  # its effective peer authentication mode (the namespace's may change alone)
     clusters: Mapping[str, Resource]
     endpoints: Mapping[str, Resource]
     vhost: Message | None
@@ -224,8 +232,9 @@ class _Service:
 class NamespaceTranslation:
     """A namespace's shared resources, kept from one snapshot to the next (module docstring)."""
 
-    def __init__(self, namespace: str) -> None:
+    def __init__(self, namespace: str, identity: MeshIdentity | None = None) -> None:
         self.namespace = namespace
+        self.identity = identity
         self.views: dict[str, TypeView] = dict(EMPTY_VIEWS)
         self._services: dict[str, _Service] = {}
         self._runtime: dict[str, tuple[RuntimeValues | None, Resource]] = {}
@@ -246,8 +255,9 @@ class NamespaceTranslation:
         self.translated = 0
         for name, svc in sorted(snapshot.services(ns).items()):
             entry = before.get(name)
-            if entry is None or (entry.svc is not svc and entry.svc != svc):
-                entry = self._translate(svc, entry)
+            mode = snapshot.peer_mode(ns, name) if self.identity is not None else DEFAULT_MODE
+            if entry is None or entry.mode != mode or (entry.svc is not svc and entry.svc != svc):
+                entry = self._translate(svc, mode, entry)
                 route_changed = route_changed or before.get(name) is None or (
                     entry.vhost_bytes != before[name].vhost_bytes)
             now[name] = entry
@@ -302,13 +312,13 @@ class NamespaceTranslation:
             got = self._scoped[scope] = (views, now, route)
         return got[0]
 
-    def _translate(self, svc: ServiceSnapshot, prev: _Service | None) -> _Service:
+    def _translate(self, svc: ServiceSnapshot, mode: str, prev: _Service | None) -> _Service:
         self.translated += 1
-        got = translate.service_resources(svc)
+        got = translate.service_resources(svc, self.identity, mode)
         old_c = prev.clusters if prev is not None else {}
         old_e = prev.endpoints if prev is not None else {}
         vhost = got.virtual_host
-        return _Service(svc, {n: pack(n, m, old_c.get(n)) for n, m in got.clusters.items()},
+        return _Service(svc, mode, {n: pack(n, m, old_c.get(n)) for n, m in got.clusters.items()},
                         {n: pack(n, m, old_e.get(n)) for n, m in got.endpoints.items()},
                         vhost, vhost.SerializeToString(deterministic=True) if vhost is not None else b"")
 
@@ -318,8 +328,9 @@ class SnapshotCache:
 
     INTERNED_MAX = 4096  # distinct subscriptions remembered (per snapshot, beyond which new ones are not shared)
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    def __init__(self, metrics: Metrics | None = None, identity: MeshIdentity | None = None) -> None:
         self._metrics = metrics or Metrics()
+        self._identity = identity
         self._snapshot: RegistrySnapshot | None = None
         self._namespaces: dict[str, NamespaceTranslation] = {}
         self._modes: dict[tuple[str, bool], dict[str, TypeView]] = {}  # interception-mode layers, kept across snapshots
@@ -328,6 +339,11 @@ class SnapshotCache:
         self._proxyless: dict[tuple[str, str, str], Resource] = {}  # (type, name, namespace)
         self._interned: dict[frozenset[str], frozenset[str]] = {}
         self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def identity(self) -> MeshIdentity | None:
+        """The mesh's identity (None: no CA, plaintext)."""
+        return self._identity
 
     @property
     def snapshot(self) -> RegistrySnapshot | None:
@@ -340,7 +356,7 @@ class SnapshotCache:
         for ns in sorted({*snapshot.namespaces, *snapshot.configs, *self._namespaces}):
             t = self._namespaces.get(ns)
             if t is None:
-                t = self._namespaces[ns] = NamespaceTranslation(ns)
+                t = self._namespaces[ns] = NamespaceTranslation(ns, self._identity)
             t.update(snapshot)
             translated += t.translated
         self._metrics.snapshot_build.labels(stage="xds").observe(time.perf_counter() - started)
@@ -354,7 +370,7 @@ class SnapshotCache:
     def _namespace(self, namespace: str) -> NamespaceTranslation:
         t = self._namespaces.get(namespace)
         if t is None:  # a namespace nobody registered in: same shape, no services
-            t = self._namespaces[namespace] = NamespaceTranslation(namespace)
+            t = self._namespaces[namespace] = NamespaceTranslation(namespace, self._identity)
             t.update(self._snapshot)
         return t
 
@@ -384,7 +400,8 @@ class SnapshotCache:
             ns = self._namespace(node.namespace)
             shared = ns.views if scope is None else ns.scoped(scope)
             mode = self._mode_views(node)
-            own = _own_views(node, translate.node_policy(self._snapshot, node))
+            own = _own_views(node, translate.node_policy(self._snapshot, node),
+                             translate.node_security(self._snapshot, node, self._identity))
             got = self._nodes[node] = (scope, {t: (shared[t], mode[t], own[t]) for t in SERVED_TYPES})
         return got
 

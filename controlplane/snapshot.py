@@ -12,6 +12,11 @@ in one shape, a *side table* per kind: namespace -> service -> last good record.
 Decoding happens here, once per znode version: a payload that does not validate
 (:class:`meshkeeper.registry.RecordError`) is skipped, logged once per path and ``mzxid``, and
 counted; the path keeps its last good record if it had one, so a bad write never empties a service.
+
+Peer authentication and authorization (DESIGN §14): a service's own ``peer_authentication`` and
+``authz`` znodes ride on its :class:`ServiceSnapshot`; the namespace's ``peer_authentication``
+(``/meshkeeper/<ns>/peer_authentication``, a data znode beside ``services`` and ``config``) is
+:attr:`RegistrySnapshot.peer_authentication`. :meth:`RegistrySnapshot.peer_mode` combines them.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from meshkeeper.registry import (
     parse_endpoint_key,
     validate_name,
 )
+from meshkeeper.security import AuthzPolicy, PeerAuthentication, effective_mode
 
 log = logging.getLogger("meshkeeper.controlplane.registry")
 
@@ -50,6 +56,8 @@ class ServiceSnapshot:
     instances: Mapping[str, InstanceRecord] = field(default_factory=lambda: _EMPTY)
     overrides: Mapping[str, Override] = field(default_factory=lambda: _EMPTY)
     policy: Policy = DEFAULT_POLICY
+    peer_authentication: PeerAuthentication | None = None  # its own znode's; None: the namespace's
+    authz: AuthzPolicy | None = None  # None: no znode, everything allowed
 
 
 @dataclass(frozen=True, eq=False)
@@ -60,7 +68,8 @@ class RegistrySnapshot:
     service znode, and a service without a config znode has no entry; a namespace without
     configs has no entry either); and ``vips``: namespace -> service -> virtual IP, in the same
     shape (a service whose VIP is not allocated yet has no entry); and ``alerts``: namespace ->
-    rule name -> :class:`AlertRule` (``alerts/<name>``), in the same shape.
+    rule name -> :class:`AlertRule` (``alerts/<name>``), in the same shape; and
+    ``peer_authentication``: namespace -> its ``<ns>/peer_authentication`` record (no entry: none).
 
     Hashed by identity so translation caches can key on it; compare contents with
     :meth:`same_content`. ``version`` only ever grows within one control-plane process.
@@ -71,6 +80,14 @@ class RegistrySnapshot:
     configs: Mapping[str, Mapping[str, RuntimeValues]] = field(default_factory=lambda: _EMPTY)
     vips: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: _EMPTY)
     alerts: Mapping[str, Mapping[str, AlertRule]] = field(default_factory=lambda: _EMPTY)
+    peer_authentication: Mapping[str, PeerAuthentication] = field(default_factory=lambda: _EMPTY)
+
+    def peer_mode(self, namespace: str, service: str) -> str:
+        """The service's effective peer authentication mode: its own znode's, else its
+        namespace's, else PERMISSIVE (a service without a service znode: its namespace's)."""
+        svc = self.services(namespace).get(service)
+        return effective_mode(svc.peer_authentication if svc is not None else None,
+                              self.peer_authentication.get(namespace))
 
     def services(self, namespace: str) -> Mapping[str, ServiceSnapshot]:
         return self.namespaces.get(namespace, _EMPTY)
@@ -93,7 +110,8 @@ class RegistrySnapshot:
 
     def same_content(self, other: RegistrySnapshot | None) -> bool:
         return (other is not None and self.namespaces == other.namespaces and self.configs == other.configs
-                and self.vips == other.vips and self.alerts == other.alerts)
+                and self.vips == other.vips and self.alerts == other.alerts
+                and self.peer_authentication == other.peer_authentication)
 
     def counts(self) -> tuple[int, int]:
         """(services, instances) over all namespaces."""
@@ -116,6 +134,13 @@ class _ServiceNode:
     instances: dict[str, InstanceRecord] = field(default_factory=dict)
     overrides: dict[str, Override] = field(default_factory=dict)
     policy: Policy | None = None
+    peer_authentication: PeerAuthentication | None = None
+    authz: AuthzPolicy | None = None
+
+
+# A service's optional data znodes beside ``policy``: znode name -> decoder.
+SERVICE_SECURITY: Mapping[str, Callable[[bytes | None], object]] = MappingProxyType(
+    {"peer_authentication": PeerAuthentication.decode, "authz": AuthzPolicy.decode})
 
 
 class RegistryTree:
@@ -139,11 +164,13 @@ class RegistryTree:
         self.bad: set[str] = set()
         self.namespaces: dict[str, dict[str, _ServiceNode]] = {}
         self.tables: dict[str, dict[str, dict[str, object | None]]] = {k: {} for k in self.TABLES}
+        self.peer_authentication: dict[str, PeerAuthentication] = {}  # namespace -> its own record
 
     def reset(self) -> None:
         """Forget the tree (a full re-read follows); keep last good records and log memory."""
         self.namespaces = {}
         self.tables = {k: {} for k in self.TABLES}
+        self.peer_authentication = {}
         self.bad = set()
 
     # -- refusals
@@ -194,6 +221,7 @@ class RegistryTree:
             del self.namespaces[gone]
             for table in self.tables.values():
                 table.pop(gone, None)
+            self.peer_authentication.pop(gone, None)
         self._prune(root, names)
         new = sorted(ok - set(self.namespaces))
         for n in new:
@@ -242,6 +270,34 @@ class RegistryTree:
             self._forget(path)
             return
         node.policy = self._decode("policy", path, data, mzxid, _decode_policy)
+
+    def set_service_security(self, kind: str, ns: str, svc: str, path: str, data: bytes | None,
+                             mzxid: int) -> None:
+        """The service's ``peer_authentication`` or ``authz`` (``kind``); None: no znode. Refused,
+        counted and logged once when invalid; the last valid one stays."""
+        node = self._service(ns, svc)
+        if node is None:
+            return
+        if data is None:
+            rec = None
+            self._forget(path)
+        else:
+            rec = self._decode(kind, path, data, mzxid, SERVICE_SECURITY[kind])
+        setattr(node, kind, rec)
+
+    def set_namespace_peer_authentication(self, ns: str, path: str, data: bytes | None, mzxid: int) -> None:
+        """``<ns>/peer_authentication``; None: no znode (services default to PERMISSIVE)."""
+        if ns not in self.namespaces:
+            return
+        rec = None
+        if data is None:
+            self._forget(path)
+        else:
+            rec = self._decode("peer_authentication", path, data, mzxid, PeerAuthentication.decode)
+        if rec is None:
+            self.peer_authentication.pop(ns, None)
+        else:
+            self.peer_authentication[ns] = rec
 
     # -- side tables: runtime configs (``<ns>/config``) and virtual IPs (``<ns>/vips``)
 
@@ -326,13 +382,15 @@ class RegistryTree:
                 built[name] = ServiceSnapshot(name=name, namespace=ns, record=node.record,
                                               instances=_freeze(node.instances),
                                               overrides=_freeze(node.overrides),
-                                              policy=node.policy or DEFAULT_POLICY)
+                                              policy=node.policy or DEFAULT_POLICY,
+                                              peer_authentication=node.peer_authentication,
+                                              authz=node.authz)
             out[ns] = _freeze(built)
         configs = self._built_table("config", lambda rec: rec)
         vips = self._built_table("vip", lambda rec: rec.address)
         alerts = self._built_table("alert", lambda rec: rec)
         return RegistrySnapshot(version=version, namespaces=_freeze(out), configs=configs, vips=vips,
-                                alerts=alerts)
+                                alerts=alerts, peer_authentication=_freeze(self.peer_authentication))
 
     def _built_table(self, kind: str, value: Callable[[object], object]) -> Mapping:
         """namespace -> service -> value of the good records; namespaces without one left out."""

@@ -13,6 +13,14 @@ and fault ``typed_per_filter_config``, the route's ``weighted_clusters`` (``spli
 routes to subsets ahead of it (``match``), and the inbound listener's local rate limit
 (docs/xds-support.md lists what the sidecar honours).
 
+Identity (docs/identity.md): with a :class:`meshkeeper.security.MeshIdentity` (the control plane
+has a CA), an outbound cluster of a service whose peer authentication is not DISABLE carries a
+``tlsMode-mutual`` transport socket match (:func:`upstream_tls_context`), endpoints of instances
+registered with ``mtls`` carry the ``tlsMode: mutual`` metadata it matches, and a node's inbound
+listener takes mTLS by its own service's mode (:func:`secure_inbound`) and tells the app who called
+(``x-forwarded-client-cert``). A service's ``authz`` becomes the inbound HCM's RBAC filter
+(:func:`rbac_filter`), CA or not. Without identity and authz every resource is as before.
+
 Messages are Envoy's generated protos (xds-protos). Returned messages may be shared between nodes
 and snapshots: callers must treat them as read-only.
 """
@@ -30,23 +38,29 @@ from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_de
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
+from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
+from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
-from envoy.type.matcher.v3 import string_pb2
+from envoy.type.matcher.v3 import path_pb2, string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
-from meshkeeper import xds
+from meshkeeper import identity as ident
+from meshkeeper import security, xds
 from meshkeeper.policy import (
     DEFAULT_POLICY,
     CircuitBreaker,
@@ -61,6 +75,7 @@ from meshkeeper.policy import (
     Tracing,
 )
 from meshkeeper.registry import InstanceRecord, RuntimeValues, effective_weight, is_serving
+from meshkeeper.security import AuthzPolicy, MeshIdentity
 from meshkeeper.xds import NodeInfo
 
 CONNECT_TIMEOUT_S = 1  # DESIGN §3 policy default connect_timeout_ms
@@ -85,6 +100,16 @@ RATE_LIMIT_FILLS_PER_SECOND = 20
 RATE_LIMIT_STAT_PREFIX = "http_local_rate_limiter"
 LB_METADATA = "envoy.lb"  # endpoint labels, where Envoy's subset load balancer looks for them
 HTTP_PROTOCOLS = ("http", "grpc")
+# Identity (docs/identity.md): Envoy's extension names and Istio's conventions.
+TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
+TLS_INSPECTOR_FILTER = "envoy.filters.listener.tls_inspector"
+RBAC_FILTER = "envoy.filters.http.rbac"
+TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"  # endpoint metadata filter a cluster's matches read
+TLS_MODE_MATCH = "tlsMode-mutual"
+TLS_MODE = {"tlsMode": "mutual"}
+INBOUND_MTLS_CHAIN = "inbound-mtls"
+INBOUND_PLAINTEXT_CHAIN = "inbound-plaintext"
+INBOUND_ALPN = ("h2", "http/1.1")
 
 Resources = dict[str, dict[str, Message]]  # type URL -> resource name -> message
 
@@ -320,8 +345,11 @@ def http2_options(c: cluster_pb2.Cluster) -> None:
     c.typed_extension_protocol_options[xds.HTTP_PROTOCOL_OPTIONS_KEY].Pack(opts)
 
 
-def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot) -> tuple[endpoint_components_pb2.LbEndpoint, int]:
-    """The endpoint and the weight it adds to its locality (0 when it takes no new requests)."""
+def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot,
+                 identity: MeshIdentity | None = None) -> tuple[endpoint_components_pb2.LbEndpoint, int]:
+    """The endpoint and the weight it adds to its locality (0 when it takes no new requests). With
+    identity, an instance registered with ``mtls`` carries ``envoy.transport_socket_match``
+    ``{tlsMode: mutual}``: its cluster's ``tlsMode-mutual`` transport socket applies to it."""
     override = svc.overrides.get(inst.key)
     serving = is_serving(inst, override)
     weight = effective_weight(inst, override) if serving else 1  # xDS forbids weight 0
@@ -333,11 +361,13 @@ def _lb_endpoint(inst: InstanceRecord, svc: ServiceSnapshot) -> tuple[endpoint_c
         labels = struct_pb2.Struct()
         labels.update(dict(inst.labels))
         ep.metadata.filter_metadata[LB_METADATA].CopyFrom(labels)
+    if identity is not None and inst.mtls:
+        ep.metadata.filter_metadata[TRANSPORT_SOCKET_MATCH].update(TLS_MODE)
     return ep, weight if serving else 0
 
 
-def load_assignment(name: str, svc: ServiceSnapshot,
-                    instances: Iterable[InstanceRecord]) -> endpoint_pb2.ClusterLoadAssignment:
+def load_assignment(name: str, svc: ServiceSnapshot, instances: Iterable[InstanceRecord],
+                    identity: MeshIdentity | None = None) -> endpoint_pb2.ClusterLoadAssignment:
     """Endpoints grouped into one locality per zone label; each locality weighs the sum of its
     serving endpoints' weights, at least 1 (proxyless gRPC drops localities without a weight)."""
     zones: dict[str, list[InstanceRecord]] = defaultdict(list)
@@ -348,7 +378,7 @@ def load_assignment(name: str, svc: ServiceSnapshot,
         loc = cla.endpoints.add(locality=base_pb2.Locality(zone=zone))
         total = 0
         for inst in zones[zone]:
-            ep, w = _lb_endpoint(inst, svc)
+            ep, w = _lb_endpoint(inst, svc, identity)
             loc.lb_endpoints.append(ep)
             total += w
         loc.load_balancing_weight.value = max(total, 1)
@@ -469,15 +499,23 @@ class ServiceResources:
     virtual_host: route_components_pb2.VirtualHost | None
 
 
-def service_resources(svc: ServiceSnapshot) -> ServiceResources:
+def service_resources(svc: ServiceSnapshot, identity: MeshIdentity | None = None,
+                      mode: str = security.DEFAULT_MODE) -> ServiceResources:
+    """The service's :class:`ServiceResources`; with ``identity``, mTLS to it unless its effective
+    peer authentication ``mode`` (:meth:`RegistrySnapshot.peer_mode`) is DISABLE."""
     clusters, endpoints = {}, {}
+    tls = identity is not None and mode != security.DISABLE
     main = xds.outbound_cluster(svc.name, svc.namespace)
     clusters[main] = eds_cluster(main, svc.policy, svc.record.protocol)
-    endpoints[main] = load_assignment(main, svc, svc.instances.values())
+    endpoints[main] = load_assignment(main, svc, svc.instances.values(), identity)
     for version, instances in subset_versions(svc).items():
         sub = xds.outbound_cluster(svc.name, svc.namespace, version)
         clusters[sub] = eds_cluster(sub, svc.policy, svc.record.protocol)
-        endpoints[sub] = load_assignment(sub, svc, instances)
+        endpoints[sub] = load_assignment(sub, svc, instances, identity)
+    if tls:
+        match = tls_socket_match(upstream_tls_context(identity, svc.name, svc.namespace, svc.record.protocol))
+        for c in clusters.values():
+            c.transport_socket_matches.append(match)
     vhost = virtual_host(svc) if svc.record.protocol in HTTP_PROTOCOLS else None
     return ServiceResources(clusters, endpoints, vhost)
 
@@ -488,11 +526,12 @@ def outbound_route_configuration(vhosts: Iterable[route_components_pb2.VirtualHo
 
 
 @lru_cache(maxsize=16)
-def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResources:
+def shared_resources(snapshot: RegistrySnapshot, namespace: str,
+                     identity: MeshIdentity | None = None) -> SharedResources:
     out = empty_resources()
     vhosts = []
-    for _, svc in sorted(snapshot.services(namespace).items()):
-        got = service_resources(svc)
+    for name, svc in sorted(snapshot.services(namespace).items()):
+        got = service_resources(svc, identity, snapshot.peer_mode(namespace, name))
         out[xds.CLUSTER].update(got.clusters)
         out[xds.ENDPOINT].update(got.endpoints)
         if got.virtual_host is not None:
@@ -501,6 +540,167 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str) -> SharedResour
     for name in snapshot.runtime_services(namespace):
         out[xds.RUNTIME][name] = runtime(name, snapshot.config(namespace, name))
     return SharedResources(namespace, MappingProxyType({t: MappingProxyType(r) for t, r in out.items()}))
+
+
+# --------------------------------------------------------------------------- identity (docs/identity.md)
+
+
+def _sds(name: str) -> secret_pb2.SdsSecretConfig:
+    return secret_pb2.SdsSecretConfig(name=name, sds_config=_ads_source())
+
+
+def _uri_san(**matcher: str) -> tls_common_pb2.SubjectAltNameMatcher:
+    return tls_common_pb2.SubjectAltNameMatcher(san_type=tls_common_pb2.SubjectAltNameMatcher.URI,
+                                                matcher=string_pb2.StringMatcher(**matcher))
+
+
+def common_tls_context(san: tls_common_pb2.SubjectAltNameMatcher, alpn: Iterable[str]) -> tls_pb2.CommonTlsContext:
+    """The workload certificate ``default`` and the trust bundle ``ROOTCA``, both over SDS on the
+    ADS stream, the peer's URI SAN checked by ``san`` (Istio's shape)."""
+    return tls_pb2.CommonTlsContext(
+        tls_certificate_sds_secret_configs=[_sds(ident.SECRET_DEFAULT)],
+        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
+            default_validation_context=tls_common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[san]),
+            validation_context_sds_secret_config=_sds(ident.SECRET_ROOTCA)),
+        alpn_protocols=list(alpn))
+
+
+def upstream_sni(svc: str, ns: str) -> str:
+    return f"outbound_.{svc}.{ns}"
+
+
+def upstream_tls_context(identity: MeshIdentity, svc: str, ns: str, protocol: str = "http") -> tls_pb2.UpstreamTlsContext:
+    """What a caller's sidecar presents to the service's instances: its own certificate, and it
+    accepts only the exact SPIFFE ID of ``svc``; ALPN h2 to a grpc service, else http/1.1."""
+    san = _uri_san(exact=ident.spiffe_id(identity.trust_domain, ns, svc))
+    alpn = ("h2",) if protocol == "grpc" else ("http/1.1",)
+    return tls_pb2.UpstreamTlsContext(common_tls_context=common_tls_context(san, alpn), sni=upstream_sni(svc, ns))
+
+
+def tls_socket_match(context: tls_pb2.UpstreamTlsContext) -> cluster_pb2.Cluster.TransportSocketMatch:
+    """``transport_socket_matches`` entry ``tlsMode-mutual``: endpoints whose
+    ``envoy.transport_socket_match`` metadata says ``tlsMode: mutual`` get TLS; the rest the
+    cluster's default (plaintext)."""
+    m = cluster_pb2.Cluster.TransportSocketMatch(
+        name=TLS_MODE_MATCH, transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=_pack(context)))
+    m.match.update(TLS_MODE)
+    return m
+
+
+def downstream_tls_context(identity: MeshIdentity) -> tls_pb2.DownstreamTlsContext:
+    """The inbound mTLS chain's: a client certificate is required, of any workload of the trust domain."""
+    san = _uri_san(prefix=f"spiffe://{identity.trust_domain}/")
+    return tls_pb2.DownstreamTlsContext(common_tls_context=common_tls_context(san, INBOUND_ALPN),
+                                        require_client_certificate=wrappers_pb2.BoolValue(value=True))
+
+
+def secure_inbound(listener: listener_pb2.Listener, identity: MeshIdentity | None, mode: str) -> listener_pb2.Listener:
+    """The inbound listener's filter chains for the peer authentication ``mode``: PERMISSIVE,
+    ``inbound-mtls`` (``transport_protocol: tls``, a DownstreamTlsContext) then
+    ``inbound-plaintext``, behind the tls_inspector; STRICT, ``inbound-mtls`` only; DISABLE or no
+    identity, the listener as it is (one unnamed plaintext chain). Both chains carry the same filters."""
+    if identity is None or mode == security.DISABLE:
+        return listener
+    plain = listener.filter_chains[0]
+    mtls = listener_components_pb2.FilterChain(
+        name=INBOUND_MTLS_CHAIN, filter_chain_match=listener_components_pb2.FilterChainMatch(transport_protocol="tls"),
+        filters=plain.filters,
+        transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET,
+                                                  typed_config=_pack(downstream_tls_context(identity))))
+    chains = [mtls]
+    if mode != security.STRICT:
+        chains.append(listener_components_pb2.FilterChain(name=INBOUND_PLAINTEXT_CHAIN, filters=plain.filters))
+    del listener.filter_chains[:]
+    listener.filter_chains.extend(chains)
+    listener.listener_filters.add(name=TLS_INSPECTOR_FILTER, typed_config=_pack(tls_inspector_pb2.TlsInspector()))
+    return listener
+
+
+def set_client_cert_details(hcm: hcm_pb2.HttpConnectionManager) -> None:
+    """``x-forwarded-client-cert``: a caller's is always removed; on an mTLS connection the app gets
+    ``By=<own SPIFFE ID>;URI=<caller's>`` (SANITIZE_SET, Istio's setting)."""
+    hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
+    hcm.set_current_client_cert_details.uri = True
+
+
+def _principal(source: str, trust_domain: str) -> rbac_pb2.Principal:
+    if source.startswith(security.NS_PREFIX):
+        matcher = string_pb2.StringMatcher(prefix=ident.namespace_prefix(trust_domain, source[len(security.NS_PREFIX):]))
+    else:
+        matcher = string_pb2.StringMatcher(exact=source)
+    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher))
+
+
+def _any_of(rules: list[rbac_pb2.Permission]) -> rbac_pb2.Permission:
+    return rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=rules))
+
+
+def rbac_policy(rule: security.AuthzRule, trust_domain: str) -> rbac_pb2.Policy:
+    """One rule: principals ``[{any}]`` or one ``or_ids`` of the ``from`` identities; permissions
+    ``[{any}]`` or one ``and_rules`` of (any method, any path prefix), each part when present."""
+    if rule.sources:
+        principals = [rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(
+            ids=[_principal(s, trust_domain) for s in rule.sources]))]
+    else:
+        principals = [rbac_pb2.Principal(any=True)]
+    parts = []
+    if rule.methods:
+        parts.append(_any_of([rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(
+            name=":method", string_match=string_pb2.StringMatcher(exact=m))) for m in rule.methods]))
+    if rule.paths:
+        parts.append(_any_of([rbac_pb2.Permission(url_path=path_pb2.PathMatcher(
+            path=string_pb2.StringMatcher(prefix=p))) for p in rule.paths]))
+    if parts:
+        permissions = [rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=parts))]
+    else:
+        permissions = [rbac_pb2.Permission(any=True)]
+    return rbac_pb2.Policy(permissions=permissions, principals=principals)
+
+
+RBAC_ACTIONS = {security.ALLOW: rbac_pb2.RBAC.ALLOW, security.DENY: rbac_pb2.RBAC.DENY}
+
+
+def rbac(policy: AuthzPolicy, trust_domain: str) -> rbac_filter_pb2.RBAC:
+    """``envoy.filters.http.rbac`` of a service's ``authz``: policies ``rule-<i>``. The trust domain
+    turns ``ns:<ns>`` into a SPIFFE ID prefix (the default one without a CA: no caller has a
+    principal then, and only rules without ``from`` can match)."""
+    rules = rbac_pb2.RBAC(action=RBAC_ACTIONS[policy.action])
+    for i, rule in enumerate(policy.rules):
+        rules.policies[f"rule-{i}"].CopyFrom(rbac_policy(rule, trust_domain))
+    return rbac_filter_pb2.RBAC(rules=rules)
+
+
+def rbac_filter(policy: AuthzPolicy, trust_domain: str) -> hcm_pb2.HttpFilter:
+    return hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=_pack(rbac(policy, trust_domain)))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSecurity:
+    """What a node's inbound side needs of identity: the mesh's (None: no CA), its own service's
+    effective peer authentication mode and its ``authz`` (None: no znode). Hashable: the xDS cache
+    keys per-node resources on it."""
+
+    identity: MeshIdentity | None = None
+    mode: str = security.DEFAULT_MODE
+    authz: AuthzPolicy | None = None
+
+    @property
+    def trust_domain(self) -> str:
+        return self.identity.trust_domain if self.identity is not None else ident.DEFAULT_TRUST_DOMAIN
+
+
+NO_SECURITY = NodeSecurity()
+
+
+def node_security(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> NodeSecurity:
+    """The :class:`NodeSecurity` of the node's own service; :data:`NO_SECURITY` (today's resources)
+    without identity and authz."""
+    svc = snapshot.services(node.namespace).get(node.service)
+    authz = svc.authz if svc is not None else None
+    if identity is None and authz is None:
+        return NO_SECURITY
+    mode = snapshot.peer_mode(node.namespace, node.service) if identity is not None else security.DEFAULT_MODE
+    return NodeSecurity(identity, mode, authz)
 
 
 # --------------------------------------------------------------------------- per node
@@ -529,25 +729,35 @@ def outbound_listener(port: int, policy_tracing: Tracing | None = None) -> liste
 
 def inbound_listener(host: str, port: int, app_port: int,
                      rate_limit: RateLimit = DEFAULT_POLICY.rate_limit,
-                     policy_tracing: Tracing | None = None) -> listener_pb2.Listener:
-    """The inbound HCM; with ``rate_limit.rps`` > 0 a local rate limit guards the local app."""
+                     policy_tracing: Tracing | None = None,
+                     sec: NodeSecurity = NO_SECURITY) -> listener_pb2.Listener:
+    """The inbound HCM; with ``rate_limit.rps`` > 0 a local rate limit guards the local app; with
+    an ``authz`` the RBAC filter comes first (a refused request costs no token); with identity
+    the client-certificate details and the mTLS chains (:func:`secure_inbound`)."""
     route = route_pb2.RouteConfiguration(name=xds.INBOUND_ROUTE, virtual_hosts=[
         route_components_pb2.VirtualHost(name="inbound", domains=["*"],
                                          routes=[_route_to(xds.inbound_cluster(app_port))])])
     hcm = hcm_pb2.HttpConnectionManager(stat_prefix="inbound", route_config=route, tracing=tracing(policy_tracing))
+    if sec.identity is not None:
+        set_client_cert_details(hcm)
+    if sec.authz is not None:
+        hcm.http_filters.append(rbac_filter(sec.authz, sec.trust_domain))
     if rate_limit.rps > 0:
         hcm.http_filters.add(name=xds.LOCAL_RATELIMIT_FILTER, typed_config=_pack(local_rate_limit(rate_limit)))
-    return _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
+    listener = _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
+    return secure_inbound(listener, sec.identity, sec.mode)
 
 
-def inbound_tcp_listener(host: str, port: int, app_port: int) -> listener_pb2.Listener:
+def inbound_tcp_listener(host: str, port: int, app_port: int, sec: NodeSecurity = NO_SECURITY) -> listener_pb2.Listener:
     """The inbound listener of a ``tcp`` service: ``tcp_proxy`` to the local app (an L7 listener
-    would answer a thrift client with an HTTP 400)."""
+    would answer a thrift client with an HTTP 400); mTLS chains as for HTTP (an ``authz``, made of
+    HTTP rules, does not apply)."""
     proxy = tcp_proxy_pb2.TcpProxy(stat_prefix="inbound", cluster=xds.inbound_cluster(app_port))
-    return listener_pb2.Listener(
+    listener = listener_pb2.Listener(
         name=xds.INBOUND_LISTENER, address=_socket(host, port), traffic_direction=base_pb2.INBOUND,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
             listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_pack(proxy))])])
+    return secure_inbound(listener, sec.identity, sec.mode)
 
 
 def inbound_cluster(app_port: int, protocol: str = "http") -> cluster_pb2.Cluster:
@@ -570,9 +780,9 @@ def node_policy(snapshot: RegistrySnapshot, node: NodeInfo) -> Policy:
     return svc.policy if svc is not None else DEFAULT_POLICY
 
 
-def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources:
-    """Per-node resources, from the node and its own service's policy (:func:`node_policy`); both
-    hash, so a caller may memoise on them. Proxyless clients get none (they are served by resource
+def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY, sec: NodeSecurity = NO_SECURITY) -> Resources:
+    """Per-node resources, from the node, its own service's policy (:func:`node_policy`) and
+    identity settings (:func:`node_security`); all three hash, so a caller may memoise on them. Proxyless clients get none (they are served by resource
     name: controlplane/proxyless.py); a sidecar without an app (app_port 0) gets no inbound listener or cluster."""
     out = empty_resources()
     if node.proxyless:
@@ -581,19 +791,19 @@ def node_resources(node: NodeInfo, policy: Policy = DEFAULT_POLICY) -> Resources
     if not node.app_port:
         return out
     if node.protocol == "tcp" and node.outbound_policy:  # (a sidecar older than tcp_proxy sends no policy)
-        listener = inbound_tcp_listener(node.advertise_host, node.inbound_port, node.app_port)
+        listener = inbound_tcp_listener(node.advertise_host, node.inbound_port, node.app_port, sec)
     else:
         listener = inbound_listener(node.advertise_host, node.inbound_port, node.app_port, policy.rate_limit,
-                                    policy.tracing)
+                                    policy.tracing, sec)
     out[xds.LISTENER][xds.INBOUND_LISTENER] = listener
     cluster = inbound_cluster(node.app_port, node.protocol)
     out[xds.CLUSTER][cluster.name] = cluster
     return out
 
 
-def translate(snapshot: RegistrySnapshot, node: NodeInfo) -> Resources:
-    """All resources of ``node`` by type URL and name."""
-    out = node_resources(node, node_policy(snapshot, node))
-    for type_url, items in shared_resources(snapshot, node.namespace).resources.items():
+def translate(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> Resources:
+    """All resources of ``node`` by type URL and name (``identity``: the mesh's, None without a CA)."""
+    out = node_resources(node, node_policy(snapshot, node), node_security(snapshot, node, identity))
+    for type_url, items in shared_resources(snapshot, node.namespace, identity).resources.items():
         out[type_url].update(items)
     return out

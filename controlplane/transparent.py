@@ -63,6 +63,7 @@ from controlplane import translate as tr
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
 from meshkeeper.policy import Policy
+from meshkeeper.security import STRICT, MeshIdentity
 from meshkeeper.xds import NodeInfo
 
 log = logging.getLogger("meshkeeper.controlplane.transparent")
@@ -71,6 +72,7 @@ TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
 DNS_TTL_S = 30
 DNS_PORT = 15053  # informational: the sidecar binds --dns-port
+STRICT_REFUSAL_CHAIN = "inbound-plaintext-refused"
 
 
 def _cidr(address: str) -> address_pb2.CidrRange:
@@ -232,11 +234,15 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
 
 def redirect(listener: listener_pb2.Listener, port: int, default_cluster: str) -> listener_pb2.Listener:
     """Make a node's bound listener a transparent one (see the module docstring): the
-    ``original_dst`` filter, its own chain for ``port``, the rest to ``default_cluster``."""
-    listener.listener_filters.add(name=xds.ORIGINAL_DST_FILTER,
-                                  typed_config=tr._pack(original_dst_pb2.OriginalDst()))
-    listener.filter_chains[0].filter_chain_match.destination_port.value = port
-    listener.filter_chains[0].name = "explicit" if listener.name == xds.OUTBOUND_LISTENER else "app"
+    ``original_dst`` filter (first: the tls_inspector of an mTLS inbound listener comes after it),
+    its own chain for ``port`` (the mTLS ones, ``inbound-mtls`` and ``inbound-plaintext``, keep
+    their names and match ``port`` too), the rest to ``default_cluster``."""
+    listener.listener_filters.insert(0, listener_components_pb2.ListenerFilter(
+        name=xds.ORIGINAL_DST_FILTER, typed_config=tr._pack(original_dst_pb2.OriginalDst())))
+    for chain in listener.filter_chains:
+        chain.filter_chain_match.destination_port.value = port
+        if not chain.name:
+            chain.name = "explicit" if listener.name == xds.OUTBOUND_LISTENER else "app"
     listener.default_filter_chain.CopyFrom(default_chain(default_cluster))
     return listener
 
@@ -245,12 +251,12 @@ def default_chain(cluster: str) -> listener_components_pb2.FilterChain:
     return listener_components_pb2.FilterChain(name=cluster, filters=[_tcp_proxy(cluster, None, cluster)])
 
 
-def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
+def node_resources(node: NodeInfo, policy: Policy, sec: tr.NodeSecurity = tr.NO_SECURITY) -> tr.Resources:
     """:func:`controlplane.translate.node_resources`, with the outbound policy: every sidecar's
     ``outbound`` listener gets a default chain to ``PassthroughCluster`` or ``BlackHoleCluster``
     (in explicit mode it serves proxy requests, absolute-form or CONNECT, for hosts outside the
     mesh), and both clusters; a redirect-mode node's listeners are made transparent ones."""
-    out = tr.node_resources(node, policy)
+    out = tr.node_resources(node, policy, sec)
     outbound = out[xds.LISTENER].get(xds.OUTBOUND_LISTENER)
     if outbound is None or not node.outbound_policy:  # a proxyless client, or a sidecar that predates this
         return out
@@ -263,7 +269,19 @@ def node_resources(node: NodeInfo, policy: Policy) -> tr.Resources:
     inbound = out[xds.LISTENER].get(xds.INBOUND_LISTENER)
     if inbound is not None:  # the app's port through the inbound filter; other ports of the pod passed through
         redirect(inbound, node.app_port, xds.INBOUND_PASSTHROUGH_CLUSTER)
+        if sec.identity is not None and sec.mode == STRICT:
+            inbound.filter_chains.append(strict_refusal_chain(node.app_port))
     return out
+
+
+def strict_refusal_chain(app_port: int) -> listener_components_pb2.FilterChain:
+    """STRICT in transparent mode: a plaintext connection to the app's port would otherwise fall
+    to the default chain (``InboundPassthroughCluster``) and reach the app; this chain sends it
+    to ``BlackHoleCluster`` instead (closed, counted as the cluster's no-healthy-upstream)."""
+    return listener_components_pb2.FilterChain(
+        name=STRICT_REFUSAL_CHAIN,
+        filter_chain_match=listener_components_pb2.FilterChainMatch(destination_port=tr._u32(app_port)),
+        filters=[_tcp_proxy("inbound-plaintext", None, xds.BLACKHOLE_CLUSTER)])
 
 
 def shared_for(snapshot: RegistrySnapshot, node: NodeInfo) -> MappingProxyType | None:
@@ -307,10 +325,11 @@ def explicit_tcp_listeners(snapshot: RegistrySnapshot, namespace: str) -> Mappin
     return MappingProxyType({xds.LISTENER: MappingProxyType(listeners)})
 
 
-def translate(snapshot: RegistrySnapshot, node: NodeInfo) -> tr.Resources:
-    """All resources of ``node`` by type URL and name, transparent mode included."""
-    out = node_resources(node, tr.node_policy(snapshot, node))
-    for type_url, items in tr.shared_resources(snapshot, node.namespace).resources.items():
+def translate(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> tr.Resources:
+    """All resources of ``node`` by type URL and name, transparent mode included (``identity``:
+    the mesh's, None without a CA)."""
+    out = node_resources(node, tr.node_policy(snapshot, node), tr.node_security(snapshot, node, identity))
+    for type_url, items in tr.shared_resources(snapshot, node.namespace, identity).resources.items():
         out[type_url].update(items)
     for type_url, items in (shared_for(snapshot, node) or {}).items():
         out[type_url].update(items)

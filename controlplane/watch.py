@@ -5,6 +5,8 @@ Watched (one-shot ZooKeeper watches, re-armed by every read; no polling)::
     /meshkeeper                               children  (namespaces)
     /meshkeeper/<ns>/services                 children  (services; exists-watch while absent)
     /meshkeeper/<ns>/services/<svc>           data      (ServiceRecord)
+    .../<svc>/policy                          data      (Policy; exists-watch while absent)
+    .../<svc>/peer_authentication, .../authz  data      (meshkeeper.security; exists-watch while absent)
     .../<svc>/instances, .../<svc>/overrides  children  (exists-watch while absent)
     .../instances/<key>, .../overrides/<key>  data
     /meshkeeper/<ns>/config                   children  (runtime configs; exists-watch while absent)
@@ -13,6 +15,8 @@ Watched (one-shot ZooKeeper watches, re-armed by every read; no polling)::
     /meshkeeper/<ns>/vips/<svc>               data      (VipRecord, written by controlplane.vips)
     /meshkeeper/<ns>/alerts                   children  (alert rules; exists-watch while absent)
     /meshkeeper/<ns>/alerts/<name>            data      (AlertRule, controlplane.alerts.rule)
+    /meshkeeper/<ns>/peer_authentication      data      (the namespace's PeerAuthentication; exists-watch
+                                                         while absent; a data znode, not a table)
 
 kazoo calls back on its own threads; :class:`KazooSource` only hands events and read results to
 the loop with ``call_soon_threadsafe``. All state lives on the loop, in :class:`RegistryWatch`.
@@ -48,6 +52,9 @@ RETRY_DELAY = 0.5  # a read that failed while connected is retried after this
 MAX_BLOCKING_RETRIES = 5
 # Children of a namespace read as side tables of the tree: znode name -> kind (RegistryTree.TABLES).
 SIDE_TABLES = {"config": "config", "vips": "vip", "alerts": "alert"}
+NS_PEER_AUTHENTICATION = "peer_authentication"  # a data child of a namespace (DESIGN §14)
+# A service's optional data children: znode name -> what _classify calls it.
+SERVICE_DATA = {"policy": "policy", "peer_authentication": "service_security", "authz": "service_security"}
 
 
 class ZkSource(Protocol):
@@ -76,6 +83,8 @@ def _classify(path: str) -> tuple | None:
         return None
     parts = path[len(ROOT) + 1:].split("/")
     n = len(parts)
+    if n == 2 and parts[1] == NS_PEER_AUTHENTICATION:
+        return ("ns_peer_authentication", parts[0])
     if n >= 2 and parts[1] in SIDE_TABLES:
         if n == 2:
             return ("table", SIDE_TABLES[parts[1]], parts[0])
@@ -90,8 +99,10 @@ def _classify(path: str) -> tuple | None:
     svc = parts[2]
     if n == 3:
         return ("service", ns, svc)
-    if n == 4 and parts[3] == "policy":
-        return ("policy", ns, svc)
+    if n == 4 and parts[3] in SERVICE_DATA:
+        if parts[3] == "policy":
+            return ("policy", ns, svc)
+        return ("service_security", ns, svc, parts[3])
     kinds = {"instances": "instance", "overrides": "override"}
     if parts[3] not in kinds:
         return None
@@ -233,14 +244,16 @@ class RegistryWatch:
             if gen != self._gen:
                 return
             new = tree.set_namespaces(ROOT, names or [])
-            follow = [f"{ROOT}/{ns}/{sub}" for ns in new for sub in ("services", *SIDE_TABLES)]
+            follow = [f"{ROOT}/{ns}/{sub}" for ns in new
+                      for sub in ("services", *SIDE_TABLES, NS_PEER_AUTHENTICATION)]
         elif kind == "services":
             ns = what[1]
             names = await self._source.children(path)
             if gen != self._gen:
                 return
             new = tree.set_services(ns, path, names or [])
-            follow = [f"{path}/{s}{sub}" for s in new for sub in ("", "/instances", "/overrides", "/policy")]
+            follow = [f"{path}/{s}{sub}" for s in new
+                      for sub in ("", "/instances", "/overrides", *(f"/{d}" for d in SERVICE_DATA))]
         elif kind == "service":
             _, ns, svc = what
             got = await self._source.data(path)
@@ -271,6 +284,20 @@ class RegistryWatch:
             if gen != self._gen:
                 return
             tree.set_policy(ns, svc, path, *(got if got is not None else (None, 0)))
+            follow = []
+        elif kind == "service_security":
+            _, ns, svc, name = what
+            got = await self._source.data(path, watch_absent=True)
+            if gen != self._gen:
+                return
+            tree.set_service_security(name, ns, svc, path, *(got if got is not None else (None, 0)))
+            follow = []
+        elif kind == "ns_peer_authentication":
+            ns = what[1]
+            got = await self._source.data(path, watch_absent=True)
+            if gen != self._gen:
+                return
+            tree.set_namespace_peer_authentication(ns, path, *(got if got is not None else (None, 0)))
             follow = []
         elif kind == "keys":
             _, ekind, ns, svc = what

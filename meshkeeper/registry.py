@@ -10,6 +10,9 @@ Layout under ``/meshkeeper/<ns>``::
     services/<svc>/instances/<host>:<port> EPHEMERAL   InstanceRecord
     services/<svc>/overrides/<host>:<port> persistent  Override
     services/<svc>/policy                  persistent  traffic policy
+    services/<svc>/peer_authentication     persistent  PeerAuthentication (meshkeeper.security)
+    services/<svc>/authz                   persistent  AuthzPolicy (meshkeeper.security)
+    peer_authentication                    persistent  PeerAuthentication of the namespace
     config/<svc>                           persistent  runtime config
     vips/<svc>                             persistent  VipRecord: the service's virtual IP (DESIGN §10)
 
@@ -94,6 +97,13 @@ class Paths:
     def policy(self, svc: str) -> str:
         return f"{self.service(svc)}/policy"
 
+    def peer_authentication(self, svc: str | None = None) -> str:
+        """The service's peer authentication; with no service, the namespace's (DESIGN §14)."""
+        return f"{self.base if svc is None else self.service(svc)}/peer_authentication"
+
+    def authz(self, svc: str) -> str:
+        return f"{self.service(svc)}/authz"
+
     @property
     def configs(self) -> str:
         return f"{self.base}/config"
@@ -168,6 +178,12 @@ def _int(kind: str, fieldname: str, value: Any, lo: int, hi: int) -> int:
     return value
 
 
+def _bool(kind: str, fieldname: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise RecordError(f"{kind}.{fieldname}: expected true or false, got {value!r}")
+    return value
+
+
 def _protocol(kind: str, value: Any) -> str:
     if value not in PROTOCOLS:
         raise RecordError(f"{kind}.protocol: {value!r} is not one of {', '.join(PROTOCOLS)}")
@@ -213,8 +229,9 @@ class InstanceRecord:
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
     protocol: str = "http"
     app_port: int = 0
+    mtls: bool = False  # its sidecar has an identity and takes mTLS (docs/identity.md)
 
-    FIELDS = ("address", "port", "weight", "labels", "protocol", "app_port")
+    FIELDS = ("address", "port", "weight", "labels", "protocol", "app_port", "mtls")
 
     def __post_init__(self) -> None:
         if not isinstance(self.labels, MappingProxyType):
@@ -253,11 +270,14 @@ class InstanceRecord:
             labels=labels,
             protocol=_protocol(kind, obj.get("protocol", "http")),
             app_port=_int(kind, "app_port", obj.get("app_port", 0), 0, 65535),
+            mtls=_bool(kind, "mtls", obj.get("mtls", False)),
         )
 
     def encode(self) -> bytes:
         d = {f: getattr(self, f) for f in self.FIELDS}
         d["labels"] = dict(self.labels)
+        if not self.mtls:  # left out, so that a record without identity reads as before
+            del d["mtls"]
         return _dump(d)
 
 
