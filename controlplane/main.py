@@ -28,6 +28,10 @@ from controlplane.alerts.evaluate import DEFAULT_INTERVAL as DEFAULT_ALERT_INTER
 from controlplane.alerts.evaluate import Evaluator
 from controlplane.alerts.notify import Notifier
 from controlplane.auth import Authorizer, TokenFile, TokenFileError
+from controlplane.ca import CAError
+from controlplane.ca.setup import add_arguments as add_ca_arguments
+from controlplane.ca.setup import build_issuer
+from controlplane.ca.setup import check_arguments as check_ca_arguments
 from controlplane.cache import SnapshotCache
 from controlplane.console import Console
 from controlplane.events import EventBus
@@ -79,6 +83,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--vip-cidr", default=DEFAULT_VIP_CIDR,
                    help="range the services' virtual IPs are allocated from, for the mesh DNS and "
                         "transparent mode (default %(default)s; every replica must use the same)")
+    add_ca_arguments(p)
     add_trace_store_arguments(p)
     p.add_argument("--alert-interval", type=seconds, default=DEFAULT_ALERT_INTERVAL,
                    help="evaluate the alert rules this often, seconds (default %(default)s; docs/alerts.md)")
@@ -107,6 +112,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.tls_client_ca and not args.tls_cert:
         p.error("--tls-client-ca needs --tls-cert and --tls-key")
     check_trace_store_arguments(p, args)
+    check_ca_arguments(p, args)
     try:
         args.vip_cidr = parse_cidr(args.vip_cidr)
     except ValueError as exc:
@@ -143,6 +149,17 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    try:
+        issuer = await build_issuer(args, stop)
+    except CAError as exc:
+        log.error("%s", exc)
+        return 1
+    if issuer is None and getattr(args, "ca_stopped", False):
+        return 0  # stopped while waiting for ZooKeeper to read the shared CA
+    if issuer is not None:
+        log.info("CA: %s; trust domain %s, workload certificates for %g s",
+                 issuer.origin, issuer.trust_domain, issuer.ttl)
+
     metrics = Metrics()
     cache = SnapshotCache(metrics)
     events = EventBus()
@@ -163,7 +180,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
 
     server = grpc.aio.server(options=SERVER_OPTIONS)
     # Replicas (DESIGN §13): one that lost ZooKeeper after its first snapshot takes no new stream.
-    ads = AdsServer(cache, proxies, serving=lambda: cache.snapshot is None or watch.state == "CONNECTED")
+    ads = AdsServer(cache, proxies, serving=lambda: cache.snapshot is None or watch.state == "CONNECTED",
+                    issuer=issuer)
     add_to_server(server, ads)
     lrs = LoadReportingServer(load, metrics)
     add_lrs_to_server(server, lrs)

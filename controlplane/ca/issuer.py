@@ -97,7 +97,7 @@ class Issuer:
             if public_key.key_size < _MIN_RSA_BITS:
                 raise IdentityError(f"CSR: RSA key of {public_key.key_size} bits (at least {_MIN_RSA_BITS})")
         else:
-            raise IdentityError(f"CSR: a {type(public_key).__name__} key; EC P-256 is expected")
+            raise IdentityError(f"CSR: unsupported key type {type(public_key).__name__}; EC P-256 is expected")
         uri = spiffe_id(self.trust_domain, namespace, service)
         now = self.clock()
         not_after = min(now + self.ttl, self._ca_not_after)  # never past the CA's own end
