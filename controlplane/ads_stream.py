@@ -136,6 +136,9 @@ class AdsStream:
             log.warning("refusing ADS stream of %s: %s", self.node.node_id, exc)
             await self.context.abort(getattr(grpc.StatusCode, exc.code), str(exc))
         if changed:
+            cert = self.secrets.certificate
+            self.status.spiffe_id, self.status.cert_serial = cert.spiffe_id, format(cert.serial, "x")
+            self.status.cert_expires = cert.not_after
             self.notify()
 
     def layers(self, type_url: str, on_demand: frozenset[str] = frozenset()) -> Layers | None:

@@ -73,6 +73,10 @@ class ProxyStatus:
     peer: str
     connected_since: float  # wall clock
     types: dict[str, TypeStatus] = field(default_factory=dict)  # by short type name (CDS, ...)
+    # The workload certificate last issued on this stream (docs/identity.md): SPIFFE ID, serial, expiry.
+    spiffe_id: str = ""
+    cert_serial: str = ""
+    cert_expires: float | None = None
 
     def type(self, type_url: str) -> TypeStatus:
         short = SHORT_TYPE.get(type_url, type_url)
@@ -87,6 +91,8 @@ class ProxyStatus:
             "node_id": n.node_id, "service": n.service, "namespace": n.namespace,
             "proxyless": n.proxyless, "peer": self.peer, "stream_id": self.stream_id,
             "connected_since": _iso(self.connected_since),
+            "identity": {"spiffe_id": self.spiffe_id, "serial": self.cert_serial,
+                         "expires": _iso(self.cert_expires)} if self.spiffe_id else None,
             "types": {t: s.to_json() for t, s in sorted(self.types.items())},
         }
 
