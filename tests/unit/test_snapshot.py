@@ -592,3 +592,66 @@ def test_vips_are_read_beside_services_and_the_claims_dir_is_not_a_namespace():
         snap = await h.until(lambda: h.published[-1].vip("default", "billing") is None and h.published[-1])
         assert snap.vip("default", "catalog") == "240.240.0.9"
     run(main())
+
+
+# --------------------------------------------------------------------------- peer authentication and authz
+
+NS_PA = "/meshkeeper/default/peer_authentication"
+
+
+def test_peer_authentication_and_authz_are_watched_refused_when_bad_and_cleared_when_deleted():
+    async def main():
+        h = Harness()
+        seed(h.zk)
+        h.zk.write(NS_PA, {"mode": "STRICT"})
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert snap.peer_authentication["default"].mode == "STRICT"
+        assert snap.peer_mode("default", "catalog") == "STRICT"
+        assert snap.services("default")["catalog"].authz is None
+        # The namespace's znode is a data znode, not a namespace table or a service.
+        assert set(snap.services("default")) == {"catalog"} and h.bad_count("service") == 0
+        # Created later: exists watches pick both service znodes up; the service's mode wins.
+        h.zk.write(f"{SVC}/peer_authentication", {"mode": "DISABLE"})
+        h.zk.write(f"{SVC}/authz", {"action": "ALLOW", "rules": [{"from": ["ns:prod"], "methods": ["GET"]}]})
+        await h.until(lambda: h.published[-1].services("default")["catalog"].authz is not None
+                      and h.published[-1].peer_mode("default", "catalog") == "DISABLE")
+        authz = h.published[-1].services("default")["catalog"].authz
+        assert authz.rules[0].sources == ("ns:prod",)
+        # Bad payloads: refused, counted once each, the last good records stay.
+        h.zk.write(f"{SVC}/authz", {"action": "ALLOW", "rules": [{"methods": ["get"]}]})
+        h.zk.write(f"{SVC}/peer_authentication", {"mode": "OFF"})
+        h.zk.write(NS_PA, {"mode": "STRICT", "port": 1})
+        await h.until(lambda: h.bad_count("authz") == 1 and h.bad_count("peer_authentication") == 2)
+        await h.quiet()
+        snap = h.published[-1]
+        assert snap.services("default")["catalog"].authz == authz
+        assert snap.peer_mode("default", "catalog") == "DISABLE" and snap.peer_authentication["default"].mode == "STRICT"
+        assert h.metrics.registry.get_sample_value("meshkeeper_registry_bad_znodes_current") == 3
+        # Deleted: the service falls back to the namespace's mode, then to PERMISSIVE; no authz.
+        h.zk.delete(f"{SVC}/peer_authentication")
+        h.zk.delete(f"{SVC}/authz")
+        await h.until(lambda: h.published[-1].peer_mode("default", "catalog") == "STRICT"
+                      and h.published[-1].services("default")["catalog"].authz is None)
+        h.zk.delete(NS_PA)
+        await h.until(lambda: h.published[-1].peer_mode("default", "catalog") == "PERMISSIVE")
+        assert not h.published[-1].peer_authentication
+        assert h.metrics.registry.get_sample_value("meshkeeper_registry_bad_znodes_current") == 0
+    run(main())
+
+
+def test_namespace_peer_authentication_leaves_with_its_namespace_and_survives_a_reconnect():
+    async def main():
+        h = Harness()
+        h.zk.write("/meshkeeper/prod/peer_authentication", {"mode": "STRICT"})  # a namespace with nothing else
+        seed(h.zk)
+        h.zk.on_state("CONNECTED")
+        snap = await h.next_snapshot(0)
+        assert snap.peer_mode("prod", "anything") == "STRICT" and snap.peer_mode("default", "catalog") == "PERMISSIVE"
+        h.zk.on_state("SUSPENDED")
+        h.zk.on_state("CONNECTED")
+        await h.quiet()
+        assert len(h.published) == 1  # re-read, same content: nothing new
+        h.zk.delete("/meshkeeper/prod")
+        await h.until(lambda: "prod" not in h.published[-1].peer_authentication)
+    run(main())
