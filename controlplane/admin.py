@@ -26,11 +26,13 @@ from controlplane.alerts.api import alert_message
 from controlplane.alerts.rule import AlertRule
 from controlplane.alerts.state import state_path
 from controlplane.auth import Authorizer, Caller, Denied, Role
+from controlplane.ca import Issuer
 from controlplane.events import KINDS, EventBus, Overflow
 from controlplane.lrs import LoadStore
 from controlplane.proxies import ProxyRegistry
 from controlplane.zkstore import Conflict, Unavailable, Written, ZkStore
 from meshkeeper.admin.v1 import admin_pb2, admin_pb2_grpc
+from meshkeeper.identity import IdentityError, spiffe_id
 from meshkeeper.policy import PolicyError, decode_policy, encode_policy
 from meshkeeper.registry import (
     DEFAULT_NAMESPACE,
@@ -74,7 +76,7 @@ _STATUS = {Conflict: (grpc.StatusCode.ABORTED, "aborted"), Unavailable: (grpc.St
 def _status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, AdminError):
         return exc.code, exc.result
-    if isinstance(exc, (RecordError, PolicyError)):
+    if isinstance(exc, (RecordError, PolicyError, IdentityError)):
         return grpc.StatusCode.INVALID_ARGUMENT, "invalid"
     for cls, got in _STATUS.items():
         if isinstance(exc, cls):
@@ -190,8 +192,9 @@ class _ServiceState:
 
 class AdminService(admin_pb2_grpc.AdminServiceServicer):
     def __init__(self, store: ZkStore, auth: Authorizer, *, proxies: ProxyRegistry,
-                 events: EventBus, load: LoadStore | None = None) -> None:
+                 events: EventBus, load: LoadStore | None = None, issuer: Issuer | None = None) -> None:
         self.store, self.auth, self.proxies, self.events, self.load = store, auth, proxies, events, load
+        self.issuer = issuer  # the CA (controlplane.ca); None: no identity tokens
 
     async def invoke(self, rpc_name: str, request: Any, metadata: Any, peer: str = "") -> Any:
         """Run one unary RPC for a front end other than gRPC (the console's HTTP writes): the same
@@ -584,6 +587,23 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             log.debug("admin: alert state of %s/%s not deleted: %s", ns, name, exc)
         gone.version = -1
         return gone
+
+    # ------------------------------------------------------------------ identity
+
+    @rpc(Role.ADMIN)
+    async def IssueIdentityToken(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        if self.issuer is None:
+            raise Precondition("the control plane has no CA: start it with --ca-cert/--ca-key or a CA "
+                               "passphrase (--ca-passphrase-file, MESHKEEPER_CA_PASSPHRASE); docs/identity.md")
+        token = self.issuer.mint_token(ns, svc)
+        uri = spiffe_id(self.issuer.trust_domain, ns, svc)
+        # A token is a credential: the audit line and the event say who got one, never the token.
+        _audit({"who": caller.name, "role": caller.role.label, "peer": caller.peer, "rpc": "IssueIdentityToken",
+                "namespace": ns, "service": svc, "spiffe_id": uri, "result": "ok"})
+        self.events.publish("admin_write", namespace=ns, service=svc, who=caller.name,
+                            summary=f"IssueIdentityToken for {uri} by {caller.name}")
+        return admin_pb2.IdentityToken(token=token, spiffe_id=uri)
 
     # ------------------------------------------------------------------ events
 

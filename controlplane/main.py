@@ -186,7 +186,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
     lrs = LoadReportingServer(load, metrics)
     add_lrs_to_server(server, lrs)
     auth = Authorizer(args.tokens, args.insecure_admin)
-    admin = AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load)
+    admin = AdminService(ZkStore(source.client), auth, proxies=proxies, events=events, load=load,
+                         issuer=issuer)
     add_admin_to_server(server, admin)
     jaeger = install_trace_store(args, server, metrics, auth)
     try:

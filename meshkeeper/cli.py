@@ -41,17 +41,19 @@ operating the mesh (the control plane's admin API):
   proxy-status   the proxies and their xDS sync state (same as `get proxies`; alias ps)
   proxy-config   proxy-config NODE [--type cds|eds|lds|rds|rtds]     what a proxy ACKed (alias pc)
   events         registry changes, pushes, NACKs, admin writes and alerts as they happen (Ctrl-C stops)
+  identity       identity token SVC                  mint a bootstrap token for a service's sidecars (admin)
 
   Every verb takes --cp HOST:PORT (MESHKEEPER_CP, default 127.0.0.1:15010), --token T
   (MESHKEEPER_TOKEN), -n NAMESPACE, -o table|json|yaml, --timeout SECONDS, --ca FILE
-  [--cert FILE --key FILE]; writes take --if-version N.
+  [--cert FILE --key FILE]; writes take --if-version N. `meshkeeper ctl VERB ...` is the same as
+  `meshkeeper VERB ...`.
 
 `meshkeeper <command> --help` shows a command's flags.
 """
 
 COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "register",
             "bootstrap", "get", "weight", "enable", "disable", "reset",
-            "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events")
+            "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events", "identity")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
         return 0
+    if argv[0] == "ctl" and len(argv) > 1 and is_ctl_argument(argv[1]):  # kubectl-like spelling
+        argv = argv[1:]
     cmd, rest = argv[0], argv[1:]
     if cmd in ("--version", "version"):
         from meshkeeper import __version__

@@ -202,6 +202,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("node", metavar="NODE", help="node id, its unique end (10.0.0.1~catalog-15006.default) or its instance HOST:PORT")
     p.add_argument("--type", type=str.lower, choices=PROXY_TYPES, default=None, help="one type only")
 
+    ident = verbs.add_parser("identity", parents=[common], help="workload identities (docs/identity.md)")
+    sub = ident.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = verb(sub, "token", cmd_identity_token, "mint a bootstrap token for a service's sidecars "
+             "(printed alone on stdout; role admin)")
+    p.add_argument("service", metavar="SVC")
+
     p = verb(verbs, "events", cmd_events, "registry changes, pushes, NACKs and admin writes as they happen",
              all_ns=True)
     p.add_argument("--kind", type=_kinds, action="extend", nargs="+", default=None, metavar="KIND",
@@ -539,4 +545,13 @@ def cmd_alert_delete(args: argparse.Namespace, client: Client) -> int:
     req = _versioned(pb.DeleteAlertRequest(namespace=args.namespace, name=args.name), args)
     client.call("DeleteAlert", req, f"the alert rule {args.name}", args.if_version)
     render.note(f"Alert rule {args.name!r} deleted from namespace {args.namespace!r}.")
+    return 0
+
+
+def cmd_identity_token(args: argparse.Namespace, client: Client) -> int:
+    resp = client.call("IssueIdentityToken", pb.IssueIdentityTokenRequest(namespace=args.namespace,
+                                                                          service=args.service))
+    if not render.document(args.output, resp):
+        render.write(resp.token + "\n")  # alone, for $(meshkeeper identity token SVC) and Secrets
+        render.note(f"Bootstrap token for {resp.spiffe_id}: a credential, keep it as a Secret.")
     return 0

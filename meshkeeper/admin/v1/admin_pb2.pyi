@@ -398,6 +398,22 @@ class DeleteAlertRequest(_message.Message):
     expected_version: int
     def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
 
+class IssueIdentityTokenRequest(_message.Message):
+    __slots__ = ("namespace", "service")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class IdentityToken(_message.Message):
+    __slots__ = ("token", "spiffe_id")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SPIFFE_ID_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    spiffe_id: str
+    def __init__(self, token: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("namespace", "kinds")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -119,6 +119,11 @@ class AdminServiceStub:
                 request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
                 response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Event.FromString,
                 _registered_method=True)
+        self.IssueIdentityToken = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/IssueIdentityToken',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -235,6 +240,14 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueIdentityToken(self, request, context):
+        """Identity (docs/identity.md): a bootstrap token with which a service's sidecars obtain its
+        certificate (admin; audited without the token). FAILED_PRECONDITION: the control plane has no CA.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -322,6 +335,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.WatchEventsRequest.FromString,
                     response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Event.SerializeToString,
+            ),
+            'IssueIdentityToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueIdentityToken,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -783,6 +801,33 @@ class AdminService:
             '/meshkeeper.admin.v1.AdminService/WatchEvents',
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.WatchEventsRequest.SerializeToString,
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueIdentityToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/IssueIdentityToken',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.FromString,
             options,
             channel_credentials,
             insecure,
