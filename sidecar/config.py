@@ -126,6 +126,9 @@ class EndpointConfig:
     serving: bool = True
     zone: str = ""
     labels: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    # Istio's auto mTLS: the endpoint's metadata ``envoy.transport_socket_match`` says ``tlsMode:
+    # mutual`` (its sidecar has an identity), so a cluster with an UpstreamTlsContext uses it.
+    mtls: bool = False
 
     @property
     def key(self) -> str:
@@ -145,6 +148,98 @@ class ClusterConfig:
     http2: bool = False  # HTTP/2 (h2c) to the endpoints: explicit_http_config.http2_protocol_options
     # STATIC clusters carry their endpoints inline; EDS clusters get them from a ClusterLoadAssignment.
     static_endpoints: tuple[EndpointConfig, ...] = ()
+    # ``transport_socket_matches`` tlsMode-mutual: mTLS to the endpoints marked ``mtls``; None: plaintext.
+    tls: UpstreamTlsConfig | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTlsConfig:
+    """A cluster's UpstreamTlsContext (docs/identity.md): the server's URI SAN must be ``san``
+    exactly; ``alpn`` is offered in the handshake, ``sni`` sent as the server name."""
+
+    san: str
+    alpn: tuple[str, ...] = ()
+    sni: str = ""
+
+
+TLS_PERMISSIVE = "PERMISSIVE"  # the inbound listener's chains: mTLS and plaintext
+TLS_STRICT = "STRICT"  # only the mTLS chain: plaintext matches no chain and is closed
+
+
+@dataclass(frozen=True, slots=True)
+class DownstreamTlsConfig:
+    """The inbound listener's ``inbound-mtls`` chain (tls_inspector + DownstreamTlsContext): a
+    client certificate is required and its URI SAN must start with ``san_prefix``; ``mode`` says
+    whether a ``inbound-plaintext`` chain takes plaintext connections too."""
+
+    mode: str
+    san_prefix: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrincipalMatch:
+    """An RBAC principal: ``any``, or ``authenticated.principal_name`` matched ``exact`` or by ``prefix``
+    against the caller's SPIFFE ID (a plaintext caller has none and matches only ``any``)."""
+
+    any: bool = False
+    exact: str = ""
+    prefix: str = ""
+
+    def matches(self, principal: str) -> bool:
+        if self.any:
+            return True
+        if not principal:
+            return False
+        return principal == self.exact if self.exact else principal.startswith(self.prefix)
+
+
+@dataclass(frozen=True, slots=True)
+class PermissionMatch:
+    """An RBAC permission: the request's method is one of ``methods`` and its path (without the
+    query) starts with one of ``path_prefixes``; an empty set or tuple matches anything."""
+
+    methods: frozenset[bytes] = frozenset()
+    path_prefixes: tuple[bytes, ...] = ()
+
+    def matches(self, method: bytes, path: bytes) -> bool:
+        if self.methods and method not in self.methods:
+            return False
+        if self.path_prefixes:
+            q = path.find(b"?")
+            if q >= 0:
+                path = path[:q]
+            return path.startswith(self.path_prefixes)
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzPolicy:
+    """One RBAC policy: it matches when any permission and any principal match."""
+
+    name: str
+    permissions: tuple[PermissionMatch, ...]
+    principals: tuple[PrincipalMatch, ...]
+
+    def matches(self, method: bytes, path: bytes, principal: str) -> bool:
+        return (any(p.matches(principal) for p in self.principals)
+                and any(p.matches(method, path) for p in self.permissions))
+
+
+AUTHZ_ALLOW = "ALLOW"
+AUTHZ_DENY = "DENY"
+
+
+@dataclass(frozen=True, slots=True)
+class AuthzConfig:
+    """``envoy.filters.http.rbac``'s rules: ALLOW lets through only requests some policy matches
+    (no policy: nothing), DENY refuses the requests some policy matches."""
+
+    action: str
+    policies: tuple[AuthzPolicy, ...] = ()
+
+    def allows(self, method: bytes, path: bytes, principal: str) -> bool:
+        matched = any(p.matches(method, path, principal) for p in self.policies)
+        return matched if self.action == AUTHZ_ALLOW else not matched
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +339,14 @@ class ListenerConfig:
     dns: DnsTableConfig | None = None
     # Listeners the sidecar binds from their address (explicit mode's ``tcp|<svc>.<ns>``): (host, port).
     bind: tuple[str, int] | None = None
+    # mTLS (docs/identity.md): the inbound listener's tls_inspector and its mTLS chain; None: plaintext only.
+    tls: DownstreamTlsConfig | None = None
+    # HCM forward_client_cert_details SANITIZE_SET (with set_current_client_cert_details.uri): a
+    # caller's x-forwarded-client-cert is removed and, on mTLS, By=<own ID>;URI=<caller ID> set.
+    xfcc_sanitize_set: bool = False
+    xfcc_uri: bool = False
+    # The HCM's envoy.filters.http.rbac, evaluated before routing; None: no filter, all allowed.
+    rbac: AuthzConfig | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -29,7 +29,16 @@ from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 
 from meshkeeper import xds
 from sidecar.config import DnsTableConfig, FilterChain, ListenerConfig, TransparentConfig
-from sidecar.xds.convert import XdsError, _only, _unpack, network_filter
+from sidecar.xds.convert import (
+    TLS_INSPECTOR_FILTER,
+    XdsError,
+    _only,
+    _unpack,
+    filter_chains,
+    network_filter,
+    tls_inspector_names,
+    with_tls,
+)
 from sidecar.xds.convert import listener as plain_listener
 
 MAX_DNS_NAMES = 100_000
@@ -46,8 +55,8 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
         return _virtual(msg, where)
     if msg.name.startswith(TCP_LISTENER_PREFIX):
         return _tcp_service(msg, where)
-    if not msg.listener_filters and not msg.HasField("default_filter_chain"):
-        return plain_listener(msg)
+    if not msg.HasField("default_filter_chain") and all(f.name == TLS_INSPECTOR_FILTER for f in msg.listener_filters):
+        return plain_listener(msg)  # with a tls_inspector: the inbound listener's mTLS chains
     return _transparent(msg, where)
 
 
@@ -68,15 +77,23 @@ def _tcp_service(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
 
 def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
     _only(msg, (*_LISTENER_FIELDS, "listener_filters", "default_filter_chain"), where)
-    names = [f.name for f in msg.listener_filters]
+    names = tls_inspector_names(msg, where)
+    inspector = names[-1:] == [TLS_INSPECTOR_FILTER]
+    if inspector:
+        names = names[:-1]
     if names not in ([], [xds.ORIGINAL_DST_FILTER]):
-        raise XdsError(f"{where}: listener_filters {names} are not supported (only {xds.ORIGINAL_DST_FILTER})")
-    if len(msg.filter_chains) != 1:
-        raise XdsError(f"{where}: exactly one filter chain is supported, got {len(msg.filter_chains)}")
-    chain = msg.filter_chains[0]
-    _only(chain, ("filters", "name", "metadata", "filter_chain_match"), f"{where} filter chain")
-    _only(chain.filter_chain_match, ("destination_port",), f"{where} filter_chain_match")
-    config = network_filter(msg.name, chain, where)
+        raise XdsError(f"{where}: listener_filters {names} are not supported (only {xds.ORIGINAL_DST_FILTER}, "
+                       f"then {TLS_INSPECTOR_FILTER})")
+    if inspector:  # the inbound listener's mTLS chains (docs/identity.md), each on the app port
+        chain, tls = filter_chains(msg, where, inspector=True, match_fields=("destination_port",))
+        config = with_tls(network_filter(msg.name, chain, where), tls, where)
+    else:
+        if len(msg.filter_chains) != 1:
+            raise XdsError(f"{where}: exactly one filter chain is supported, got {len(msg.filter_chains)}")
+        chain = msg.filter_chains[0]
+        _only(chain, ("filters", "name", "metadata", "filter_chain_match"), f"{where} filter chain")
+        _only(chain.filter_chain_match, ("destination_port",), f"{where} filter_chain_match")
+        config = network_filter(msg.name, chain, where)
     default = None
     if msg.HasField("default_filter_chain"):
         d = msg.default_filter_chain
