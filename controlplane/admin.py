@@ -25,7 +25,7 @@ from google.protobuf import json_format, timestamp_pb2
 from controlplane.alerts.api import alert_message
 from controlplane.alerts.rule import AlertRule
 from controlplane.alerts.state import state_path
-from controlplane.auth import Authorizer, Caller, Denied, Role
+from controlplane.auth import Authorizer, Caller, Denied, PeerCertificate, Role, peer_certificate
 from controlplane.ca import Issuer
 from controlplane.events import KINDS, EventBus, Overflow
 from controlplane.lrs import LoadStore
@@ -118,9 +118,10 @@ def rpc(role: Role) -> Callable:
     write = role > Role.VIEWER
 
     def wrap(fn: Callable[..., Awaitable[Any]]) -> Callable:
-        async def call(self: AdminService, request: Any, metadata: Any, peer: str) -> Any:
+        async def call(self: AdminService, request: Any, metadata: Any, peer: str,
+                       certificate: PeerCertificate | None = None) -> Any:
             try:
-                caller = self.auth.check(metadata, role, peer)
+                caller = self.auth.check(metadata, role, peer, certificate)
             except Denied as d:
                 if write:
                     _audit({**_attempt(fn.__name__, request, peer, None), "result": d.code.name.lower(),
@@ -141,7 +142,8 @@ def rpc(role: Role) -> Callable:
         @functools.wraps(fn)
         async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                return await call(self, request, context.invocation_metadata(), context.peer() or "")
+                return await call(self, request, context.invocation_metadata(), context.peer() or "",
+                                  peer_certificate(context))
             except RpcFailure as f:
                 await context.abort(f.code, f.message)
 
@@ -609,7 +611,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
 
     async def WatchEvents(self, request, context):  # noqa: N802
         try:
-            self.auth.check(context.invocation_metadata(), Role.VIEWER, context.peer() or "")
+            self.auth.check(context.invocation_metadata(), Role.VIEWER, context.peer() or "",
+                            peer_certificate(context))
         except Denied as d:
             await context.abort(d.code, str(d))
         unknown = sorted(set(request.kinds) - set(KINDS))

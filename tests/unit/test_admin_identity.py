@@ -4,18 +4,28 @@
 from __future__ import annotations
 
 import asyncio
+import datetime
+import ipaddress
 import json
+import re
 import threading
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from controlplane.admin import AdminService
 from controlplane.admin import add_to_server as add_admin_to_server
-from controlplane.auth import Authorizer, TokenFile
+from controlplane.auth import Authorizer, Role, TokenFile, TokenFileError, parse_credentials
 from controlplane.ca import Issuer
+from controlplane.ca.authority import generate
 from controlplane.events import EventBus
 from controlplane.proxies import ProxyRegistry
 from meshkeeper.cli import main as cli_main
@@ -152,3 +162,122 @@ def test_a_refused_attempt_is_audited(served: ServedAdmin, caplog, capsys) -> No
                if r.name == "meshkeeper.controlplane.audit"]
     assert [(e["rpc"], e["result"]) for e in entries] == [("IssueIdentityToken", "permission_denied")]
     assert "otto has the operator role" in entries[0]["error"]
+
+
+# -------------------------------------------------------------------- operators over mutual TLS
+
+
+OPS_CA_LIFETIME = 3600.0
+
+
+def _leaf(ca, key, *, cn: str = "", org: str = "", uris: tuple[str, ...] = (), server: bool = False):
+    now = datetime.datetime.now(datetime.UTC)
+    attrs = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, org)] if org else []
+    attrs += [x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else []
+    names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
+    if server:
+        names += [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
+    b = (x509.CertificateBuilder().subject_name(x509.Name(attrs)).issuer_name(ca.cert.subject)
+         .public_key(key.public_key()).serial_number(x509.random_serial_number())
+         .not_valid_before(now - datetime.timedelta(minutes=1)).not_valid_after(now + datetime.timedelta(hours=1))
+         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
+                                               else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+    if names:
+        b = b.add_extension(x509.SubjectAlternativeName(names), critical=not attrs)
+    return b.sign(ca.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+def _write_pair(directory: Path, name: str, ca, **kw) -> tuple[str, str]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert, keyfile = directory / f"{name}.pem", directory / f"{name}.key"
+    cert.write_bytes(_leaf(ca, key, **kw))
+    keyfile.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    return str(cert), str(keyfile)
+
+
+@dataclass
+class Ops:
+    served: ServedAdmin
+    ca: str
+    certs: dict[str, tuple[str, str]]
+
+    def run(self, capsys, who: str, *argv: str) -> tuple[int, str, str]:
+        cert, key = self.certs[who]
+        return run(capsys, *argv, "--cp", f"localhost:{self.served.port}", "--ca", self.ca, "--cert", cert, "--key", key)
+
+
+@pytest.fixture
+def ops(tmp_path: Path, issuer: Issuer) -> Iterator[Ops]:
+    ca = generate("ops.example", time.time)
+    (tmp_path / "ca.pem").write_bytes(ca.bundle_pem)
+    server_cert, server_key = _write_pair(tmp_path, "server", ca, cn="meshkeeper-controlplane", server=True)
+    certs = {
+        "alice": _write_pair(tmp_path, "alice", ca, uris=("spiffe://ops.example/ns/ops/sa/alice",)),
+        # bob's subject is O=ops then CN=bob in the certificate; the file writes it the other way round.
+        "bob": _write_pair(tmp_path, "bob", ca, cn="Bob Smith", org="ops"),
+        "mallory": _write_pair(tmp_path, "mallory", ca, cn="mallory", uris=("spiffe://ops.example/ns/ops/sa/mallory",)),
+    }
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ADMIN} ada admin\n{OPERATOR} otto operator\n"
+                      "spiffe://ops.example/ns/ops/sa/alice  alice  admin   # platform on-call\n"
+                      "subject:CN=Bob Smith,O=ops  bob  operator\n")
+    creds = grpc.ssl_server_credentials([(Path(server_key).read_bytes(), Path(server_cert).read_bytes())],
+                                        root_certificates=ca.bundle_pem, require_client_auth=True)
+    served = ServedAdmin(Authorizer(TokenFile(str(tokens))), issuer, creds)
+    try:
+        yield Ops(served, str(tmp_path / "ca.pem"), certs)
+    finally:
+        served.close()
+
+
+def test_an_operator_certificate_with_a_mapped_spiffe_id_is_its_role(ops: Ops, issuer: Issuer, caplog, capsys) -> None:
+    caplog.set_level("INFO", logger="meshkeeper.controlplane.audit")
+    code, out, err = ops.run(capsys, "alice", "identity", "token", "web")
+    assert code == 0, err
+    assert issuer.verify_token(out.strip()) == ("default", "web")
+    entry = json.loads(next(r.getMessage() for r in caplog.records
+                            if r.name == "meshkeeper.controlplane.audit").split("audit ", 1)[1])
+    assert (entry["who"], entry["role"]) == ("alice", "admin")
+
+
+def test_a_subject_maps_in_any_attribute_order_and_roles_still_apply(ops: Ops, capsys) -> None:
+    code, out, err = ops.run(capsys, "bob", "identity", "token", "web")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "bob has the operator role" in err, err
+
+
+def test_an_unmapped_certificate_is_unauthenticated(ops: Ops, capsys) -> None:
+    code, out, err = ops.run(capsys, "mallory", "identity", "token", "web")
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and "spiffe://ops.example/ns/ops/sa/mallory" in err, err
+
+
+def test_a_token_decides_over_the_certificate(ops: Ops, capsys) -> None:
+    code, _, err = ops.run(capsys, "alice", "identity", "token", "web", "--token", OPERATOR)
+    assert code == 1 and "otto has the operator role" in err, err
+    code, out, err = ops.run(capsys, "mallory", "identity", "token", "web", "--token", ADMIN)
+    assert code == 0 and out.startswith("mk1.default.web."), err
+
+
+@pytest.mark.parametrize(("line", "message"), [
+    ("spiffe:// x admin", "has no trust domain"),
+    ("spiffe:///ns/a x admin", "has no trust domain"),
+    ("subject:CN=a x root", "role 'root'"),
+    ("subject:not a name x admin", "is not an RFC 4514 name"),
+    ("spiffe://td/a x admin\nspiffe://td/a y viewer", "tokens:2: spiffe://td/a is given twice"),
+    ("subject:CN=a,O=b x admin\nsubject:O=b,CN=a y viewer", "tokens:2: the subject of 'y' is given twice"),
+])
+def test_bad_certificate_lines_name_the_line(line: str, message: str) -> None:
+    with pytest.raises(TokenFileError, match=re.escape(message)):
+        parse_credentials(line)
+
+
+def test_certificate_lines_parse() -> None:
+    creds = parse_credentials("spiffe://td/ns/ops/sa/alice alice operator\n"
+                              "subject: CN=Alice Smith, O=ops   alice2 admin  # a comment\n"
+                              f"{ADMIN} ada admin\n")
+    assert creds.spiffe_ids == {"spiffe://td/ns/ops/sa/alice": ("alice", Role.OPERATOR)}
+    assert list(creds.subjects.values()) == [("alice2", Role.ADMIN)]
+    assert len(creds.tokens) == 1 and len(creds) == 3
