@@ -16,7 +16,10 @@ TCP forwarding opens one upstream connection per query, in a task (TCP is rare: 
 Bounds: ``max_pending`` forwarded queries in flight (beyond: SERVFAIL at once, counted),
 ``max_tcp_connections`` client connections with an idle timeout, per-connection limits in
 ``protocols.TcpConnection``; a cache of this server's own mesh answers, emptied when full or when
-the table changes. Malformed input is dropped and counted, never raised.
+the table changes. Malformed input is counted, never raised: a message shorter than a header, or
+a response (QR set), is dropped (an answer would only feed amplification or loops); a query whose
+header parses and question does not (a bad or looping pointer, cut short, a label over 63 bytes, a
+name over 255) gets FORMERR, the header alone, as unbound and CoreDNS answer (RFC 1035 4.1.1).
 
 Who changes what: the xDS layer calls :meth:`MeshDns.set_table` on the loop (the whole table at
 once); the sidecar's wiring calls ``start``/``stop``; the metrics layer reads :meth:`snapshot`.
@@ -174,16 +177,19 @@ class MeshDns:
             else:
                 st.local_nodata_answers += 1
             return data[:2] + cached[1]
+        if len(data) < 12 or data[2] & 0x80:  # shorter than a header, or a response: dropped
+            st.downstream_rx_invalid += 1
+            return None
+        buf = DNSBuffer(data)
+        header = DNSHeader.parse(buf)  # (12 bytes always parse)
         try:
-            buf = DNSBuffer(data)
-            header = DNSHeader.parse(buf)
             question = DNSQuestion.parse(buf) if header.q else None
-        except Exception:  # dnslib's DNSError, BufferError, struct and decoding errors
+        except Exception:  # dnslib's DNSError, BufferError, struct, decoding and recursion errors
+            question = None
+        if header.q and (question is None or not _valid_name(question.qname.label)):
             st.downstream_rx_invalid += 1
-            return None
-        if header.qr:
-            st.downstream_rx_invalid += 1
-            return None
+            st.downstream_tx_formerr += 1
+            return _formerr(data)
         st.downstream_rx_queries += 1
         if conn is not None:
             st.downstream_rx_tcp_queries += 1
@@ -428,6 +434,18 @@ def _answers(p: Pending, data: bytes) -> bool:
     if data[4:6] == b"\x00\x00" and data[3] & 0x0F:
         return True
     return data[12:p.qend].lower() == p.query[12:p.qend].lower()
+
+
+def _valid_name(labels: tuple[bytes, ...]) -> bool:
+    """RFC 1035's limits, which dnslib's parser does not check (its packer does, and raises):
+    labels of 1..63 bytes, 255 bytes in all."""
+    return all(0 < len(label) <= 63 for label in labels) and sum(len(label) + 1 for label in labels) < 255
+
+
+def _formerr(data: bytes) -> bytes:
+    """FORMERR for a query whose header parses and question does not: the header alone (id,
+    opcode and RD kept, no section), as unbound and CoreDNS answer."""
+    return data[:2] + bytes((0x80 | data[2] & 0x79, 0x01)) + bytes(8)
 
 
 def _servfail(header, question) -> bytes:

@@ -14,7 +14,8 @@ from sidecar.upstream.stats import Counters
 DNS_STATS: tuple[str, ...] = (
     "downstream_rx_queries",  # well-formed queries received, UDP and TCP
     "downstream_rx_tcp_queries",  # of which over TCP
-    "downstream_rx_invalid",  # dropped: not parseable by dnslib, a response, or shorter than a header
+    "downstream_rx_invalid",  # malformed: dropped (shorter than a header, a response) or answered FORMERR
+    "downstream_tx_formerr",  # of which answered FORMERR: the header parsed, the question did not
     "downstream_tx_responses",  # responses sent to clients, whatever their code
     "downstream_tx_errors",  # UDP sends to a client that failed (error_received on the listener)
     "downstream_cx_tcp_total",
