@@ -1,4 +1,5 @@
 """Fuzzing the decoders of ZooKeeper payloads (issue 16): registry records (meshkeeper/registry.py),
+peer authentication and authz (meshkeeper/security.py),
 traffic policies (meshkeeper/policy.py) and alert rules (controlplane/alerts/rule.py).
 
 Whatever a znode holds (arbitrary bytes, any JSON value, a valid record with one field set to any
@@ -29,6 +30,7 @@ from meshkeeper.registry import (
     VipClaim,
     VipRecord,
 )
+from meshkeeper.security import AuthzPolicy, PeerAuthentication
 from tests.support.fuzz import fuzz_settings
 
 # name: (decode, the errors it may raise, the prefix of their messages, a valid payload)
@@ -52,6 +54,9 @@ DECODERS: dict[str, tuple[Callable[[Any], Any], type[Exception], str, dict[str, 
     "alert": (AlertRule.decode, AlertRuleError, "alert", {
         "service": "catalog", "condition": "error_ratio", "threshold": 0.05, "for": "1m",
         "severity": "critical", "min_rps": 1, "summary": "errors", "webhooks": ["http://hook.example/x"]}),
+    "peer_authentication": (PeerAuthentication.decode, RecordError, "peer_authentication", {"mode": "STRICT"}),
+    "authz": (AuthzPolicy.decode, RecordError, "authz", {"action": "ALLOW", "rules": [
+        {"from": ["spiffe://meshkeeper.local/ns/default/sa/web", "ns:prod"], "methods": ["GET"], "paths": ["/api"]}]}),
 }
 
 json_values = st.recursive(
