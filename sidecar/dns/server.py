@@ -194,7 +194,9 @@ class MeshDns:
         if conn is not None:
             st.downstream_rx_tcp_queries += 1
         if question is not None and header.q == 1 and header.opcode == 0:
-            vips = self._table.get(str(question.qname).lower()[:-1])
+            labels = question.qname.label
+            # (a label holding a dot is another name than the labels it looks like: not the mesh's)
+            vips = self._table.get(b".".join(labels).decode().lower()) if b"." not in b"".join(labels) else None
             if vips is not None:
                 return self._answer_mesh(data, header, question, vips, conn is None)
         return self._forward(data, buf.offset, header, question, addr, conn)

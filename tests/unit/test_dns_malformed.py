@@ -50,6 +50,12 @@ def test_shorter_than_a_header_or_a_response_is_dropped(data: bytes) -> None:
     assert dns.snapshot()["downstream_rx_invalid"] == 1 and dns.snapshot()["downstream_tx_formerr"] == 0
 
 
+def test_a_label_with_a_dot_is_not_the_mesh_name_of_two_labels() -> None:
+    dns, reply = ask(HEADER + b"\x0ccatalog.shop\x00" + A_IN)
+    assert reply is not None and not reply.rr and reply.header.rcode == 2  # forwarded (here: SERVFAIL)
+    assert dns.snapshot()["known_domain_queries"] == 0
+
+
 def test_the_mesh_name_itself_is_still_answered() -> None:
     _, reply = ask(HEADER + b"\x07CataLog\x04shop\x00" + A_IN)
     assert reply is not None and [str(rr.rdata) for rr in reply.rr] == ["240.240.0.7"]
