@@ -32,7 +32,7 @@ import logging
 import socket
 from random import getrandbits
 
-from dnslib import QTYPE, RCODE, RR, A, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
+from dnslib import CLASS, QTYPE, RCODE, RR, A, DNSBuffer, DNSHeader, DNSQuestion, DNSRecord
 
 from sidecar.dns.protocols import Pending, TcpConnection, UdpListener, UdpUpstream
 from sidecar.dns.stats import DnsStats
@@ -49,6 +49,7 @@ UDP_ANSWER_LIMIT = 512  # our own answers over UDP; larger ones go out truncated
 UPSTREAM_DOWN_SECONDS = 5.0  # after an ICMP error, new queries prefer the other upstreams this long
 MESH_CACHE_SIZE = 4096
 _A = QTYPE.A
+_IN = CLASS.IN  # the mesh's names are of class IN only; CH, HS, ANY... go upstream
 
 
 class MeshDns:
@@ -193,7 +194,7 @@ class MeshDns:
         st.downstream_rx_queries += 1
         if conn is not None:
             st.downstream_rx_tcp_queries += 1
-        if question is not None and header.q == 1 and header.opcode == 0:
+        if question is not None and header.q == 1 and header.opcode == 0 and question.qclass == _IN:
             labels = question.qname.label
             # (a label holding a dot is another name than the labels it looks like: not the mesh's)
             vips = self._table.get(b".".join(labels).decode().lower()) if b"." not in b"".join(labels) else None

@@ -56,6 +56,14 @@ def test_a_label_with_a_dot_is_not_the_mesh_name_of_two_labels() -> None:
     assert dns.snapshot()["known_domain_queries"] == 0
 
 
+@pytest.mark.parametrize("qclass", [3, 4, 254, 255])
+def test_a_mesh_name_of_another_class_than_in_is_not_answered_here(qclass: int) -> None:
+    dns, reply = ask(HEADER + b"\x07catalog\x04shop\x00\x00\x01" + qclass.to_bytes(2, "big"))
+    assert reply is not None and not reply.rr and reply.header.rcode == 2  # forwarded (here: SERVFAIL)
+    assert reply.questions[0].qclass == qclass
+    assert dns.snapshot()["known_domain_queries"] == 0
+
+
 def test_the_mesh_name_itself_is_still_answered() -> None:
     _, reply = ask(HEADER + b"\x07CataLog\x04shop\x00" + A_IN)
     assert reply is not None and [str(rr.rdata) for rr in reply.rr] == ["240.240.0.7"]
