@@ -108,10 +108,11 @@ def _is_self_signed(cert: x509.Certificate) -> bool:
 
 def from_pem(cert_pem: bytes, key_pem: bytes, bundle_pem: bytes | None = None,
              password: bytes | None = None, *, names: tuple[str, str, str] = ("--ca-cert", "--ca-key", "--ca-bundle"),
-             paths: tuple[str, str, str] = ("", "", "")) -> Authority:
+             paths: tuple[str, str, str] = ("", "", ""), require_roots: bool = True) -> Authority:
     """An Authority from PEM: ``cert_pem`` is the signing certificate, optionally followed by its
     intermediates; ``bundle_pem`` the roots (required when the signing certificate is not
-    self-signed). ``names``/``paths`` only word the errors."""
+    self-signed, unless ``require_roots`` is False: for what only mints tokens, the bundle is then
+    empty). ``names``/``paths`` only word the errors."""
     cert_flag, key_flag, bundle_flag = names
     cert_path, key_path, bundle_path = paths
     certs = _certs(cert_flag, cert_path, cert_pem)
@@ -139,6 +140,8 @@ def from_pem(cert_pem: bytes, key_pem: bytes, bundle_pem: bytes | None = None,
         bundle = bundle_pem
     elif _is_self_signed(certs[-1]):
         bundle = certs[-1].public_bytes(serialization.Encoding.PEM)
+    elif not require_roots:
+        bundle = b""
     else:
         raise CAError(f"{cert_flag} {cert_path}: {cert.subject.rfc4514_string()} is an intermediate "
                       f"(issued by {certs[-1].issuer.rfc4514_string()}): give the roots with {bundle_flag}")
@@ -148,7 +151,7 @@ def from_pem(cert_pem: bytes, key_pem: bytes, bundle_pem: bytes | None = None,
 
 
 def from_files(cert_path: str, key_path: str, bundle_path: str | None = None,
-               password: bytes | None = None) -> Authority:
+               password: bytes | None = None, require_roots: bool = True) -> Authority:
     return from_pem(_read("--ca-cert", cert_path), _read("--ca-key", key_path),
                     _read("--ca-bundle", bundle_path) if bundle_path else None, password,
-                    paths=(cert_path, key_path, bundle_path or ""))
+                    paths=(cert_path, key_path, bundle_path or ""), require_roots=require_roots)

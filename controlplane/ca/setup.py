@@ -19,6 +19,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 
 from kazoo.client import KazooClient
 from kazoo.exceptions import KazooException
@@ -27,7 +28,8 @@ from kazoo.retry import KazooRetry
 
 from controlplane.ca.authority import Authority, CAError, Clock, from_files
 from controlplane.ca.issuer import DEFAULT_CERT_TTL, Issuer
-from controlplane.ca.shared import CA_ZNODE, load_or_create
+from controlplane.ca.shared import CA_ZNODE, load_or_create, read
+from controlplane.ca.tokens import TokenKey, derive_key
 from meshkeeper.cliargs import seconds
 from meshkeeper.identity import DEFAULT_TRUST_DOMAIN, IdentityError, validate_trust_domain
 
@@ -67,23 +69,82 @@ def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         p.error("--ca-cert and --ca-key go together")
     if args.ca_bundle and not args.ca_cert:
         p.error("--ca-bundle needs --ca-cert and --ca-key")
-    args.ca_passphrase = None
-    if args.ca_passphrase_file:
-        try:
-            with open(args.ca_passphrase_file, "rb") as f:
-                args.ca_passphrase = f.read().rstrip(b"\r\n")
-        except OSError as exc:
-            p.error(f"--ca-passphrase-file {args.ca_passphrase_file}: {exc.strerror}")
-        if not args.ca_passphrase:
-            p.error(f"--ca-passphrase-file {args.ca_passphrase_file}: the file is empty")
-    elif os.environ.get(PASSPHRASE_ENV):
-        args.ca_passphrase = os.environ[PASSPHRASE_ENV].encode()
+    args.ca_passphrase = _passphrase(p, args)
     args.ca_authority = None
     if args.ca_cert:
         try:
             args.ca_authority = from_files(args.ca_cert, args.ca_key, args.ca_bundle, args.ca_passphrase)
         except CAError as exc:
             p.error(str(exc))
+
+
+def _passphrase(p: argparse.ArgumentParser, args: argparse.Namespace) -> bytes | None:
+    if args.ca_passphrase_file:
+        try:
+            with open(args.ca_passphrase_file, "rb") as f:
+                passphrase = f.read().rstrip(b"\r\n")
+        except OSError as exc:
+            p.error(f"--ca-passphrase-file {args.ca_passphrase_file}: {exc.strerror}")
+        if not passphrase:
+            p.error(f"--ca-passphrase-file {args.ca_passphrase_file}: the file is empty")
+        return passphrase
+    env = os.environ.get(PASSPHRASE_ENV)
+    return env.encode() if env else None
+
+
+# --------------------------------------------------------------------------- the injector's tokens
+
+
+def add_token_arguments(p: argparse.ArgumentParser) -> None:
+    """Flags of processes that only mint bootstrap tokens (the injector): the CA's key, from files
+    or from ZooKeeper (read, never created), to derive the token key from."""
+    g = p.add_argument_group("identity tokens (docs/identity.md; the control plane's CA)")
+    g.add_argument("--ca-cert", metavar="FILE", help="the control plane's --ca-cert")
+    g.add_argument("--ca-key", metavar="FILE", help="the control plane's --ca-key")
+    g.add_argument("--ca-passphrase-file", metavar="FILE",
+                   help=f"read the CA the control planes share in ZooKeeper {CA_ZNODE} (--zk) with this "
+                        f"passphrase (or env {PASSPHRASE_ENV})")
+
+
+def token_minter(p: argparse.ArgumentParser, args: argparse.Namespace,
+                 connect_timeout: float = 10.0) -> Callable[[str, str], str] | None:
+    """``mint(namespace, service) -> token`` from the CA the flags name, or None without one.
+    A CA that cannot be read is ``p.error`` (one line)."""
+    if bool(args.ca_cert) != bool(args.ca_key):
+        p.error("--ca-cert and --ca-key go together")
+    passphrase = _passphrase(p, args)
+    try:
+        if args.ca_cert:
+            authority = from_files(args.ca_cert, args.ca_key, None, passphrase, require_roots=False)
+        elif passphrase is not None:
+            authority = _read_shared(args.zk, passphrase, connect_timeout)
+        else:
+            return None
+    except CAError as exc:
+        p.error(str(exc))
+    return TokenKey(derive_key(authority.key_der())).mint
+
+
+def _read_shared(hosts: str, passphrase: bytes, connect_timeout: float) -> Authority:
+    client = KazooClient(hosts=hosts, timeout=10.0)
+    try:
+        try:
+            client.start(timeout=connect_timeout)
+        except KazooTimeoutError:
+            raise CAError(f"cannot reach ZooKeeper {hosts} to read the CA in {CA_ZNODE}") from None
+        try:
+            authority = read(client, passphrase)
+        except KazooException as exc:
+            raise CAError(f"reading {CA_ZNODE} from ZooKeeper {hosts}: {type(exc).__name__}") from None
+    finally:
+        client.stop()
+        client.close()
+    if authority is None:
+        raise CAError(f"no CA in ZooKeeper {hosts} {CA_ZNODE} yet: start a control plane with the passphrase first")
+    return authority
+
+
+# --------------------------------------------------------------------------- the control plane
 
 
 def _shared(hosts: str, session_timeout: float, passphrase: bytes, trust_domain: str, clock: Clock,

@@ -56,6 +56,15 @@ def trust_domain_of(authority: Authority) -> str:
     return str(names[0].value) if names else ""
 
 
+def read(client: Any, passphrase: bytes) -> Authority | None:
+    """The shared CA, or None while no control plane has created it (never creates it)."""
+    try:
+        payload, _stat = client.get(CA_ZNODE)
+    except NoNodeError:
+        return None
+    return decode(payload, passphrase)
+
+
 def load_or_create(client: Any, passphrase: bytes, trust_domain: str, clock: Clock) -> tuple[Authority, bool]:
     """The shared CA, created if there is none yet: ``(authority, created_here)``. ``client`` is a
     connected kazoo client. CAError for a wrong passphrase or an unreadable znode."""

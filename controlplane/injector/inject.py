@@ -7,6 +7,11 @@ through, and writes the result to stdout for ``kubectl apply -f -``. Pods that a
 call the app's comes out unchanged with a warning on stderr. Comments and key quoting of the input
 are not kept (the documents are re-serialised). A file that cannot be read or parsed, a document
 that is not a Kubernetes object, or an annotation that cannot be honoured: one line on stderr, exit 2.
+
+Given the control plane's CA (``--ca-cert/--ca-key``, or ``--ca-passphrase-file`` /
+``MESHKEEPER_CA_PASSPHRASE`` to read the CA the replicas share in ZooKeeper ``--zk``), each proxy
+gets a bootstrap token for its service in ``MESHKEEPER_IDENTITY_TOKEN`` (docs/identity.md). A CA
+that cannot be read: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, TextIO
 
 import yaml
 
+from controlplane.ca.setup import add_token_arguments, token_minter
 from controlplane.injector.patch import InjectConfig, InjectError
 from controlplane.injector.workloads import describe, inject_object
 from meshkeeper.cliargs import ArgumentParser, zk_hosts
@@ -38,11 +44,17 @@ def add_injection_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--native-sidecar", action=argparse.BooleanOptionalAction, default=defaults.native_sidecar,
                    help="the proxy as a native sidecar (init container, restartPolicy Always; Kubernetes "
                         "1.29+, 1.28 with its feature gate); --no-native-sidecar: a regular first container (default: native)")
+    add_token_arguments(p)
 
 
 def config_from(args: argparse.Namespace) -> InjectConfig:
     return InjectConfig(cp=args.cp, zk=args.zk, image=args.image, proxy_uid=args.proxy_uid,
-                        native_sidecar=args.native_sidecar)
+                        native_sidecar=args.native_sidecar, identity_tokens=getattr(args, "identity_tokens", None))
+
+
+def check_token_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Read the CA of the token flags (``p.error`` when it cannot be read): ``args.identity_tokens``."""
+    args.identity_tokens = token_minter(p, args)
 
 
 def _uid(text: str) -> int:
@@ -56,7 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                                               "(as istioctl kube-inject); the result goes to stdout.")
     p.add_argument("-f", "--filename", required=True, metavar="FILE|-", help="manifests to inject ('-': stdin)")
     add_injection_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_token_arguments(p, args)
+    return args
 
 
 def inject_documents(text: str, config: InjectConfig, warn: TextIO) -> str:

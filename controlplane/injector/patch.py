@@ -9,6 +9,9 @@ What injection adds (docs/kubernetes.md says it for users):
   is an init container with ``restartPolicy: Always`` right after ``meshkeeper-init``, so it starts
   before the app and the app's own init containers, stops after them, and Jobs complete; otherwise
   it is the first regular container;
+- with a token minter (the injector was given the control plane's CA, docs/identity.md): the
+  proxy's env ``MESHKEEPER_IDENTITY_TOKEN``, a bootstrap token for the pod's mesh namespace and
+  service, with which it obtains its certificate;
 - the annotation ``sidecar.meshkeeper.io/status``, so that a second injection changes nothing;
 - Prometheus' scrape annotations pointing at the proxy's status port (``/stats/prometheus`` on
   15021), as Istio's injection does, unless the pod sets any ``prometheus.io/*`` of its own.
@@ -25,11 +28,12 @@ from __future__ import annotations
 import copy
 import ipaddress
 import json
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from meshkeeper import __version__
+from meshkeeper.identity import TOKEN_ENV
 from meshkeeper.registry import RecordError, validate_name
 
 DEFAULT_CP = "meshkeeper-controlplane.meshkeeper-system.svc:15010"
@@ -75,6 +79,8 @@ class InjectConfig:
     image: str = DEFAULT_IMAGE
     proxy_uid: int = DEFAULT_PROXY_UID
     native_sidecar: bool = True
+    # mint(namespace, service) -> bootstrap token (controlplane.ca.tokens); None: no tokens.
+    identity_tokens: Callable[[str, str], str] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -254,7 +260,8 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
         validate_name("namespace", mesh_ns)
     except RecordError as exc:
         raise InjectError(f"{exc} (set {A_NAMESPACE})") from None
-    args = ["sidecar", "--service", _service(annotations, labels, workload), "--namespace", mesh_ns,
+    service = _service(annotations, labels, workload)
+    args = ["sidecar", "--service", service, "--namespace", mesh_ns,
             "--app-port", str(app_port), "--interception", "redirect", "--advertise-host", "$(POD_IP)",
             "--inbound-bind", "0.0.0.0", "--cp", config.cp, "--zk", config.zk]
     version = labels.get("version") or labels.get("app.kubernetes.io/version")
@@ -267,6 +274,10 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
     # for the app to be healthy, and a native sidecar's startupProbe holds the app back until it
     # passes, so the two would wait on each other forever.
     native = {"restartPolicy": "Always"} if config.native_sidecar else {}
+    env = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+           {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    if config.identity_tokens is not None:
+        env.append({"name": TOKEN_ENV, "value": config.identity_tokens(mesh_ns, service)})
     return {
         "name": PROXY_NAME,
         "image": config.image,
@@ -274,8 +285,7 @@ def _proxy_container(config: InjectConfig, annotations: Mapping[str, str], label
         **native,
         "command": ["meshkeeper"],
         "args": args,
-        "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
-                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+        "env": env,
         "ports": [
             {"name": "mk-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
             {"name": "mk-status", "containerPort": STATUS_PORT, "protocol": "TCP"},

@@ -27,7 +27,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from controlplane.injector.admission import internal_error, review
-from controlplane.injector.inject import add_injection_flags, config_from
+from controlplane.injector.inject import add_injection_flags, check_token_arguments, config_from
 from controlplane.injector.patch import InjectConfig
 from meshkeeper.cliargs import ArgumentParser, port
 
@@ -47,7 +47,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--key", required=True, metavar="FILE", help="PEM private key of --cert")
     p.add_argument("--log-level", default="INFO", type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     add_injection_flags(p)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_token_arguments(p, args)
+    return args
 
 
 class _Certificate:

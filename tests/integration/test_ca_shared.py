@@ -8,12 +8,14 @@ import threading
 from pathlib import Path
 
 import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from controlplane.ca import CA_ZNODE, CAError, Issuer
 from controlplane.ca.shared import load_or_create
 from meshkeeper.demo.process import meshkeeper_argv, wait_until
-from tests.unit.test_ca import csr_of
 
 pytestmark = pytest.mark.integration
 
@@ -24,10 +26,17 @@ def clock() -> float:
     return NOW
 
 
+def csr() -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    return (x509.CertificateSigningRequestBuilder().subject_name(x509.Name([])).sign(key, hashes.SHA256())
+            .public_bytes(serialization.Encoding.PEM))
+
+
 @pytest.fixture
 def fresh_zk(zk_client):
     """The session ZooKeeper without a CA record (tests here create and delete it)."""
-    zk_client.delete(CA_ZNODE) if zk_client.exists(CA_ZNODE) else None
+    if zk_client.exists(CA_ZNODE):
+        zk_client.delete(CA_ZNODE)
     yield zk_client
     if zk_client.exists(CA_ZNODE):
         zk_client.delete(CA_ZNODE)
@@ -42,7 +51,7 @@ def test_two_replicas_share_one_ca_and_a_wrong_passphrase_is_refused(fresh_zk) -
     assert a.bundle_pem == b.bundle_pem
     # A token minted by one replica is good at the other; a certificate of one verifies with the other's bundle.
     assert b.verify_token(a.mint_token("shop", "web")) == ("shop", "web")
-    issued = b.sign(csr_of(ec.generate_private_key(ec.SECP256R1())), "shop", "web")
+    issued = b.sign(csr(), "shop", "web")
     assert issued.chain_pem.endswith(a.bundle_pem)
 
     with pytest.raises(CAError) as exc:
@@ -109,3 +118,34 @@ def test_replicas_log_where_their_ca_comes_from(procs, zk_server, fresh_zk, tmp_
     wait_until(lambda: "CA: " in first.stderr_text() and "CA: " in second.stderr_text(), timeout=10)
     assert "CA: a self-signed CA created in ZooKeeper /meshkeeper/_ca (O=meshkeeper.local)" in first.stderr_text()
     assert "CA: a self-signed CA shared through ZooKeeper /meshkeeper/_ca" in second.stderr_text()
+
+
+POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, annotations: {sidecar.meshkeeper.io/service: web}}
+spec:
+  containers: [{name: app, image: "web:1", ports: [{containerPort: 8080}]}]
+"""
+
+
+def test_the_injector_reads_the_shared_ca_and_never_creates_it(zk_server, fresh_zk, tmp_path: Path) -> None:
+    (tmp_path / "pod.yaml").write_text(POD)
+    (tmp_path / "pass").write_text("right\n")
+    argv = meshkeeper_argv("inject", "-f", str(tmp_path / "pod.yaml"), "--zk", zk_server.hosts,
+                           "--ca-passphrase-file", str(tmp_path / "pass"))
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "no CA in ZooKeeper" in proc.stderr, proc.stderr
+    assert fresh_zk.exists(CA_ZNODE) is None
+
+    authority, _ = load_or_create(fresh_zk, b"right", "meshkeeper.local", clock)
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    (proxy,) = [c for c in yaml.safe_load(proc.stdout)["spec"]["initContainers"] if c["name"] == "meshkeeper-proxy"]
+    token = {e["name"]: e.get("value") for e in proxy["env"]}["MESHKEEPER_IDENTITY_TOKEN"]
+    assert Issuer(authority).verify_token(token) == ("shop", "web")
+
+    (tmp_path / "pass").write_text("wrong\n")
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "passphrase is wrong" in proc.stderr and proc.stderr.count("\n") == 1
