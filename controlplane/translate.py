@@ -135,8 +135,10 @@ def _ads_source() -> config_source_pb2.ConfigSource:
 
 
 def _pack(msg: Message) -> any_pb2.Any:
+    # Deterministic: a typed config with a map (RBAC's policies) packs to the same bytes, hence the
+    # same resource version, on every control plane replica.
     a = any_pb2.Any()
-    a.Pack(msg)
+    a.Pack(msg, deterministic=True)
     return a
 
 

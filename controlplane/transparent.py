@@ -27,7 +27,9 @@ In Envoy's vocabulary, as Istio lays it out:
   the same filter, its own chain matched on the app's port, and a default chain to
   ``InboundPassthroughCluster``: the pod's other ports reach the app unchanged (the sidecar dials
   them on the pod IP from 127.0.0.6, which the capture rules never capture, so its own connection
-  is not redirected again and loopback-only services stay private).
+  is not redirected again and loopback-only services stay private). Under STRICT peer
+  authentication (a mesh identity) the inbound listener has no default chain: only mTLS to the
+  app's port gets through (docs/identity.md).
 
 * Clusters ``PassthroughCluster``, ``InboundPassthroughCluster`` (ORIGINAL_DST,
   ``CLUSTER_PROVIDED``) and ``BlackHoleCluster`` (STATIC, no endpoints), Istio's names.
@@ -72,7 +74,6 @@ TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
 DNS_TTL_S = 30
 DNS_PORT = 15053  # informational: the sidecar binds --dns-port
-STRICT_REFUSAL_CHAIN = "inbound-plaintext-refused"
 
 
 def _cidr(address: str) -> address_pb2.CidrRange:
@@ -270,18 +271,11 @@ def node_resources(node: NodeInfo, policy: Policy, sec: tr.NodeSecurity = tr.NO_
     if inbound is not None:  # the app's port through the inbound filter; other ports of the pod passed through
         redirect(inbound, node.app_port, xds.INBOUND_PASSTHROUGH_CLUSTER)
         if sec.identity is not None and sec.mode == STRICT:
-            inbound.filter_chains.append(strict_refusal_chain(node.app_port))
+            # As Istio's STRICT, on every port of the pod: a plaintext connection matches no chain
+            # and is closed (no_filter_chain_match); without this it would take the default chain
+            # to InboundPassthroughCluster and reach the app.
+            inbound.ClearField("default_filter_chain")
     return out
-
-
-def strict_refusal_chain(app_port: int) -> listener_components_pb2.FilterChain:
-    """STRICT in transparent mode: a plaintext connection to the app's port would otherwise fall
-    to the default chain (``InboundPassthroughCluster``) and reach the app; this chain sends it
-    to ``BlackHoleCluster`` instead (closed, counted as the cluster's no-healthy-upstream)."""
-    return listener_components_pb2.FilterChain(
-        name=STRICT_REFUSAL_CHAIN,
-        filter_chain_match=listener_components_pb2.FilterChainMatch(destination_port=tr._u32(app_port)),
-        filters=[_tcp_proxy("inbound-plaintext", None, xds.BLACKHOLE_CLUSTER)])
 
 
 def shared_for(snapshot: RegistrySnapshot, node: NodeInfo) -> MappingProxyType | None:

@@ -294,16 +294,14 @@ def test_redirect_mode_inbound_chains_match_the_app_port_after_original_dst():
     assert listener.default_filter_chain.name == xds.INBOUND_PASSTHROUGH_CLUSTER
 
 
-def test_redirect_mode_strict_sends_plaintext_to_the_app_port_to_the_black_hole():
+def test_redirect_mode_strict_has_no_default_chain_so_plaintext_matches_nothing():
     listener = inbound(snapshot(service("web", mode="STRICT")), REDIRECT)
-    mtls, refused = listener.filter_chains
+    (mtls,) = listener.filter_chains
     check_mtls_chain(mtls)
-    assert refused.name == "inbound-plaintext-refused"
-    assert refused.filter_chain_match.destination_port.value == 8080 and not refused.filter_chain_match.transport_protocol
-    proxy = tcp_proxy_pb2.TcpProxy()
-    assert refused.filters[0].typed_config.Unpack(proxy) and proxy.cluster == xds.BLACKHOLE_CLUSTER
-    assert xds.BLACKHOLE_CLUSTER in transparent.translate(snapshot(service("web", mode="STRICT")), REDIRECT,
-                                                          IDENTITY)[xds.CLUSTER]
+    assert mtls.filter_chain_match.destination_port.value == 8080
+    assert not listener.HasField("default_filter_chain")
+    permissive = inbound(snapshot(service("web", mode="PERMISSIVE")), REDIRECT)
+    assert permissive.default_filter_chain.name == xds.INBOUND_PASSTHROUGH_CLUSTER
 
 
 def test_redirect_mode_without_identity_is_unchanged():
@@ -350,7 +348,7 @@ def test_every_resource_round_trips_through_any_as_its_envoy_type(node, mode):
     for type_url, items in out.items():
         for msg in items.values():
             a = any_pb2.Any()
-            a.Pack(msg)
+            a.Pack(msg, deterministic=True)  # as the cache packs them
             assert a.type_url == type_url
             _check_any(a)
     assert isinstance(out[xds.LISTENER][xds.INBOUND_LISTENER], listener_pb2.Listener)
