@@ -50,6 +50,7 @@ from controlplane.zksource import KazooSource
 from controlplane.zkstore import ZkStore
 from meshkeeper.cliargs import ArgumentParser, add_zk_argument, port, seconds, zk_from_environment
 from meshkeeper.httpd import HttpServer
+from meshkeeper.security import MeshIdentity
 
 log = logging.getLogger("meshkeeper.controlplane")
 
@@ -161,7 +162,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
                  issuer.origin, issuer.trust_domain, issuer.ttl)
 
     metrics = Metrics()
-    cache = SnapshotCache(metrics)
+    # With a CA, translation emits mTLS for the trust domain (docs/identity.md); without, plaintext.
+    cache = SnapshotCache(metrics, identity=MeshIdentity(issuer.trust_domain) if issuer is not None else None)
     events = EventBus()
     proxies = ProxyRegistry(metrics, events=events)
 
