@@ -12,6 +12,7 @@ app still answers), then the control plane, then ZooKeeper.
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -86,10 +87,14 @@ class LocalMesh:
             self.zk = ZooKeeperEnsemble(self.workdir / "zookeeper", size=self.zk_servers).start()
         else:
             self.zk = ZooKeeper(self.workdir / "zookeeper").start()
+        # The CA (docs/identity.md): self-signed, kept in ZooKeeper under a passphrase of this demo's.
+        passphrase = self.workdir / "ca-passphrase"
+        passphrase.touch(mode=0o600)
+        passphrase.write_text(secrets.token_urlsafe(32) + "\n")
         cp = ManagedProcess(
             # A local demo: no tokens, every caller may use the admin API (said on start).
             meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", "0", "--http-port", "0",
-                            "--insecure-admin"),
+                            "--insecure-admin", "--ca-passphrase-file", str(passphrase)),
             role="controlplane",
             log_dir=self.workdir,
         )
@@ -149,9 +154,27 @@ class LocalMesh:
             "sidecar", "--service", service, "--namespace", self.namespace, "--app-port", str(app_port),
             "--version", version, "--weight", str(weight), "--cp", self.cp_address, "--zk", self.zk_hosts,
             "--outbound-port", "0", "--inbound-port", "0", "--admin-port", "0", "--status-port", "0",
-            *self.sidecar_args,
+            "--identity-token-file", str(self.identity_token(service)), *self.sidecar_args,
         )  # fmt: skip
         return self._start(argv, "sidecar", f"sidecar-{name}")
+
+    def identity_token(self, service: str) -> Path:
+        """A file holding ``service``'s bootstrap token, minted by the control plane's admin API
+        (``meshkeeper identity token``), so that its sidecars get certificates and speak mTLS."""
+        path = self.workdir / f"{service}.token"
+        if not path.exists():
+            from meshkeeper.admin.v1 import admin_pb2
+            from meshkeeper.ctl.client import Client, Target
+
+            client = Client(Target(cp=self.cp_address))
+            try:
+                resp = client.call("IssueIdentityToken",
+                                   admin_pb2.IssueIdentityTokenRequest(namespace=self.namespace, service=service))
+            finally:
+                client.close()
+            path.touch(mode=0o600)
+            path.write_text(resp.token + "\n")
+        return path
 
     def _start(
         self, argv: list[str], role: str, name: str, env: dict[str, str] | None = None
