@@ -42,9 +42,9 @@ CONNECT_WAIT = 5.0  # seconds per attempt to reach ZooKeeper for the shared CA
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("identity (docs/identity.md)")
-    g.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN,
+    g.add_argument("--trust-domain", default=DEFAULT_TRUST_DOMAIN, metavar="TD",
                    help="SPIFFE trust domain of workload identities (default %(default)s)")
-    g.add_argument("--cert-ttl", type=seconds, default=DEFAULT_CERT_TTL,
+    g.add_argument("--cert-ttl", type=seconds, default=DEFAULT_CERT_TTL, metavar="SECONDS",
                    help="lifetime of workload certificates, seconds (default %(default)g)")
     g.add_argument("--ca-cert", metavar="FILE", help="the CA certificate that signs workload certificates "
                    "(then its intermediates, if any), PEM")

@@ -10,7 +10,8 @@ SIGTERM/SIGINT stop it (in-flight requests finish).
 The stdlib's threading HTTP server, because meshkeeper.httpd has no TLS: each connection gets a
 thread and does its TLS handshake there (not in the accepting thread, so a slow client delays only
 itself). The certificate is re-read when its file changes (cert-manager rotates it in place).
-Bad flags, or certificate files that cannot be loaded: one line on stderr, exit 2.
+Bad flags, or certificate files that cannot be loaded: one line on stderr, exit 2. Given the control
+plane's CA (controlplane.injector.inject), each proxy gets its service's bootstrap token.
 """
 
 from __future__ import annotations
