@@ -1,7 +1,8 @@
-"""The long run of the fuzz properties (issue 16): the HTTP/1.1 path's properties, by the million.
+"""The long run of the fuzz properties (issue 16): the HTTP/1.1 path's and the mesh DNS's, by the million.
 
 The properties are the suite's (tests/unit/test_fuzz_http1_proxy.py: any request stream, any
-upstream response; test_fuzz_http1_codecs.py: each codec alone);
+upstream response; test_fuzz_http1_codecs.py: each codec alone; test_fuzz_dns.py: any datagram to
+the mesh DNS over UDP, any byte stream over TCP);
 here each is run on random inputs through hypothesis' ``fuzz_one_input`` (what an external fuzzer
 would call: the strategies read random bytes, and there is no shrinking, database or per-run
 overhead), in one process per worker, until the time or the input count is up. A failure is kept
@@ -10,6 +11,7 @@ with its traceback and the bytes that replay it (``f.hypothesis.fuzz_one_input(b
 
     .venv/bin/python bench/fuzz.py --minutes 20 --workers 2
     .venv/bin/python bench/fuzz.py --inputs 1000000 --workers 2 --targets proxy
+    .venv/bin/python bench/fuzz.py --inputs 1000000 --minutes 60 --workers 2 --targets dns-udp,dns-tcp
     .venv/bin/python bench/fuzz.py --replay bench/out/fuzz/proxy-1.bin --targets proxy
 
 It prints a line per minute and, at the end, inputs run per target (valid ones: an input the
@@ -38,6 +40,8 @@ TARGETS = {
     "proxy-upstream": ("tests.unit.test_fuzz_http1_proxy", "test_proxy_any_upstream_response", 1),
     "request-codec": ("tests.unit.test_fuzz_http1_codecs", "test_request_codec_any_stream", 1),
     "response-codec": ("tests.unit.test_fuzz_http1_codecs", "test_response_codec_any_response", 1),
+    "dns-udp": ("tests.unit.test_fuzz_dns", "test_udp_any_datagrams", 1),
+    "dns-tcp": ("tests.unit.test_fuzz_dns", "test_tcp_any_stream", 1),
 }
 BUFFER = 4096  # random bytes per input: more than any strategy here reads
 
