@@ -48,11 +48,15 @@ from meshkeeper.registry import (
     parse_endpoint_key,
     validate_name,
 )
+from meshkeeper.security import DEFAULT_MODE, AuthzPolicy, PeerAuthentication
 
 log = logging.getLogger("meshkeeper.controlplane.admin")
 audit_log = logging.getLogger("meshkeeper.controlplane.audit")
 
 SHORT_TYPES = ("CDS", "EDS", "LDS", "RDS", "RTDS")
+# An authz znode at most (encoded): well under ZooKeeper's 1 MiB packet limit (jute.maxbuffer), past
+# which the server drops the connection rather than refusing the write.
+MAX_AUTHZ_BYTES = 512 * 1024
 
 
 class AdminError(Exception):
@@ -606,6 +610,124 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         self.events.publish("admin_write", namespace=ns, service=svc, who=caller.name,
                             summary=f"IssueIdentityToken for {uri} by {caller.name}")
         return admin_pb2.IdentityToken(token=token, spiffe_id=uri)
+
+    # ------------------------------------------------------------------ authorization
+
+    async def _authz(self, ns: str, svc: str) -> admin_pb2.Authz:
+        zn = await self.store.get(Paths(ns).authz(svc))
+        if zn is None:
+            return admin_pb2.Authz(namespace=ns, service=svc, json="", version=-1)
+        out = admin_pb2.Authz(namespace=ns, service=svc, version=zn.version)
+        try:
+            out.json = AuthzPolicy.decode(zn.data).encode().decode()
+        except RecordError as exc:  # as stored: the operator sees what is wrong, and why
+            out.json, out.error = zn.data.decode("utf-8", "replace"), str(exc)
+        return out
+
+    @rpc(Role.VIEWER)
+    async def GetAuthz(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        authz = await self._authz(ns, svc)
+        if authz.version == -1:  # none for a registered service; neither: a typo
+            await self._require_service(ns, svc)
+        return authz
+
+    @rpc(Role.ADMIN)
+    async def SetAuthz(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        expected = _expected(request)
+        if not request.json.strip():
+            raise AdminError('json: required, the policy ({"action": "ALLOW"|"DENY", "rules": [...]})')
+        policy = AuthzPolicy.decode(request.json)  # RecordError names the field (authz.rules[0].from[1])
+        encoded = policy.encode()
+        if len(encoded) > MAX_AUTHZ_BYTES:
+            raise AdminError(f"authz: {len(encoded)} bytes encoded, at most {MAX_AUTHZ_BYTES}")
+        await self._require_service(ns, svc)  # services/<svc> is never created as a side effect
+        rules = len(policy.rules)
+        await self._write(caller, "SetAuthz", ns, svc, Paths(ns).authz(svc), lambda _: encoded, expected,
+                          f"authz of {svc}: {policy.action}, {rules} rule{'' if rules == 1 else 's'}")
+        return await self._authz(ns, svc)
+
+    @rpc(Role.ADMIN)
+    async def DeleteAuthz(self, request, caller):  # noqa: N802
+        ns, svc = _namespace(request.namespace), _service(request.service)
+        expected = _expected(request)
+
+        def drop(data: bytes | None) -> None:
+            if data is None:
+                raise NotFound(f"{svc} has no authz policy in namespace {ns!r}")
+            return None
+
+        await self._write(caller, "DeleteAuthz", ns, svc, Paths(ns).authz(svc), drop, expected,
+                          f"authz of {svc} deleted")
+        return admin_pb2.Authz(namespace=ns, service=svc, json="", version=-1)
+
+    # ------------------------------------------------------------------ peer authentication
+
+    async def _peer_authentication(self, ns: str, svc: str) -> admin_pb2.PeerAuthentication:
+        paths = Paths(ns)
+        own_path = paths.peer_authentication(svc or None)
+        wanted = [own_path] + ([paths.peer_authentication()] if svc else [])
+        nodes = await self.store.get_many(wanted)
+        out = admin_pb2.PeerAuthentication(namespace=ns, service=svc, version=-1)
+        modes: list[str | None] = []
+        for i, zn in enumerate(nodes):
+            mode = None
+            if zn is not None:
+                try:
+                    mode = PeerAuthentication.decode(zn.data).mode
+                except RecordError as exc:  # the control plane skips it: as if absent
+                    if i == 0:
+                        out.error = str(exc)
+            if i == 0 and zn is not None:
+                out.version, out.mode = zn.version, mode or ""
+            modes.append(mode)
+        for source, mode in zip(("service", "namespace") if svc else ("namespace",), modes, strict=True):
+            if mode is not None:
+                out.effective_mode, out.effective_from = mode, source
+                break
+        else:
+            out.effective_mode, out.effective_from = DEFAULT_MODE, "default"
+        return out
+
+    @rpc(Role.VIEWER)
+    async def GetPeerAuthentication(self, request, caller):  # noqa: N802
+        ns = _namespace(request.namespace)
+        svc = validate_name("service", request.service) if request.service else ""
+        got = await self._peer_authentication(ns, svc)
+        if svc and got.version == -1:
+            await self._require_service(ns, svc)
+        return got
+
+    @rpc(Role.ADMIN)
+    async def SetPeerAuthentication(self, request, caller):  # noqa: N802
+        ns = _namespace(request.namespace)
+        svc = validate_name("service", request.service) if request.service else ""
+        expected = _expected(request)
+        record = PeerAuthentication.decode(json.dumps({"mode": request.mode}))  # names the field
+        if svc:
+            await self._require_service(ns, svc)
+        encoded = record.encode()
+        where = svc or f"namespace {ns}"
+        await self._write(caller, "SetPeerAuthentication", ns, svc, Paths(ns).peer_authentication(svc or None),
+                          lambda _: encoded, expected, f"peer authentication of {where}: {record.mode}")
+        return await self._peer_authentication(ns, svc)
+
+    @rpc(Role.ADMIN)
+    async def DeletePeerAuthentication(self, request, caller):  # noqa: N802
+        ns = _namespace(request.namespace)
+        svc = validate_name("service", request.service) if request.service else ""
+        expected = _expected(request)
+        where = svc or f"namespace {ns}"
+
+        def drop(data: bytes | None) -> None:
+            if data is None:
+                raise NotFound(f"{where} has no peer authentication" + (f" in namespace {ns!r}" if svc else ""))
+            return None
+
+        await self._write(caller, "DeletePeerAuthentication", ns, svc, Paths(ns).peer_authentication(svc or None),
+                          drop, expected, f"peer authentication of {where} deleted")
+        return await self._peer_authentication(ns, svc)
 
     # ------------------------------------------------------------------ events
 

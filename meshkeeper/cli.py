@@ -42,6 +42,8 @@ operating the mesh (the control plane's admin API):
   proxy-config   proxy-config NODE [--type cds|eds|lds|rds|rtds]     what a proxy ACKed (alias pc)
   events         registry changes, pushes, NACKs, admin writes and alerts as they happen (Ctrl-C stops)
   identity       identity token SVC                  mint a bootstrap token for a service's sidecars (admin)
+  authz          authz get SVC | authz set SVC -f FILE|- | authz delete SVC   authorization by caller identity
+  peer-auth      peer-auth get [SVC] | set [SVC] --mode STRICT|PERMISSIVE|DISABLE | delete [SVC]   mTLS mode
 
   Every verb takes --cp HOST:PORT (MESHKEEPER_CP, default 127.0.0.1:15010), --token T
   (MESHKEEPER_TOKEN), -n NAMESPACE, -o table|json|yaml, --timeout SECONDS, --ca FILE
@@ -53,7 +55,8 @@ operating the mesh (the control plane's admin API):
 
 COMMANDS = ("controlplane", "sidecar", "demo", "doctor", "iptables", "inject", "injector", "register",
             "bootstrap", "get", "weight", "enable", "disable", "reset",
-            "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events", "identity")
+            "policy", "split", "config", "alert", "proxy-status", "proxy-config", "events", "identity",
+            "authz", "peer-auth")
 
 
 def main(argv: list[str] | None = None) -> int:

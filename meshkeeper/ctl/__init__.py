@@ -10,7 +10,7 @@ from __future__ import annotations
 # Verbs (and aliases) that meshkeeper.cli hands to meshkeeper.ctl.main.
 VERBS = frozenset({
     "get", "weight", "enable", "disable", "reset", "policy", "split", "config",
-    "proxy-status", "ps", "proxy-config", "pc", "events", "alert", "identity",
+    "proxy-status", "ps", "proxy-config", "pc", "events", "alert", "identity", "authz", "peer-auth",
 })
 
 # Flags every verb takes; given before the verb (`meshkeeper --cp X get services`) they route here too.

@@ -28,6 +28,7 @@ EVENT_KINDS = ("registry", "push", "nack", "admin_write", "alert")
 ALERT_CONDITIONS = (("error_ratio", "--error-ratio", float), ("p99_latency_ms", "--p99-latency-ms", float),
                     ("serving_instances", "--instances-below", int), ("nacks", "--nacks-above", int))
 PROXY_TYPES = ("cds", "eds", "lds", "rds", "rtds")
+PEER_AUTH_MODES = ("STRICT", "PERMISSIVE", "DISABLE")  # meshkeeper.security.MODES (a test checks)
 S = argparse.SUPPRESS
 
 
@@ -207,6 +208,31 @@ def build_parser() -> ArgumentParser:
     p = verb(sub, "token", cmd_identity_token, "mint a bootstrap token for a service's sidecars "
              "(printed alone on stdout; role admin)")
     p.add_argument("service", metavar="SVC")
+
+    authz = verbs.add_parser("authz", parents=[common],
+                             help="a service's authorization policy: callers allowed or denied by identity")
+    sub = authz.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = verb(sub, "get", cmd_authz_get, "print the policy (YAML; -o json for the API object)")
+    p.add_argument("service", metavar="SVC")
+    p = verb(sub, "set", cmd_authz_set, "replace the policy with a YAML or JSON file (role admin)", write=True)
+    p.add_argument("service", metavar="SVC")
+    p.add_argument("-f", "--filename", required=True, metavar="FILE", help="the policy; - reads stdin")
+    p = verb(sub, "delete", cmd_authz_delete, "delete the policy: every caller is allowed again (role admin)",
+             write=True)
+    p.add_argument("service", metavar="SVC")
+
+    peer = verbs.add_parser("peer-auth", parents=[common],
+                            help="mutual TLS mode (PeerAuthentication) of a namespace, or of one service")
+    sub = peer.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = verb(sub, "get", cmd_peer_auth_get, "print the mode set and the mode in effect (no SVC: the namespace's)")
+    p.add_argument("service", nargs="?", default="", metavar="SVC")
+    p = verb(sub, "set", cmd_peer_auth_set, "set the mode (no SVC: the namespace's; role admin)", write=True)
+    p.add_argument("service", nargs="?", default="", metavar="SVC")
+    p.add_argument("--mode", required=True, type=str.upper, choices=PEER_AUTH_MODES,
+                   help="STRICT (mTLS only), PERMISSIVE (mTLS and plaintext) or DISABLE (plaintext)")
+    p = verb(sub, "delete", cmd_peer_auth_delete, "delete the mode set: the namespace's, or PERMISSIVE, applies "
+             "(no SVC: the namespace's; role admin)", write=True)
+    p.add_argument("service", nargs="?", default="", metavar="SVC")
 
     p = verb(verbs, "events", cmd_events, "registry changes, pushes, NACKs and admin writes as they happen",
              all_ns=True)
@@ -555,3 +581,59 @@ def cmd_identity_token(args: argparse.Namespace, client: Client) -> int:
         render.write(resp.token + "\n")  # alone, for $(meshkeeper identity token SVC) and Secrets
         render.note(f"Bootstrap token for {resp.spiffe_id}: a credential, keep it as a Secret.")
     return 0
+
+
+# --------------------------------------------------------------------------- authz and peer-auth
+
+
+def _print_authz(args: argparse.Namespace, authz: Any) -> int:
+    if not render.document(args.output, authz):
+        render.write(render.authz_yaml(authz))
+    return 0
+
+
+def cmd_authz_get(args: argparse.Namespace, client: Client) -> int:
+    return _print_authz(args, client.call("GetAuthz", pb.GetAuthzRequest(namespace=args.namespace,
+                                                                         service=args.service)))
+
+
+def cmd_authz_set(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.SetAuthzRequest(namespace=args.namespace, service=args.service,
+                                        json=_read_policy(args.filename, "authz policy")), args)
+    return _print_authz(args, client.call("SetAuthz", req, f"the authz policy of {args.service}", args.if_version))
+
+
+def cmd_authz_delete(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.DeleteAuthzRequest(namespace=args.namespace, service=args.service), args)
+    resp = client.call("DeleteAuthz", req, f"the authz policy of {args.service}", args.if_version)
+    if not render.document(args.output, resp):
+        render.note(f"Authz policy of {args.service!r} deleted from namespace {args.namespace!r}: "
+                    "every caller is allowed.")
+    return 0
+
+
+def _peer_auth_what(args: argparse.Namespace) -> str:
+    return f"the peer authentication of {args.service or f'namespace {args.namespace}'}"
+
+
+def _print_peer_auth(args: argparse.Namespace, pa: Any) -> int:
+    if not render.document(args.output, pa):
+        render.peer_authentication([pa])
+    return 0
+
+
+def cmd_peer_auth_get(args: argparse.Namespace, client: Client) -> int:
+    return _print_peer_auth(args, client.call("GetPeerAuthentication", pb.GetPeerAuthenticationRequest(
+        namespace=args.namespace, service=args.service)))
+
+
+def cmd_peer_auth_set(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.SetPeerAuthenticationRequest(namespace=args.namespace, service=args.service,
+                                                     mode=args.mode), args)
+    return _print_peer_auth(args, client.call("SetPeerAuthentication", req, _peer_auth_what(args), args.if_version))
+
+
+def cmd_peer_auth_delete(args: argparse.Namespace, client: Client) -> int:
+    req = _versioned(pb.DeletePeerAuthenticationRequest(namespace=args.namespace, service=args.service), args)
+    return _print_peer_auth(args, client.call("DeletePeerAuthentication", req, _peer_auth_what(args),
+                                              args.if_version))

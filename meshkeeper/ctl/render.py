@@ -242,6 +242,33 @@ def policy_yaml(p: pb.Policy) -> str:
     return head + dump_yaml(body)
 
 
+def authz_yaml(a: pb.Authz) -> str:
+    where = f"{a.service}.{a.namespace}"
+    if a.version < 0:
+        return f"# {where}: no authz policy, every caller is allowed (peer authentication still applies)\n"
+    if a.error:
+        return (f"# {where}: authz version {a.version} does not validate, the control plane ignores it: "
+                f"{' '.join(a.error.split())}\n" + "".join(f"# {line}\n" for line in a.json.splitlines()))
+    try:
+        body = json.loads(a.json)
+    except ValueError:
+        return f"# {where}: the control plane sent an authz policy that is not JSON\n# {a.json}\n"
+    return f"# {where}: authz version {a.version}\n" + dump_yaml(body)
+
+
+def peer_authentication(items: Sequence[pb.PeerAuthentication]) -> None:
+    table = new_table("NAMESPACE", "SERVICE", "MODE", "VERSION", "EFFECTIVE", "FROM")
+    for p in items:
+        mode = p.mode or ("invalid" if p.error else "-")
+        add_row(table, p.namespace, p.service or "-", mode, p.version if p.version >= 0 else "-",
+                p.effective_mode, p.effective_from)
+    print_table(table)
+    for p in items:
+        if p.error:
+            note(f"The stored peer authentication does not validate, the control plane ignores it: "
+                 f"{' '.join(p.error.split())}")
+
+
 def config(values: Mapping[str, str]) -> None:
     table = new_table("KEY", "VALUE")
     for k in sorted(values):

@@ -414,6 +414,98 @@ class IdentityToken(_message.Message):
     spiffe_id: str
     def __init__(self, token: _Optional[str] = ..., spiffe_id: _Optional[str] = ...) -> None: ...
 
+class GetAuthzRequest(_message.Message):
+    __slots__ = ("namespace", "service")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class Authz(_message.Message):
+    __slots__ = ("namespace", "service", "json", "version", "error")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    json: str
+    version: int
+    error: str
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., json: _Optional[str] = ..., version: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetAuthzRequest(_message.Message):
+    __slots__ = ("namespace", "service", "json", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    json: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., json: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class DeleteAuthzRequest(_message.Message):
+    __slots__ = ("namespace", "service", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class GetPeerAuthenticationRequest(_message.Message):
+    __slots__ = ("namespace", "service")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ...) -> None: ...
+
+class PeerAuthentication(_message.Message):
+    __slots__ = ("namespace", "service", "mode", "version", "effective_mode", "effective_from", "error")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_MODE_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_FROM_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    mode: str
+    version: int
+    effective_mode: str
+    effective_from: str
+    error: str
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., mode: _Optional[str] = ..., version: _Optional[int] = ..., effective_mode: _Optional[str] = ..., effective_from: _Optional[str] = ..., error: _Optional[str] = ...) -> None: ...
+
+class SetPeerAuthenticationRequest(_message.Message):
+    __slots__ = ("namespace", "service", "mode", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    mode: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., mode: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
+class DeletePeerAuthenticationRequest(_message.Message):
+    __slots__ = ("namespace", "service", "expected_version")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_VERSION_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    service: str
+    expected_version: int
+    def __init__(self, namespace: _Optional[str] = ..., service: _Optional[str] = ..., expected_version: _Optional[int] = ...) -> None: ...
+
 class WatchEventsRequest(_message.Message):
     __slots__ = ("namespace", "kinds")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -124,6 +124,36 @@ class AdminServiceStub:
                 request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.SerializeToString,
                 response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.FromString,
                 _registered_method=True)
+        self.GetAuthz = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/GetAuthz',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetAuthzRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+                _registered_method=True)
+        self.SetAuthz = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/SetAuthz',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAuthzRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+                _registered_method=True)
+        self.DeleteAuthz = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/DeleteAuthz',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAuthzRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+                _registered_method=True)
+        self.GetPeerAuthentication = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/GetPeerAuthentication',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetPeerAuthenticationRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
+                _registered_method=True)
+        self.SetPeerAuthentication = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/SetPeerAuthentication',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetPeerAuthenticationRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
+                _registered_method=True)
+        self.DeletePeerAuthentication = channel.unary_unary(
+                '/meshkeeper.admin.v1.AdminService/DeletePeerAuthentication',
+                request_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeletePeerAuthenticationRequest.SerializeToString,
+                response_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -248,6 +278,47 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAuthz(self, request, context):
+        """Authorization policy, /meshkeeper/<ns>/services/<svc>/authz (DESIGN §14, docs/identity.md)
+        (GetAuthz: viewer; SetAuthz, DeleteAuthz: admin, as SetPolicy).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetAuthz(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteAuthz(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetPeerAuthentication(self, request, context):
+        """Peer authentication (mTLS mode), /meshkeeper/<ns>/services/<svc>/peer_authentication or, with
+        no service, the namespace's /meshkeeper/<ns>/peer_authentication
+        (GetPeerAuthentication: viewer; SetPeerAuthentication, DeletePeerAuthentication: admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPeerAuthentication(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeletePeerAuthentication(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -340,6 +411,36 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.IssueIdentityToken,
                     request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.FromString,
                     response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.SerializeToString,
+            ),
+            'GetAuthz': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAuthz,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetAuthzRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.SerializeToString,
+            ),
+            'SetAuthz': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetAuthz,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAuthzRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.SerializeToString,
+            ),
+            'DeleteAuthz': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAuthz,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAuthzRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.SerializeToString,
+            ),
+            'GetPeerAuthentication': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetPeerAuthentication,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetPeerAuthenticationRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.SerializeToString,
+            ),
+            'SetPeerAuthentication': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPeerAuthentication,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetPeerAuthenticationRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.SerializeToString,
+            ),
+            'DeletePeerAuthentication': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeletePeerAuthentication,
+                    request_deserializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeletePeerAuthenticationRequest.FromString,
+                    response_serializer=meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -828,6 +929,168 @@ class AdminService:
             '/meshkeeper.admin.v1.AdminService/IssueIdentityToken',
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IssueIdentityTokenRequest.SerializeToString,
             meshkeeper_dot_admin_dot_v1_dot_admin__pb2.IdentityToken.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAuthz(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/GetAuthz',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetAuthzRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetAuthz(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/SetAuthz',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetAuthzRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAuthz(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/DeleteAuthz',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeleteAuthzRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.Authz.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetPeerAuthentication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/GetPeerAuthentication',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.GetPeerAuthenticationRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPeerAuthentication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/SetPeerAuthentication',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.SetPeerAuthenticationRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeletePeerAuthentication(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshkeeper.admin.v1.AdminService/DeletePeerAuthentication',
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.DeletePeerAuthenticationRequest.SerializeToString,
+            meshkeeper_dot_admin_dot_v1_dot_admin__pb2.PeerAuthentication.FromString,
             options,
             channel_credentials,
             insecure,
