@@ -642,7 +642,16 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         encoded = policy.encode()
         if len(encoded) > MAX_AUTHZ_BYTES:
             raise AdminError(f"authz: {len(encoded)} bytes encoded, at most {MAX_AUTHZ_BYTES}")
-        await self._require_service(ns, svc)  # services/<svc> is never created as a side effect
+        node = await self.store.get(Paths(ns).service(svc))  # never created as a side effect
+        if node is None:
+            raise NotFound(f"service {svc!r} is not registered in namespace {ns!r}")
+        try:
+            protocol = ServiceRecord.decode(node.data).protocol
+        except RecordError:
+            protocol = "http"
+        if protocol == "tcp":  # no HTTP connection manager, no RBAC filter: it would be ignored
+            raise Precondition(f"{svc} is a tcp service: authz applies to http and grpc services only "
+                               "(docs/identity.md), a policy would not be enforced")
         rules = len(policy.rules)
         await self._write(caller, "SetAuthz", ns, svc, Paths(ns).authz(svc), lambda _: encoded, expected,
                           f"authz of {svc}: {policy.action}, {rules} rule{'' if rules == 1 else 's'}")

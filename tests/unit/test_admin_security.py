@@ -206,6 +206,14 @@ def test_more_refusals_write_nothing(served: Served, ns: str, zk_client) -> None
         grpc.StatusCode.NOT_FOUND, f"catalog has no authz policy in namespace '{ns}'")
 
 
+def test_authz_on_a_tcp_service_is_refused_as_it_would_not_be_enforced(served: Served, ns: str, zk_client) -> None:
+    zk_client.create(Paths(ns).service("cache"), ServiceRecord(protocol="tcp").encode())
+    code, details = served.code("admin", "SetAuthz", pb.SetAuthzRequest(namespace=ns, service="cache",
+                                                                        json=json.dumps(POLICY)))
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "cache is a tcp service" in details, details
+    assert zk_client.exists(Paths(ns).authz("cache")) is None
+
+
 def test_an_authz_too_large_for_a_znode_is_refused(served: Served, ns: str, zk_client) -> None:
     rules = [{"paths": [f"/{r}/{i}/" + "x" * 1000 for i in range(64)]} for r in range(10)]
     body = json.dumps({"action": "DENY", "rules": rules})
