@@ -338,10 +338,16 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         ns = _namespace(request.namespace)
         names = await self.store.children(Paths(ns).services) or []
         names = [n for n in names if _valid(n)]
-        policies = await self.store.get_many([Paths(ns).policy(n) for n in names])
+        paths = Paths(ns)
+        policies, authzs, peer_auths, (ns_peer_auth,) = await asyncio.gather(
+            self.store.get_many([paths.policy(n) for n in names]),
+            self.store.get_many([paths.authz(n) for n in names]),
+            self.store.get_many([paths.peer_authentication(n) for n in names]),
+            self.store.get_many([paths.peer_authentication()]))
+        ns_mode = _peer_auth_mode(ns_peer_auth)
         states = await asyncio.gather(*(self._service_state(ns, n) for n in names), return_exceptions=True)
         out = admin_pb2.ListServicesResponse()
-        for name, state, policy in zip(names, states, policies, strict=True):
+        for name, state, policy, authz, peer_auth in zip(names, states, policies, authzs, peer_auths, strict=True):
             if isinstance(state, NotFound):  # removed between the two reads
                 continue
             if isinstance(state, BaseException):
@@ -349,7 +355,9 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             serving = sum(1 for k, inst in state.instances.items()
                           if is_serving(inst, state.overrides.get(k, (None, 0))[0]))
             out.services.add(namespace=ns, name=name, protocol=state.record.protocol,
-                             instances=len(state.instances), serving=serving, has_policy=policy is not None)
+                             instances=len(state.instances), serving=serving, has_policy=policy is not None,
+                             mtls_mode=_peer_auth_mode(peer_auth) or ns_mode or DEFAULT_MODE,
+                             authz=_authz_action(authz))
         return out
 
     @rpc(Role.VIEWER)
@@ -761,6 +769,25 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"this watcher fell behind: {exc}")
         finally:
             sub.close()
+
+
+def _peer_auth_mode(zn: Any) -> str:
+    """A peer_authentication znode's mode; "" when absent or invalid (the watch skips it too)."""
+    if zn is None:
+        return ""
+    try:
+        return PeerAuthentication.decode(zn.data).mode
+    except RecordError:
+        return ""
+
+
+def _authz_action(zn: Any) -> str:
+    if zn is None:
+        return ""
+    try:
+        return AuthzPolicy.decode(zn.data).action
+    except RecordError:
+        return ""
 
 
 def _valid(name: str) -> bool:

@@ -142,10 +142,10 @@ def short_type(t: str) -> str:
 
 
 def services(items: Sequence[pb.ServiceSummary]) -> None:
-    table = new_table("NAMESPACE", "NAME", "PROTOCOL", "INSTANCES", "SERVING", "POLICY")
+    table = new_table("NAMESPACE", "NAME", "PROTOCOL", "INSTANCES", "SERVING", "POLICY", "MTLS", "AUTHZ")
     for s in items:
         add_row(table, s.namespace, s.name, s.protocol or "-", s.instances, s.serving,
-                "custom" if s.has_policy else "default")
+                "custom" if s.has_policy else "default", s.mtls_mode or "-", s.authz or "-")
     print_table(table)
 
 

@@ -472,3 +472,21 @@ def test_cli_refusals_are_one_line(served: Served, ns: str, zk_client, tmp_path:
     assert code == 1 and err.count("\n") == 1
     assert "the authz policy of catalog changed since version 0 was read" in err and "ABORTED" in err, err
     assert zk_client.get(Paths(ns).authz("catalog"))[1].version == 1
+
+
+def test_list_services_shows_the_mode_in_effect_and_the_authz_action(served: Served, ns: str, zk_client,
+                                                                      capsys) -> None:
+    zk_client.create(Paths(ns).service("orders"), ServiceRecord().encode())
+    zk_client.create(Paths(ns).service("legacy"), ServiceRecord().encode())
+    served.call("admin", "SetPeerAuthentication", pb.SetPeerAuthenticationRequest(namespace=ns, mode="STRICT"))
+    served.call("admin", "SetPeerAuthentication", pb.SetPeerAuthenticationRequest(namespace=ns, service="legacy",
+                                                                                  mode="PERMISSIVE"))
+    served.call("admin", "SetAuthz", pb.SetAuthzRequest(namespace=ns, service="catalog", json=json.dumps(POLICY)))
+    zk_client.create(Paths(ns).authz("orders"), b'{"action": "MAYBE"}')  # invalid: not in force
+    got = served.call("viewer", "ListServices", pb.ListServicesRequest(namespace=ns))
+    assert {s.name: (s.mtls_mode, s.authz) for s in got.services} == {
+        "catalog": ("STRICT", "ALLOW"), "legacy": ("PERMISSIVE", ""), "orders": ("STRICT", "")}
+    code, out, err = run(capsys, "get", "services", "-n", ns, *cli(served, "viewer"))
+    assert code == 0, err
+    rows = {line.split()[1]: line.split()[-2:] for line in out.splitlines()[1:]}
+    assert rows == {"catalog": ["STRICT", "ALLOW"], "legacy": ["PERMISSIVE", "-"], "orders": ["STRICT", "-"]}

@@ -415,9 +415,10 @@ def row(res: Result, *first: str) -> list[str]:
 def test_get_services_table_sends_namespace_and_token(mk, fake):
     res = mk("get", "services", token=VIEWER)
     assert res.code == 0 and res.err == ""
-    assert res.lines()[0].split() == ["NAMESPACE", "NAME", "PROTOCOL", "INSTANCES", "SERVING", "POLICY"]
-    assert row(res, "default", "catalog") == ["default", "catalog", "http", "2", "2", "custom"]
-    assert row(res, "default", "frontend") == ["default", "frontend", "http", "0", "0", "default"]
+    assert res.lines()[0].split() == ["NAMESPACE", "NAME", "PROTOCOL", "INSTANCES", "SERVING", "POLICY", "MTLS",
+                                      "AUTHZ"]
+    assert row(res, "default", "catalog") == ["default", "catalog", "http", "2", "2", "custom", "-", "-"]
+    assert row(res, "default", "frontend") == ["default", "frontend", "http", "0", "0", "default", "-", "-"]
     assert "billing" not in res.out
     (req,) = fake.requests("ListServices")
     assert req.namespace == "default"
@@ -428,7 +429,7 @@ def test_get_services_table_sends_namespace_and_token(mk, fake):
 def test_get_services_json_and_yaml(mk):
     doc = mk("get", "svc", "-n", "prod", "-o", "json").json()
     assert doc == {"services": [{"namespace": "prod", "name": "billing", "protocol": "grpc", "instances": 1,
-                                 "serving": 1, "has_policy": False}]}
+                                 "serving": 1, "has_policy": False, "mtls_mode": "", "authz": ""}]}
     assert yaml.safe_load(mk("get", "services", "-o", "yaml").out)["services"][0]["name"] == "catalog"
 
 

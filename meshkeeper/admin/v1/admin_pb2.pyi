@@ -22,20 +22,24 @@ class ListServicesResponse(_message.Message):
     def __init__(self, services: _Optional[_Iterable[_Union[ServiceSummary, _Mapping]]] = ...) -> None: ...
 
 class ServiceSummary(_message.Message):
-    __slots__ = ("namespace", "name", "protocol", "instances", "serving", "has_policy")
+    __slots__ = ("namespace", "name", "protocol", "instances", "serving", "has_policy", "mtls_mode", "authz")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     SERVING_FIELD_NUMBER: _ClassVar[int]
     HAS_POLICY_FIELD_NUMBER: _ClassVar[int]
+    MTLS_MODE_FIELD_NUMBER: _ClassVar[int]
+    AUTHZ_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     name: str
     protocol: str
     instances: int
     serving: int
     has_policy: bool
-    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., protocol: _Optional[str] = ..., instances: _Optional[int] = ..., serving: _Optional[int] = ..., has_policy: _Optional[bool] = ...) -> None: ...
+    mtls_mode: str
+    authz: str
+    def __init__(self, namespace: _Optional[str] = ..., name: _Optional[str] = ..., protocol: _Optional[str] = ..., instances: _Optional[int] = ..., serving: _Optional[int] = ..., has_policy: _Optional[bool] = ..., mtls_mode: _Optional[str] = ..., authz: _Optional[str] = ...) -> None: ...
 
 class GetServiceRequest(_message.Message):
     __slots__ = ("namespace", "service")
