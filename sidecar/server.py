@@ -33,6 +33,7 @@ from sidecar.interception import dispatch
 from sidecar.interception.dispatch import DispatchHolder, DispatchTable, Target
 from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
 from sidecar.metrics import SidecarMetrics
+from sidecar.proxy.authz import policy_for
 from sidecar.proxy.context import ListenerContext
 from sidecar.proxy.listener import DEFAULT_BACKLOG, Listener
 from sidecar.proxy.on_demand import OnDemand
@@ -41,6 +42,7 @@ from sidecar.proxy.router import Router
 from sidecar.runtime import RuntimeLayer
 from sidecar.stats import StatsStore
 from sidecar.tls import TlsIdentity
+from sidecar.tls.inspector import InboundTls
 from sidecar.upstream.cluster import ClusterManager
 from sidecar.xds.convert import XdsError
 
@@ -90,7 +92,10 @@ class Server:
         self.stats = StatsStore()
         self.metrics = SidecarMetrics(self.stats)
         self.stats.register(node, lambda: metrics.node_families(node))
-        self.clusters = ClusterManager()
+        # The workload identity (docs/identity.md): the SDS side sets its keys, apply_secrets its
+        # certificate and bundle; listeners and pools read its TLS contexts.
+        self.tls = TlsIdentity()
+        self.clusters = ClusterManager(identity=self.tls)
         self.stats.register(self.clusters, lambda: metrics.cluster_families(self.clusters))
         self.listener_contexts = {name: ListenerContext(name, self.clusters) for name in BOUND_LISTENERS}
         for ctx in self.listener_contexts.values():
@@ -125,9 +130,6 @@ class Server:
         self._registration: Registration | None = None
         self.draining = False
         self.runtime_layer = RuntimeLayer()
-        # The workload identity (docs/identity.md): the SDS side sets its keys, apply_secrets its
-        # certificate and bundle; listeners and pools read its TLS contexts.
-        self.tls = TlsIdentity()
 
     # ------------------------------------------------------------------ components set by sidecar.main
 
@@ -265,6 +267,8 @@ class Server:
             self.dns.set_table(dns_table)
         for name, bucket in buckets.items():
             cfg = listeners.get(name)
+            self.listener_contexts[name].http_policy = (
+                policy_for(cfg.xfcc_sanitize_set, cfg.xfcc_uri, cfg.rbac, self.tls) if cfg is not None else None)
             self.listener_contexts[name].set_tracing(self.tracer, cfg.trace_sample_ratio if cfg is not None else None)
             self.listener_contexts[name].set_limits(
                 bucket,
@@ -326,6 +330,8 @@ class Server:
         tables: dict[str, DispatchTable] = {}
 
         def http_target(name: str, cfg: ListenerConfig) -> Target:
+            if cfg.tls is not None or cfg.rbac is not None or cfg.xfcc_sanitize_set:
+                raise XdsError(f"filter chain {name!r}: mTLS, RBAC and XFCC are supported on the bound listeners only")
             # One runtime (stats, router) per route configuration, not per chain: every instance chain
             # of a service carries the same one, and metrics stay bounded by services, not pods.
             key = cfg.route_config.name or name
@@ -365,7 +371,9 @@ class Server:
             if cfg is None:
                 tables[name] = DispatchTable()
                 continue
-            main = tcp_target(name, cfg.tcp) if cfg.tcp is not None else Target(name, http=self.listener_contexts[name])
+            ctx = self.listener_contexts[name]
+            tls = InboundTls(cfg.tls, self.tls, ctx.stats) if cfg.tls is not None else None
+            main = tcp_target(name, cfg.tcp) if cfg.tcp is not None else Target(name, http=ctx, tls=tls)
             t = cfg.transparent
             if t is None or not t.original_dst:
                 tables[name] = DispatchTable(main=main)

@@ -37,6 +37,7 @@ from sidecar.interception.original_dst import original_dst
 from sidecar.l4 import TcpProxy, TcpProxyRuntime
 from sidecar.proxy.connection_manager import ConnectionManager
 from sidecar.proxy.context import ListenerContext
+from sidecar.tls.inspector import InboundTls, TlsInspector
 
 # The inbound passthrough's source address, as Istio's (the capture rules never capture traffic
 # from it on lo): a pod's other ports are dialled on the pod IP from here, so a service the app bound
@@ -54,12 +55,15 @@ class Target:
     http: ListenerContext | None = None
     tcp: tuple[tuple[TcpProxyRuntime, int], ...] = ()
     inbound_passthrough: bool = False
+    # The inbound listener's mTLS chains (sidecar.tls.inspector): the connection's first bytes
+    # choose TLS termination or (PERMISSIVE) plaintext; None: the HCM takes the connection at once.
+    tls: InboundTls | None = None
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
         if self.http is not None:
-            hcm = ConnectionManager(self.http)
-            hcm.original_dst = dst
-            return hcm
+            if self.tls is not None:
+                return TlsInspector(self.tls, lambda: self._hcm(dst))
+            return self._hcm(dst)
         runtime = self._choose(rand)
         # Whether the cluster sends to the original destination is read per connection (the
         # cluster may have arrived, or changed, after this table was built).
@@ -71,6 +75,11 @@ class Target:
         if ":" in dst[0]:  # IPv6 has no second loopback address to dial from: the app's ::1, as before
             return TcpProxy(runtime, original_dst=("::1", dst[1]))
         return TcpProxy(runtime, original_dst=dst, source=INBOUND_PASSTHROUGH_SOURCE)
+
+    def _hcm(self, dst: tuple[str, int] | None) -> ConnectionManager:
+        hcm = ConnectionManager(self.http)
+        hcm.original_dst = dst
+        return hcm
 
     def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp

@@ -43,7 +43,7 @@ _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the HTTP/2 client connection p
 class ConnectionManager(asyncio.Protocol):
     """One downstream connection."""
 
-    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "_timer", "_timer_at",
+    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "peer_id", "_timer", "_timer_at",
                  "_sniffed", "_begun", "_swept", "_swept_at")
 
     def __init__(self, context: ListenerContext) -> None:
@@ -57,6 +57,7 @@ class ConnectionManager(asyncio.Protocol):
         self._swept_at = 0.0
         self.streams: set[Stream] = set()  # streams not yet accounted for
         self.original_dst: tuple[str, int] | None = None  # transparent mode: where the app dialled
+        self.peer_id = ""  # the caller's SPIFFE ID on an mTLS connection (sidecar.tls.inspector); "": plaintext
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -135,6 +136,10 @@ class ConnectionManager(asyncio.Protocol):
         """Route a stream and hand it to a router filter, or answer it locally."""
         rt = self._rt
         telemetry.begin(rt, stream)
+        policy = rt.http_policy
+        if policy is not None and not policy.admit(stream, self.peer_id, rt.stats):
+            self.local_reply(stream, errors.RBAC_DENIED)
+            return
         limiter = rt.rate_limit
         if limiter is not None:
             if not limiter.try_take():

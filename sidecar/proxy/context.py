@@ -47,6 +47,7 @@ from sidecar.upstream.stats import Counters, Histogram
 if TYPE_CHECKING:
     from sidecar.accesslog import AccessLog
     from sidecar.l4 import TcpProxyRuntime
+    from sidecar.proxy.authz import HttpPolicy
     from sidecar.proxy.on_demand import OnDemand
     from sidecar.tracing.export import Tracer
 
@@ -89,6 +90,17 @@ LISTENER_STATS: tuple[str, ...] = (
     "rq_on_demand_routed",
     "rq_on_demand_missing",
     "rq_on_demand_timeout",
+    # mTLS on the inbound listener (sidecar.tls.inspector; Envoy's names, dots as underscores)
+    "no_filter_chain_match",  # STRICT: a plaintext connection matched no chain and was closed
+    "downstream_pre_cx_timeout",  # no first byte within the listener filters' timeout
+    "ssl_handshake",  # TLS handshakes done, the caller verified
+    "ssl_connection_error",  # other handshake failures, or no certificate yet to terminate with
+    "ssl_fail_verify_no_cert",  # the caller sent no client certificate
+    "ssl_fail_verify_error",  # the caller's chain does not verify against the trust bundle
+    "ssl_fail_verify_san",  # the caller's URI SAN is not one the chain accepts
+    # envoy.filters.http.rbac (sidecar.proxy.authz): Envoy's http.<prefix>.rbac.allowed / .denied
+    "rbac_allowed",
+    "rbac_denied",
 )
 
 
@@ -115,6 +127,8 @@ class ListenerContext:
         self.random: Callable[[], float] = random.random  # fault injection and retry jitter
         self.request_headers_timeout = 0.0
         self.idle_timeout = DEFAULT_IDLE_TIMEOUT
+        # XFCC and RBAC of the HCM (sidecar.proxy.authz), before routing; None: neither.
+        self.http_policy: HttpPolicy | None = None
         self._clock = clock
         self._sweep = Sweep(self.sweep, lambda: bool(self.connections), sweep_period_for(0.0, DEFAULT_IDLE_TIMEOUT),
                             lambda exc: errors.log_once("sweep-bug", "unexpected error in the listener timeouts' sweep",

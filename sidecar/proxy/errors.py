@@ -63,6 +63,7 @@ RATE_LIMITED = LocalReply("RL", 429, "local rate limited")
 RETRY_BODY_TOO_LONG = LocalReply(
     "URX", 503, "upstream failed and the request body outgrew the retry buffer before the retry")
 REQUEST_HEADER_TIMEOUT = LocalReply("DT", 408, "request header timeout", always_close=True)
+RBAC_DENIED = LocalReply("RBAC", 403, "RBAC: access denied")  # gRPC: PERMISSION_DENIED (sidecar.proxy.grpc)
 
 CONNECT_TO_MESH = LocalReply(
     "NR", 404, "CONNECT to a mesh service is not tunnelled: send plain HTTP (http://<service>/...) and the mesh routes it")

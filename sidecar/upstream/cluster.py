@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import asdict
 from operator import attrgetter
 from random import random as default_random
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sidecar.config import DISCOVERY_ORIGINAL_DST, ClusterConfig, EndpointConfig, OutlierConfig
 from sidecar.upstream.host import Endpoint
@@ -41,6 +41,9 @@ from sidecar.upstream.lb_random import WeightedRandom
 from sidecar.upstream.outlier import OutlierDetector, Scheduler
 from sidecar.upstream.pool import DEFAULT_MAX_IDLE, ConnectionPool, Connector
 from sidecar.upstream.stats import ClusterStats, Histogram
+
+if TYPE_CHECKING:
+    from sidecar.tls.identity import TlsIdentity
 
 DISCOVERY_STATIC = "STATIC"
 # An ORIGINAL_DST cluster makes an endpoint per destination on first use and keeps at most this
@@ -54,11 +57,12 @@ class Cluster:
     """A named group of endpoints behind one load balancer, with its outlier detector."""
 
     __slots__ = ("name", "config", "breakers", "stats", "rq_time", "endpoints", "outlier", "retries_active", "_lb", "_panic",
-                 "_connector", "_max_idle", "_clock", "_random", "_scheduler")
+                 "_connector", "_max_idle", "_clock", "_random", "_scheduler", "_identity")
 
     def __init__(self, config: ClusterConfig, *, connector: Connector | None = None,
                  max_idle: int = DEFAULT_MAX_IDLE, clock: Callable[[], float] = time.monotonic,
-                 random: Callable[[], float] = default_random, scheduler: Scheduler | None = None) -> None:
+                 random: Callable[[], float] = default_random, scheduler: Scheduler | None = None,
+                 identity: TlsIdentity | None = None) -> None:
         self.name = config.name
         self.config = config
         self.breakers = config.circuit_breakers  # read per request (sidecar.upstream.breaker)
@@ -74,6 +78,7 @@ class Cluster:
         self._clock = clock
         self._random = random
         self._scheduler = scheduler
+        self._identity = identity  # mTLS to endpoints marked mtls when the config has an UpstreamTlsContext
         self._set_outlier(config.outlier)
         if config.discovery == DISCOVERY_STATIC:
             self.set_endpoints(config.static_endpoints)
@@ -147,13 +152,10 @@ class Cluster:
         self.config = config
         self.breakers = config.circuit_breakers
         for endpoint in self.endpoints.values():
-            if old.http2 != config.http2:
-                # Another protocol to the same hosts: new pools; requests in flight finish on the old.
+            if old.http2 != config.http2 or old.tls != config.tls:
+                # Another protocol or TLS to the same hosts: new pools; requests in flight finish on the old.
                 endpoint.pool.close()
-                cfg = endpoint.config
-                endpoint.pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=config.connect_timeout,
-                                               limits=self, max_idle=self._max_idle, http2=config.http2,
-                                               idle_timeout=config.idle_timeout, connector=self._connector)
+                endpoint.pool = self._pool(endpoint.config)
             endpoint.pool.connect_timeout = config.connect_timeout
             endpoint.pool.idle_timeout = config.idle_timeout
         outlier_toggled = (old.outlier is None) != (config.outlier is None)
@@ -187,11 +189,11 @@ class Cluster:
                 continue  # a duplicate address: the first one wins
             endpoint = old.get(key)
             if endpoint is None:
-                pool = ConnectionPool(cfg.address, cfg.port, connect_timeout=self.config.connect_timeout,
-                                      limits=self, max_idle=self._max_idle, http2=self.config.http2,
-                                      idle_timeout=self.config.idle_timeout, connector=self._connector)
-                endpoint = Endpoint(cfg, pool)
+                endpoint = Endpoint(cfg, self._pool(cfg))
             else:
+                if endpoint.config.mtls != cfg.mtls and self.config.tls is not None:
+                    endpoint.pool.close()  # its sidecar got (or lost) an identity: a pool of the other kind
+                    endpoint.pool = self._pool(cfg)
                 endpoint.config = cfg
             new[key] = endpoint
         for key, endpoint in old.items():
@@ -201,6 +203,26 @@ class Cluster:
         if self.outlier is not None:
             self.outlier.set_endpoints(new.values())
         self._rebuild()
+
+    def _pool(self, cfg: EndpointConfig) -> ConnectionPool:
+        """A new pool to an endpoint: mTLS when the cluster has an UpstreamTlsContext and the
+        endpoint is marked mtls (auto mTLS), else plaintext."""
+        config = self.config
+        tls = None
+        if config.tls is not None and cfg.mtls and self._identity is not None:
+            from sidecar.tls.upstream import UpstreamTls
+
+            tls = UpstreamTls(config.tls, self._identity)
+        return ConnectionPool(cfg.address, cfg.port, connect_timeout=config.connect_timeout, limits=self,
+                              max_idle=self._max_idle, http2=config.http2, idle_timeout=config.idle_timeout,
+                              connector=self._connector, tls=tls)
+
+    def close_idle_tls(self) -> None:
+        """The sidecar just got its first certificate: idle connections of mTLS pools were made in
+        plaintext; close them so that the next requests use mTLS (busy ones finish as they are)."""
+        for endpoint in self.endpoints.values():
+            if endpoint.pool.tls is not None:
+                endpoint.pool.close_idle()
 
     def _rebuild(self) -> None:
         """Build the balancer over the eligible endpoints (called whenever that set may change)."""
@@ -242,11 +264,12 @@ class Cluster:
 class ClusterManager:
     """All clusters of a sidecar worker, by name. Owned by the xDS layer, read by listeners."""
 
-    __slots__ = ("_clusters", "_pending_endpoints", "_connector", "_max_idle", "_clock", "_random", "_scheduler")
+    __slots__ = ("_clusters", "_pending_endpoints", "_connector", "_max_idle", "_clock", "_random", "_scheduler",
+                 "_identity", "_tls_ready")
 
     def __init__(self, *, connector: Connector | None = None, max_idle: int = DEFAULT_MAX_IDLE,
                  clock: Callable[[], float] = time.monotonic, random: Callable[[], float] = default_random,
-                 scheduler: Scheduler | None = None) -> None:
+                 scheduler: Scheduler | None = None, identity: TlsIdentity | None = None) -> None:
         self._clusters: dict[str, Cluster] = {}
         # EDS assignments that arrived before their cluster (applied when it appears).
         self._pending_endpoints: dict[str, tuple[EndpointConfig, ...]] = {}
@@ -255,6 +278,18 @@ class ClusterManager:
         self._clock = clock  # clock, random source and scheduler of load balancers and outlier detectors
         self._random = random
         self._scheduler = scheduler
+        # The sidecar's identity (sidecar.tls): pools to mTLS endpoints read its client contexts.
+        self._identity = identity
+        self._tls_ready = False
+        if identity is not None:
+            identity.on_change.append(self._identity_changed)
+
+    def _identity_changed(self) -> None:
+        ready = self._identity.ready
+        if ready and not self._tls_ready:
+            for cluster in self._clusters.values():
+                cluster.close_idle_tls()
+        self._tls_ready = ready
 
     def get(self, name: str) -> Cluster | None:
         return self._clusters.get(name)
@@ -281,7 +316,7 @@ class ClusterManager:
             cluster = clusters.get(name)
             if cluster is None:
                 cluster = Cluster(config, connector=self._connector, max_idle=self._max_idle, clock=self._clock,
-                                  random=self._random, scheduler=self._scheduler)
+                                  random=self._random, scheduler=self._scheduler, identity=self._identity)
                 pending = self._pending_endpoints.pop(name, None)
                 if pending is not None and config.discovery != DISCOVERY_STATIC:
                     cluster.set_endpoints(pending)

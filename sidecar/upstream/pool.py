@@ -28,6 +28,7 @@ when its streams are done.
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,7 @@ from sidecar.upstream.stats import ClusterStats
 
 if TYPE_CHECKING:
     from sidecar.codec.api import RequestEncoder
+    from sidecar.tls.upstream import UpstreamTls
 
 DEFAULT_MAX_IDLE = 1024  # idle connections kept per endpoint and worker (Envoy's max_connections default)
 DEFAULT_IDLE_TIMEOUT = 3600.0  # Envoy's upstream idle_timeout default: 1 h
@@ -128,13 +130,16 @@ class ConnectionPool:
     """Connections to one endpoint: the idle ones in a LIFO list, plus a count of all open ones."""
 
     __slots__ = ("host", "port", "connect_timeout", "stats", "limits", "max_idle", "idle_timeout", "closed",
-                 "cx_active", "opening", "http2", "_idle", "_connector", "_waiters", "_loop", "_h2")
+                 "cx_active", "opening", "http2", "tls", "_idle", "_connector", "_waiters", "_loop", "_h2")
 
     def __init__(self, host: str, port: int, *, connect_timeout: float, stats: ClusterStats | None = None,
                  limits: breaker.Limited | None = None, max_idle: int = DEFAULT_MAX_IDLE,
                  idle_timeout: float = DEFAULT_IDLE_TIMEOUT, connector: Connector | None = None,
-                 http2: bool = False) -> None:
+                 http2: bool = False, tls: UpstreamTls | None = None) -> None:
         self.http2 = http2
+        # mTLS to this endpoint (sidecar.tls.upstream); None: plaintext. Fixed for the pool's life:
+        # a change makes a new pool (sidecar.upstream.cluster), so pooled connections stay what they are.
+        self.tls = tls
         self._h2: list[Http2ClientConnection] = []  # HTTP/2: the open connections, oldest first
         self.host = host
         self.port = port
@@ -317,9 +322,45 @@ class ConnectionPool:
 
     async def connect(self) -> Any:
         """Open a new connection within the cluster's connect timeout; raises :class:`ConnectFailure`."""
-        if self.http2:
-            return await self.connect_with(lambda: Http2ClientConnection(self))
-        return await self.connect_with(lambda: Http1ClientConnection(self))
+        factory = (lambda: Http2ClientConnection(self)) if self.http2 else (lambda: Http1ClientConnection(self))
+        tls = self.tls
+        if tls is not None:
+            ctx = tls.context()
+            if ctx is not None:
+                return await self._connect_tls(factory, tls, ctx)
+        return await self.connect_with(factory)
+
+    async def _connect_tls(self, factory: Callable[[], Any], tls: UpstreamTls, ctx: ssl.SSLContext) -> Any:
+        """:meth:`connect` with mTLS: a handshake that fails, or a server whose URI SAN is not the
+        expected one, is a connect failure (UF), counted as Envoy counts it on the cluster."""
+        connector = self._connector or asyncio.get_running_loop().create_connection
+        stats = self.stats
+        try:
+            async with asyncio.timeout(self.connect_timeout if self.connect_timeout > 0 else None):
+                transport, protocol = await connector(factory, self.host, self.port, ssl=ctx,
+                                                      server_hostname=tls.server_hostname)
+        except TimeoutError:
+            stats.upstream_cx_connect_fail += 1
+            stats.upstream_cx_connect_timeout += 1
+            raise ConnectFailure(f"connect to {self.host}:{self.port} timed out", timed_out=True) from None
+        except ssl.SSLCertVerificationError as exc:
+            stats.upstream_cx_connect_fail += 1
+            stats.ssl_fail_verify_error += 1
+            raise ConnectFailure(f"TLS to {self.host}:{self.port}: {exc.verify_message}") from None
+        except ssl.SSLError as exc:
+            stats.upstream_cx_connect_fail += 1
+            stats.ssl_connection_error += 1
+            raise ConnectFailure(f"TLS to {self.host}:{self.port} failed: {exc}") from None
+        except OSError as exc:
+            stats.upstream_cx_connect_fail += 1
+            raise ConnectFailure(f"connect to {self.host}:{self.port} failed: {exc}") from None
+        if not tls.san_ok(transport.get_extra_info("peercert")):
+            stats.upstream_cx_connect_fail += 1
+            stats.ssl_fail_verify_san += 1
+            transport.abort()
+            raise ConnectFailure(f"TLS to {self.host}:{self.port}: the server is not {tls.config.san}")
+        stats.ssl_handshake += 1
+        return protocol
 
     async def connect_with(self, protocol_factory: Callable[[], Any]) -> Any:
         """:meth:`connect` with another protocol (the L4 proxy's, ``sidecar.l4``): the same connect

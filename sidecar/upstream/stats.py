@@ -50,6 +50,11 @@ CLUSTER_STATS: tuple[str, ...] = (
     "upstream_cx_rx_bytes_total",  # bytes received from upstream connections
     "upstream_cx_tx_bytes_total",  # bytes sent to upstream connections
     "upstream_cx_connect_attempts_exceeded",  # connections given up after max_connect_attempts failures
+    # mTLS to the endpoints (sidecar.tls.upstream; Envoy's ssl.* names, dots as underscores)
+    "ssl_handshake",  # handshakes done, the server's URI SAN the expected one
+    "ssl_connection_error",  # other handshake failures
+    "ssl_fail_verify_error",  # the server's chain does not verify against the trust bundle
+    "ssl_fail_verify_san",  # the server's URI SAN is not the expected one
     # load balancing and outlier detection (sidecar.upstream.outlier)
     "lb_healthy_panic",  # picks made in panic mode (too few healthy hosts: all hosts used)
     "outlier_detection_ejections_active",

@@ -1,0 +1,85 @@
+"""What the inbound HCM does with who called, before routing (docs/identity.md, DESIGN §14).
+
+:class:`HttpPolicy` is built once per LDS update from the listener's config and put on its
+:class:`~sidecar.proxy.context.ListenerContext` (None when the HCM has neither, so a listener
+without them pays one attribute test per request). For each request, in Envoy's order:
+
+1. ``forward_client_cert_details: SANITIZE_SET``: a caller's ``x-forwarded-client-cert`` is always
+   removed; on an mTLS connection (``set_current_client_cert_details.uri``)
+   ``x-forwarded-client-cert: By=<own SPIFFE ID>;URI=<caller SPIFFE ID>`` is added.
+2. ``envoy.filters.http.rbac``: :meth:`sidecar.config.AuthzConfig.allows` with the request's
+   method, path and the caller's SPIFFE ID ("" for plaintext, which matches only ``any``
+   principals); refused: 403 ``RBAC`` (gRPC: PERMISSION_DENIED), counted ``rbac_denied``, else
+   ``rbac_allowed``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sidecar.config import AuthzConfig
+
+if TYPE_CHECKING:
+    from sidecar.proxy.stream import Stream
+    from sidecar.tls.identity import TlsIdentity
+
+XFCC = b"x-forwarded-client-cert"
+_XFCC_LEN = len(XFCC)
+
+
+class HttpPolicy:
+    __slots__ = ("sanitize", "set_uri", "rbac", "identity")
+
+    def __init__(self, *, sanitize: bool, set_uri: bool, rbac: AuthzConfig | None, identity: TlsIdentity) -> None:
+        self.sanitize = sanitize
+        self.set_uri = set_uri
+        self.rbac = rbac
+        self.identity = identity  # read per request: the own SPIFFE ID arrives with the certificate
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, HttpPolicy) and (self.sanitize, self.set_uri, self.rbac) ==
+                (other.sanitize, other.set_uri, other.rbac) and self.identity is other.identity)
+
+    def __hash__(self) -> int:
+        return hash((self.sanitize, self.set_uri, self.rbac))
+
+    def admit(self, stream: Stream, peer_id: str, stats) -> bool:
+        """Sanitize/set XFCC, then RBAC; False: refused (the caller answers 403 RBAC)."""
+        if self.sanitize:
+            sanitize_xfcc(stream)
+            if self.set_uri and peer_id:
+                own = self.identity.spiffe_id
+                value = f"By={own};URI={peer_id}" if own else f"URI={peer_id}"
+                stream.headers += (XFCC, b": ", value.encode("latin-1"), b"\r\n")
+        rbac = self.rbac
+        if rbac is None:
+            return True
+        if rbac.allows(stream.method, stream.path, peer_id):
+            stats.rbac_allowed += 1
+            return True
+        stats.rbac_denied += 1
+        return False
+
+
+def sanitize_xfcc(stream: Stream) -> None:
+    """Remove every ``x-forwarded-client-cert`` a caller sent (any case)."""
+    headers = stream.headers
+    for i in range(0, len(headers), 4):
+        name = headers[i]
+        if len(name) == _XFCC_LEN and name.lower() == XFCC:
+            break
+    else:
+        return
+    kept: list[bytes] = []
+    for i in range(0, len(headers), 4):
+        name = headers[i]
+        if not (len(name) == _XFCC_LEN and name.lower() == XFCC):
+            kept += headers[i:i + 4]
+    stream.headers = kept
+
+
+def policy_for(sanitize: bool, set_uri: bool, rbac: AuthzConfig | None, identity: TlsIdentity) -> HttpPolicy | None:
+    """The policy of a listener's HCM, or None when it has nothing to do."""
+    if not sanitize and rbac is None:
+        return None
+    return HttpPolicy(sanitize=sanitize, set_uri=set_uri, rbac=rbac, identity=identity)
