@@ -1,6 +1,6 @@
 """Endurance soak (issue 16): a mesh under steady open-loop load while a schedule injects faults.
 
-    .venv/bin/python bench/soak.py --minutes 10 [--rate 100] [--json bench/out/soak.json]
+    .venv/bin/python bench/soak.py --minutes 10 [--rate 100] [--no-mtls] [--cert-ttl S] [--json bench/out/soak.json]
 
 The mesh: a 3-server ZooKeeper ensemble, one control plane, ``frontend`` (1 instance) calling
 ``catalog`` (3) calling ``inventory`` (2), each demo app beside its own sidecar, every port fixed
@@ -9,20 +9,40 @@ at start so that a process restarted after a fault gets the ports it had. The lo
 sidecar's inbound listener, and every request's time, status, ``x-meshkeeper-flags`` and latency
 are kept.
 
+Mutual TLS (docs/identity.md; ``--no-mtls`` runs plaintext): the control plane gets a CA as files
+(``--ca-cert``/``--ca-key``, made here with ``Issuer.generate`` as tests/integration/test_identity.py
+does, so a restarted control plane keeps it and the tokens stay valid) and a short ``--cert-ttl``
+(a tenth of the run, 20 to 60 s: every sidecar rotates its certificate every ttl/2, many times per
+run); every sidecar gets a bootstrap token (``--identity-token-file``); catalog and inventory are
+STRICT (``services/<svc>/peer_authentication``), so every call between sidecars is mTLS. The
+frontend stays PERMISSIVE: the load generator is a plaintext client from outside, as at an ingress.
+
 Retries: ``DEFAULT_POLICY.retry`` is None (Envoy's default: no retries), so, as an operator
-would, the soak writes ``services/<svc>/policy`` for each service with :data:`RETRY_POLICY`.
+would, the soak writes ``services/<svc>/policy`` for each service with :data:`RETRY_POLICY`
+(``--min-retry-concurrency 3`` writes the product's default budget instead).
+
+Alert rules (:data:`ALERT_RULES`, evaluated every second, LRS every 2 s): serving instances of
+catalog and inventory, their error ratio, inventory's p99; an operator would keep such rules, and
+they put a lost instance and a slow upstream on the event stream.
 
 Faults, in a cycle spread over the run (after a warm-up, and ending before a quiet tail): SIGKILL
 of an inventory app (restarted), SIGKILL of a catalog sidecar (restarted), a slow inventory
-instance, SIGKILL of the control plane (restarted on its ports), SIGKILL of the ZooKeeper leader
-(restarted), expiry of a catalog sidecar's ZooKeeper session (its ZooKeeper traffic dropped, see
-tests/harness/zk_blackhole.py), a rolling SIGTERM restart of the catalog sidecars, and a network
-partition of one catalog pod (its app and sidecar cut off by packet drops on loopback until its
-session has expired, tests/harness/loopback_partition.py; ``--no-partition`` leaves it out).
-Faults are only on services with more than one instance: the frontend is the single entry, as an
-ingress is. Not injected: certificate rotation (the mesh has no mTLS yet).
+instance, a certificate rotation (the next one of a catalog or inventory sidecar, watched on its
+admin ``/certs``; skipped with ``--no-mtls``), SIGKILL of the control plane (restarted on its
+ports), SIGKILL of the ZooKeeper leader (restarted), expiry of a catalog sidecar's ZooKeeper session
+(its ZooKeeper traffic dropped, see tests/harness/zk_blackhole.py), a network partition of one
+catalog pod (its app and sidecar cut off by packet drops on loopback until its session has
+expired, tests/harness/loopback_partition.py; ``--no-partition`` leaves it out), and a rolling
+SIGTERM restart of the catalog sidecars. Faults are only on services with more than one instance:
+the frontend is the single entry, as an ingress is. Besides the scheduled rotation, every rotation
+of every sidecar is counted (serial changes in ``/certs``) with the failed requests around it.
 
-Verdict (PASS needs all three):
+What the operator sees (:class:`Observer`): the control plane's event stream (admin API
+``WatchEvents``, all kinds, re-subscribed when the control plane comes back), its ``/metrics`` and
+every sidecar's ``/stats/prometheus`` every 2 s. For each fault injected, the report lists the
+first signs of it in each (:func:`visibility`: signs tied to what the fault hit).
+
+Verdict (PASS needs all five):
 - no failed request that a retry could have saved. Every failure counts: each fault hits one
   instance of a service with at least one other instance serving, so a retry to another instance
   (on connect-failure, reset or 5xx, which the policy retries) could always have saved it; the soak
@@ -37,7 +57,11 @@ Verdict (PASS needs all three):
   upstream makes its sidecar open more connections to the app, which keeps them alive) and a
   sidecar may hold one pooled connection more or less after its peers restart; a leak grows with
   every later cycle, past any such slack in a long run (a 60-s run has one cycle: it checks only
-  that the quiet tail is not above what the faults left).
+  that the quiet tail is not above what the faults left). A process above its mark gets a
+  breakdown of what its descriptors are (sockets by the mesh port at either end, pipes, eventfds)
+  at the end against the first cycle's end.
+- every fault injected visible both in the event stream and in the metrics.
+- every fault recovered from (the mesh serving every endpoint again within 30 s).
 """
 
 from __future__ import annotations
@@ -56,14 +80,19 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import grpc  # noqa: E402
+from cryptography.hazmat.primitives import serialization  # noqa: E402
 from kazoo.client import KazooClient  # noqa: E402
 
+from controlplane.ca import Issuer  # noqa: E402
+from meshkeeper.admin.v1 import admin_pb2, admin_pb2_grpc  # noqa: E402
 from meshkeeper.demo.ensemble import ZooKeeperEnsemble  # noqa: E402
 from meshkeeper.demo.process import (  # noqa: E402
     ManagedProcess,
@@ -90,6 +119,21 @@ TOPOLOGY = (("inventory", 2, None), ("catalog", 3, "http://inventory/"), ("front
 # instance of three was down (bench/RESULTS.md, "Soak"); the budget's floor is raised to 10.
 RETRY_POLICY = {"retry": {"attempts": 2, "on": ["5xx", "connect-failure", "reset"], "per_try_timeout_ms": 3000},
                 "circuit_breaker": {"retry_budget": {"percent": 20, "min_concurrency": 10}}}
+TRUST_DOMAIN = "meshkeeper.local"
+STRICT = ("catalog", "inventory")  # mTLS only; the frontend takes the plaintext load, as an ingress would
+# Alert rules an operator would keep (docs/alerts.md): they make a lost instance and a slow upstream
+# events on the stream (kind alert) besides the registry changes, evaluated every second.
+ALERT_RULES = {
+    "catalog-serving": {"service": "catalog", "condition": "serving_instances", "threshold": 3},
+    "inventory-serving": {"service": "inventory", "condition": "serving_instances", "threshold": 2},
+    "catalog-errors": {"service": "catalog", "condition": "error_ratio", "threshold": 0.01, "min_rps": 5},
+    "inventory-errors": {"service": "inventory", "condition": "error_ratio", "threshold": 0.01, "min_rps": 5},
+    "inventory-slow": {"service": "inventory", "condition": "p99_latency_ms", "threshold": 250, "min_rps": 5},
+}
+ALERT_INTERVAL = 1.0
+LOAD_REPORT_INTERVAL = 2.0
+SCRAPE_EVERY = 2.0
+VISIBLE_GRACE = 12.0  # after a fault's end, how long its events and metrics may take to show
 SESSION_TIMEOUT = 4.0  # the sidecars' --zk-session-timeout: an expiry fault takes seconds, not tens
 CLIENT_TIMEOUT = 10.0
 WINDOW = 10.0
@@ -119,9 +163,13 @@ class Instance:
 @dataclass
 class SoakMesh:
     workdir: Path
+    mtls: bool = True
+    cert_ttl: int = 60
+    retry_policy: dict = field(default_factory=lambda: RETRY_POLICY)
     zk: ZooKeeperEnsemble | None = None
     cp: ManagedProcess | None = None
     kz: KazooClient | None = None
+    issuer: Issuer | None = None
     instances: list[Instance] = field(default_factory=list)
     procs: list[ManagedProcess] = field(default_factory=list)
 
@@ -133,10 +181,27 @@ class SoakMesh:
         for service, _, _ in TOPOLOGY:
             self.kz.ensure_path(paths.service(service))
             self.kz.set(paths.service(service), ServiceRecord().encode())
-            self.kz.create(paths.policy(service), json.dumps(RETRY_POLICY).encode())
+            self.kz.create(paths.policy(service), json.dumps(self.retry_policy).encode())
+            if self.mtls and service in STRICT:
+                self.kz.create(paths.peer_authentication(service), json.dumps({"mode": "STRICT"}).encode())
+        for name, rule in ALERT_RULES.items():
+            self.kz.create(paths.alert(name), json.dumps(rule).encode(), makepath=True)
         cp_ports = [str(free_port()), str(free_port())]
+        ca: list[str] = []
+        if self.mtls:
+            # As tests/integration/test_identity.py: a CA made here, given to the control plane as
+            # files (so a restarted control plane has the same CA and the tokens stay valid).
+            self.issuer = Issuer.generate(trust_domain=TRUST_DOMAIN, ttl=self.cert_ttl)
+            ca = ["--ca-cert", str(self.workdir / "ca.pem"), "--ca-key", str(self.workdir / "ca-key.pem"),
+                  "--trust-domain", TRUST_DOMAIN, "--cert-ttl", str(self.cert_ttl)]
+            a = self.issuer.authority
+            (self.workdir / "ca.pem").write_bytes(a.cert.public_bytes(serialization.Encoding.PEM))
+            (self.workdir / "ca-key.pem").write_bytes(a.key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
         self.cp = self._proc(meshkeeper_argv("controlplane", "--zk", self.zk.hosts, "--xds-port", cp_ports[0],
-                                             "--http-port", cp_ports[1]), "controlplane", "controlplane")
+                                             "--http-port", cp_ports[1], "--alert-interval", str(ALERT_INTERVAL),
+                                             "--load-report-interval", str(LOAD_REPORT_INTERVAL), *ca),
+                             "controlplane", "controlplane")
         self.cp.start()
         for service, count, call in TOPOLOGY:
             for n in range(1, count + 1):
@@ -157,6 +222,10 @@ class SoakMesh:
                                "--zk", self.zk.hosts, "--zk-session-timeout", str(SESSION_TIMEOUT),
                                *itertools.chain.from_iterable((f"--{k.replace('_', '-')}", str(ports[k]))
                                                               for k in ports if k != "app"))
+        if self.issuer is not None:
+            token = self.workdir / f"{name}.token"
+            token.write_text(self.issuer.mint_token(NAMESPACE, service))
+            argv += ["--identity-token-file", str(token)]
         sidecar = self._proc(argv, "sidecar", f"sidecar-{name}")
         sidecar.start()
         proxy = f"http://127.0.0.1:{ports['outbound_port']}"
@@ -298,9 +367,12 @@ def fd_count(pid: int) -> int:
 
 
 class Sampler:
-    def __init__(self, mesh: SoakMesh, t0: float) -> None:
-        self.mesh, self.t0 = mesh, t0
+    def __init__(self, mesh: SoakMesh, t0: float, marks: Callable[[], list[float]] = list) -> None:
+        self.mesh, self.t0, self.marks = mesh, t0, marks
         self.samples: dict[str, list[tuple[float, int, int, int]]] = {}  # name: (t, pid, rss KiB, fds)
+        # What each process's descriptors are (fd_breakdown), at each of ``marks()`` (warm-up end,
+        # first cycle end) and at the end: {label: {name: {"pid", "fds": {kind: n}}}}.
+        self.breakdowns: dict[str, dict[str, dict]] = {}
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
 
@@ -316,6 +388,14 @@ class Sampler:
                 rss = rss_kib(pid)
                 if rss:
                     self.samples.setdefault(name, []).append((round(t, 1), pid, rss, fd_count(pid)))
+            for mark in self.marks():
+                if t >= mark and f"t {mark:.0f}" not in self.breakdowns:
+                    self.breakdown(f"t {mark:.0f}")
+
+    def breakdown(self, label: str) -> None:
+        names = port_names(self.mesh)
+        self.breakdowns[label] = {name: {"pid": pid, "fds": fd_breakdown(pid, names)}
+                                  for name, pid in self.targets() if not name.startswith("zookeeper")}
 
     def start(self) -> None:
         self.thread.start()
@@ -323,6 +403,224 @@ class Sampler:
     def stop(self) -> None:
         self._stop.set()
         self.thread.join()
+        self.breakdown("end")
+
+
+# --------------------------------------------------------------------------- what the mesh shows
+
+# The series kept from each scrape (a fault is "visible in the metrics" when one of these moves on
+# the process that should see it). Sidecars: per cluster (outbound and inbound) failure counters,
+# the xDS, ZooKeeper, registration and app-health gauges, xDS updates by type. Control plane: its
+# xDS, registry, ZooKeeper and alert series.
+SIDECAR_SERIES = ("upstream_cx_connect_fail_total", "upstream_rq_retry_total", "upstream_rq_retry_overflow_total",
+                  "upstream_rq_5xx_total", "upstream_rq_rx_reset_total", "upstream_rq_per_try_timeout_total",
+                  "upstream_cx_destroy_remote_with_active_rq_total",
+                  "outlier_detection_ejections_enforced_total", "xds_connected", "xds_updates_total",
+                  "zookeeper_connected", "registration_registered", "app_healthy")
+CP_SERIES = ("xds_connected_proxies", "xds_pushes_total", "registry_instances", "zookeeper_events_total",
+             "zookeeper_resyncs_total", "zookeeper_connected", "alert_transitions_total")
+SLOW_LE = "0.25"  # a try slower than this bucket bound counts as slow (derived series slow_rq)
+
+
+def parse_series(text: str, keep: tuple[str, ...]) -> dict[str, float]:
+    """``name{labels}`` -> value for the kept families (``meshkeeper_`` dropped), plus ``slow_rq{cluster}``:
+    the tries of a cluster slower than SLOW_LE seconds (histogram count minus that bucket)."""
+    out: dict[str, float] = {}
+    count: dict[str, float] = {}
+    fast: dict[str, float] = {}
+    for line in text.splitlines():
+        if not line or line[0] == "#":
+            continue
+        series, _, value = line.rpartition(" ")
+        name, _, labels = series.removeprefix("meshkeeper_").partition("{")
+        try:
+            v = float(value)
+        except ValueError:
+            continue
+        if name.startswith("upstream_rq_duration_seconds"):
+            cluster = labels.split('cluster="', 1)[-1].split('"', 1)[0]
+            if name.endswith("_count"):
+                count[cluster] = v
+            elif f'le="{SLOW_LE}"' in labels:
+                fast[cluster] = v
+            continue
+        if name in keep and ("cluster=" not in labels or 'cluster="outbound|' in labels or 'cluster="inbound' in labels):
+            out[f"{name}{{{labels}" if labels else name] = v
+    for cluster, n in count.items():
+        if cluster.startswith(("outbound|", "inbound")):
+            out[f'slow_rq{{cluster="{cluster}"}}'] = n - fast.get(cluster, 0.0)
+    return out
+
+
+class Observer:
+    """What an operator sees during the run: the control plane's event stream (admin API
+    ``WatchEvents``, every kind, re-subscribed whenever the control plane goes away), the control
+    plane's ``/metrics`` and each sidecar's ``/stats/prometheus`` every SCRAPE_EVERY seconds (only
+    changes of the kept series are stored), and each sidecar's workload certificate serial from its
+    admin ``/certs`` (rotations)."""
+
+    def __init__(self, mesh: SoakMesh, t0: float) -> None:
+        self.mesh, self.t0 = mesh, t0
+        self.events: list[dict] = []
+        self.stream: list[dict] = []  # the event stream's own history: subscribed / ended (code)
+        self.series: dict[str, dict[str, list[tuple[float, float]]]] = {}  # source: series: [(t, value)]
+        self.scrape_failures: dict[str, list[float]] = {}
+        self.certs: dict[str, list[tuple[float, int, str]]] = {}  # sidecar: [(t, pid, serial)] on change
+        self.node_ids: dict[str, str] = {}
+        self._stop = threading.Event()
+        self._call = None
+        self._lock = threading.Lock()
+        self.threads = [threading.Thread(target=self._watch, daemon=True),
+                        threading.Thread(target=self._scrape, daemon=True)]
+
+    def now(self) -> float:
+        return round(time.monotonic() - self.t0, 2)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._lock:
+            if self._call is not None:
+                self._call.cancel()
+        for t in self.threads:
+            t.join(10)
+
+    # -- the event stream
+    def _watch(self) -> None:
+        target = f"127.0.0.1:{self.mesh.cp.port('xds_port')}"
+        while not self._stop.is_set():
+            channel = grpc.insecure_channel(target)
+            try:
+                call = admin_pb2_grpc.AdminServiceStub(channel).WatchEvents(admin_pb2.WatchEventsRequest())
+                with self._lock:
+                    self._call = call
+                for e in call:
+                    if self.stream and self.stream[-1]["event"] == "ended":
+                        self.stream.append({"t": self.now(), "event": "receiving again", "code": ""})
+                    self.events.append({"t": self.now(), "kind": e.kind, "service": e.service, "node_id": e.node_id,
+                                        "summary": e.summary, "alert": e.alert, "state": e.state})
+            except grpc.RpcError as exc:
+                code = exc.code().name if exc.code() else "?"
+                last = self.stream[-1] if self.stream else {}
+                if code != "CANCELLED" and (last.get("event"), last.get("code")) != ("ended", code):
+                    self.stream.append({"t": self.now(), "event": "ended", "code": code})
+            finally:
+                channel.close()
+            self._stop.wait(0.3)
+
+    # -- metrics and certificates
+    def _scrape(self) -> None:
+        cp_url = f"http://127.0.0.1:{self.mesh.cp.port('http_port')}/metrics"
+        while not self._stop.wait(SCRAPE_EVERY):
+            t = self.now()
+            self._take("controlplane", cp_url, CP_SERIES, t)
+            for inst in list(self.mesh.instances):
+                self._take(inst.sidecar.name, self.mesh.admin(inst) + "/stats/prometheus", SIDECAR_SERIES, t)
+                with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                    serial = cert_serial(json.loads(http_get(self.mesh.admin(inst) + "/certs", timeout=2)[2]))
+                    seen = self.certs.setdefault(inst.sidecar.name, [])
+                    if serial and (not seen or seen[-1][2] != serial):
+                        seen.append((t, inst.sidecar.pid, serial))
+
+    def _take(self, source: str, url: str, keep: tuple[str, ...], t: float) -> None:
+        try:
+            status, _, body = http_get(url, timeout=2)
+            if status != 200:
+                raise OSError(status)
+        except OSError:
+            self.scrape_failures.setdefault(source, []).append(t)
+            return
+        text = body.decode(errors="replace")
+        if source != "controlplane" and source not in self.node_ids and 'node_id="' in text:
+            self.node_ids[source] = text.split('node_id="', 1)[1].split('"', 1)[0]
+        store = self.series.setdefault(source, {})
+        for key, value in parse_series(text, keep).items():
+            points = store.setdefault(key, [])
+            if not points or points[-1][1] != value:
+                points.append((t, value))
+
+    # -- queries
+    def moved(self, source: str, match: Callable[[str], bool], start: float, end: float) -> list[str]:
+        """Series of ``source`` matching ``match`` whose value changed within [start, end] (from the
+        value they had before ``start``)."""
+        out = []
+        for key, points in self.series.get(source, {}).items():
+            if not match(key):
+                continue
+            before = [v for t, v in points if t < start]
+            during = [(t, v) for t, v in points if start <= t <= end]
+            if during and before:  # points are kept on change only: during[0] differs from before[-1]
+                out.append(f"{source} {key} {before[-1]:g} -> {during[0][1]:g} at t {during[0][0]}"
+                           + (f", {during[-1][1]:g} at t {during[-1][0]}" if len(during) > 1 else ""))
+        return out
+
+    def rotations(self) -> dict[str, list[float]]:
+        """Serial changes of a running sidecar (same pid): rotations, by sidecar."""
+        out: dict[str, list[float]] = {}
+        for name, seen in self.certs.items():
+            out[name] = [b[0] for a, b in itertools.pairwise(seen) if a[1] == b[1]]
+        return out
+
+
+def cert_serial(certs: dict) -> str:
+    """The leaf serial of the ``default`` certificate in the admin ``/certs`` page (Envoy's shape)."""
+    chains = certs.get("certificates") or []
+    chain = chains[0].get("cert_chain") if chains else None
+    return chain[0]["serial_number"] if chain else ""
+
+
+def port_names(mesh: SoakMesh) -> dict[int, str]:
+    names: dict[int, str] = {}
+    for inst in mesh.instances:
+        for k, port in inst.ports.items():
+            names[port] = f"{inst.name} {k}"
+    if mesh.cp is not None:
+        with contextlib.suppress(Exception):
+            names[mesh.cp.port("xds_port")] = "controlplane xds_port"
+            names[mesh.cp.port("http_port")] = "controlplane http_port"
+    if mesh.zk is not None:
+        for server in mesh.zk.servers:
+            names[server.port] = f"zookeeper-{server.myid} client port"
+    return names
+
+
+def fd_breakdown(pid: int, names: dict[int, str]) -> dict[str, int]:
+    """What a process's descriptors are: sockets by (local, remote) port named after the mesh's
+    ports (listeners as 'listen <port>'), pipes, eventfds, files."""
+    sockets: dict[str, str] = {}
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                cols = line.split()
+                local, remote, state, inode = int(cols[1].split(":")[1], 16), int(cols[2].split(":")[1], 16), cols[3], cols[9]
+                if state == "0A":
+                    sockets[inode] = f"tcp listen {names.get(local, local)}"
+                else:
+                    peer = names.get(remote) or (f"from {names[local]}" if local in names else "ephemeral")
+                    sockets[inode] = f"tcp to {peer}" if remote in names else f"tcp {peer}"
+    out: dict[str, int] = {}
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return out
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            kind = sockets.get(link[8:-1], "socket (unix or udp)")
+        elif link.startswith("anon_inode:"):
+            kind = link
+        elif link.startswith("pipe:"):
+            kind = "pipe"
+        else:
+            kind = "file " + (link if link.startswith("/dev/") else Path(link).suffix or link.rsplit("/", 1)[-1])
+        out[kind] = out.get(kind, 0) + 1
+    return dict(sorted(out.items()))
 
 
 # --------------------------------------------------------------------------- faults
@@ -331,9 +629,11 @@ class Sampler:
 class Faults:
     """The fault schedule; each fault waits until the mesh has recovered from it before returning."""
 
-    def __init__(self, mesh: SoakMesh, t0: float, partition: bool = False) -> None:
-        self.mesh, self.t0, self.partition = mesh, t0, partition
+    def __init__(self, mesh: SoakMesh, t0: float, partition: bool = False, outage: float = 3.0) -> None:
+        self.mesh, self.t0, self.partition, self.outage = mesh, t0, partition, outage
         self.events: list[dict] = []
+        self.occurrences: list[dict] = []  # one per fault injected: name, start, end, targets
+        self.targets: list[Instance] = []  # set by each fault: the instances it hit
         self.restarted: set[str] = set()
         self.skipped: dict[str, str] = {}
         self.errors: list[str] = []
@@ -348,9 +648,10 @@ class Faults:
 
     def kill_app(self) -> None:
         inst = self.mesh.of("inventory")[0]
+        self.targets = [inst]
         self.log("app-sigkill", f"SIGKILL {inst.app.name}", pid=inst.app.pid)
         inst.app.kill()
-        time.sleep(3)  # the outage lasts a while: callers must route around it
+        time.sleep(self.outage)  # the outage lasts a while: callers must route around it
         inst.app.start()
         self.restarted.add(inst.app.name)
         self.log("app-sigkill", f"restarted {inst.app.name}", pid=inst.app.pid)
@@ -358,9 +659,10 @@ class Faults:
 
     def kill_sidecar(self) -> None:
         inst = self.mesh.of("catalog")[0]
+        self.targets = [inst]
         self.log("sidecar-sigkill", f"SIGKILL {inst.sidecar.name}", pid=inst.sidecar.pid)
         inst.sidecar.kill()
-        time.sleep(3)
+        time.sleep(self.outage)
         inst.sidecar.start()
         self.restarted.add(inst.sidecar.name)
         self.log("sidecar-sigkill", f"restarted {inst.sidecar.name}", pid=inst.sidecar.pid)
@@ -368,6 +670,7 @@ class Faults:
 
     def slow_upstream(self, seconds: float = 5.0) -> None:
         inst = self.mesh.of("inventory")[1]
+        self.targets = [inst]
         base = f"http://127.0.0.1:{inst.ports['app']}"
         self.log("slow-upstream", f"{inst.app.name}: every answer 300 ms late for {seconds:.0f} s")
         assert http_get(base + "/fail?mode=slow&ms=300")[0] == 200
@@ -379,7 +682,7 @@ class Faults:
         cp = self.mesh.cp
         self.log("controlplane-sigkill", "SIGKILL controlplane", pid=cp.pid)
         cp.kill()
-        time.sleep(3)
+        time.sleep(self.outage)
         cp.start()
         self.restarted.add(cp.name)
         self.log("controlplane-sigkill", "restarted controlplane", pid=cp.pid)
@@ -404,6 +707,7 @@ class Faults:
             self.skipped["zookeeper-session-expiry"] = reason
             return
         inst = self.mesh.of("catalog")[1]
+        self.targets = [inst]
         ports = [s.port for s in self.mesh.zk.servers]
         self.log("zookeeper-session-expiry", f"{inst.sidecar.name}: ZooKeeper traffic dropped")
         with ZooKeeperBlackhole(inst.sidecar.pid, ports, name=f"meshkeeper-soak-{os.getpid()}"):
@@ -423,6 +727,7 @@ class Faults:
             self.skipped["pod-partition"] = reason
             return
         inst = self.mesh.of("catalog")[2]
+        self.targets = [inst]
         self.log("pod-partition", f"{inst.name} (app and sidecar) partitioned")
         ports = [inst.ports["app"], inst.ports["inbound_port"], inst.ports["outbound_port"]]
         with LoopbackPartition([inst.sidecar.pid, inst.app.pid], ports, name=f"meshkeeper-soak-part-{os.getpid()}"):
@@ -434,6 +739,7 @@ class Faults:
         self.recovered("pod-partition")
 
     def rolling_restart(self) -> None:
+        self.targets = self.mesh.of("catalog")
         for inst in self.mesh.of("catalog"):
             self.log("rolling-sigterm", f"SIGTERM {inst.sidecar.name}", pid=inst.sidecar.pid)
             code = inst.sidecar.terminate(15)
@@ -442,10 +748,43 @@ class Faults:
             self.log("rolling-sigterm", f"restarted {inst.sidecar.name}", pid=inst.sidecar.pid, exit_code=code)
             self.recovered("rolling-sigterm")
 
+    def rotate_certificate(self) -> None:
+        """A workload certificate rotation under load, on the STRICT side (a catalog or inventory
+        sidecar: every call to it is mTLS). The soak's short ``--cert-ttl`` makes every sidecar
+        rotate at half life, so this takes the next rotation of any of them (a serial change in its
+        admin ``/certs`` while its pid stays), logs the serials and checks the mesh serves on."""
+        if self.mesh.issuer is None:
+            self.skipped["certificate-rotation"] = "--no-mtls"
+            return
+        watched = [i for i in self.mesh.instances if i.service in STRICT]
+
+        def serials() -> dict[str, tuple[int, str]]:
+            out = {}
+            for inst in watched:
+                with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                    out[inst.name] = (inst.sidecar.pid,
+                                      cert_serial(json.loads(http_get(self.mesh.admin(inst) + "/certs", timeout=2)[2])))
+            return out
+
+        before = serials()
+        self.log("certificate-rotation", f"waiting for the next rotation of {len(before)} STRICT-side sidecars")
+
+        def rotated() -> Instance | None:
+            now = serials()
+            return next((i for i in watched if i.name in now and i.name in before and now[i.name][1]
+                         and now[i.name][0] == before[i.name][0] and now[i.name][1] != before[i.name][1]), None)
+
+        inst = wait_until(rotated, self.mesh.cert_ttl * 0.6 + 10, 0.2, "a certificate rotated")
+        self.targets = [inst]
+        self.log("certificate-rotation", f"{inst.sidecar.name}: serial {before[inst.name][1][:12]} rotated",
+                 pid=inst.sidecar.pid)
+        self.recovered("certificate-rotation")
+
     def schedule(self) -> list:
-        plan = [self.kill_app, self.kill_sidecar, self.slow_upstream, self.kill_controlplane,
-                self.kill_zk_leader, self.expire_session, self.rolling_restart]
-        return plan + [self.partition_pod] if self.partition else plan
+        # The rolling restart last: it drains, so the quiet tail after it measures the mesh at rest.
+        return [self.kill_app, self.kill_sidecar, self.slow_upstream, self.rotate_certificate, self.kill_controlplane,
+                self.kill_zk_leader, self.expire_session, *([self.partition_pod] if self.partition else []),
+                self.rolling_restart]
 
     def run(self, start: float, end: float, stop: threading.Event) -> None:
         """Run the schedule in cycles, fault ``k`` no earlier than ``start + k * spacing``."""
@@ -462,11 +801,109 @@ class Faults:
                 self.errors.append(f"schedule overran: {steps - k} faults not injected")
                 return
             fault = plan[k % len(plan)]
+            self.targets = []
+            began, logged = time.monotonic() - self.t0, len(self.events)
             try:
                 fault()
             except Exception as exc:  # a fault the mesh did not recover from is a result, not a crash
                 self.errors.append(f"{fault.__name__}: {exc!r}")
                 self.log(fault.__name__, "did not recover", error=repr(exc))
+            names = [e["fault"] for e in self.events[logged:]]
+            if names:  # injected (a skipped fault logs nothing)
+                self.occurrences.append({"fault": names[0], "start": round(began, 2),
+                                         "end": round(time.monotonic() - self.t0, 2), "targets": list(self.targets)})
+
+
+# --------------------------------------------------------------------------- visibility
+
+
+def _cluster(service: str) -> Callable[[str], bool]:
+    return lambda key: f'cluster="outbound|{service}.' in key
+
+
+def visibility(occ: dict, obs: Observer, mesh: SoakMesh, next_start: float | None = None) -> dict:
+    """What the event stream and the metrics showed of one fault, from its start to VISIBLE_GRACE
+    after its end, or one scrape into the next fault if that came sooner. Each fault has its own
+    signs, tied to what it hit (the instance's address in a registry event, its sidecar's node id in
+    a push, the alert of its service, the series of the process that should notice), so a
+    neighbouring fault's signs are not taken for its own."""
+    start, end = occ["start"], occ["end"] + VISIBLE_GRACE
+    if next_start is not None:
+        end = min(end, max(occ["end"] + SCRAPE_EVERY + 1, next_start + SCRAPE_EVERY))
+    targets: list[Instance] = occ["targets"]
+    keys = {i.key for i in targets}
+    nodes = {obs.node_ids.get(i.sidecar.name, f"~{i.service}-{i.ports['inbound_port']}.") for i in targets}
+    evs = [e for e in obs.events if start <= e["t"] <= end]
+    fault = occ["fault"]
+
+    def registry(service: str) -> list[dict]:
+        return [e for e in evs if e["kind"] == "registry" and e["service"] == service
+                and any(k in e["summary"] for k in keys)]
+
+    def alerts(service: str) -> list[dict]:
+        return [e for e in evs if e["kind"] == "alert" and e["service"] == service and e["state"] == "firing"]
+
+    def pushes(sds: bool) -> list[dict]:
+        return [e for e in evs if e["kind"] == "push" and any(n in e["node_id"] for n in nodes)
+                and e["summary"].startswith("SDS") == sds]
+
+    def moved(source: str, *names: str, match: Callable[[str], bool] = lambda k: True) -> list[str]:
+        return obs.moved(source, lambda k: k.split("{")[0] in names and match(k), start, end)
+
+    sidecars = [i.sidecar.name for i in mesh.instances]
+    callers = {"catalog": [i.sidecar.name for i in mesh.of("frontend")],
+               "inventory": [i.sidecar.name for i in mesh.of("catalog")]}
+    failure_counters = ("upstream_cx_connect_fail_total", "upstream_rq_retry_total", "upstream_rq_5xx_total",
+                        "upstream_rq_rx_reset_total", "upstream_cx_destroy_remote_with_active_rq_total")
+    seen_events: list[dict] = []
+    seen_metrics: list[str] = []
+    if fault in ("app-sigkill", "sidecar-sigkill", "zookeeper-session-expiry", "pod-partition", "rolling-sigterm"):
+        service = targets[0].service
+        seen_events = registry(service) + alerts(service) + (pushes(False) if fault != "app-sigkill" else [])
+        for caller in callers[service]:
+            seen_metrics += moved(caller, *failure_counters, match=_cluster(service))
+        for inst in targets:
+            seen_metrics += moved(inst.sidecar.name, "app_healthy", "zookeeper_connected", "registration_registered",
+                                  "xds_connected")
+        seen_metrics += moved("controlplane", "registry_instances",
+                              *(("xds_connected_proxies",) if fault != "app-sigkill" else ()))
+    elif fault == "slow-upstream":
+        seen_events = [e for e in alerts("inventory") if e["alert"] == "inventory-slow"]
+        for caller in callers["inventory"]:
+            seen_metrics += moved(caller, "slow_rq", match=_cluster("inventory"))
+    elif fault == "controlplane-sigkill":
+        seen_events = [{"t": x["t"], "kind": "stream", "summary": f"WatchEvents {x['event']} {x['code']}".strip()}
+                       for x in obs.stream if start <= x["t"] <= end]
+        cds = [e for e in evs if e["kind"] == "push" and e["summary"].startswith("CDS")]
+        if len({e["node_id"] for e in cds}) > len(sidecars) // 2:  # most sidecars got their config anew
+            seen_events += cds[:3]
+        for name in sidecars:
+            seen_metrics += moved(name, "xds_connected")
+        seen_metrics += [f"controlplane scrape failed (t {t})" for t in obs.scrape_failures.get("controlplane", [])
+                         if start <= t <= end][:1]
+    elif fault == "zookeeper-leader-sigkill":
+        # No event kind says anything about ZooKeeper (controlplane/events.py KINDS): a registry event
+        # here would be another fault's, so none is taken.
+        seen_events = [e for e in evs if e["kind"] == "zookeeper"]
+        seen_metrics = moved("controlplane", "zookeeper_events_total", "zookeeper_resyncs_total", "zookeeper_connected",
+                             match=lambda k: "CHILD" not in k and "CHANGED" not in k and "CREATED" not in k
+                             and "DELETED" not in k)
+        for name in sidecars:
+            seen_metrics += moved(name, "zookeeper_connected")
+    elif fault == "certificate-rotation":
+        seen_events = pushes(True)
+        for inst in targets:
+            seen_metrics += moved(inst.sidecar.name, "xds_updates_total", match=lambda k: 'type="SDS"' in k)
+        seen_metrics += moved("controlplane", "xds_pushes_total", match=lambda k: 'type="SDS"' in k)
+
+    def brief(e: dict) -> str:
+        who = e.get("alert") or e.get("node_id", "").split("~")[-1] or e.get("service", "")
+        return f"t {e['t']} {e['kind']} {who}: {e['summary'][:90]}"
+
+    return {"fault": fault, "start": occ["start"], "end": occ["end"], "targets": sorted(keys),
+            "events": [brief(e) for e in seen_events[:6]], "events_total": len(seen_events),
+            "metrics": seen_metrics[:6], "metrics_total": len(seen_metrics),
+            "visible_events": bool(seen_events), "visible_metrics": bool(seen_metrics)}
 
 
 # --------------------------------------------------------------------------- report
@@ -477,7 +914,8 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] if ordered else 0.0
 
 
-def report(load: Load, sampler: Sampler, faults: Faults, *, seconds: float, warmup: float, rate: float) -> dict:
+def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mesh: SoakMesh, *, seconds: float,
+           warmup: float, rate: float) -> dict:
     results = sorted(load.results, key=lambda r: r.t)
     failed = [r for r in results if r.failed]
     reasons: dict[str, int] = {}
@@ -510,12 +948,53 @@ def report(load: Load, sampler: Sampler, faults: Faults, *, seconds: float, warm
     rss_bad = sorted(n for n, p in judged.items() if p["rss_growth"] > RSS_LIMIT)
     fd_bad = sorted(n for n, p in judged.items() if p["fds_end"] > p["fds_start_max"] + FD_SLACK)
     late = [r.lateness for r in results]
+    # Descriptors: for a process that ended above its first-cycle high-water mark, what was added
+    # since the first-cycle breakdown (or the warm-up one), by kind.
+    fd_diffs = {}
+    marks = [k for k in sampler.breakdowns if k != "end"]
+    for name, proc in processes.items():
+        if "fds_end" not in proc or proc["fds_end"] <= proc["fds_start_max"] or not marks:
+            continue
+        base = next((sampler.breakdowns[m].get(name) for m in reversed(marks) if name in sampler.breakdowns[m]), None)
+        last = sampler.breakdowns.get("end", {}).get(name)
+        if base and last and base["pid"] == last["pid"]:
+            kinds = set(base["fds"]) | set(last["fds"])
+            fd_diffs[name] = {k: last["fds"].get(k, 0) - base["fds"].get(k, 0) for k in sorted(kinds)
+                              if last["fds"].get(k, 0) != base["fds"].get(k, 0)}
+    # Faults as the event stream and the metrics showed them.
+    occ = faults.occurrences
+    seen = [visibility(o, observer, mesh, occ[k + 1]["start"] if k + 1 < len(occ) else None)
+            for k, o in enumerate(occ)]
+    by_fault: dict[str, dict] = {}
+    for v in seen:
+        f = by_fault.setdefault(v["fault"], {"injected": 0, "in_events": 0, "in_metrics": 0})
+        f["injected"] += 1
+        f["in_events"] += v["visible_events"]
+        f["in_metrics"] += v["visible_metrics"]
+    invisible = sorted({f"{v['fault']} ({'events' if not v['visible_events'] else ''}"
+                        f"{' and ' if not v['visible_events'] and not v['visible_metrics'] else ''}"
+                        f"{'metrics' if not v['visible_metrics'] else ''})"
+                        for v in seen if not (v["visible_events"] and v["visible_metrics"])})
+    # Certificate rotations (serial changes of a running sidecar) and the failures around them.
+    rotations = observer.rotations()
+    near = [r for r in failed if any(t - SCRAPE_EVERY - 1 <= r.t <= t + 1 for ts in rotations.values() for t in ts)]
+    kinds: dict[str, int] = {}
+    for e in observer.events:
+        kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
     verdict = {"no_saveable_failures": not failed, "rss_within_10pct": not rss_bad, "no_fd_growth": not fd_bad,
-               "faults_all_recovered": not faults.errors}
+               "faults_visible": bool(seen) and not invisible, "faults_all_recovered": not faults.errors}
     verdict["pass"] = all(verdict.values())
     return {
         "seconds": seconds, "rate": rate, "warmup_s": warmup,
-        "retry_policy": RETRY_POLICY, "default_retry": repr(DEFAULT_POLICY.retry),
+        "retry_policy": mesh.retry_policy, "default_retry": repr(DEFAULT_POLICY.retry),
+        "mtls": mesh.issuer is not None, "cert_ttl_s": mesh.cert_ttl if mesh.issuer is not None else None,
+        "strict": list(STRICT) if mesh.issuer is not None else [],
+        "rotations": {n: len(ts) for n, ts in sorted(rotations.items())}, "rotation_times": rotations,
+        "failed_near_rotation": len(near),
+        "visibility": seen, "visibility_by_fault": by_fault, "invisible": invisible,
+        "mesh_events_by_kind": kinds, "event_stream": observer.stream, "mesh_events": observer.events,
+        "metric_changes": observer.series, "scrape_failures": observer.scrape_failures,
+        "fd_breakdowns": sampler.breakdowns, "fd_diffs": fd_diffs,
         "sent": len(results), "ok": len(results) - len(failed), "failed": len(failed), "failed_by_reason": reasons,
         "failures": [r.__dict__ for r in failed[:50]],
         "pacing_lateness_ms": {"p50": round(pct(late, 50) * 1000, 1), "p99": round(pct(late, 99) * 1000, 1),
@@ -531,6 +1010,11 @@ def markdown(r: dict) -> str:
     lines = [f"# Soak: {r['seconds']:.0f} s at {r['rate']:.0f} req/s — {'PASS' if v['pass'] else 'FAIL'}", "",
              f"Retry policy written for every service: `{json.dumps(r['retry_policy'])}` "
              f"(DEFAULT_POLICY.retry is {r['default_retry']}).", "",
+             (f"mTLS: STRICT for {', '.join(r['strict'])}, workload certificates of {r['cert_ttl_s']} s; "
+              f"rotations seen (serial changes of a running sidecar, /certs): "
+              + ", ".join(f"{n.removeprefix('sidecar-')} {k}" for n, k in r["rotations"].items())
+              + f"; failed requests within 1 s of one: {r['failed_near_rotation']}." if r["mtls"] else
+              "mTLS: off (--no-mtls)."), "",
              f"Requests sent {r['sent']}, ok {r['ok']}, failed {r['failed']}; pacing lateness p99 "
              f"{r['pacing_lateness_ms']['p99']} ms.", ""]
     if r["failed_by_reason"]:
@@ -545,6 +1029,22 @@ def markdown(r: dict) -> str:
         if "rss_growth" in p:
             lines.append(f"| {name} | {'yes' if p['judged'] else 'no'} | {p['rss_start_kib']} | {p['rss_end_kib']} | "
                          f"{p['rss_growth']:+.1%} | {p['fds_start_max']} | {p['fds_end']:.0f} |")
+    lines += ["", "Faults in the event stream (WatchEvents) and the metrics: "
+              + ", ".join(f"{k} {v['in_events']}/{v['injected']} and {v['in_metrics']}/{v['injected']}"
+                          for k, v in r["visibility_by_fault"].items())
+              + (f"; not seen: {', '.join(r['invisible'])}" if r["invisible"] else "")
+              + ". Events received by kind: " + ", ".join(f"{k} {n}" for k, n in sorted(r["mesh_events_by_kind"].items()))
+              + ".", "", "| t (s) | fault | first signs in the event stream | first signs in the metrics |",
+              "|---|---|---|---|"]
+    def cell(items: list[str]) -> str:
+        return "; ".join(items[:2]).replace("|", "\\|") or "NONE"
+
+    lines += [f"| {v['start']:.0f}-{v['end']:.0f} | {v['fault']} | {cell(v['events'])} | {cell(v['metrics'])} |"
+              for v in r["visibility"]]
+    if r["fd_diffs"]:
+        lines += ["", "Descriptors added since the first cycle, by kind: "
+                  + "; ".join(f"{n}: " + ", ".join(f"{k} {d:+d}" for k, d in diff.items())
+                              for n, diff in r["fd_diffs"].items())]
     lines += ["", "| t (s) | fault | event |", "|---|---|---|"]
     lines += [f"| {e['t']} | {e['fault']} | {e['event']} |" for e in r["events"]]
     if r["faults_skipped"]:
@@ -559,20 +1059,26 @@ def markdown(r: dict) -> str:
     return "\n".join(lines)
 
 
-def run(seconds: float, rate: float, workdir: Path, warmup: float | None = None, partition: bool = False) -> dict:
-    """Start the mesh, load it for ``seconds`` while injecting faults, stop everything, report."""
+def run(seconds: float, rate: float, workdir: Path, warmup: float | None = None, partition: bool = False,
+        mtls: bool = True, cert_ttl: int | None = None, retry_policy: dict | None = None, outage: float = 3.0) -> dict:
+    """Start the mesh, load it for ``seconds`` while injecting faults, stop everything, report.
+    ``cert_ttl`` (mTLS): default a tenth of the run, 20 to 60 s, so that every sidecar rotates often.
+    ``outage``: how long a killed app, sidecar or control plane stays down."""
     warmup = warmup if warmup is not None else min(60.0, max(8.0, seconds * 0.1))
     quiet = min(60.0, max(8.0, seconds * 0.1))
-    mesh = SoakMesh(workdir)
+    cert_ttl = cert_ttl or int(min(60, max(20, seconds / 10)))
+    mesh = SoakMesh(workdir, mtls=mtls, cert_ttl=cert_ttl, retry_policy=retry_policy or RETRY_POLICY)
     stop = threading.Event()
     try:
         mesh.start()
         load = Load(mesh.frontend.ports["inbound_port"], rate)
         load.start()
         t0 = load.start_at
-        sampler = Sampler(mesh, t0)
+        faults = Faults(mesh, t0, partition, outage)
+        sampler = Sampler(mesh, t0, lambda: [warmup] + ([faults.first_cycle_end] if faults.first_cycle_end else []))
         sampler.start()
-        faults = Faults(mesh, t0, partition)
+        observer = Observer(mesh, t0)
+        observer.start()
         try:
             # In this thread, not a helper: children die with their parent *thread* (PR_SET_PDEATHSIG
             # is per thread), so a process restarted from a thread that ends would be killed with it.
@@ -583,7 +1089,8 @@ def run(seconds: float, rate: float, workdir: Path, warmup: float | None = None,
             stop.set()
             load.stop()
             sampler.stop()
-        result = report(load, sampler, faults, seconds=seconds, warmup=warmup, rate=rate)
+            observer.stop()
+        result = report(load, sampler, faults, observer, mesh, seconds=seconds, warmup=warmup, rate=rate)
         result["sidecar_counters"] = mesh.counters()
         return result
     finally:
@@ -598,6 +1105,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "out" / "soak.json")
     p.add_argument("--partition", action=argparse.BooleanOptionalAction, default=True,
                    help="include the network partition of one catalog pod (default: yes)")
+    p.add_argument("--mtls", action=argparse.BooleanOptionalAction, default=True,
+                   help="a CA in the control plane, a bootstrap token per sidecar, catalog and inventory "
+                        "STRICT (default: yes; --no-mtls: plaintext)")
+    p.add_argument("--cert-ttl", type=int, help="workload certificate lifetime, seconds (default: a tenth "
+                   "of the run, 20 to 60)")
+    p.add_argument("--min-retry-concurrency", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
+                   ["min_concurrency"], help="the retry budget's floor in the policy written (default "
+                   "%(default)s; the product's default is 3)")
     p.add_argument("--workdir", type=Path, help="logs of every process (default: a temp dir, kept)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -606,7 +1121,10 @@ def main(argv: list[str] | None = None) -> int:
     # kazoo's reconnection warnings (the soak's own client, during ZooKeeper faults) go to a file.
     logging.basicConfig(filename=workdir / "soak.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    result = run(args.minutes * 60, args.rate, workdir, partition=args.partition)
+    policy = json.loads(json.dumps(RETRY_POLICY))
+    policy["circuit_breaker"]["retry_budget"]["min_concurrency"] = args.min_retry_concurrency
+    result = run(args.minutes * 60, args.rate, workdir, partition=args.partition, mtls=args.mtls,
+                 cert_ttl=args.cert_ttl, retry_policy=policy)
     result["workdir"] = str(workdir)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))

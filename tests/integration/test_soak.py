@@ -1,9 +1,12 @@
-"""The endurance soak of bench/soak.py (issue 16), 60 seconds of it: the same mesh, load and fault
-schedule, the faults denser (each of the eight once, about 5 s apart after an 8 s warm-up), and the verdict
-asserted: no failed request a retry could have saved, no RSS growth past 10% after warm-up, no
-descriptor growth, every fault recovered from. Every process (and the cgroup and iptables rules of
-the session-expiry and partition faults) is removed in ``run``'s ``finally`` and the faults'
-context managers, whatever happened. Load: 50 req/s (the 10-minute bench runs 100).
+"""The endurance soak of bench/soak.py (issue 16), 60 seconds of it: the same mesh (mutual TLS on:
+a CA in the control plane, a bootstrap token per sidecar, catalog and inventory STRICT, 20 s
+certificates), load and fault schedule, the faults denser (each of the nine once, back to back after
+a 6 s warm-up), and the verdict asserted: no failed request a retry
+could have saved, no RSS growth past 10% after warm-up, no descriptor growth, every fault recovered
+from, every fault seen in the metrics and in the control plane's event stream but for the one known
+gap (a ZooKeeper leader change has no event: :data:`KNOWN_INVISIBLE`). Every process (and the cgroup
+and iptables rules of the session-expiry and partition faults) is removed in ``run``'s ``finally``
+and the faults' context managers, whatever happened. Load: 50 req/s (the 10-minute bench runs 100).
 """
 
 from __future__ import annotations
@@ -18,6 +21,10 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
+# Nothing on the event stream says ZooKeeper lost its leader: the control plane's registry watch
+# sees it (meshkeeper_zookeeper_connected, meshkeeper_zookeeper_resyncs_total) but publishes no
+# event (bench/RESULTS.md, "Soak"). Remove it from here when the watch publishes one.
+KNOWN_INVISIBLE = {"zookeeper-leader-sigkill (events)"}
 
 
 def load_soak():
@@ -30,13 +37,19 @@ def load_soak():
 
 def test_a_60_second_soak_loses_no_request_and_leaks_nothing(tmp_path):
     soak = load_soak()
-    result = soak.run(60.0, 50.0, tmp_path / "soak", partition=True)
+    result = soak.run(60.0, 50.0, tmp_path / "soak", warmup=6.0, partition=True, mtls=True, cert_ttl=20)
     (tmp_path / "soak.json").write_text(json.dumps(result, indent=1))
     summary = soak.markdown(result)
     print(summary)
-    assert result["verdict"]["pass"], f"{summary}\nfailures: {result['failures'][:5]}\nlogs: {tmp_path / 'soak'}"
+    verdict = result["verdict"]
+    why = f"{summary}\nfailures: {result['failures'][:5]}\nlogs: {tmp_path / 'soak'}"
+    assert all(ok for k, ok in verdict.items() if k not in ("faults_visible", "pass")), why
+    assert set(result["invisible"]) <= KNOWN_INVISIBLE, why
     assert result["sent"] >= 0.95 * 60 * 50, "the load was not offered at its rate"
     injected = {e["fault"] for e in result["events"]}
     assert injected | set(result["faults_skipped"]) == {
-        "app-sigkill", "sidecar-sigkill", "slow-upstream", "controlplane-sigkill", "zookeeper-leader-sigkill",
-        "zookeeper-session-expiry", "rolling-sigterm", "pod-partition"}
+        "app-sigkill", "sidecar-sigkill", "slow-upstream", "certificate-rotation", "controlplane-sigkill",
+        "zookeeper-leader-sigkill", "zookeeper-session-expiry", "rolling-sigterm", "pod-partition"}
+    assert "certificate-rotation" in injected
+    # 20 s certificates over 60 s: every sidecar that ran throughout rotated at least twice.
+    assert result["rotations"].get("sidecar-frontend-1", 0) >= 2, result["rotations"]
