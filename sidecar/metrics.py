@@ -154,6 +154,16 @@ def registration_families(reg: Any) -> Iterator[Metric]:
                             value=int(reg.zk.connected))
 
 
+def identity_families(tls: Any) -> Iterator[Metric]:
+    """The workload identity (sidecar.tls.TlsIdentity): whether mTLS works, and until when."""
+    yield GaugeMetricFamily("meshkeeper_identity_ready", "1 while the sidecar has its key, certificate and trust "
+                            "bundle (mTLS both ways); 0: plaintext only", value=int(tls.ready))
+    not_after = tls.not_after
+    yield GaugeMetricFamily("meshkeeper_identity_cert_expiry_timestamp_seconds",
+                            "When the workload certificate expires (Unix time; 0: none)",
+                            value=not_after.timestamp() if not_after is not None else 0)
+
+
 class _StoreCollector:
     def __init__(self, store: StatsStore) -> None:
         self.store = store

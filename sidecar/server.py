@@ -96,6 +96,7 @@ class Server:
         # certificate and bundle; listeners and pools read its TLS contexts.
         self.tls = TlsIdentity()
         self.clusters = ClusterManager(identity=self.tls)
+        self.stats.register(self.tls, lambda: metrics.identity_families(self.tls))
         self.stats.register(self.clusters, lambda: metrics.cluster_families(self.clusters))
         self.listener_contexts = {name: ListenerContext(name, self.clusters) for name in BOUND_LISTENERS}
         for ctx in self.listener_contexts.values():

@@ -144,10 +144,16 @@ class TlsInspector(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         waiter = loop.create_future()
         waiter.add_done_callback(self._handshake_failed)
-        proto = ssl_protocol(loop, _Verified(tls, self._make), ctx, waiter, server_side=True)
-        transport.set_protocol(proto)
-        proto.connection_made(transport)
-        feed(proto, data)
+        try:
+            proto = ssl_protocol(loop, _Verified(tls, self._make), ctx, waiter, server_side=True)
+            transport.set_protocol(proto)
+            proto.connection_made(transport)
+            feed(proto, data)
+        except Exception as exc:  # a bug: close this connection, never the listener
+            log.warning("inbound TLS: unexpected error; connection closed", exc_info=exc)
+            if not waiter.done():
+                waiter.set_exception(ConnectionAbortedError("TLS setup failed"))
+            transport.abort()
 
     def _handshake_failed(self, waiter: asyncio.Future) -> None:
         exc = None if waiter.cancelled() else waiter.exception()

@@ -354,6 +354,10 @@ class ConnectionPool:
         except OSError as exc:
             stats.upstream_cx_connect_fail += 1
             raise ConnectFailure(f"connect to {self.host}:{self.port} failed: {exc}") from None
+        except (ValueError, UnicodeError) as exc:  # an SNI the ssl module refuses
+            stats.upstream_cx_connect_fail += 1
+            stats.ssl_connection_error += 1
+            raise ConnectFailure(f"TLS to {self.host}:{self.port} failed: {exc}") from None
         if not tls.san_ok(transport.get_extra_info("peercert")):
             stats.upstream_cx_connect_fail += 1
             stats.ssl_fail_verify_san += 1

@@ -99,6 +99,7 @@ TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"  # the endpoint metadata
 TLS_MODE_KEY, TLS_MODE_MUTUAL = "tlsMode", "mutual"
 _CERTIFICATE_SECRET, _TRUST_BUNDLE_SECRET = "default", "ROOTCA"
 _SERVER_ALPN = ("h2", "http/1.1")  # what the sidecar's TLS server negotiates (sidecar.tls.identity)
+_SNI = re.compile(r"(?=.{1,253}$)[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*")
 _UPSTREAM_ALPN = {("h2",), ("http/1.1",), ("h2", "http/1.1")}
 
 
@@ -865,6 +866,8 @@ def upstream_tls(cluster_msg: cluster_pb2.Cluster, http2: bool, where: str) -> U
     if alpn and ("h2" if http2 else "http/1.1") not in alpn:
         raise XdsError(f"{cwhere}: alpn_protocols {list(alpn)} do not offer the cluster's protocol "
                        f"({'HTTP/2' if http2 else 'HTTP/1.1'})")
+    if ctx.sni and not _SNI.fullmatch(ctx.sni):
+        raise XdsError(f"{cwhere}: sni {ctx.sni!r} is not a host name")
     return UpstreamTlsConfig(san=san, alpn=alpn, sni=ctx.sni)
 
 

@@ -131,6 +131,7 @@ def test_a_cluster_without_matches_converts_as_today():
     (lambda d: d["transport_socket_matches"][0]["transport_socket"]["typed_config"].update(
         allow_renegotiation=True), "allow_renegotiation"),
     (lambda d: d.update(transport_socket={"name": "envoy.transport_sockets.tls"}), "transport_socket"),
+    (lambda d: d["transport_socket_matches"][0]["transport_socket"]["typed_config"].update(sni="a b"), "not a host"),
 ])
 def test_other_upstream_tls_shapes_are_nacked(mutate, reason):
     d = cluster_dict()

@@ -156,3 +156,17 @@ def test_uri_sans_and_peer_id():
 
     assert peer_spiffe_id(Tr(Obj())) == "spiffe://td/ns/a/sa/b"
     assert peer_spiffe_id(Tr(None)) == "" and peer_spiffe_id(None) == ""
+
+
+def test_identity_metrics(ca):
+    from meshkeeper.xds import NodeInfo
+
+    server = Server(NodeInfo(node_id="n", service="a"))
+    fams = {f.name: f for f in server.stats.collect()}
+    assert fams["meshkeeper_identity_ready"].samples[0].value == 0
+    w = ca.workload("a")
+    server.tls.set_pending_key(w.key_pem)
+    server.apply_secrets(secrets(w.chain_pem, ca.bundle_pem))
+    fams = {f.name: f for f in server.stats.collect()}
+    assert fams["meshkeeper_identity_ready"].samples[0].value == 1
+    assert fams["meshkeeper_identity_cert_expiry_timestamp_seconds"].samples[0].value == w.cert.not_valid_after_utc.timestamp()
