@@ -374,7 +374,7 @@ class Server:
                 continue
             ctx = self.listener_contexts[name]
             tls = InboundTls(cfg.tls, self.tls, ctx.stats) if cfg.tls is not None else None
-            main = tcp_target(name, cfg.tcp) if cfg.tcp is not None else Target(name, http=ctx, tls=tls)
+            main = replace(tcp_target(name, cfg.tcp), tls=tls) if cfg.tcp is not None else Target(name, http=ctx, tls=tls)
             t = cfg.transparent
             if t is None or not t.original_dst:
                 tables[name] = DispatchTable(main=main)

@@ -56,14 +56,21 @@ class Target:
     tcp: tuple[tuple[TcpProxyRuntime, int], ...] = ()
     inbound_passthrough: bool = False
     # The inbound listener's mTLS chains (sidecar.tls.inspector): the connection's first bytes
-    # choose TLS termination or (PERMISSIVE) plaintext; None: the HCM takes the connection at once.
+    # choose TLS termination or (PERMISSIVE) plaintext; None: the HCM or tcp_proxy takes the
+    # connection at once.
     tls: InboundTls | None = None
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
+        if self.tls is not None:
+            return TlsInspector(self.tls, lambda peer_id: self._protocol(dst, rand, peer_id))
+        return self._protocol(dst, rand)
+
+    def _protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float], peer_id: str = "") -> asyncio.Protocol:
         if self.http is not None:
-            if self.tls is not None:
-                return TlsInspector(self.tls, lambda: self._hcm(dst))
-            return self._hcm(dst)
+            hcm = ConnectionManager(self.http)
+            hcm.original_dst = dst
+            hcm.peer_id = peer_id
+            return hcm
         runtime = self._choose(rand)
         # Whether the cluster sends to the original destination is read per connection (the
         # cluster may have arrived, or changed, after this table was built).
@@ -75,11 +82,6 @@ class Target:
         if ":" in dst[0]:  # IPv6 has no second loopback address to dial from: the app's ::1, as before
             return TcpProxy(runtime, original_dst=("::1", dst[1]))
         return TcpProxy(runtime, original_dst=dst, source=INBOUND_PASSTHROUGH_SOURCE)
-
-    def _hcm(self, dst: tuple[str, int] | None) -> ConnectionManager:
-        hcm = ConnectionManager(self.http)
-        hcm.original_dst = dst
-        return hcm
 
     def _choose(self, rand: Callable[[], float]) -> TcpProxyRuntime:
         choices = self.tcp

@@ -1,14 +1,14 @@
 """The inbound listener's ``tls_inspector`` and mTLS termination (docs/identity.md).
 
 When the inbound listener has mTLS chains, each accepted connection gets a :class:`TlsInspector`
-instead of its connection manager. It looks at the connection's first bytes, as Envoy's
+instead of its connection manager (or tcp_proxy). It looks at the connection's first bytes, as Envoy's
 tls_inspector does (a TLS handshake record starts with 0x16; no HTTP request does), and:
 
 * TLS: the bytes already read are fed to a TLS server protocol (``SSLProtocol``, uvloop's when
   the loop is uvloop's) made with :meth:`TlsIdentity.server_context`, which requires a client
   certificate from the trust bundle. After the handshake the caller's URI SAN must start with the
-  chain's prefix; then the connection manager takes the decrypted stream (``peer_id`` set to the
-  caller's SPIFFE ID) and the inspector is gone: nothing of it stays on the data path.
+  chain's prefix; then the connection manager (``peer_id``: the caller's SPIFFE ID) or the
+  tcp_proxy takes the decrypted stream and the inspector is gone: nothing of it stays on the data path.
 * plaintext: PERMISSIVE hands the connection, bytes included, to the connection manager as
   without TLS; STRICT closes it (no chain matches).
 
@@ -100,9 +100,9 @@ class TlsInspector(asyncio.Protocol):
 
     __slots__ = ("_tls", "_make", "_transport", "_timer")
 
-    def __init__(self, tls: InboundTls, make: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, tls: InboundTls, make: Callable[[str], asyncio.Protocol]) -> None:
         self._tls = tls
-        self._make = make  # the connection manager, made once a chain matched
+        self._make = make  # the listener's protocol (HCM or tcp_proxy) for a caller's SPIFFE ID ("": plaintext)
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -130,7 +130,7 @@ class TlsInspector(asyncio.Protocol):
                 tls.stats.no_filter_chain_match += 1
                 transport.close()
                 return
-            proto = self._make()
+            proto = self._make("")
             transport.set_protocol(proto)
             proto.connection_made(transport)
             proto.data_received(data)
@@ -182,7 +182,7 @@ class _Verified(asyncio.Protocol):
 
     __slots__ = ("_tls", "_make")
 
-    def __init__(self, tls: InboundTls, make: Callable[[], asyncio.Protocol]) -> None:
+    def __init__(self, tls: InboundTls, make: Callable[[str], asyncio.Protocol]) -> None:
         self._tls = tls
         self._make = make
 
@@ -195,8 +195,7 @@ class _Verified(asyncio.Protocol):
             transport.abort()
             return
         tls.stats.ssl_handshake += 1
-        proto = self._make()
-        proto.peer_id = sans[0]
+        proto = self._make(sans[0])
         transport.set_protocol(proto)
         proto.connection_made(transport)
 

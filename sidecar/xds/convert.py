@@ -174,11 +174,9 @@ def listener(msg: listener_pb2.Listener) -> ListenerConfig:
 
 
 def with_tls(config: ListenerConfig, tls: DownstreamTlsConfig | None, where: str) -> ListenerConfig:
-    """``config`` served behind the mTLS chains (an HTTP connection manager only)."""
+    """``config`` (an HTTP connection manager or a tcp_proxy) served behind the mTLS chains."""
     if tls is None:
         return config
-    if config.tcp is not None:
-        raise XdsError(f"{where}: mTLS chains are supported with an http_connection_manager only")
     return dataclasses.replace(config, tls=tls)
 
 

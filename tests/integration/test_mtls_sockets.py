@@ -30,8 +30,10 @@ from sidecar.config import (
     Route,
     RouteConfig,
     SecretConfig,
+    TcpRoute,
     UpstreamTlsConfig,
     VirtualHost,
+    WeightedCluster,
 )
 from sidecar.proxy.listener import bind_socket
 from sidecar.server import Server
@@ -117,7 +119,7 @@ class Mesh:
         self.app: asyncio.AbstractServer | None = None
 
     async def start(self, *, mode: str = TLS_PERMISSIVE, san: str = spiffe("b"), http2: bool = False,
-                    rbac: AuthzConfig | None = None, identities: bool = True) -> None:
+                    rbac: AuthzConfig | None = None, identities: bool = True, tcp: bool = False) -> None:
         self.app = await start_app()
         app_port = self.app.sockets[0].getsockname()[1]
         if identities:
@@ -129,9 +131,14 @@ class Mesh:
         # b: its inbound listener in front of the app
         self.b.apply_clusters({IN_B: ClusterConfig(IN_B, discovery="STATIC",
                                                    static_endpoints=(EndpointConfig("127.0.0.1", app_port),))})
-        self.b.apply_listeners({"inbound": ListenerConfig(
-            name="inbound", route_config=routes("inbound", IN_B), tls=DownstreamTlsConfig(mode, TD_PREFIX),
-            xfcc_sanitize_set=True, xfcc_uri=True, rbac=rbac)})
+        if tcp:  # a tcp service: tcp_proxy behind the same chains
+            inbound = ListenerConfig(name="inbound", tcp=TcpRoute("inbound", (WeightedCluster(IN_B, 1),)),
+                                     tls=DownstreamTlsConfig(mode, TD_PREFIX))
+        else:
+            inbound = ListenerConfig(name="inbound", route_config=routes("inbound", IN_B),
+                                     tls=DownstreamTlsConfig(mode, TD_PREFIX), xfcc_sanitize_set=True, xfcc_uri=True,
+                                     rbac=rbac)
+        self.b.apply_listeners({"inbound": inbound})
         await self.b.start_listeners(bind_socket("127.0.0.1", 0), b_in)
         # a: its outbound listener routes Host b to b's inbound listener, mTLS (auto: the endpoint is marked)
         alpn = ("h2",) if http2 else ("http/1.1",)
@@ -347,3 +354,22 @@ def test_rbac_on_the_inbound_listener(loop, ca):
         plain.close()
 
     with_mesh(loop, ca, test, rbac=rbac)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_tcp_service_behind_strict_mtls(loop, ca):
+    async def test(mesh: Mesh) -> None:
+        caller = TlsIdentity()
+        give_identity(caller, ca, ca.workload("a"))
+        client = await Client.open(mesh.b_port, caller.client_context(()))
+        status, _, body = await client.get("/bytes")  # the app speaks HTTP; the tcp_proxy only carries bytes
+        assert status == 200 and json.loads(body)["path"] == "/bytes"
+        assert "x-forwarded-client-cert" not in json.loads(body)["headers"]
+        client.close()
+        plain = await Client.open(mesh.b_port)
+        plain.writer.write(b"GET / HTTP/1.1\r\n\r\n")
+        assert await closed(plain)
+        plain.close()
+        assert (mesh.b_stats.ssl_handshake, mesh.b_stats.no_filter_chain_match) == (1, 1)
+
+    with_mesh(loop, ca, test, mode=TLS_STRICT, tcp=True)

@@ -305,3 +305,48 @@ def test_rbac_goes_before_the_rate_limit():
     listener(inbound_dict(manager=hcm([rbac_filter({"action": "DENY"}), rl])))
     with pytest.raises(XdsError, match="out of order"):
         listener(inbound_dict(manager=hcm([rl, rbac_filter({"action": "DENY"})])))
+
+
+# --- what the control plane sends (controlplane.translate), converted ------------------------------
+
+
+def _cp():
+    from controlplane import translate
+    from meshkeeper.security import AuthzPolicy as CpAuthz
+    from meshkeeper.security import AuthzRule, MeshIdentity
+
+    return translate, CpAuthz, AuthzRule, MeshIdentity
+
+
+@pytest.mark.parametrize("mode", ["PERMISSIVE", "STRICT"])
+def test_the_control_planes_inbound_listeners_convert(mode):
+    translate, CpAuthz, AuthzRule, MeshIdentity = _cp()
+    authz = CpAuthz("ALLOW", (AuthzRule(sources=(TD + "ns/default/sa/a", "ns:ops"), methods=("GET",), paths=("/api",)),
+                              AuthzRule(paths=("/health",))))
+    sec = translate.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode, authz=authz)
+    http = listeners.listener(translate.inbound_listener("127.0.0.1", 15006, 8080, sec=sec))
+    assert http.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD)
+    assert http.xfcc_sanitize_set and http.xfcc_uri
+    assert http.rbac.allows(b"GET", b"/api/x", TD + "ns/default/sa/a")
+    assert http.rbac.allows(b"GET", b"/api/x", TD + "ns/ops/sa/robot")
+    assert not http.rbac.allows(b"POST", b"/api/x", TD + "ns/default/sa/a")
+    assert http.rbac.allows(b"POST", b"/health", "") and not http.rbac.allows(b"GET", b"/api", "")
+    tcp = listeners.listener(translate.inbound_tcp_listener("127.0.0.1", 15006, 8080, sec=sec))
+    assert tcp.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD) and tcp.tcp is not None
+
+
+def test_the_control_planes_listener_without_identity_is_todays():
+    translate, *_ = _cp()
+    cfg = listeners.listener(translate.inbound_listener("127.0.0.1", 15006, 8080))
+    assert cfg.tls is None and not cfg.xfcc_sanitize_set and cfg.rbac is None
+
+
+@pytest.mark.parametrize("protocol, http2, alpn", [("http", False, ("http/1.1",)), ("grpc", True, ("h2",))])
+def test_the_control_planes_cluster_tls_converts(protocol, http2, alpn):
+    translate, _, _, MeshIdentity = _cp()
+    msg = translate.eds_cluster("outbound|b.default", protocol=protocol)
+    ctx = translate.upstream_tls_context(MeshIdentity("meshkeeper.local"), "b", "default", protocol)
+    msg.transport_socket_matches.append(translate.tls_socket_match(ctx))
+    cfg = convert.cluster(msg)
+    assert cfg.http2 is http2
+    assert cfg.tls == UpstreamTlsConfig(san=TD + "ns/default/sa/b", alpn=alpn, sni="outbound_.b.default")

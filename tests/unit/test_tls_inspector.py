@@ -33,7 +33,7 @@ def inspector(mode: str):
     stats = ListenerStats()
     apps: list[App] = []
 
-    def make() -> App:
+    def make(peer_id: str) -> App:
         apps.append(App())
         return apps[-1]
 
