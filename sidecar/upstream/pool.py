@@ -322,13 +322,9 @@ class ConnectionPool:
 
     async def connect(self) -> Any:
         """Open a new connection within the cluster's connect timeout; raises :class:`ConnectFailure`."""
-        factory = (lambda: Http2ClientConnection(self)) if self.http2 else (lambda: Http1ClientConnection(self))
-        tls = self.tls
-        if tls is not None:
-            ctx = tls.context()
-            if ctx is not None:
-                return await self._connect_tls(factory, tls, ctx)
-        return await self.connect_with(factory)
+        if self.http2:
+            return await self.connect_with(lambda: Http2ClientConnection(self))
+        return await self.connect_with(lambda: Http1ClientConnection(self))
 
     async def _connect_tls(self, factory: Callable[[], Any], tls: UpstreamTls, ctx: ssl.SSLContext) -> Any:
         """:meth:`connect` with mTLS: a handshake that fails, or a server whose URI SAN is not the
@@ -369,7 +365,13 @@ class ConnectionPool:
     async def connect_with(self, protocol_factory: Callable[[], Any]) -> Any:
         """:meth:`connect` with another protocol (the L4 proxy's, ``sidecar.l4``): the same connect
         timeout and failure counters. The protocol must call :meth:`opened` once connected and
-        :meth:`lost` when its connection is gone, as the HTTP connections do."""
+        :meth:`lost` when its connection is gone, as the HTTP connections do. A pool with mTLS
+        connects with TLS once the sidecar has a certificate (a tcp_proxy's bytes too)."""
+        tls = self.tls
+        if tls is not None:
+            ctx = tls.context()
+            if ctx is not None:
+                return await self._connect_tls(protocol_factory, tls, ctx)
         connector = self._connector or asyncio.get_running_loop().create_connection
         try:
             async with asyncio.timeout(self.connect_timeout if self.connect_timeout > 0 else None):

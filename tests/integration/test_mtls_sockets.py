@@ -145,7 +145,11 @@ class Mesh:
         self.a.apply_clusters({OUT_B: ClusterConfig(
             OUT_B, discovery="STATIC", http2=http2, tls=UpstreamTlsConfig(san=san, alpn=alpn, sni="outbound_.b.default"),
             static_endpoints=(EndpointConfig("127.0.0.1", self.b_port, mtls=True),))})
-        self.a.apply_listeners({"outbound": ListenerConfig(name="outbound", route_config=routes("outbound", OUT_B))})
+        if tcp:
+            outbound = ListenerConfig(name="outbound", tcp=TcpRoute("outbound", (WeightedCluster(OUT_B, 1),)))
+        else:
+            outbound = ListenerConfig(name="outbound", route_config=routes("outbound", OUT_B))
+        self.a.apply_listeners({"outbound": outbound})
         a_out = bind_socket("127.0.0.1", 0)
         self.a_port = a_out.getsockname()[1]
         await self.a.start_listeners(a_out, bind_socket("127.0.0.1", 0))
@@ -357,7 +361,7 @@ def test_rbac_on_the_inbound_listener(loop, ca):
 
 
 @pytest.mark.parametrize("loop", LOOPS)
-def test_a_tcp_service_behind_strict_mtls(loop, ca):
+def test_a_tcp_service_behind_strict_mtls_reached_by_a_tcp_proxy(loop, ca):
     async def test(mesh: Mesh) -> None:
         caller = TlsIdentity()
         give_identity(caller, ca, ca.workload("a"))
@@ -371,5 +375,11 @@ def test_a_tcp_service_behind_strict_mtls(loop, ca):
         assert await closed(plain)
         plain.close()
         assert (mesh.b_stats.ssl_handshake, mesh.b_stats.no_filter_chain_match) == (1, 1)
+        # a's tcp_proxy originates mTLS to b as its HTTP pools do
+        via_a = await Client.open(mesh.a_port)
+        status, _, body = await via_a.get("/via-a")
+        assert status == 200 and json.loads(body)["path"] == "/via-a"
+        assert mesh.a_cluster.stats.ssl_handshake == 1 and mesh.b_stats.ssl_handshake == 2
+        via_a.close()
 
     with_mesh(loop, ca, test, mode=TLS_STRICT, tcp=True)
