@@ -394,7 +394,8 @@ class Server:
             if t.default_chain is not None:
                 default = chain_target(t.default_chain, local=name == xds.INBOUND_LISTENER)
             tables[name] = DispatchTable(main=main, explicit_port=t.explicit_port, exact=MappingProxyType(exact),
-                                         any_port=MappingProxyType(any_port), default=default)
+                                         any_port=MappingProxyType(any_port), default=default,
+                                         unmatched=ctx.stats if tls is not None else None)
         return tables, chain_rts, tcp_rts
 
     def _sync_tcp_listeners(self, tables: dict[str, DispatchTable]) -> None:

@@ -32,6 +32,7 @@ import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import Any
 
 from sidecar.interception.original_dst import original_dst
 from sidecar.l4 import TcpProxy, TcpProxyRuntime
@@ -102,6 +103,9 @@ class DispatchTable:
     exact: Mapping[tuple[str, int], Target] = field(default_factory=lambda: _EMPTY)
     any_port: Mapping[str, Target] = field(default_factory=lambda: _EMPTY)
     default: Target | None = None
+    # The listener's stats when it has mTLS chains: a connection no chain takes (transparent
+    # STRICT has no default chain) also counts as its ``no_filter_chain_match``, as in Envoy.
+    unmatched: Any = None
 
     def target(self, dst: tuple[str, int] | None, local: tuple[str, int]) -> tuple[Target | None, bool]:
         """(the target, whether the connection was redirected)."""
@@ -152,9 +156,12 @@ class Dispatcher(asyncio.Protocol):
         except OSError:  # the peer is already gone
             transport.abort()
             return
-        target, redirected = holder.table.target(dst, local)
+        table = holder.table
+        target, redirected = table.target(dst, local)
         if target is None:
             holder.stats.no_chain += 1
+            if table.unmatched is not None:
+                table.unmatched.no_filter_chain_match += 1
             transport.abort()
             return
         if redirected:

@@ -350,3 +350,20 @@ def test_the_control_planes_cluster_tls_converts(protocol, http2, alpn):
     cfg = convert.cluster(msg)
     assert cfg.http2 is http2
     assert cfg.tls == UpstreamTlsConfig(san=TD + "ns/default/sa/b", alpn=alpn, sni="outbound_.b.default")
+
+
+@pytest.mark.parametrize("mode, default", [("PERMISSIVE", True), ("STRICT", False)])
+def test_the_control_planes_transparent_inbound_listener_converts(mode, default):
+    from controlplane import transparent
+
+    translate, _, _, MeshIdentity = _cp()
+    from meshkeeper.xds import NodeInfo
+
+    node = NodeInfo(node_id="sidecar~10.0.0.5~b-15006.default", service="b", app_port=8080, inbound_port=15006,
+                    outbound_port=15001, advertise_host="10.0.0.5", interception="redirect")
+    sec = translate.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode)
+    out = transparent.node_resources(node, translate.DEFAULT_POLICY, sec)
+    cfg = listeners.listener(out["type.googleapis.com/envoy.config.listener.v3.Listener"]["inbound"])
+    assert cfg.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD)
+    assert cfg.transparent.explicit_port == 8080 and cfg.transparent.original_dst
+    assert (cfg.transparent.default_chain is not None) is default

@@ -47,3 +47,32 @@ async def test_transparent_mode_sniffs_the_app_port_only():
         transparent=TransparentConfig(explicit_port=8080, default_chain=passthrough))})
     assert type(protocol_for(server, ("10.0.0.5", 8080))) is TlsInspector
     assert type(protocol_for(server, ("10.0.0.5", 9090))) is not TlsInspector
+
+
+async def test_transparent_strict_without_a_default_chain_closes_other_ports_as_no_filter_chain_match(monkeypatch):
+    from sidecar.config import TLS_STRICT
+    from sidecar.interception.dispatch import Dispatcher
+    from tests.support.fakes import FakeTransport
+
+    server = Server(NodeInfo(node_id="n", service="b", interception="redirect"))
+    server.apply_listeners({"inbound": ListenerConfig(
+        "inbound", route_config=ROUTES, tls=DownstreamTlsConfig(TLS_STRICT, "spiffe://td/"),
+        transparent=TransparentConfig(explicit_port=8080, default_chain=None))})
+    holder = server.dispatch["inbound"]
+    table = holder.table
+    assert table.target(("10.0.0.5", 9090), ("10.0.0.5", 15006)) == (None, True)
+
+    class Sock:
+        def getsockname(self):
+            return ("10.0.0.5", 15006)
+
+    class Transport(FakeTransport):
+        def get_extra_info(self, name, default=None):
+            return Sock() if name == "socket" else default
+
+    monkeypatch.setattr("sidecar.interception.dispatch.original_dst", lambda sock: ("10.0.0.5", 9090))
+    d = Dispatcher(holder)
+    transport = Transport(d)
+    d.connection_made(transport)
+    assert transport.aborted and holder.stats.no_chain == 1
+    assert server.listener_contexts["inbound"].stats.no_filter_chain_match == 1
