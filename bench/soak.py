@@ -19,7 +19,8 @@ frontend stays PERMISSIVE: the load generator is a plaintext client from outside
 
 Retries: ``DEFAULT_POLICY.retry`` is None (Envoy's default: no retries), so, as an operator
 would, the soak writes ``services/<svc>/policy`` for each service with :data:`RETRY_POLICY`
-(``--min-retry-concurrency 3`` writes the product's default budget instead).
+(``--min-retry-concurrency 3`` writes the product's default budget instead, ``--retry-budget-percent``
+another percent).
 
 Alert rules (:data:`ALERT_RULES`, evaluated every second, LRS every 2 s): serving instances of
 catalog and inventory, their error ratio, inventory's p99; an operator would keep such rules, and
@@ -67,6 +68,7 @@ Verdict (PASS needs all five):
 from __future__ import annotations
 
 import argparse
+import bisect
 import contextlib
 import http.client
 import itertools
@@ -961,6 +963,16 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
             kinds = set(base["fds"]) | set(last["fds"])
             fd_diffs[name] = {k: last["fds"].get(k, 0) - base["fds"].get(k, 0) for k in sorted(kinds)
                               if last["fds"].get(k, 0) != base["fds"].get(k, 0)}
+    # Requests in flight at the client (each is one frontend -> catalog request in flight at the
+    # frontend sidecar, the cluster whose retry budget counts them), every 0.1 s: the retry budget
+    # analysis (bench/RESULTS.md, "Soak") needs how many were in flight when an instance died.
+    starts = sorted(r.t + r.lateness for r in results)
+    ends = sorted(r.t + r.lateness + r.latency for r in results)
+    grid = [k / 10 for k in range(int(seconds * 10))]
+    inflight = [bisect.bisect_right(starts, g) - bisect.bisect_right(ends, g) for g in grid]
+    at_kills = [{"fault": o["fault"], "t": o["start"],
+                 "inflight_max": max(inflight[int(o["start"] * 10):int(o["start"] * 10) + 30], default=0)}
+                for o in faults.occurrences if o["fault"] in ("sidecar-sigkill", "pod-partition", "app-sigkill")]
     # Faults as the event stream and the metrics showed them.
     occ = faults.occurrences
     seen = [visibility(o, observer, mesh, occ[k + 1]["start"] if k + 1 < len(occ) else None)
@@ -991,6 +1003,8 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
         "strict": list(STRICT) if mesh.issuer is not None else [],
         "rotations": {n: len(ts) for n, ts in sorted(rotations.items())}, "rotation_times": rotations,
         "failed_near_rotation": len(near),
+        "inflight": {"p50": pct(inflight, 50), "p90": pct(inflight, 90), "p99": pct(inflight, 99),
+                     "max": max(inflight, default=0), "at_faults": at_kills},
         "visibility": seen, "visibility_by_fault": by_fault, "invisible": invisible,
         "mesh_events_by_kind": kinds, "event_stream": observer.stream, "mesh_events": observer.events,
         "metric_changes": observer.series, "scrape_failures": observer.scrape_failures,
@@ -1016,7 +1030,9 @@ def markdown(r: dict) -> str:
               + f"; failed requests within 1 s of one: {r['failed_near_rotation']}." if r["mtls"] else
               "mTLS: off (--no-mtls)."), "",
              f"Requests sent {r['sent']}, ok {r['ok']}, failed {r['failed']}; pacing lateness p99 "
-             f"{r['pacing_lateness_ms']['p99']} ms.", ""]
+             f"{r['pacing_lateness_ms']['p99']} ms. In flight at the client: p50 {r['inflight']['p50']}, "
+             f"p99 {r['inflight']['p99']}, max {r['inflight']['max']}; in the 3 s after each kill or partition: "
+             + ", ".join(f"{a['fault']} {a['inflight_max']}" for a in r["inflight"]["at_faults"]) + ".", ""]
     if r["failed_by_reason"]:
         lines += ["| failure (status flags) | count |", "|---|---|"]
         lines += [f"| {k} | {n} |" for k, n in sorted(r["failed_by_reason"].items())] + [""]
@@ -1071,7 +1087,9 @@ def run(seconds: float, rate: float, workdir: Path, warmup: float | None = None,
     stop = threading.Event()
     try:
         mesh.start()
-        load = Load(mesh.frontend.ports["inbound_port"], rate)
+        # Enough workers that requests held by a partition (up to the 3 s per-try timeout, a third of
+        # them) do not starve the pacing: about one second of requests.
+        load = Load(mesh.frontend.ports["inbound_port"], rate, workers=max(32, int(rate)))
         load.start()
         t0 = load.start_at
         faults = Faults(mesh, t0, partition, outage)
@@ -1113,6 +1131,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--min-retry-concurrency", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
                    ["min_concurrency"], help="the retry budget's floor in the policy written (default "
                    "%(default)s; the product's default is 3)")
+    p.add_argument("--retry-budget-percent", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
+                   ["percent"], help="the retry budget's percent in the policy written (default %(default)s, "
+                   "the product's default)")
     p.add_argument("--workdir", type=Path, help="logs of every process (default: a temp dir, kept)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1122,7 +1143,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(filename=workdir / "soak.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
     policy = json.loads(json.dumps(RETRY_POLICY))
-    policy["circuit_breaker"]["retry_budget"]["min_concurrency"] = args.min_retry_concurrency
+    policy["circuit_breaker"]["retry_budget"].update(min_concurrency=args.min_retry_concurrency,
+                                                     percent=args.retry_budget_percent)
     result = run(args.minutes * 60, args.rate, workdir, partition=args.partition, mtls=args.mtls,
                  cert_ttl=args.cert_ttl, retry_policy=policy)
     result["workdir"] = str(workdir)
