@@ -1134,6 +1134,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--retry-budget-percent", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
                    ["percent"], help="the retry budget's percent in the policy written (default %(default)s, "
                    "the product's default)")
+    p.add_argument("--no-retry-cap", action="store_true",
+                   help="no cap on concurrent retries, as Istio's default (connectionPool.http.maxRetries "
+                        "2^32-1): retry_budget null and max_retries 10,000,000 (the policy's largest)")
     p.add_argument("--workdir", type=Path, help="logs of every process (default: a temp dir, kept)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1145,6 +1148,8 @@ def main(argv: list[str] | None = None) -> int:
     policy = json.loads(json.dumps(RETRY_POLICY))
     policy["circuit_breaker"]["retry_budget"].update(min_concurrency=args.min_retry_concurrency,
                                                      percent=args.retry_budget_percent)
+    if args.no_retry_cap:
+        policy["circuit_breaker"] = {"retry_budget": None, "max_retries": 10_000_000}
     result = run(args.minutes * 60, args.rate, workdir, partition=args.partition, mtls=args.mtls,
                  cert_ttl=args.cert_ttl, retry_policy=policy)
     result["workdir"] = str(workdir)
