@@ -923,6 +923,10 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
     reasons: dict[str, int] = {}
     for r in failed:
         key = f"{r.status} {r.flags or '-'}" if r.status else f"no response ({r.error.split('(')[0]})"
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            inner = json.loads(r.detail).get("catalog") or {}  # the frontend app's answer: what its call got
+            if inner.get("flags"):
+                key += f" <- catalog {json.loads(r.detail).get('status', '')} {inner['flags']}"
         reasons[key] = reasons.get(key, 0) + 1
     windows = []
     for w in range(math.ceil(seconds / WINDOW)):
