@@ -93,6 +93,8 @@ class Endpoint:
             "rq_success": self.rq_success,
             "cx_active": self.pool.cx_active,
             "cx_idle": self.pool.idle_count,
+            # The cluster's tlsMode-mutual transport socket applies (mTLS once the sidecar has a certificate).
+            "tls_mode": "mutual" if self.pool.tls is not None else "disabled",
         }
         view.update(outlier if outlier is not None else _NOT_MONITORED)
         return view
