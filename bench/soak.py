@@ -84,6 +84,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,6 +136,7 @@ ALERT_RULES = {
 ALERT_INTERVAL = 1.0
 LOAD_REPORT_INTERVAL = 2.0
 SCRAPE_EVERY = 2.0
+CERT_SKEW = 60.0  # a workload certificate's not_before is its signing time less this (docs/identity.md)
 VISIBLE_GRACE = 12.0  # after a fault's end, how long its events and metrics may take to show
 SESSION_TIMEOUT = 4.0  # the sidecars' --zk-session-timeout: an expiry fault takes seconds, not tens
 CLIENT_TIMEOUT = 10.0
@@ -522,10 +524,11 @@ class Observer:
             for inst in list(self.mesh.instances):
                 self._take(inst.sidecar.name, self.mesh.admin(inst) + "/stats/prometheus", SIDECAR_SERIES, t)
                 with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
-                    serial = cert_serial(json.loads(http_get(self.mesh.admin(inst) + "/certs", timeout=2)[2]))
+                    page = json.loads(http_get(self.mesh.admin(inst) + "/certs", timeout=2)[2])
+                    serial = cert_serial(page)
                     seen = self.certs.setdefault(inst.sidecar.name, [])
                     if serial and (not seen or seen[-1][2] != serial):
-                        seen.append((t, inst.sidecar.pid, serial))
+                        seen.append((t, inst.sidecar.pid, serial, self.issued(page)))
 
     def _take(self, source: str, url: str, keep: tuple[str, ...], t: float) -> None:
         try:
@@ -559,11 +562,21 @@ class Observer:
                            + (f", {during[-1][1]:g} at t {during[-1][0]}" if len(during) > 1 else ""))
         return out
 
+    def issued(self, page: dict) -> float | None:
+        """When the leaf of a ``/certs`` page was signed, in soak seconds: its ``valid_from`` is the
+        signing time less the 60 s of clock skew (docs/identity.md), to the second."""
+        with contextlib.suppress(KeyError, IndexError, TypeError, ValueError):
+            leaf = page["certificates"][0]["cert_chain"][0]
+            wall = datetime.fromisoformat(leaf["valid_from"]).timestamp() + CERT_SKEW
+            return round(wall - (time.time() - (time.monotonic() - self.t0)), 1)
+        return None
+
     def rotations(self) -> dict[str, list[float]]:
-        """Serial changes of a running sidecar (same pid): rotations, by sidecar."""
+        """Serial changes of a running sidecar (same pid): rotations, by sidecar, at the new
+        certificate's signing time (else when the scrape saw it)."""
         out: dict[str, list[float]] = {}
         for name, seen in self.certs.items():
-            out[name] = [b[0] for a, b in itertools.pairwise(seen) if a[1] == b[1]]
+            out[name] = [b[3] if b[3] is not None else b[0] for a, b in itertools.pairwise(seen) if a[1] == b[1]]
         return out
 
 
@@ -916,6 +929,12 @@ def pct(values: list[float], q: float) -> float:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1] if ordered else 0.0
 
 
+def nearest(t: float, events: list[dict]) -> str:
+    """The fault log line closest before ``t`` (what a failure most likely belongs to)."""
+    before = [e for e in events if e["t"] <= t + 0.5]
+    return f"{before[-1]['fault']}: {before[-1]['event']} ({t - before[-1]['t']:+.1f} s)" if before else ""
+
+
 def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mesh: SoakMesh, *, seconds: float,
            warmup: float, rate: float) -> dict:
     results = sorted(load.results, key=lambda r: r.t)
@@ -993,7 +1012,9 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
                         for v in seen if not (v["visible_events"] and v["visible_metrics"])})
     # Certificate rotations (serial changes of a running sidecar) and the failures around them.
     rotations = observer.rotations()
-    near = [r for r in failed if any(t - SCRAPE_EVERY - 1 <= r.t <= t + 1 for ts in rotations.values() for t in ts)]
+    # A rotation is the new certificate's signing time (to the second); a failure it caused would
+    # come as the new certificate takes over, within about a second.
+    near = [r for r in failed if any(t - 1 <= r.t <= t + 2 for ts in rotations.values() for t in ts)]
     kinds: dict[str, int] = {}
     for e in observer.events:
         kinds[e["kind"]] = kinds.get(e["kind"], 0) + 1
@@ -1014,7 +1035,7 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
         "metric_changes": observer.series, "scrape_failures": observer.scrape_failures,
         "fd_breakdowns": sampler.breakdowns, "fd_diffs": fd_diffs,
         "sent": len(results), "ok": len(results) - len(failed), "failed": len(failed), "failed_by_reason": reasons,
-        "failures": [r.__dict__ for r in failed[:50]],
+        "failures": [{**r.__dict__, "nearest_fault": nearest(r.t, faults.events)} for r in failed[:50]],
         "pacing_lateness_ms": {"p50": round(pct(late, 50) * 1000, 1), "p99": round(pct(late, 99) * 1000, 1),
                                "max": round(max(late, default=0) * 1000, 1)},
         "windows": windows, "processes": processes, "events": faults.events,
@@ -1031,7 +1052,7 @@ def markdown(r: dict) -> str:
              (f"mTLS: STRICT for {', '.join(r['strict'])}, workload certificates of {r['cert_ttl_s']} s; "
               f"rotations seen (serial changes of a running sidecar, /certs): "
               + ", ".join(f"{n.removeprefix('sidecar-')} {k}" for n, k in r["rotations"].items())
-              + f"; failed requests within 1 s of one: {r['failed_near_rotation']}." if r["mtls"] else
+              + f"; failed requests from 1 s before to 2 s after one (its signing time): {r['failed_near_rotation']}." if r["mtls"] else
               "mTLS: off (--no-mtls)."), "",
              f"Requests sent {r['sent']}, ok {r['ok']}, failed {r['failed']}; pacing lateness p99 "
              f"{r['pacing_lateness_ms']['p99']} ms. In flight at the client: p50 {r['inflight']['p50']}, "
@@ -1040,6 +1061,8 @@ def markdown(r: dict) -> str:
     if r["failed_by_reason"]:
         lines += ["| failure (status flags) | count |", "|---|---|"]
         lines += [f"| {k} | {n} |" for k, n in sorted(r["failed_by_reason"].items())] + [""]
+        lines += ["Failures (first 10) and the fault step before each: "
+                  + "; ".join(f"t {f['t']:.2f} {f['status']} ({f['nearest_fault']})" for f in r["failures"][:10]), ""]
     lines += ["| window | requests | failed | p50 ms | p90 ms | p99 ms | max ms |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {w['from_s']:.0f}-{w['from_s'] + WINDOW:.0f} s | {w['requests']} | {w['failed']} | {w['p50_ms']} | "
               f"{w['p90_ms']} | {w['p99_ms']} | {w['max_ms']} |" for w in r["windows"]] + [""]
