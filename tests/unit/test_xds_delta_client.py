@@ -300,7 +300,7 @@ def test_xds_api_picks_the_client_delta_by_default_and_workers_get_it(monkeypatc
     spawned = []
 
     class FakePopen:
-        def __init__(self, argv, pass_fds=()):
+        def __init__(self, argv, pass_fds=(), env=None):
             spawned.append(list(argv))
 
     monkeypatch.setattr(sidecar_main.subprocess, "Popen", FakePopen)
@@ -308,3 +308,23 @@ def test_xds_api_picks_the_client_delta_by_default_and_workers_get_it(monkeypatc
         w.ready.close()
     [argv] = spawned
     assert sidecar_main.parse_args(argv[argv.index("sidecar") + 1:]).xds_api == "delta"
+
+
+def test_workers_get_the_identity_token_by_the_environment_not_argv(monkeypatch, tmp_path):
+    token = f"mk1.default.{SERVICE}.abc"
+    (tmp_path / "token").write_text(token + "\n")
+    args = sidecar_main.parse_args(["--service", SERVICE, "--app-port", "8080", "--workers", "2",
+                                    "--identity-token-file", str(tmp_path / "token")])
+    assert args.identity_token == token
+    spawned = []
+
+    class FakePopen:
+        def __init__(self, argv, pass_fds=(), env=None):
+            spawned.append((list(argv), env))
+
+    monkeypatch.setattr(sidecar_main.subprocess, "Popen", FakePopen)
+    for w in sidecar_main._spawn_workers(args, 15001, 15006):
+        w.ready.close()
+    [(argv, env)] = spawned
+    assert token not in " ".join(argv)
+    assert env["MESHKEEPER_IDENTITY_TOKEN"] == token
