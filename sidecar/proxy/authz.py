@@ -10,11 +10,16 @@ without them pays one attribute test per request). For each request, in Envoy's 
 2. ``envoy.filters.http.rbac``: :meth:`sidecar.config.AuthzConfig.allows` with the request's
    method, path and the caller's SPIFFE ID ("" for plaintext, which matches only ``any``
    principals); refused: 403 ``RBAC`` (gRPC: PERMISSION_DENIED), counted ``rbac_denied``, else
-   ``rbac_allowed``.
+   ``rbac_allowed``. Paths are matched as Envoy's HCM hands them to RBAC with Istio's default
+   normalization (``normalize_path`` and ``merge_slashes``, :func:`normalized_path`), so a DENY of
+   ``/admin`` is not dodged with ``//admin``, ``/./admin``, ``/x/../admin`` or ``/%61dmin``, and
+   an ALLOW of ``/public`` does not let ``/public/../admin`` through. The path sent upstream is
+   left as the caller wrote it.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING
 
 from sidecar.config import AuthzConfig
@@ -24,6 +29,9 @@ if TYPE_CHECKING:
     from sidecar.tls.identity import TlsIdentity
 
 XFCC = b"x-forwarded-client-cert"
+# A percent-encoded unreserved character (RFC 3986 §2.3): the same character, decoded (§6.2.2.2).
+_UNRESERVED_ESCAPE = re.compile(rb"%(4[1-9A-Fa-f]|5[0-9Aa]|6[1-9A-Fa-f]|7[0-9Aa]|3[0-9]|2[DdEe]|5[Ff]|7[Ee])")
+_SLASHES = re.compile(rb"/{2,}")
 _XFCC_LEN = len(XFCC)
 
 
@@ -54,7 +62,7 @@ class HttpPolicy:
         rbac = self.rbac
         if rbac is None:
             return True
-        if rbac.allows(stream.method, stream.path, peer_id):
+        if rbac.allows(stream.method, normalized_path(stream.path), peer_id):
             stats.rbac_allowed += 1
             return True
         stats.rbac_denied += 1
@@ -83,3 +91,32 @@ def policy_for(sanitize: bool, set_uri: bool, rbac: AuthzConfig | None, identity
     if not sanitize and rbac is None:
         return None
     return HttpPolicy(sanitize=sanitize, set_uri=set_uri, rbac=rbac, identity=identity)
+
+
+def normalized_path(path: bytes) -> bytes:
+    """``path`` without its query, unreserved characters decoded, slashes merged and dot segments
+    removed (RFC 3986 §5.2.4), as Envoy's ``normalize_path`` + ``merge_slashes`` leave it."""
+    q = path.find(b"?")
+    if q >= 0:
+        path = path[:q]
+    if b"%" in path:
+        path = _UNRESERVED_ESCAPE.sub(lambda m: bytes((int(m.group(1), 16),)), path)
+    if b"//" in path:
+        path = _SLASHES.sub(b"/", path)
+    if b"/." not in path:
+        return path
+    out: list[bytes] = []
+    segments = path.split(b"/")
+    for i, seg in enumerate(segments):
+        last = i == len(segments) - 1
+        if seg == b".":
+            if last:
+                out.append(b"")
+        elif seg == b"..":
+            if len(out) > 1:
+                out.pop()
+            if last:
+                out.append(b"")
+        else:
+            out.append(seg)
+    return b"/".join(out) if out and out[0] == b"" else b"/" + b"/".join(out)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.config import AuthzConfig, AuthzPolicy, PermissionMatch, PrincipalMatch
+from sidecar.config import AUTHZ_ALLOW, AUTHZ_DENY, AuthzConfig, AuthzPolicy, PermissionMatch, PrincipalMatch
 
 A = "spiffe://meshkeeper.local/ns/default/sa/a"
 B = "spiffe://meshkeeper.local/ns/default/sa/b"
@@ -50,3 +50,23 @@ def test_permissions_and_principals_are_ored():
     assert cfg.allows(b"POST", b"/x1", A)
     assert not cfg.allows(b"POST", b"/y", A)
     assert not cfg.allows(b"GET", b"/", OPS)
+
+
+@pytest.mark.parametrize("sent", [b"/admin", b"//admin", b"/./admin", b"/x/../admin", b"/%61dmin", b"/%2e%2e/admin",
+                                  b"/public/../admin?next=/public", b"/admin/", b"/admin/."])
+def test_a_deny_of_a_path_is_not_dodged_by_spelling_it_otherwise(sent):
+    from sidecar.proxy.authz import normalized_path
+
+    deny = AuthzConfig(AUTHZ_DENY, (AuthzPolicy("rule-0", (PermissionMatch(path_prefixes=(b"/admin",)),), (PrincipalMatch(any=True),)),))
+    allow = AuthzConfig(AUTHZ_ALLOW, (AuthzPolicy("rule-0", (PermissionMatch(path_prefixes=(b"/public",)),), (PrincipalMatch(any=True),)),))
+    assert not deny.allows(b"GET", normalized_path(sent), "")
+    assert not allow.allows(b"GET", normalized_path(sent), "")
+
+
+def test_path_normalization_keeps_what_rfc_3986_keeps():
+    from sidecar.proxy.authz import normalized_path
+
+    assert normalized_path(b"/a/b/../c/./d?x=/../y") == b"/a/c/d"
+    assert normalized_path(b"/../..") == b"/"
+    assert normalized_path(b"/%2Fadmin") == b"/%2Fadmin"  # an encoded slash is not a separator (Envoy's default)
+    assert normalized_path(b"/caf%C3%A9/%7Euser") == b"/caf%C3%A9/~user"  # only unreserved characters decode
