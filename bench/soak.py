@@ -76,6 +76,7 @@ import json
 import logging
 import math
 import os
+import queue
 import signal
 import statistics
 import sys
@@ -104,6 +105,7 @@ from meshkeeper.demo.process import (  # noqa: E402
     http_get,
     http_ok,
     meshkeeper_argv,
+    parse_ready_line,
     rss_kib,
     terminate_all,
     wait_until,
@@ -164,6 +166,28 @@ class Instance:
         return f"127.0.0.1:{self.ports['inbound_port']}"
 
 
+def start_all(procs: list[ManagedProcess], timeout: float = 30.0) -> None:
+    """``ManagedProcess.start`` for several processes at once: every one spawned first, then each
+    one's ready line awaited, so that their start-up (imports, mostly) overlaps. All in this thread:
+    children die with the thread that spawned them (PR_SET_PDEATHSIG)."""
+    for proc in procs:
+        proc.info, proc._lines = {}, queue.Queue()
+        stdout = proc.spawn().stdout
+        threading.Thread(target=proc._pump, args=(stdout,), name=f"{proc.name}-stdout", daemon=True).start()
+    deadline = time.monotonic() + timeout
+    for proc in procs:
+        while not proc.info:
+            try:
+                line = proc._lines.get(timeout=max(0.01, min(deadline - time.monotonic(), 0.2)))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(proc._failure(f"no ready line within {timeout:.0f}s")) from None
+                continue
+            if line is None:
+                raise RuntimeError(proc._failure("exited before its ready line"))
+            proc.info = parse_ready_line(line, proc.role) or {}
+
+
 @dataclass
 class SoakMesh:
     workdir: Path
@@ -210,6 +234,7 @@ class SoakMesh:
         for service, count, call in TOPOLOGY:
             for n in range(1, count + 1):
                 self.instances.append(self._instance(service, f"{service}-{n}", call))
+        start_all([p for i in self.instances for p in (i.sidecar, i.app)])
         for inst in self.instances:
             wait_until(lambda inst=inst: http_ok(self.admin(inst) + "/ready"), 30, 0.1, f"{inst.name} ready")
         wait_until(self.all_serving, 30, 0.2, "every endpoint serving everywhere")
@@ -231,12 +256,10 @@ class SoakMesh:
             token.write_text(self.issuer.mint_token(NAMESPACE, service))
             argv += ["--identity-token-file", str(token)]
         sidecar = self._proc(argv, "sidecar", f"sidecar-{name}")
-        sidecar.start()
         proxy = f"http://127.0.0.1:{ports['outbound_port']}"
         env = {"HTTP_PROXY": proxy, "http_proxy": proxy, "NO_PROXY": "", "no_proxy": ""}
         app_args = ["--name", service, "--port", str(ports["app"])] + (["--call", call] if call else [])
         app = self._proc(app_argv(*app_args), "app", f"app-{name}", env)
-        app.start()
         return Instance(service, name, app, sidecar, ports)
 
     def admin(self, inst: Instance) -> str:
