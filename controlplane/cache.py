@@ -14,7 +14,7 @@ holds it:
   resource whose bytes did not change stays the same :class:`Resource` object;
 * the namespace's resources for the node's interception mode (controlplane.transparent);
 * the node's own (its listeners and inbound cluster), per node identity, own policy and own
-  :class:`controlplane.translate.NodeSecurity` (peer authentication mode and ``authz`` of its
+  :class:`controlplane.identity_resources.NodeSecurity` (peer authentication mode and ``authz`` of its
   service): a change of those rebuilds that layer only.
 
 With a :class:`meshkeeper.security.MeshIdentity` (``SnapshotCache(identity=...)``: the control
@@ -50,7 +50,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 from google.protobuf.message import Message
 
-from controlplane import proxyless, translate, transparent
+from controlplane import identity_resources, proxyless, translate, transparent
 from controlplane.metrics import Metrics
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from meshkeeper import xds
@@ -213,7 +213,7 @@ def _derive_all(prev: Mapping[str, TypeView], res: Mapping[str, Mapping[str, Mes
 
 
 @lru_cache(maxsize=8192)
-def _own_views(node: NodeInfo, policy: Policy, sec: translate.NodeSecurity) -> dict[str, TypeView]:
+def _own_views(node: NodeInfo, policy: Policy, sec: identity_resources.NodeSecurity) -> dict[str, TypeView]:
     # Per-node resources depend on the node and its own service's policy and security, not on the
     # rest of the registry.
     return _derive_all({}, transparent.node_resources(node, policy, sec))
@@ -401,7 +401,7 @@ class SnapshotCache:
             shared = ns.views if scope is None else ns.scoped(scope)
             mode = self._mode_views(node)
             own = _own_views(node, translate.node_policy(self._snapshot, node),
-                             translate.node_security(self._snapshot, node, self._identity))
+                             identity_resources.node_security(self._snapshot, node, self._identity))
             got = self._nodes[node] = (scope, {t: (shared[t], mode[t], own[t]) for t in SERVED_TYPES})
         return got
 

@@ -14,12 +14,11 @@ routes to subsets ahead of it (``match``), and the inbound listener's local rate
 (docs/xds-support.md lists what the sidecar honours).
 
 Identity (docs/identity.md): with a :class:`meshkeeper.security.MeshIdentity` (the control plane
-has a CA), an outbound cluster of a service whose peer authentication is not DISABLE carries a
-``tlsMode-mutual`` transport socket match (:func:`upstream_tls_context`), endpoints of instances
-registered with ``mtls`` carry the ``tlsMode: mutual`` metadata it matches, and a node's inbound
-listener takes mTLS by its own service's mode (:func:`secure_inbound`) and tells the app who called
-(``x-forwarded-client-cert``). A service's ``authz`` becomes the inbound HCM's RBAC filter
-(:func:`rbac_filter`), CA or not. Without identity and authz every resource is as before.
+has a CA), outbound clusters carry a ``tlsMode-mutual`` transport socket match, endpoints of
+``mtls`` instances the metadata it matches, and a node's inbound listener the mTLS chains and
+``x-forwarded-client-cert``; a service's ``authz`` becomes the inbound HCM's RBAC filter. Those
+builders are :mod:`controlplane.identity_resources`. Without identity and authz every resource is
+as before.
 
 Messages are Envoy's generated protos (xds-protos). Returned messages may be shared between nodes
 and snapshots: callers must treat them as read-only.
@@ -35,31 +34,38 @@ from functools import lru_cache
 from types import MappingProxyType
 
 from envoy.config.cluster.v3 import circuit_breaker_pb2, cluster_pb2, outlier_detection_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2, protocol_pb2
+from envoy.config.core.v3 import address_pb2, base_pb2, health_check_pb2, protocol_pb2
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
-from envoy.config.rbac.v3 import rbac_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.filters.common.fault.v3 import fault_pb2 as common_fault_pb2
 from envoy.extensions.filters.http.fault.v3 import fault_pb2
 from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
-from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as rbac_filter_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
-from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import http_connection_manager_pb2 as hcm_pb2
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
-from envoy.extensions.transport_sockets.tls.v3 import common_pb2 as tls_common_pb2
-from envoy.extensions.transport_sockets.tls.v3 import secret_pb2, tls_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.service.runtime.v3 import rtds_pb2
-from envoy.type.matcher.v3 import path_pb2, string_pb2
+from envoy.type.matcher.v3 import string_pb2
 from envoy.type.v3 import percent_pb2, token_bucket_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from controlplane.identity_resources import (
+    NO_SECURITY,
+    TLS_MODE,
+    TRANSPORT_SOCKET_MATCH,
+    NodeSecurity,
+    node_security,
+    rbac_filter,
+    secure_inbound,
+    set_client_cert_details,
+    tls_socket_match,
+    upstream_tls_context,
+)
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
-from meshkeeper import identity as ident
+from controlplane.xdsbuild import ads_source, pack
 from meshkeeper import security, xds
 from meshkeeper.policy import (
     DEFAULT_POLICY,
@@ -75,7 +81,7 @@ from meshkeeper.policy import (
     Tracing,
 )
 from meshkeeper.registry import InstanceRecord, RuntimeValues, effective_weight, is_serving
-from meshkeeper.security import AuthzPolicy, MeshIdentity
+from meshkeeper.security import MeshIdentity
 from meshkeeper.xds import NodeInfo
 
 CONNECT_TIMEOUT_S = 1  # DESIGN §3 policy default connect_timeout_ms
@@ -100,17 +106,9 @@ RATE_LIMIT_FILLS_PER_SECOND = 20
 RATE_LIMIT_STAT_PREFIX = "http_local_rate_limiter"
 LB_METADATA = "envoy.lb"  # endpoint labels, where Envoy's subset load balancer looks for them
 HTTP_PROTOCOLS = ("http", "grpc")
-# Identity (docs/identity.md): Envoy's extension names and Istio's conventions.
-TLS_TRANSPORT_SOCKET = "envoy.transport_sockets.tls"
-TLS_INSPECTOR_FILTER = "envoy.filters.listener.tls_inspector"
-RBAC_FILTER = "envoy.filters.http.rbac"
-TRANSPORT_SOCKET_MATCH = "envoy.transport_socket_match"  # endpoint metadata filter a cluster's matches read
-TLS_MODE_MATCH = "tlsMode-mutual"
-TLS_MODE = {"tlsMode": "mutual"}
-INBOUND_MTLS_CHAIN = "inbound-mtls"
-INBOUND_PLAINTEXT_CHAIN = "inbound-plaintext"
-INBOUND_ALPN = ("h2", "http/1.1")
 
+# controlplane/proxyless.py still reaches these as tr._pack and tr._ads_source (controlplane.xdsbuild's).
+_pack, _ads_source = pack, ads_source
 Resources = dict[str, dict[str, Message]]  # type URL -> resource name -> message
 
 
@@ -129,21 +127,8 @@ def _socket(host: str, port: int) -> address_pb2.Address:
     return address_pb2.Address(socket_address=address_pb2.SocketAddress(address=host, port_value=port))
 
 
-def _ads_source() -> config_source_pb2.ConfigSource:
-    return config_source_pb2.ConfigSource(ads=config_source_pb2.AggregatedConfigSource(),
-                                          resource_api_version=config_source_pb2.ApiVersion.V3)
-
-
-def _pack(msg: Message) -> any_pb2.Any:
-    # Deterministic: a typed config with a map (RBAC's policies) packs to the same bytes, hence the
-    # same resource version, on every control plane replica.
-    a = any_pb2.Any()
-    a.Pack(msg, deterministic=True)
-    return a
-
-
 def _router_filter() -> hcm_pb2.HttpFilter:
-    return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=_pack(router_pb2.Router()))
+    return hcm_pb2.HttpFilter(name=ROUTER_FILTER, typed_config=pack(router_pb2.Router()))
 
 
 def _http_listener(name: str, address: address_pb2.Address, direction: int,
@@ -156,7 +141,7 @@ def _http_listener(name: str, address: address_pb2.Address, direction: int,
     return listener_pb2.Listener(
         name=name, address=address, traffic_direction=direction,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
-            listener_components_pb2.Filter(name=HCM_FILTER, typed_config=_pack(hcm))])])
+            listener_components_pb2.Filter(name=HCM_FILTER, typed_config=pack(hcm))])])
 
 
 def _route_to(cluster: str, timeout: duration_pb2.Duration | None = None) -> route_components_pb2.Route:
@@ -240,7 +225,7 @@ def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy:
             base_interval=_millis(RETRY_BASE_INTERVAL_MS), max_interval=_millis(RETRY_MAX_INTERVAL_MS)),
         retriable_status_codes=r.retriable_status_codes,
         retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
-            name=xds.PREVIOUS_HOSTS_PREDICATE, typed_config=_pack(previous_hosts_pb2.PreviousHostsPredicate()))],
+            name=xds.PREVIOUS_HOSTS_PREDICATE, typed_config=pack(previous_hosts_pb2.PreviousHostsPredicate()))],
         host_selection_retry_max_attempts=HOST_SELECTION_RETRY_MAX_ATTEMPTS)
     if r.per_try_timeout_ms:
         rp.per_try_timeout.CopyFrom(_millis(r.per_try_timeout_ms))
@@ -283,7 +268,7 @@ def local_rate_limit(rl: RateLimit) -> local_rate_limit_pb2.LocalRateLimit:
 
 def _fault_filter() -> hcm_pb2.HttpFilter:
     # Empty: it injects nothing unless a route's typed_per_filter_config says so.
-    return hcm_pb2.HttpFilter(name=xds.FAULT_FILTER, typed_config=_pack(fault_pb2.HTTPFault()))
+    return hcm_pb2.HttpFilter(name=xds.FAULT_FILTER, typed_config=pack(fault_pb2.HTTPFault()))
 
 
 def _millis(ms: int) -> duration_pb2.Duration:
@@ -326,7 +311,7 @@ def eds_cluster(name: str, policy: Policy = DEFAULT_POLICY, protocol: str = "htt
     c = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads_source(), service_name=name),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source(), service_name=name),
         lb_policy=LB_POLICIES[policy.lb.policy],
         connect_timeout=_millis(policy.connect_timeout_ms),
         circuit_breakers=circuit_breakers(policy.circuit_breaker),
@@ -544,167 +529,6 @@ def shared_resources(snapshot: RegistrySnapshot, namespace: str,
     return SharedResources(namespace, MappingProxyType({t: MappingProxyType(r) for t, r in out.items()}))
 
 
-# --------------------------------------------------------------------------- identity (docs/identity.md)
-
-
-def _sds(name: str) -> secret_pb2.SdsSecretConfig:
-    return secret_pb2.SdsSecretConfig(name=name, sds_config=_ads_source())
-
-
-def _uri_san(**matcher: str) -> tls_common_pb2.SubjectAltNameMatcher:
-    return tls_common_pb2.SubjectAltNameMatcher(san_type=tls_common_pb2.SubjectAltNameMatcher.URI,
-                                                matcher=string_pb2.StringMatcher(**matcher))
-
-
-def common_tls_context(san: tls_common_pb2.SubjectAltNameMatcher, alpn: Iterable[str]) -> tls_pb2.CommonTlsContext:
-    """The workload certificate ``default`` and the trust bundle ``ROOTCA``, both over SDS on the
-    ADS stream, the peer's URI SAN checked by ``san`` (Istio's shape)."""
-    return tls_pb2.CommonTlsContext(
-        tls_certificate_sds_secret_configs=[_sds(ident.SECRET_DEFAULT)],
-        combined_validation_context=tls_pb2.CommonTlsContext.CombinedCertificateValidationContext(
-            default_validation_context=tls_common_pb2.CertificateValidationContext(match_typed_subject_alt_names=[san]),
-            validation_context_sds_secret_config=_sds(ident.SECRET_ROOTCA)),
-        alpn_protocols=list(alpn))
-
-
-def upstream_sni(svc: str, ns: str) -> str:
-    return f"outbound_.{svc}.{ns}"
-
-
-def upstream_tls_context(identity: MeshIdentity, svc: str, ns: str, protocol: str = "http") -> tls_pb2.UpstreamTlsContext:
-    """What a caller's sidecar presents to the service's instances: its own certificate, and it
-    accepts only the exact SPIFFE ID of ``svc``; ALPN h2 to a grpc service, else http/1.1."""
-    san = _uri_san(exact=ident.spiffe_id(identity.trust_domain, ns, svc))
-    alpn = ("h2",) if protocol == "grpc" else ("http/1.1",)
-    return tls_pb2.UpstreamTlsContext(common_tls_context=common_tls_context(san, alpn), sni=upstream_sni(svc, ns))
-
-
-def tls_socket_match(context: tls_pb2.UpstreamTlsContext) -> cluster_pb2.Cluster.TransportSocketMatch:
-    """``transport_socket_matches`` entry ``tlsMode-mutual``: endpoints whose
-    ``envoy.transport_socket_match`` metadata says ``tlsMode: mutual`` get TLS; the rest the
-    cluster's default (plaintext)."""
-    m = cluster_pb2.Cluster.TransportSocketMatch(
-        name=TLS_MODE_MATCH, transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=_pack(context)))
-    m.match.update(TLS_MODE)
-    return m
-
-
-def downstream_tls_context(identity: MeshIdentity) -> tls_pb2.DownstreamTlsContext:
-    """The inbound mTLS chain's: a client certificate is required, of any workload of the trust domain."""
-    san = _uri_san(prefix=f"spiffe://{identity.trust_domain}/")
-    return tls_pb2.DownstreamTlsContext(common_tls_context=common_tls_context(san, INBOUND_ALPN),
-                                        require_client_certificate=wrappers_pb2.BoolValue(value=True))
-
-
-def secure_inbound(listener: listener_pb2.Listener, identity: MeshIdentity | None, mode: str) -> listener_pb2.Listener:
-    """The inbound listener's filter chains for the peer authentication ``mode``: PERMISSIVE,
-    ``inbound-mtls`` (``transport_protocol: tls``, a DownstreamTlsContext) then
-    ``inbound-plaintext``, behind the tls_inspector; STRICT, ``inbound-mtls`` only; DISABLE or no
-    identity, the listener as it is (one unnamed plaintext chain). Both chains carry the same filters."""
-    if identity is None or mode == security.DISABLE:
-        return listener
-    plain = listener.filter_chains[0]
-    mtls = listener_components_pb2.FilterChain(
-        name=INBOUND_MTLS_CHAIN, filter_chain_match=listener_components_pb2.FilterChainMatch(transport_protocol="tls"),
-        filters=plain.filters,
-        transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET,
-                                                  typed_config=_pack(downstream_tls_context(identity))))
-    chains = [mtls]
-    if mode != security.STRICT:
-        chains.append(listener_components_pb2.FilterChain(name=INBOUND_PLAINTEXT_CHAIN, filters=plain.filters))
-    del listener.filter_chains[:]
-    listener.filter_chains.extend(chains)
-    listener.listener_filters.add(name=TLS_INSPECTOR_FILTER, typed_config=_pack(tls_inspector_pb2.TlsInspector()))
-    return listener
-
-
-def set_client_cert_details(hcm: hcm_pb2.HttpConnectionManager) -> None:
-    """``x-forwarded-client-cert``: a caller's is always removed; on an mTLS connection the app gets
-    ``By=<own SPIFFE ID>;URI=<caller's>`` (SANITIZE_SET, Istio's setting)."""
-    hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
-    hcm.set_current_client_cert_details.uri = True
-
-
-def _principal(source: str, trust_domain: str) -> rbac_pb2.Principal:
-    if source.startswith(security.NS_PREFIX):
-        matcher = string_pb2.StringMatcher(prefix=ident.namespace_prefix(trust_domain, source[len(security.NS_PREFIX):]))
-    else:
-        matcher = string_pb2.StringMatcher(exact=source)
-    return rbac_pb2.Principal(authenticated=rbac_pb2.Principal.Authenticated(principal_name=matcher))
-
-
-def _any_of(rules: list[rbac_pb2.Permission]) -> rbac_pb2.Permission:
-    return rbac_pb2.Permission(or_rules=rbac_pb2.Permission.Set(rules=rules))
-
-
-def rbac_policy(rule: security.AuthzRule, trust_domain: str) -> rbac_pb2.Policy:
-    """One rule: principals ``[{any}]`` or one ``or_ids`` of the ``from`` identities; permissions
-    ``[{any}]`` or one ``and_rules`` of (any method, any path prefix), each part when present."""
-    if rule.sources:
-        principals = [rbac_pb2.Principal(or_ids=rbac_pb2.Principal.Set(
-            ids=[_principal(s, trust_domain) for s in rule.sources]))]
-    else:
-        principals = [rbac_pb2.Principal(any=True)]
-    parts = []
-    if rule.methods:
-        parts.append(_any_of([rbac_pb2.Permission(header=route_components_pb2.HeaderMatcher(
-            name=":method", string_match=string_pb2.StringMatcher(exact=m))) for m in rule.methods]))
-    if rule.paths:
-        parts.append(_any_of([rbac_pb2.Permission(url_path=path_pb2.PathMatcher(
-            path=string_pb2.StringMatcher(prefix=p))) for p in rule.paths]))
-    if parts:
-        permissions = [rbac_pb2.Permission(and_rules=rbac_pb2.Permission.Set(rules=parts))]
-    else:
-        permissions = [rbac_pb2.Permission(any=True)]
-    return rbac_pb2.Policy(permissions=permissions, principals=principals)
-
-
-RBAC_ACTIONS = {security.ALLOW: rbac_pb2.RBAC.ALLOW, security.DENY: rbac_pb2.RBAC.DENY}
-
-
-def rbac(policy: AuthzPolicy, trust_domain: str) -> rbac_filter_pb2.RBAC:
-    """``envoy.filters.http.rbac`` of a service's ``authz``: policies ``rule-<i>``. The trust domain
-    turns ``ns:<ns>`` into a SPIFFE ID prefix (the default one without a CA: no caller has a
-    principal then, and only rules without ``from`` can match)."""
-    rules = rbac_pb2.RBAC(action=RBAC_ACTIONS[policy.action])
-    for i, rule in enumerate(policy.rules):
-        rules.policies[f"rule-{i}"].CopyFrom(rbac_policy(rule, trust_domain))
-    return rbac_filter_pb2.RBAC(rules=rules)
-
-
-def rbac_filter(policy: AuthzPolicy, trust_domain: str) -> hcm_pb2.HttpFilter:
-    return hcm_pb2.HttpFilter(name=RBAC_FILTER, typed_config=_pack(rbac(policy, trust_domain)))
-
-
-@dataclass(frozen=True, slots=True)
-class NodeSecurity:
-    """What a node's inbound side needs of identity: the mesh's (None: no CA), its own service's
-    effective peer authentication mode and its ``authz`` (None: no znode). Hashable: the xDS cache
-    keys per-node resources on it."""
-
-    identity: MeshIdentity | None = None
-    mode: str = security.DEFAULT_MODE
-    authz: AuthzPolicy | None = None
-
-    @property
-    def trust_domain(self) -> str:
-        return self.identity.trust_domain if self.identity is not None else ident.DEFAULT_TRUST_DOMAIN
-
-
-NO_SECURITY = NodeSecurity()
-
-
-def node_security(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> NodeSecurity:
-    """The :class:`NodeSecurity` of the node's own service; :data:`NO_SECURITY` (today's resources)
-    without identity and authz."""
-    svc = snapshot.services(node.namespace).get(node.service)
-    authz = svc.authz if svc is not None else None
-    if identity is None and authz is None:
-        return NO_SECURITY
-    mode = snapshot.peer_mode(node.namespace, node.service) if identity is not None else security.DEFAULT_MODE
-    return NodeSecurity(identity, mode, authz)
-
-
 # --------------------------------------------------------------------------- per node
 
 
@@ -724,7 +548,7 @@ def outbound_listener(port: int, policy_tracing: Tracing | None = None) -> liste
     a route's typed_per_filter_config for a filter the HCM does not run)."""
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix="outbound",
-        rds=hcm_pb2.Rds(config_source=_ads_source(), route_config_name=xds.OUTBOUND_ROUTE),
+        rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=xds.OUTBOUND_ROUTE),
         http_filters=[_fault_filter()], tracing=tracing(policy_tracing))
     return _http_listener(xds.OUTBOUND_LISTENER, _socket(OUTBOUND_BIND, port), base_pb2.OUTBOUND, hcm)
 
@@ -745,7 +569,7 @@ def inbound_listener(host: str, port: int, app_port: int,
     if sec.authz is not None:
         hcm.http_filters.append(rbac_filter(sec.authz, sec.trust_domain))
     if rate_limit.rps > 0:
-        hcm.http_filters.add(name=xds.LOCAL_RATELIMIT_FILTER, typed_config=_pack(local_rate_limit(rate_limit)))
+        hcm.http_filters.add(name=xds.LOCAL_RATELIMIT_FILTER, typed_config=pack(local_rate_limit(rate_limit)))
     listener = _http_listener(xds.INBOUND_LISTENER, _socket(host, port), base_pb2.INBOUND, hcm)
     return secure_inbound(listener, sec.identity, sec.mode)
 
@@ -758,7 +582,7 @@ def inbound_tcp_listener(host: str, port: int, app_port: int, sec: NodeSecurity 
     listener = listener_pb2.Listener(
         name=xds.INBOUND_LISTENER, address=_socket(host, port), traffic_direction=base_pb2.INBOUND,
         filter_chains=[listener_components_pb2.FilterChain(filters=[
-            listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=_pack(proxy))])])
+            listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=pack(proxy))])])
     return secure_inbound(listener, sec.identity, sec.mode)
 
 

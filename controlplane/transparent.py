@@ -62,7 +62,9 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane import translate as tr
+from controlplane.identity_resources import NO_SECURITY, NodeSecurity, node_security
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+from controlplane.xdsbuild import pack
 from meshkeeper import xds
 from meshkeeper.policy import Policy
 from meshkeeper.security import STRICT, MeshIdentity
@@ -86,7 +88,7 @@ def _tcp_proxy(stat_prefix: str, svc: ServiceSnapshot | None, cluster: str) -> l
     if split:
         proxy.weighted_clusters.CopyFrom(tcp_proxy_pb2.TcpProxy.WeightedCluster(clusters=[
             tcp_proxy_pb2.TcpProxy.WeightedCluster.ClusterWeight(name=n, weight=w) for n, w in split]))
-    return listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=tr._pack(proxy))
+    return listener_components_pb2.Filter(name=TCP_PROXY_FILTER, typed_config=pack(proxy))
 
 
 def _http(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> listener_components_pb2.Filter:
@@ -103,7 +105,7 @@ def _http(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> listener_comp
         http_filters=[tr._fault_filter(), tr._router_filter()])
     hcm.request_headers_timeout.CopyFrom(tr._seconds(tr.REQUEST_HEADERS_TIMEOUT_S))
     hcm.common_http_protocol_options.CopyFrom(tr._http_options())
-    return listener_components_pb2.Filter(name=tr.HCM_FILTER, typed_config=tr._pack(hcm))
+    return listener_components_pb2.Filter(name=tr.HCM_FILTER, typed_config=pack(hcm))
 
 
 def _filters(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> list[listener_components_pb2.Filter]:
@@ -190,7 +192,7 @@ def dns_listener(table: dns_table_pb2.DnsTable) -> listener_pb2.Listener:
         name=xds.DNS_LISTENER, address=address,
         udp_listener_config=udp_listener_config_pb2.UdpListenerConfig(
             downstream_socket_config=udp_socket_config_pb2.UdpSocketConfig()),
-        listener_filters=[listener_components_pb2.ListenerFilter(name=DNS_FILTER_NAME, typed_config=tr._pack(config))])
+        listener_filters=[listener_components_pb2.ListenerFilter(name=DNS_FILTER_NAME, typed_config=pack(config))])
 
 
 # Every sidecar's: where traffic for no known service goes, by its outbound policy.
@@ -239,7 +241,7 @@ def redirect(listener: listener_pb2.Listener, port: int, default_cluster: str) -
     its own chain for ``port`` (the mTLS ones, ``inbound-mtls`` and ``inbound-plaintext``, keep
     their names and match ``port`` too), the rest to ``default_cluster``."""
     listener.listener_filters.insert(0, listener_components_pb2.ListenerFilter(
-        name=xds.ORIGINAL_DST_FILTER, typed_config=tr._pack(original_dst_pb2.OriginalDst())))
+        name=xds.ORIGINAL_DST_FILTER, typed_config=pack(original_dst_pb2.OriginalDst())))
     for chain in listener.filter_chains:
         chain.filter_chain_match.destination_port.value = port
         if not chain.name:
@@ -252,7 +254,7 @@ def default_chain(cluster: str) -> listener_components_pb2.FilterChain:
     return listener_components_pb2.FilterChain(name=cluster, filters=[_tcp_proxy(cluster, None, cluster)])
 
 
-def node_resources(node: NodeInfo, policy: Policy, sec: tr.NodeSecurity = tr.NO_SECURITY) -> tr.Resources:
+def node_resources(node: NodeInfo, policy: Policy, sec: NodeSecurity = NO_SECURITY) -> tr.Resources:
     """:func:`controlplane.translate.node_resources`, with the outbound policy: every sidecar's
     ``outbound`` listener gets a default chain to ``PassthroughCluster`` or ``BlackHoleCluster``
     (in explicit mode it serves proxy requests, absolute-form or CONNECT, for hosts outside the
@@ -322,7 +324,7 @@ def explicit_tcp_listeners(snapshot: RegistrySnapshot, namespace: str) -> Mappin
 def translate(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> tr.Resources:
     """All resources of ``node`` by type URL and name, transparent mode included (``identity``:
     the mesh's, None without a CA)."""
-    out = node_resources(node, tr.node_policy(snapshot, node), tr.node_security(snapshot, node, identity))
+    out = node_resources(node, tr.node_policy(snapshot, node), node_security(snapshot, node, identity))
     for type_url, items in tr.shared_resources(snapshot, node.namespace, identity).resources.items():
         out[type_url].update(items)
     for type_url, items in (shared_for(snapshot, node) or {}).items():

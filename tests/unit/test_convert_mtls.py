@@ -320,10 +320,12 @@ def _cp():
 
 @pytest.mark.parametrize("mode", ["PERMISSIVE", "STRICT"])
 def test_the_control_planes_inbound_listeners_convert(mode):
+    from controlplane import identity_resources
+
     translate, CpAuthz, AuthzRule, MeshIdentity = _cp()
     authz = CpAuthz("ALLOW", (AuthzRule(sources=(TD + "ns/default/sa/a", "ns:ops"), methods=("GET",), paths=("/api",)),
                               AuthzRule(paths=("/health",))))
-    sec = translate.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode, authz=authz)
+    sec = identity_resources.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode, authz=authz)
     http = listeners.listener(translate.inbound_listener("127.0.0.1", 15006, 8080, sec=sec))
     assert http.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD)
     assert http.xfcc_sanitize_set and http.xfcc_uri
@@ -343,10 +345,12 @@ def test_the_control_planes_listener_without_identity_is_todays():
 
 @pytest.mark.parametrize("protocol, http2, alpn", [("http", False, ("http/1.1",)), ("grpc", True, ("h2",))])
 def test_the_control_planes_cluster_tls_converts(protocol, http2, alpn):
+    from controlplane import identity_resources
+
     translate, _, _, MeshIdentity = _cp()
     msg = translate.eds_cluster("outbound|b.default", protocol=protocol)
-    ctx = translate.upstream_tls_context(MeshIdentity("meshkeeper.local"), "b", "default", protocol)
-    msg.transport_socket_matches.append(translate.tls_socket_match(ctx))
+    ctx = identity_resources.upstream_tls_context(MeshIdentity("meshkeeper.local"), "b", "default", protocol)
+    msg.transport_socket_matches.append(identity_resources.tls_socket_match(ctx))
     cfg = convert.cluster(msg)
     assert cfg.http2 is http2
     assert cfg.tls == UpstreamTlsConfig(san=TD + "ns/default/sa/b", alpn=alpn, sni="outbound_.b.default")
@@ -354,14 +358,14 @@ def test_the_control_planes_cluster_tls_converts(protocol, http2, alpn):
 
 @pytest.mark.parametrize("mode, default", [("PERMISSIVE", True), ("STRICT", False)])
 def test_the_control_planes_transparent_inbound_listener_converts(mode, default):
-    from controlplane import transparent
+    from controlplane import identity_resources, transparent
 
     translate, _, _, MeshIdentity = _cp()
     from meshkeeper.xds import NodeInfo
 
     node = NodeInfo(node_id="sidecar~10.0.0.5~b-15006.default", service="b", app_port=8080, inbound_port=15006,
                     outbound_port=15001, advertise_host="10.0.0.5", interception="redirect")
-    sec = translate.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode)
+    sec = identity_resources.NodeSecurity(identity=MeshIdentity("meshkeeper.local"), mode=mode)
     out = transparent.node_resources(node, translate.DEFAULT_POLICY, sec)
     cfg = listeners.listener(out["type.googleapis.com/envoy.config.listener.v3.Listener"]["inbound"])
     assert cfg.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD)
