@@ -996,12 +996,12 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
     rss_bad = sorted(n for n, p in judged.items() if p["rss_growth"] > RSS_LIMIT)
     fd_bad = sorted(n for n, p in judged.items() if p["fds_end"] > p["fds_start_max"] + FD_SLACK)
     late = [r.lateness for r in results]
-    # Descriptors: for a process that ended above its first-cycle high-water mark, what was added
-    # since the first-cycle breakdown (or the warm-up one), by kind.
+    # Descriptors: for each judged process, what it holds at the end against the first-cycle
+    # breakdown (or the warm-up one), by kind, when the two differ.
     fd_diffs = {}
     marks = [k for k in sampler.breakdowns if k != "end"]
     for name, proc in processes.items():
-        if "fds_end" not in proc or proc["fds_end"] <= proc["fds_start_max"] or not marks:
+        if not proc["judged"] or not marks:
             continue
         base = next((sampler.breakdowns[m].get(name) for m in reversed(marks) if name in sampler.breakdowns[m]), None)
         last = sampler.breakdowns.get("end", {}).get(name)
@@ -1107,10 +1107,11 @@ def markdown(r: dict) -> str:
 
     lines += [f"| {v['start']:.0f}-{v['end']:.0f} | {v['fault']} | {cell(v['events'])} | {cell(v['metrics'])} |"
               for v in r["visibility"]]
-    if r["fd_diffs"]:
-        lines += ["", "Descriptors added since the first cycle, by kind: "
+    grown = {n: d for n, d in r["fd_diffs"].items() if sum(d.values()) > 0}
+    if grown:
+        lines += ["", "Descriptors at the end against the first cycle's end, by kind (processes that hold more): "
                   + "; ".join(f"{n}: " + ", ".join(f"{k} {d:+d}" for k, d in diff.items())
-                              for n, diff in r["fd_diffs"].items())]
+                              for n, diff in grown.items())]
     lines += ["", "| t (s) | fault | event |", "|---|---|---|"]
     lines += [f"| {e['t']} | {e['fault']} | {e['event']} |" for e in r["events"]]
     if r["faults_skipped"]:
