@@ -637,8 +637,10 @@ def fd_breakdown(pid: int, names: dict[int, str]) -> dict[str, int]:
                 if state == "0A":
                     sockets[inode] = f"tcp listen {names.get(local, local)}"
                 else:
-                    peer = names.get(remote) or (f"from {names[local]}" if local in names else "ephemeral")
-                    sockets[inode] = f"tcp to {peer}" if remote in names else f"tcp {peer}"
+                    if remote in names:
+                        sockets[inode] = f"tcp to {names[remote]}"
+                    else:
+                        sockets[inode] = f"tcp accepted on {names[local]}" if local in names else "tcp other"
     out: dict[str, int] = {}
     try:
         fds = os.listdir(f"/proc/{pid}/fd")
