@@ -29,17 +29,10 @@ from envoy.extensions.filters.udp.dns_filter.v3 import dns_filter_pb2
 
 from meshkeeper import xds
 from sidecar.config import DnsTableConfig, FilterChain, ListenerConfig, TransparentConfig
-from sidecar.xds.convert import (
-    TLS_INSPECTOR_FILTER,
-    XdsError,
-    _only,
-    _unpack,
-    filter_chains,
-    network_filter,
-    tls_inspector_names,
-    with_tls,
-)
+from sidecar.xds.convert import filter_chains, network_filter
 from sidecar.xds.convert import listener as plain_listener
+from sidecar.xds.proto import XdsError, only, unpack
+from sidecar.xds.security import TLS_INSPECTOR_FILTER, tls_inspector_names, with_tls
 
 MAX_DNS_NAMES = 100_000
 TCP_LISTENER_PREFIX = "tcp|"
@@ -76,7 +69,7 @@ def _tcp_service(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
 
 
 def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
-    _only(msg, (*_LISTENER_FIELDS, "listener_filters", "default_filter_chain"), where)
+    only(msg, (*_LISTENER_FIELDS, "listener_filters", "default_filter_chain"), where)
     names = tls_inspector_names(msg, where)
     inspector = names[-1:] == [TLS_INSPECTOR_FILTER]
     if inspector:
@@ -91,13 +84,13 @@ def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
         if len(msg.filter_chains) != 1:
             raise XdsError(f"{where}: exactly one filter chain is supported, got {len(msg.filter_chains)}")
         chain = msg.filter_chains[0]
-        _only(chain, ("filters", "name", "metadata", "filter_chain_match"), f"{where} filter chain")
-        _only(chain.filter_chain_match, ("destination_port",), f"{where} filter_chain_match")
+        only(chain, ("filters", "name", "metadata", "filter_chain_match"), f"{where} filter chain")
+        only(chain.filter_chain_match, ("destination_port",), f"{where} filter_chain_match")
         config = network_filter(msg.name, chain, where)
     default = None
     if msg.HasField("default_filter_chain"):
         d = msg.default_filter_chain
-        _only(d, ("filters", "name", "metadata"), f"{where} default_filter_chain")
+        only(d, ("filters", "name", "metadata"), f"{where} default_filter_chain")
         got = network_filter(msg.name, d, f"{where} default_filter_chain")
         if got.tcp is None:
             raise XdsError(f"{where} default_filter_chain: only tcp_proxy is supported")
@@ -108,14 +101,14 @@ def _transparent(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
 
 
 def _virtual(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
-    _only(msg, (*_LISTENER_FIELDS, "bind_to_port"), where)
+    only(msg, (*_LISTENER_FIELDS, "bind_to_port"), where)
     chains = []
     seen: set[tuple[str, int]] = set()
     for i, chain in enumerate(msg.filter_chains):
         cwhere = f"{where} filter chain {chain.name or i!r}"
-        _only(chain, ("filters", "name", "metadata", "filter_chain_match"), cwhere)
+        only(chain, ("filters", "name", "metadata", "filter_chain_match"), cwhere)
         match = chain.filter_chain_match
-        _only(match, ("prefix_ranges", "destination_port"), f"{cwhere} filter_chain_match")
+        only(match, ("prefix_ranges", "destination_port"), f"{cwhere} filter_chain_match")
         if len(match.prefix_ranges) != 1:
             raise XdsError(f"{cwhere}: exactly one prefix range (one address) is supported")
         rng = match.prefix_ranges[0]
@@ -137,23 +130,23 @@ def _virtual(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
 
 
 def _dns(msg: listener_pb2.Listener, where: str) -> ListenerConfig:
-    _only(msg, ("name", "address", "udp_listener_config", "listener_filters", "stat_prefix", "metadata",
+    only(msg, ("name", "address", "udp_listener_config", "listener_filters", "stat_prefix", "metadata",
                 "traffic_direction"), where)
     if len(msg.listener_filters) != 1 or msg.listener_filters[0].typed_config.type_url != xds.DNS_FILTER:
         raise XdsError(f"{where}: a UDP listener needs exactly one listener filter, envoy.filters.udp.dns_filter")
-    config = _unpack(msg.listener_filters[0].typed_config, dns_filter_pb2.DnsFilterConfig(), where, "the dns_filter config")
+    config = unpack(msg.listener_filters[0].typed_config, dns_filter_pb2.DnsFilterConfig(), where, "the dns_filter config")
     fwhere = f"{where} dns_filter"
-    _only(config, ("stat_prefix", "server_config"), fwhere)
-    _only(config.server_config, ("inline_dns_table",), f"{fwhere} server_config")
+    only(config, ("stat_prefix", "server_config"), fwhere)
+    only(config.server_config, ("inline_dns_table",), f"{fwhere} server_config")
     table = config.server_config.inline_dns_table
-    _only(table, ("virtual_domains",), f"{fwhere} inline_dns_table")
+    only(table, ("virtual_domains",), f"{fwhere} inline_dns_table")
     if len(table.virtual_domains) > MAX_DNS_NAMES:
         raise XdsError(f"{fwhere}: {len(table.virtual_domains)} names, at most {MAX_DNS_NAMES}")
     names: dict[str, tuple[str, ...]] = {}
     for vd in table.virtual_domains:
         vwhere = f"{fwhere} virtual domain {vd.name!r}"
-        _only(vd, ("name", "endpoint", "answer_ttl"), vwhere)
-        _only(vd.endpoint, ("address_list",), f"{vwhere} endpoint")
+        only(vd, ("name", "endpoint", "answer_ttl"), vwhere)
+        only(vd.endpoint, ("address_list",), f"{vwhere} endpoint")
         addresses = []
         for a in vd.endpoint.address_list.address:
             try:

@@ -20,7 +20,7 @@ from sidecar.config import (
     PrincipalMatch,
     UpstreamTlsConfig,
 )
-from sidecar.xds import convert, listeners
+from sidecar.xds import convert, listeners, security
 from sidecar.xds.convert import XdsError
 
 TD = "spiffe://meshkeeper.local/"
@@ -39,7 +39,7 @@ def common(san: dict, alpn: list[str]) -> dict:
 
 
 def upstream_ctx(alpn=("http/1.1",), san=TD + "ns/default/sa/b") -> dict:
-    return {"@type": convert.UPSTREAM_TLS_CONTEXT, "common_tls_context": common({"exact": san}, list(alpn)),
+    return {"@type": security.UPSTREAM_TLS_CONTEXT, "common_tls_context": common({"exact": san}, list(alpn)),
             "sni": "outbound_.b.default"}
 
 
@@ -60,7 +60,7 @@ def cluster(d: dict) -> cluster_pb2.Cluster:
 
 
 def downstream_ctx(**over) -> dict:
-    d = {"@type": convert.DOWNSTREAM_TLS_CONTEXT, "require_client_certificate": True,
+    d = {"@type": security.DOWNSTREAM_TLS_CONTEXT, "require_client_certificate": True,
          "common_tls_context": common({"prefix": TD}, ["h2", "http/1.1"])}
     d.update(over)
     return d
@@ -234,7 +234,7 @@ def test_other_xfcc_settings_are_nacked(over, reason):
 
 
 def rbac_filter(rules: dict | None) -> dict:
-    typed = {"@type": convert.RBAC}
+    typed = {"@type": security.RBAC}
     if rules is not None:
         typed["rules"] = rules
     return {"name": "envoy.filters.http.rbac", "typed_config": typed}
