@@ -23,7 +23,7 @@ from kazoo.client import KazooClient
 
 from controlplane.ca import Issuer
 from meshkeeper.demo.process import app_argv, wait_until
-from meshkeeper.registry import Paths
+from meshkeeper.registry import Paths, ServiceRecord
 from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_reason
 from tests.harness.processes import ProcessGroup
 from tests.integration.test_identity import TD, write_ca
@@ -33,6 +33,41 @@ pytestmark = pytest.mark.integration
 NS = "mtls-shop"
 APP_UID = 1000
 APP_PORT = 8080
+GRPC_PORT = 9090
+
+# A grpcio server for pod g (service inventory, protocol grpc): the health service (SERVING) and
+# /meshkeeper.test.Echo/Who, whose answer is the x-* metadata it got, as JSON.
+GRPC_SERVER = """
+import json, signal, sys, threading, grpc
+from concurrent import futures
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+def who(request, context):
+    return json.dumps({k: v for k, v in context.invocation_metadata() if k.startswith("x-")}).encode()
+server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("meshkeeper.test.Echo", {
+    "Who": grpc.unary_unary_rpc_method_handler(who)})])
+checker = health.HealthServicer()
+checker.set("", health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+port = server.add_insecure_port("0.0.0.0:" + sys.argv[1])
+server.start()
+print(f"meshkeeper app listening port={port}", flush=True)
+done = threading.Event()
+signal.signal(signal.SIGTERM, lambda *_: done.set())
+done.wait()
+server.stop(0)
+"""
+
+# An unmodified grpcio client (pod a): one call of Who on inventory:9090, by its mesh name.
+GRPC_CLIENT = """
+import json, os, sys, grpc
+os.environ["GRPC_DNS_RESOLVER"] = "native"
+with grpc.insecure_channel("inventory:" + sys.argv[1]) as ch:
+    try:
+        print(json.dumps({"ok": json.loads(ch.unary_unary("/meshkeeper.test.Echo/Who")(b"", timeout=5))}))
+    except grpc.RpcError as exc:
+        print(json.dumps({"code": exc.code().name, "details": exc.details()}))
+"""
 
 
 def spiffe(svc: str) -> str:
@@ -70,6 +105,22 @@ def mesh(tmp_path_factory) -> Iterator[SimpleNamespace]:
             # as uid 1337: the token by the environment (a file under the test's tmp is not readable)
             pod.sidecar(service, APP_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
                         env={"MESHKEEPER_IDENTITY_TOKEN": issuer.mint_token(NS, service)})
+        # a grpc service in pod g: its record (protocol grpc) first, STRICT from the start
+        kz0 = KazooClient(hosts=zk.hosts, timeout=5.0)
+        kz0.start(timeout=10)
+        try:
+            inventory = Paths(NS).service("inventory")
+            kz0.create(inventory, ServiceRecord(protocol="grpc").encode(), makepath=True)
+            kz0.create(f"{inventory}/peer_authentication", json.dumps({"mode": "STRICT"}).encode())
+        finally:
+            kz0.stop()
+            kz0.close()
+        g = pods["g"] = net.add_pod("g")
+        g.set_resolv_conf([net.host_ip])
+        g.capture()
+        g.start([sys.executable, "-c", GRPC_SERVER, str(GRPC_PORT)], role="app", uid=APP_UID, name="g-app")
+        g.sidecar("inventory", GRPC_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
+                  protocol="grpc", env={"MESHKEEPER_IDENTITY_TOKEN": issuer.mint_token(NS, "inventory")})
         pods["x"] = net.add_pod("x")  # outside the mesh: no capture, no sidecar
         kz = KazooClient(hosts=zk.hosts, timeout=5.0)
         kz.start(timeout=10)
@@ -180,6 +231,32 @@ def test_strict_catalog_is_called_over_mtls_and_refuses_plaintext_callers(mesh):
     assert plaintext_answer(x.connect, b.ip, 9101) == b""
     # the mTLS caller still gets through afterwards
     assert urllib_get(a, url).get("status") == 200
+
+
+def test_an_unmodified_grpc_client_calls_a_strict_grpc_service_over_mtls_with_h2(mesh):
+    a, g, x = mesh.pods["a"], mesh.pods["g"], mesh.pods["x"]
+    cluster = f"outbound|inventory.{NS}"
+
+    def call() -> dict:
+        return json.loads(a.check_output([sys.executable, "-c", GRPC_CLIENT, str(GRPC_PORT)], uid=APP_UID, timeout=60))
+
+    got = wait_until(lambda: (r := call()).get("ok") is not None and r, 20, 0.1,
+                     message="inventory reachable by name from a's grpc client")
+    assert got["ok"].get("x-forwarded-client-cert") == f"By={spiffe('inventory')};URI={spiffe('frontend')}", got
+    assert stat(g, "meshkeeper_listener_ssl_handshake", listener="inbound") > 0
+    assert stat(a, "meshkeeper_ssl_handshake", cluster=cluster) > 0
+    dump = json.loads(admin(a, "/config_dump"))["configs"]["clusters"]["resources"]
+    [cfg] = [r for r in dump if r.get("name") == cluster]
+    [match] = cfg["transport_socket_matches"]
+    assert match["transport_socket"]["typed_config"]["common_tls_context"]["alpn_protocols"] == ["h2"]
+    # STRICT: plaintext (an HTTP/2 preface) from outside the mesh to g's grpc port is closed
+    with x.connect(g.ip, GRPC_PORT) as s:
+        s.settimeout(5)
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00")
+        try:
+            assert s.recv(100) == b""
+        except ConnectionError:
+            pass
 
 
 @pytest.mark.xfail(strict=True, reason=(
