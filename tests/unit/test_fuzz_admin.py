@@ -1,0 +1,67 @@
+"""Fuzzing the admin API (issue 16): hypothesis-made requests to every RPC of AdminService
+(proto/meshkeeper/admin/v1/admin.proto) over a real gRPC server and the session's ZooKeeper.
+tests/support/admin_fuzz.py has the harness, the request strategies and the properties: a status
+among OK / INVALID_ARGUMENT / NOT_FOUND / ABORTED / FAILED_PRECONDITION / PERMISSION_DENIED /
+UNAUTHENTICATED with a one-line message, a refused call writes nothing, an accepted one writes
+only what the registry's decoders accept.
+
+The property takes no pytest fixture (bench/fuzz.py runs it through ``fuzz_one_input``): the
+harness is the module's, made by the fixture below in the suite and by :func:`fuzz_setup` (a
+ZooKeeper of its own) in bench/fuzz.py.
+"""
+
+from __future__ import annotations
+
+import atexit
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+
+from tests.support import admin_fuzz
+from tests.support.admin_fuzz import AdminHarness
+from tests.support.fuzz import fuzz_settings, tally
+
+NAMESPACE = "fuzz-admin"
+_harness: AdminHarness | None = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _served(zk_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AdminHarness]:
+    global _harness
+    _harness = AdminHarness(zk_server.hosts, NAMESPACE, tmp_path_factory.mktemp("fuzz-admin"))
+    try:
+        yield _harness
+    finally:
+        _harness.close()
+        _harness = None
+
+
+def fuzz_setup() -> None:
+    """bench/fuzz.py: a ZooKeeper of this process's own, and the harness over it."""
+    global _harness
+    from tests.harness import ZooKeeper
+
+    work = Path(tempfile.mkdtemp(prefix="fuzz-admin-"))
+    server = ZooKeeper(work / "zk")
+    server.start()
+    _harness = AdminHarness(server.hosts, NAMESPACE, work)
+    atexit.register(server.close)
+    atexit.register(_harness.close)
+
+
+def test_every_rpc_has_request_strategies() -> None:
+    assert admin_fuzz.unknown_rpcs() == []
+
+
+@fuzz_settings(60)
+@given(case=admin_fuzz.requests(NAMESPACE))
+def test_any_admin_request_ends_with_a_status_and_writes_nothing_invalid(case: tuple[str, Any, str | None]) -> None:
+    rpc, request, role = case
+    assert _harness is not None
+    code = _harness.check(rpc, request, role)
+    tally(f"{rpc} {code.name}")
+
