@@ -103,6 +103,22 @@ def _attempt(rpc_name: str, request: Any, peer: str, caller: Caller | None) -> d
     return entry
 
 
+# A refusal's message at most (UTF-8): it travels in the grpc-message trailer, percent-encoded,
+# and a trailer past gRPC's 8 KiB metadata limit reaches the caller as RESOURCE_EXHAUSTED instead.
+MAX_MESSAGE_BYTES = 1024
+
+
+def shown(message: str) -> str:
+    """``message`` as the caller is shown it: one line (line breaks of quoted input escaped),
+    encodable (a lone surrogate of a JSON escape spelled out), at most MAX_MESSAGE_BYTES."""
+    text = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    text = "\\n".join(text.splitlines())
+    data = text.encode()
+    if len(data) > MAX_MESSAGE_BYTES:
+        text = data[:MAX_MESSAGE_BYTES - 40].decode("utf-8", "ignore") + f"... ({len(data)} bytes)"
+    return text
+
+
 class RpcFailure(Exception):
     """An RPC refused or failed: the gRPC status code and the message the caller is shown."""
 
@@ -130,7 +146,7 @@ def rpc(role: Role) -> Callable:
                 if write:
                     _audit({**_attempt(fn.__name__, request, peer, None), "result": d.code.name.lower(),
                             "error": str(d)})
-                raise RpcFailure(d.code, str(d)) from None
+                raise RpcFailure(d.code, shown(str(d))) from None
             try:
                 return await fn(self, request, caller)
             except Exception as exc:
@@ -141,7 +157,7 @@ def rpc(role: Role) -> Callable:
                             "result": result, "error": str(exc) or type(exc).__name__})
                 if status is None:
                     raise
-                raise RpcFailure(status[0], str(exc)) from None
+                raise RpcFailure(status[0], shown(str(exc))) from None
 
         @functools.wraps(fn)
         async def handler(self: AdminService, request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -757,7 +773,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
         unknown = sorted(set(request.kinds) - set(KINDS))
         if unknown:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"kinds: {unknown[0]!r} is not one of {', '.join(KINDS)}")
+                                shown(f"kinds: {unknown[0]!r} is not one of {', '.join(KINDS)}"))
         sub = self.events.subscribe(request.namespace, request.kinds)
         try:
             while True:
