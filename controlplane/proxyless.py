@@ -43,6 +43,7 @@ from google.protobuf.message import Message
 
 from controlplane import translate as tr
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+from controlplane.xdsbuild import ads_source, pack
 from meshkeeper import xds
 from meshkeeper.policy import LoadBalancing, Outlier, Policy, Retry
 from meshkeeper.registry import RecordError, effective_weight, is_serving, validate_name
@@ -89,9 +90,9 @@ def api_listener(name: str) -> listener_pb2.Listener:
     RouteConfiguration ``name`` over ADS. The fault filter is empty (routes carry the faults), the
     router is last, as grpcio requires."""
     hcm = hcm_pb2.HttpConnectionManager(
-        stat_prefix=name, rds=hcm_pb2.Rds(config_source=tr._ads_source(), route_config_name=name),
+        stat_prefix=name, rds=hcm_pb2.Rds(config_source=ads_source(), route_config_name=name),
         http_filters=[tr._fault_filter(), tr._router_filter()])
-    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=tr._pack(hcm)))
+    return listener_pb2.Listener(name=name, api_listener=api_listener_pb2.ApiListener(api_listener=pack(hcm)))
 
 
 def retry_policy(r: Retry) -> route_components_pb2.RetryPolicy | None:
@@ -188,7 +189,7 @@ def eds_cluster(name: str, policy: Policy) -> cluster_pb2.Cluster:
     outlier detectors it runs."""
     c = cluster_pb2.Cluster(
         name=name, type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=tr._ads_source(), service_name=name),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=ads_source(), service_name=name),
         lb_policy=LB_POLICIES[policy.lb.policy],
         circuit_breakers=circuit_breaker_pb2.CircuitBreakers(thresholds=[circuit_breaker_pb2.CircuitBreakers.Thresholds(
             priority=base_pb2.DEFAULT, max_requests=tr._u32(policy.circuit_breaker.max_requests))]))

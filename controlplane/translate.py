@@ -107,8 +107,6 @@ RATE_LIMIT_STAT_PREFIX = "http_local_rate_limiter"
 LB_METADATA = "envoy.lb"  # endpoint labels, where Envoy's subset load balancer looks for them
 HTTP_PROTOCOLS = ("http", "grpc")
 
-# controlplane/proxyless.py still reaches these as tr._pack and tr._ads_source (controlplane.xdsbuild's).
-_pack, _ads_source = pack, ads_source
 Resources = dict[str, dict[str, Message]]  # type URL -> resource name -> message
 
 

@@ -60,7 +60,7 @@ from sidecar.config import (
     VirtualHost,
     WeightedCluster,
 )
-from sidecar.xds.proto import XdsError, duration, only, seconds, unpack
+from sidecar.xds.proto import XdsError, duration, enum_name, only, seconds, unpack
 from sidecar.xds.security import (
     RBAC,
     TLS_INSPECTOR_FILTER,
@@ -158,7 +158,7 @@ def network_filter(name: str, chain, where: str) -> ListenerConfig:
                 "common_http_protocol_options", "tracing", "forward_client_cert_details",
                 "set_current_client_cert_details"), where)
     if hcm.codec_type not in (_HCM.AUTO, _HCM.HTTP1):
-        raise XdsError(f"{where}: codec_type {_HCM.CodecType.Name(hcm.codec_type)} is not supported (HTTP/1.1 only)")
+        raise XdsError(f"{where}: codec_type {enum_name(_HCM.CodecType, hcm.codec_type)} is not supported (HTTP/1.1 only)")
     rate_limit, fault_filter, rbac = _http_filters(hcm.http_filters, where)
     common = {
         "name": name, "rate_limit": rate_limit, "fault_filter": fault_filter, "rbac": rbac, **xfcc(hcm, where),
@@ -509,7 +509,7 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     if msg.type == cluster_pb2.Cluster.ORIGINAL_DST:
         return _original_dst_cluster(msg, where)
     if msg.lb_policy not in _LB_POLICIES:
-        name = cluster_pb2.Cluster.LbPolicy.Name(msg.lb_policy)
+        name = enum_name(cluster_pb2.Cluster.LbPolicy, msg.lb_policy)
         supported = ", ".join(cluster_pb2.Cluster.LbPolicy.Name(p) for p in _LB_POLICIES)
         raise XdsError(f"{where}: lb_policy {name} is not supported (supported: {supported})")
     timeout = seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else DEFAULT_CONNECT_TIMEOUT
@@ -535,7 +535,7 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
         return ClusterConfig(discovery="EDS", **common)
     if msg.type == cluster_pb2.Cluster.STATIC:
         return ClusterConfig(discovery="STATIC", static_endpoints=endpoints(msg.load_assignment, where), **common)
-    raise XdsError(f"{where}: type {cluster_pb2.Cluster.DiscoveryType.Name(msg.type)} is not supported")
+    raise XdsError(f"{where}: type {enum_name(cluster_pb2.Cluster.DiscoveryType, msg.type)} is not supported")
 
 
 def _original_dst_cluster(msg: cluster_pb2.Cluster, where: str) -> ClusterConfig:

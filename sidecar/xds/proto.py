@@ -20,6 +20,15 @@ def only(msg: Message, allowed: Iterable[str], where: str) -> None:
             raise XdsError(f"{where}: field '{fd.name}' is not supported by this sidecar")
 
 
+def enum_name(enum, value: int) -> str:
+    """The name of ``value`` in a proto enum, or its number when the enum has none (a value from a
+    newer API, or garbage): proto3 keeps unknown enum values, and ``Name()`` would raise."""
+    try:
+        return enum.Name(value)
+    except ValueError:
+        return str(value)
+
+
 def seconds(duration) -> float:
     return duration.seconds + duration.nanos / 1e9
 

@@ -37,7 +37,7 @@ from sidecar.config import (
     PrincipalMatch,
     UpstreamTlsConfig,
 )
-from sidecar.xds.proto import XdsError, only, unpack
+from sidecar.xds.proto import XdsError, enum_name, only, unpack
 
 _HCM = http_connection_manager_pb2.HttpConnectionManager
 # Envoy's extension names and type URLs, and Istio's tlsMode convention.
@@ -226,7 +226,7 @@ def xfcc(hcm: Message, where: str) -> dict[str, bool]:
     (the default, SANITIZE, is today's: the header is left as the caller sent it)."""
     mode = hcm.forward_client_cert_details
     if mode not in (_HCM.SANITIZE, _HCM.SANITIZE_SET):
-        name = _HCM.ForwardClientCertDetails.Name(mode)
+        name = enum_name(_HCM.ForwardClientCertDetails, mode)
         raise XdsError(f"{where}: forward_client_cert_details {name} is not supported (SANITIZE_SET)")
     if hcm.HasField("set_current_client_cert_details"):
         details = hcm.set_current_client_cert_details
@@ -246,7 +246,7 @@ def rbac_filter(f, where: str) -> AuthzConfig | None:
     rules = msg.rules
     only(rules, ("action", "policies"), f"{where} rules")
     if rules.action not in (rbac_pb2.RBAC.ALLOW, rbac_pb2.RBAC.DENY):
-        raise XdsError(f"{where} rules: action {rbac_pb2.RBAC.Action.Name(rules.action)} is not supported (ALLOW, DENY)")
+        raise XdsError(f"{where} rules: action {enum_name(rbac_pb2.RBAC.Action, rules.action)} is not supported (ALLOW, DENY)")
     policies = []
     for name in sorted(rules.policies):
         p = rules.policies[name]

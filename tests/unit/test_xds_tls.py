@@ -217,7 +217,7 @@ def test_workers_get_the_same_tls_flags(tls, monkeypatch):
     spawned: list[list[str]] = []
 
     class FakePopen:
-        def __init__(self, argv, pass_fds=()):
+        def __init__(self, argv, pass_fds=(), env=None):
             spawned.append(list(argv))
 
     monkeypatch.setattr(sidecar_main.subprocess, "Popen", FakePopen)
