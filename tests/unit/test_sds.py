@@ -5,6 +5,7 @@ IdentityAgent. The sidecar's key never leaves it; its token decides the identity
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import grpc
 import pytest
@@ -26,36 +27,22 @@ from sidecar.xds.client import AdsClient, build_node
 from sidecar.xds.delta import DeltaAdsClient
 from tests.support.fakes import async_test, until
 from tests.unit.test_ads_delta import mesh
+from tests.unit.test_cp_replicas import Sink as ConfigSink
 
 NODE = NodeInfo(node_id=NodeInfo.make_id("127.0.0.1", "svc0", 15006, "default"), service="svc0",
                 app_port=8080, inbound_port=15006, outbound_port=15001)
 CLIENTS = [AdsClient, DeltaAdsClient]
 
 
-class Sink:
+class Sink(ConfigSink):
     """The sidecar's config sink, secrets going to a real TlsIdentity."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.tls = TlsIdentity()
-        self.clusters: dict = {}
 
     def apply_secrets(self, secrets):
         self.tls.apply_secrets(secrets)
-
-    def apply_clusters(self, c):
-        self.clusters = c
-
-    def apply_endpoints(self, a):
-        pass
-
-    def apply_listeners(self, listeners):
-        pass
-
-    def apply_routes(self, r):
-        pass
-
-    def apply_runtime(self, values, version):
-        pass
 
 
 class ControlPlane:
@@ -84,83 +71,74 @@ def public_der(key) -> bytes:
     return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
+@contextlib.asynccontextmanager
+async def sidecar(target: str, client_class=DeltaAdsClient, token: str = "", **agent_args):
+    """A sidecar's ADS client and, with a token, its IdentityAgent, started; (sink, client, agent)."""
+    sink = Sink()
+    client = client_class(target, NODE, sink, backoff_base=0.01, backoff_max=0.05, token=token)
+    agent = IdentityAgent(sink.tls, client, **agent_args) if token else None
+    if agent is not None:
+        agent.start()
+    client.start()
+    try:
+        yield sink, client, agent
+    finally:
+        if agent is not None:
+            agent.stop()
+        await client.stop()
+
+
 @pytest.mark.parametrize("client_class", CLIENTS)
 @async_test
 async def test_a_sidecar_with_a_token_gets_a_certificate_for_its_own_key_and_service(client_class):
     issuer = Issuer.generate(ttl=3600)
-    async with ControlPlane(issuer) as target:
-        sink = Sink()
-        client = client_class(target, NODE, sink, backoff_base=0.01, backoff_max=0.05,
-                              token=issuer.mint_token("default", "svc0"))
-        keys = []
-        agent = IdentityAgent(sink.tls, client, new_key=lambda: keys.append(new_key()) or keys[-1])
-        agent.start()
-        client.start()
-        try:
-            await until(lambda: sink.tls.ready and client.initialized, 5)
-            cert = leaf(sink.tls)
-            sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-            assert [str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)] == [
-                "spiffe://meshkeeper.local/ns/default/sa/svc0"]
-            assert sink.tls.spiffe_id == "spiffe://meshkeeper.local/ns/default/sa/svc0"
-            key = serialization.load_pem_private_key(keys[0][0], None)
-            assert public_der(cert.public_key()) == public_der(key.public_key())
-            assert sink.tls.trust_bundle == issuer.bundle_pem
-            assert client.state[xds.SECRET].rejected == 0
-            # What the control plane sent holds the chain, never a key.
-            raw = client.state[xds.SECRET].raw[SECRET_DEFAULT]
-            assert not raw.tls_certificate.HasField("private_key")
-        finally:
-            agent.stop()
-            await client.stop()
+    keys = []
+    async with ControlPlane(issuer) as target, sidecar(
+            target, client_class, issuer.mint_token("default", "svc0"),
+            new_key=lambda: keys.append(new_key()) or keys[-1]) as (sink, client, _):
+        await until(lambda: sink.tls.ready and client.initialized, 5)
+        cert = leaf(sink.tls)
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert [str(u) for u in sans.get_values_for_type(x509.UniformResourceIdentifier)] == [
+            "spiffe://meshkeeper.local/ns/default/sa/svc0"]
+        assert sink.tls.spiffe_id == "spiffe://meshkeeper.local/ns/default/sa/svc0"
+        key = serialization.load_pem_private_key(keys[0][0], None)
+        assert public_der(cert.public_key()) == public_der(key.public_key())
+        assert sink.tls.trust_bundle == issuer.bundle_pem
+        assert client.state[xds.SECRET].rejected == 0
+        # What the control plane sent holds the chain, never a key.
+        raw = client.state[xds.SECRET].raw[SECRET_DEFAULT]
+        assert not raw.tls_certificate.HasField("private_key")
 
 
 @pytest.mark.parametrize("client_class", CLIENTS)
 @async_test
 async def test_rotation_certifies_a_new_key_and_keeps_the_old_until_its_chain_arrives(client_class):
     issuer = Issuer.generate(ttl=3600)
-    async with ControlPlane(issuer) as target:
-        sink = Sink()
-        client = client_class(target, NODE, sink, backoff_base=0.01, backoff_max=0.05,
-                              token=issuer.mint_token("default", "svc0"))
-        agent = IdentityAgent(sink.tls, client)
-        agent.start()
-        client.start()
-        try:
-            await until(lambda: sink.tls.ready, 5)
-            first = leaf(sink.tls)
-            server_ctx = sink.tls.server_context()
-            agent.rotate()  # as the half-life timer does
-            await until(lambda: leaf(sink.tls).serial_number != first.serial_number, 5)
-            second = leaf(sink.tls)
-            assert public_der(second.public_key()) != public_der(first.public_key())  # a new key
-            assert sink.tls.server_context() is not server_ctx  # new connections use the new one
-            assert not sink.tls.has_pending_key
-            assert client.state[xds.SECRET].rejected == 0
-            assert agent.rotations == 1
-        finally:
-            agent.stop()
-            await client.stop()
+    async with ControlPlane(issuer) as target, sidecar(
+            target, client_class, issuer.mint_token("default", "svc0")) as (sink, client, agent):
+        await until(lambda: sink.tls.ready, 5)
+        first = leaf(sink.tls)
+        server_ctx = sink.tls.server_context()
+        agent.rotate()  # as the half-life timer does
+        await until(lambda: leaf(sink.tls).serial_number != first.serial_number, 5)
+        second = leaf(sink.tls)
+        assert public_der(second.public_key()) != public_der(first.public_key())  # a new key
+        assert sink.tls.server_context() is not server_ctx  # new connections use the new one
+        assert not sink.tls.has_pending_key
+        assert client.state[xds.SECRET].rejected == 0
+        assert agent.rotations == 1
 
 
 @async_test
 async def test_the_agent_schedules_the_next_rotation_at_half_the_remaining_life():
     issuer = Issuer.generate(ttl=10)
-    async with ControlPlane(issuer) as target:
-        sink = Sink()
-        client = DeltaAdsClient(target, NODE, sink, backoff_base=0.01, backoff_max=0.05,
-                                token=issuer.mint_token("default", "svc0"))
-        agent = IdentityAgent(sink.tls, client)
-        agent.start()
-        client.start()
-        try:
-            await until(lambda: sink.tls.ready, 5)
-            assert agent._timer is not None
-            delay = agent._timer.when() - asyncio.get_running_loop().time()
-            assert 3.5 < delay <= 5.0  # half of the ~10 s left
-        finally:
-            agent.stop()
-            await client.stop()
+    async with ControlPlane(issuer) as target, sidecar(
+            target, token=issuer.mint_token("default", "svc0")) as (sink, _, agent):
+        await until(lambda: sink.tls.ready, 5)
+        assert agent._timer is not None
+        delay = agent._timer.when() - asyncio.get_running_loop().time()
+        assert 3.5 < delay <= 5.0  # half of the ~10 s left
 
 
 @pytest.mark.parametrize("client_class", CLIENTS)
@@ -198,22 +176,11 @@ async def test_a_token_for_another_service_or_a_forged_one_ends_the_stream(clien
 async def test_without_a_token_or_a_ca_a_sidecar_gets_no_certificate_and_stays_plaintext(client_class):
     issuer = Issuer.generate(ttl=3600)
     for cp_issuer, token in ((issuer, ""), (None, issuer.mint_token("default", "svc0"))):
-        async with ControlPlane(cp_issuer) as target:
-            sink = Sink()
-            client = client_class(target, NODE, sink, backoff_base=0.01, backoff_max=0.05, token=token)
-            agent = IdentityAgent(sink.tls, client) if token else None
-            if agent:
-                agent.start()
-            client.start()
-            try:
-                # Ready all the same: a control plane without a CA answers the subscription empty.
-                await until(lambda c=client: c.initialized, 5)
-                assert not sink.tls.ready and sink.tls.client_context(("http/1.1",)) is None
-                assert client.state[xds.SECRET].rejected == 0
-            finally:
-                if agent:
-                    agent.stop()
-                await client.stop()
+        async with ControlPlane(cp_issuer) as target, sidecar(target, client_class, token) as (sink, client, _):
+            # Ready all the same: a control plane without a CA answers the subscription empty.
+            await until(lambda c=client: c.initialized, 5)
+            assert not sink.tls.ready and sink.tls.client_context(("http/1.1",)) is None
+            assert client.state[xds.SECRET].rejected == 0
 
 
 def test_a_bootstrap_token_is_checked_for_its_shape_in_one_line():
