@@ -25,6 +25,7 @@ import ssl
 from collections.abc import Callable, Mapping
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import ExtensionOID
 
@@ -51,6 +52,14 @@ class _Key:
 
 def _spki(public_key) -> bytes:
     return public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _public(cert: x509.Certificate, what: str) -> bytes:
+    """The certificate's public key (SPKI DER); ValueError for a key type or curve not supported."""
+    try:
+        return _spki(cert.public_key())
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ValueError(f"{what}: the certificate's public key is not supported: {exc}") from None
 
 
 def _certificates(pem: bytes, what: str) -> list[x509.Certificate]:
@@ -146,7 +155,7 @@ class TlsIdentity:
                 if not secret.certificate_chain or secret.trusted_ca:
                     raise ValueError(f"secret {name!r}: needs a certificate_chain and nothing else")
                 leaf = _certificates(secret.certificate_chain, f"secret {name!r}")[0]
-                public = _spki(leaf.public_key())
+                public = _public(leaf, f"secret {name!r}")
                 if pending is not None and public == pending.public:
                     key, pending = pending, None
                 elif key is None or public != key.public:
@@ -166,12 +175,17 @@ class TlsIdentity:
         server = _server_context(chain, key.pem, bundle) if key is not None and chain and bundle else None
         if leaf is None and chain:
             leaf = _certificates(chain, CERTIFICATE_SECRET)[0]
+        spiffe_id, not_after = self.spiffe_id, self.not_after
+        if leaf is not None:  # read before anything changes: a leaf's extensions parse only now
+            try:
+                sans = _uri_sans(leaf)
+            except ValueError as exc:
+                raise ValueError(f"secret {CERTIFICATE_SECRET!r}: the certificate's extensions do not parse: "
+                                 f"{exc}") from None
+            spiffe_id, not_after = (sans[0] if sans else ""), leaf.not_valid_after_utc
         self._key, self._pending, self._chain, self._bundle = key, pending, chain, bundle
         self._server, self._clients = server, {}
-        if leaf is not None:
-            sans = _uri_sans(leaf)
-            self.spiffe_id = sans[0] if sans else ""
-            self.not_after = leaf.not_valid_after_utc
+        self.spiffe_id, self.not_after = spiffe_id, not_after
         self.generation += 1
         log.info("identity %s: certificate until %s, %s", self.spiffe_id or "(none)",
                  self.not_after.isoformat() if self.not_after else "-", "ready" if server else "not complete yet")
