@@ -57,7 +57,7 @@ def test_every_rpc_has_request_strategies() -> None:
     assert admin_fuzz.unknown_rpcs() == []
 
 
-@fuzz_settings(60)
+@fuzz_settings(40)
 @given(case=admin_fuzz.requests(NAMESPACE))
 def test_any_admin_request_ends_with_a_status_and_writes_nothing_invalid(case: tuple[str, Any, str | None]) -> None:
     rpc, request, role = case
