@@ -375,7 +375,7 @@ class SnapshotCache:
         return t
 
     def _mode_views(self, node: NodeInfo) -> Mapping[str, TypeView]:
-        extra = transparent.shared_for(self._snapshot, node)
+        extra = transparent.shared_for(self._snapshot, node, self._identity)
         if extra is None:
             return EMPTY_VIEWS
         key = (node.namespace, node.interception == "redirect")

@@ -88,10 +88,21 @@ def tls_socket_match(context: tls_pb2.UpstreamTlsContext) -> cluster_pb2.Cluster
     """``transport_socket_matches`` entry ``tlsMode-mutual``: endpoints whose
     ``envoy.transport_socket_match`` metadata says ``tlsMode: mutual`` get TLS; the rest the
     cluster's default (plaintext)."""
-    m = cluster_pb2.Cluster.TransportSocketMatch(
-        name=TLS_MODE_MATCH, transport_socket=base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(context)))
+    m = cluster_pb2.Cluster.TransportSocketMatch(name=TLS_MODE_MATCH, transport_socket=tls_transport_socket(context))
     m.match.update(TLS_MODE)
     return m
+
+
+def tls_transport_socket(context: tls_pb2.UpstreamTlsContext) -> base_pb2.TransportSocket:
+    """``envoy.transport_sockets.tls`` with ``context``: a match's socket, or (transparent mode's
+    ``passthrough-mtls|<svc>.<ns>``) a whole cluster's."""
+    return base_pb2.TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(context))
+
+
+def upstream_mtls(identity: MeshIdentity | None, mode: str) -> bool:
+    """Callers of a service whose effective peer authentication is ``mode`` use mTLS to its
+    ``mtls`` instances: the control plane has a CA and the mode is not DISABLE."""
+    return identity is not None and mode != security.DISABLE
 
 
 def downstream_tls_context(identity: MeshIdentity) -> tls_pb2.DownstreamTlsContext:

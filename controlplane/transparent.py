@@ -18,7 +18,13 @@ In Envoy's vocabulary, as Istio lays it out:
     the same filters, to the ORIGINAL_DST cluster ``passthrough|<svc>.<ns>`` that carries the
     service's policy: an app that read ZooKeeper itself and dialled that instance reaches it,
     through the mesh, counted under the service. Loopback addresses (explicit-mode registrations)
-    are never an original destination and get no chain.
+    are never an original destination and get no chain. With a mesh identity (a CA) and the
+    service's peer authentication not DISABLE, the chains of its ``mtls`` instances go to
+    ``passthrough-mtls|<svc>.<ns>`` instead: the same ORIGINAL_DST cluster with a
+    ``transport_socket`` (the UpstreamTlsContext of ``outbound|<svc>.<ns>``'s ``tlsMode-mutual``
+    match), so a call by instance address uses mTLS exactly when a call by name would
+    (docs/identity.md). ORIGINAL_DST hosts carry no metadata for a transport socket match to read:
+    the split is made here, per instance, by its chain.
 
 * The node's ``outbound`` listener (:func:`controlplane.translate.outbound_listener`) gets the
   ``original_dst`` listener filter, its HCM chain matched on its own port (apps that dial 15001
@@ -62,7 +68,14 @@ from google.protobuf import wrappers_pb2
 from google.protobuf.message import Message
 
 from controlplane import translate as tr
-from controlplane.identity_resources import NO_SECURITY, NodeSecurity, node_security
+from controlplane.identity_resources import (
+    NO_SECURITY,
+    NodeSecurity,
+    node_security,
+    tls_transport_socket,
+    upstream_mtls,
+    upstream_tls_context,
+)
 from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
 from controlplane.xdsbuild import pack
 from meshkeeper import xds
@@ -76,6 +89,7 @@ TCP_PROXY_FILTER = tr.TCP_PROXY_FILTER
 DNS_FILTER_NAME = "envoy.filters.udp.dns_filter"
 DNS_TTL_S = 30
 DNS_PORT = 15053  # informational: the sidecar binds --dns-port
+PASSTHROUGH_MTLS_PREFIX = "passthrough-mtls|"
 
 
 def _cidr(address: str) -> address_pb2.CidrRange:
@@ -99,7 +113,9 @@ def _http(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> listener_comp
     if cluster != xds.outbound_cluster(svc.name, svc.namespace):  # an instance chain: to that instance only
         del vhost.routes[:]
         vhost.routes.append(tr._apply_policy(tr._route_to(cluster, tr._millis(svc.policy.timeout_ms)), svc.policy))
-        route_name = f"{vhost.name}|direct"  # the same for every instance of the service (one runtime, one stats row)
+        # The same for every instance of the service (one runtime, one stats row); the mTLS
+        # instances' route to their own cluster, under their own name.
+        route_name = f"{vhost.name}|direct-mtls" if cluster.startswith(PASSTHROUGH_MTLS_PREFIX) else f"{vhost.name}|direct"
     hcm = hcm_pb2.HttpConnectionManager(
         stat_prefix=stat_prefix, route_config=route_pb2.RouteConfiguration(name=route_name, virtual_hosts=[vhost]),
         http_filters=[tr._fault_filter(), tr._router_filter()])
@@ -114,9 +130,17 @@ def _filters(stat_prefix: str, svc: ServiceSnapshot, cluster: str) -> list[liste
     return [_tcp_proxy(stat_prefix, svc, cluster)]
 
 
-def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_components_pb2.FilterChain]:
+def passthrough_mtls_cluster(svc: str, ns: str) -> str:
+    """``passthrough-mtls|<svc>.<ns>``: ``passthrough|<svc>.<ns>`` with mTLS to the instance dialled."""
+    return f"{PASSTHROUGH_MTLS_PREFIX}{svc}.{ns}"
+
+
+def service_chains(svc: ServiceSnapshot, vip: str | None, mtls: bool = False) -> list[listener_components_pb2.FilterChain]:
     """The service's filter chains of ``virtual_outbound``: its VIP (any port), then each registered
-    instance address that is not loopback (that address and port)."""
+    instance address that is not loopback (that address and port). With ``mtls`` (callers use mTLS
+    to the service: :func:`controlplane.identity_resources.upstream_mtls`) the chains of instances
+    registered with ``mtls`` go to :func:`passthrough_mtls_cluster`, the others' to
+    ``passthrough|<svc>.<ns>``."""
     name = f"{svc.name}.{svc.namespace}"
     chains = []
     if vip:
@@ -125,6 +149,7 @@ def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_compo
             filter_chain_match=listener_components_pb2.FilterChainMatch(prefix_ranges=[_cidr(vip)]),
             filters=_filters(f"outbound_{name}", svc, xds.outbound_cluster(svc.name, svc.namespace))))
     direct = xds.passthrough_cluster(svc.name, svc.namespace)
+    secure = passthrough_mtls_cluster(svc.name, svc.namespace)
     for key, inst in sorted(svc.instances.items()):
         address = instance_ip(inst.address)
         if address is None:
@@ -133,7 +158,7 @@ def service_chains(svc: ServiceSnapshot, vip: str | None) -> list[listener_compo
             name=f"{name}|{key}",
             filter_chain_match=listener_components_pb2.FilterChainMatch(
                 prefix_ranges=[_cidr(address)], destination_port=tr._u32(inst.port)),
-            filters=_filters(f"outbound_{name}", svc, direct)))
+            filters=_filters(f"outbound_{name}", svc, secure if mtls and inst.mtls else direct)))
     return chains
 
 
@@ -159,6 +184,17 @@ def original_dst_cluster(name: str, svc: ServiceSnapshot | None = None) -> clust
         policy = svc.policy
         c.connect_timeout.CopyFrom(tr._millis(policy.connect_timeout_ms))
         c.circuit_breakers.CopyFrom(tr.circuit_breakers(policy.circuit_breaker))
+    return c
+
+
+def original_dst_mtls_cluster(name: str, svc: ServiceSnapshot, identity: MeshIdentity) -> cluster_pb2.Cluster:
+    """:func:`original_dst_cluster` of ``svc`` with a ``transport_socket``: the UpstreamTlsContext
+    of the service (its SPIFFE ID, SNI ``outbound_.<svc>.<ns>``), for every host it makes. ALPN is
+    the protocol the cluster speaks: HTTP/1.1 (an ORIGINAL_DST cluster has no HTTP/2 options), and
+    ``http/1.1`` for a tcp service, as on ``outbound|<svc>.<ns>``."""
+    c = original_dst_cluster(name, svc)
+    protocol = "grpc" if xds.HTTP_PROTOCOL_OPTIONS_KEY in c.typed_extension_protocol_options else "http"
+    c.transport_socket.CopyFrom(tls_transport_socket(upstream_tls_context(identity, svc.name, svc.namespace, protocol)))
     return c
 
 
@@ -203,8 +239,10 @@ POLICY_CLUSTERS: MappingProxyType = MappingProxyType({
 
 
 @lru_cache(maxsize=16)
-def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingProxyType:
-    """Type URL -> name -> message: what every redirect-mode sidecar of ``namespace`` adds."""
+def namespace_resources(snapshot: RegistrySnapshot, namespace: str, identity: MeshIdentity | None = None) -> MappingProxyType:
+    """Type URL -> name -> message: what every redirect-mode sidecar of ``namespace`` adds
+    (``identity``: the mesh's, None without a CA; with it, ``passthrough-mtls|<svc>.<ns>`` for each
+    service whose callers use mTLS and that has an ``mtls`` instance an app can dial)."""
     listener = listener_pb2.Listener(
         name=xds.VIRTUAL_OUTBOUND_LISTENER, traffic_direction=base_pb2.OUTBOUND,
         address=tr._socket("0.0.0.0", 0), bind_to_port=wrappers_pb2.BoolValue(value=False))
@@ -218,7 +256,9 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
         if vip in taken:  # two services on one address (a claim deleted by hand): the first keeps it
             vip = None
         taken.add(vip)
-        for chain in service_chains(svc, vip):
+        mtls = upstream_mtls(identity, snapshot.peer_mode(namespace, name))
+        secure = passthrough_mtls_cluster(name, namespace)
+        for chain in service_chains(svc, vip, mtls):
             # An address registered by two services would make two chains match alike, which a
             # sidecar (as Envoy) refuses with the whole listener: the first service keeps it.
             m = chain.filter_chain_match
@@ -228,6 +268,8 @@ def namespace_resources(snapshot: RegistrySnapshot, namespace: str) -> MappingPr
                 listener.filter_chains.append(chain)
         direct = xds.passthrough_cluster(name, namespace)
         clusters[direct] = original_dst_cluster(direct, svc)
+        if mtls and any(i.mtls and instance_ip(i.address) is not None for i in svc.instances.values()):
+            clusters[secure] = original_dst_mtls_cluster(secure, svc, identity)
     return MappingProxyType({
         xds.LISTENER: MappingProxyType({listener.name: listener,
                                         xds.DNS_LISTENER: dns_listener(dns_table(snapshot, namespace))}),
@@ -280,13 +322,14 @@ def node_resources(node: NodeInfo, policy: Policy, sec: NodeSecurity = NO_SECURI
     return out
 
 
-def shared_for(snapshot: RegistrySnapshot, node: NodeInfo) -> MappingProxyType | None:
-    """The namespace-wide resources a node gets beyond translate's shared ones, or None."""
+def shared_for(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity | None = None) -> MappingProxyType | None:
+    """The namespace-wide resources a node gets beyond translate's shared ones, or None
+    (``identity``: the mesh's, None without a CA)."""
     if node.proxyless or not node.outbound_policy:
         return None
     if node.interception != "redirect":
         return explicit_tcp_listeners(snapshot, node.namespace)
-    return namespace_resources(snapshot, node.namespace)
+    return namespace_resources(snapshot, node.namespace, identity)
 
 
 def tcp_service_port(svc: ServiceSnapshot) -> int:
@@ -327,6 +370,6 @@ def translate(snapshot: RegistrySnapshot, node: NodeInfo, identity: MeshIdentity
     out = node_resources(node, tr.node_policy(snapshot, node), node_security(snapshot, node, identity))
     for type_url, items in tr.shared_resources(snapshot, node.namespace, identity).resources.items():
         out[type_url].update(items)
-    for type_url, items in (shared_for(snapshot, node) or {}).items():
+    for type_url, items in (shared_for(snapshot, node, identity) or {}).items():
         out[type_url].update(items)
     return out

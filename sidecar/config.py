@@ -149,6 +149,7 @@ class ClusterConfig:
     # STATIC clusters carry their endpoints inline; EDS clusters get them from a ClusterLoadAssignment.
     static_endpoints: tuple[EndpointConfig, ...] = ()
     # ``transport_socket_matches`` tlsMode-mutual: mTLS to the endpoints marked ``mtls``; None: plaintext.
+    # An ORIGINAL_DST cluster's ``transport_socket``: mTLS to every destination.
     tls: UpstreamTlsConfig | None = None
 
 

@@ -19,7 +19,8 @@ Choosing the upstream:
   success (Envoy's ``LocalOriginConnectSuccessFinal``, which without the split counts as a 200);
   with ``max_connect_attempts`` > 1 the next attempt avoids the endpoints already tried.
 - With ``original_dst``: that address (Envoy's ORIGINAL_DST cluster, as ``PassthroughCluster``
-  uses it), with the filter's cluster's connect timeout, breakers and stats; one attempt.
+  uses it), with the filter's cluster's connect timeout, breakers and stats; one attempt. A
+  cluster with a TLS ``transport_socket`` (``passthrough-mtls|<svc>.<ns>``) originates mTLS to it.
 
 Every connect goes through a :class:`~sidecar.upstream.pool.ConnectionPool` (the endpoint's, or a
 throwaway one for an original destination), so connect timeout, ``upstream_cx_total``,
@@ -262,7 +263,7 @@ class TcpProxy(asyncio.Protocol):
             if self._source is not None:
                 connector = _from_source(connector or self._loop.create_connection, self._source)
             pool = ConnectionPool(dst[0], dst[1], connect_timeout=cluster.config.connect_timeout,
-                                  stats=stats, connector=connector)
+                                  stats=stats, connector=connector, tls=cluster.upstream_tls())
         else:
             tried = self._tried
             endpoint = cluster.pick(tried) if tried else cluster.pick()
@@ -468,6 +469,6 @@ class TcpProxy(asyncio.Protocol):
 
 def _from_source(connector: Callable[..., Any], source: str) -> Callable[..., Any]:
     """``connector`` with the connection's local address bound to ``source`` (any port)."""
-    def connect(protocol_factory: Callable[[], Any], host: str, port: int) -> Any:
-        return connector(protocol_factory, host, port, local_addr=(source, 0))
+    def connect(protocol_factory: Callable[[], Any], host: str, port: int, **kwargs: Any) -> Any:
+        return connector(protocol_factory, host, port, local_addr=(source, 0), **kwargs)
     return connect

@@ -44,6 +44,7 @@ from sidecar.upstream.stats import ClusterStats, Histogram
 
 if TYPE_CHECKING:
     from sidecar.tls.identity import TlsIdentity
+    from sidecar.tls.upstream import UpstreamTls
 
 DISCOVERY_STATIC = "STATIC"
 # An ORIGINAL_DST cluster makes an endpoint per destination on first use and keeps at most this
@@ -118,12 +119,17 @@ class Cluster:
         if len(self.endpoints) >= MAX_ORIGINAL_DST_HOSTS and not self._drop_idle_hosts():
             return None
         cfg = EndpointConfig(address, port)
-        pool = ConnectionPool(address, port, connect_timeout=self.config.connect_timeout, limits=self,
-                              http2=self.config.http2,
-                              max_idle=self._max_idle, idle_timeout=self.config.idle_timeout,
-                              connector=self._connector)
-        endpoint = self.endpoints[key] = Endpoint(cfg, pool)
+        endpoint = self.endpoints[key] = Endpoint(cfg, self._pool(cfg))
         return endpoint
+
+    def upstream_tls(self) -> UpstreamTls | None:
+        """An ORIGINAL_DST cluster's mTLS for a connection to its original destination (a
+        tcp_proxy's, which makes its own pool); None: plaintext."""
+        if self.config.tls is None or self._identity is None or not self.original_dst:
+            return None
+        from sidecar.tls.upstream import UpstreamTls
+
+        return UpstreamTls(self.config.tls, self._identity)
 
     def _drop_idle_hosts(self) -> bool:
         # Droppable: no request, and no connection but idle pooled ones (closing the pool closes those).
@@ -206,10 +212,11 @@ class Cluster:
 
     def _pool(self, cfg: EndpointConfig) -> ConnectionPool:
         """A new pool to an endpoint: mTLS when the cluster has an UpstreamTlsContext and the
-        endpoint is marked mtls (auto mTLS), else plaintext."""
+        endpoint is marked mtls (auto mTLS) or the cluster is ORIGINAL_DST (its transport_socket
+        applies to every host), else plaintext."""
         config = self.config
         tls = None
-        if config.tls is not None and cfg.mtls and self._identity is not None:
+        if config.tls is not None and (cfg.mtls or self.original_dst) and self._identity is not None:
             from sidecar.tls.upstream import UpstreamTls
 
             tls = UpstreamTls(config.tls, self._identity)

@@ -65,6 +65,7 @@ from sidecar.xds.security import (
     RBAC,
     TLS_INSPECTOR_FILTER,
     endpoint_mtls,
+    original_dst_tls,
     rbac_filter,
     tls_chains,
     tls_inspector_names,
@@ -505,9 +506,12 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
     where = f"cluster {msg.name!r}"
     only(msg, ("name", "type", "eds_cluster_config", "connect_timeout", "lb_policy", "load_assignment",
                 "alt_stat_name", "metadata", "outlier_detection", "circuit_breakers", "common_lb_config",
-                "typed_extension_protocol_options", "transport_socket_matches"), where)
+                "typed_extension_protocol_options", "transport_socket_matches", "transport_socket"), where)
     if msg.type == cluster_pb2.Cluster.ORIGINAL_DST:
         return _original_dst_cluster(msg, where)
+    if msg.HasField("transport_socket"):
+        raise XdsError(f"{where}: field 'transport_socket' is supported on ORIGINAL_DST clusters only "
+                       "(the others: transport_socket_matches tlsMode-mutual)")
     if msg.lb_policy not in _LB_POLICIES:
         name = enum_name(cluster_pb2.Cluster.LbPolicy, msg.lb_policy)
         supported = ", ".join(cluster_pb2.Cluster.LbPolicy.Name(p) for p in _LB_POLICIES)
@@ -541,17 +545,20 @@ def cluster(msg: cluster_pb2.Cluster) -> ClusterConfig:
 def _original_dst_cluster(msg: cluster_pb2.Cluster, where: str) -> ClusterConfig:
     """An ORIGINAL_DST cluster (lb_policy CLUSTER_PROVIDED): no endpoints of its own; each
     connection or request goes to its original destination. Outlier detection is refused: the
-    hosts are whatever the app dialled."""
+    hosts are whatever the app dialled. A ``transport_socket`` (an UpstreamTlsContext) means mTLS
+    to every destination (transparent mode's ``passthrough-mtls|<svc>.<ns>``);
+    ``transport_socket_matches`` are refused: its hosts carry no metadata to match."""
     only(msg, ("name", "type", "connect_timeout", "lb_policy", "alt_stat_name", "metadata", "circuit_breakers",
-                "common_lb_config", "typed_extension_protocol_options"), where)
+                "common_lb_config", "typed_extension_protocol_options", "transport_socket"), where)
     if msg.lb_policy != cluster_pb2.Cluster.CLUSTER_PROVIDED:
         raise XdsError(f"{where}: an ORIGINAL_DST cluster needs lb_policy CLUSTER_PROVIDED")
     timeout = seconds(msg.connect_timeout) if msg.HasField("connect_timeout") else DEFAULT_CONNECT_TIMEOUT
     if timeout <= 0:
         raise XdsError(f"{where}: connect_timeout must be positive")
+    http = _upstream_http(msg, where)
     return ClusterConfig(name=msg.name, discovery=DISCOVERY_ORIGINAL_DST, connect_timeout=timeout,
                          circuit_breakers=circuit_breakers(msg.circuit_breakers, f"{where} circuit_breakers"),
-                         **_upstream_http(msg, where))
+                         tls=original_dst_tls(msg, http["http2"], where), **http)
 
 
 _OUTLIER_DURATIONS = ("interval", "base_ejection_time", "max_ejection_time")

@@ -119,7 +119,21 @@ def upstream_tls(cluster_msg: cluster_pb2.Cluster, http2: bool, where: str) -> U
     criteria = {k: v.string_value if v.WhichOneof("kind") == "string_value" else None for k, v in m.match.fields.items()}
     if criteria != {TLS_MODE_KEY: TLS_MODE_MUTUAL}:
         raise XdsError(f"{where}: match must be {{{TLS_MODE_KEY}: {TLS_MODE_MUTUAL}}}")
-    ts = m.transport_socket
+    return _upstream_tls_context(m.transport_socket, http2, where)
+
+
+def original_dst_tls(cluster_msg: cluster_pb2.Cluster, http2: bool, where: str) -> UpstreamTlsConfig | None:
+    """An ORIGINAL_DST cluster's ``transport_socket`` (transparent mode's ``passthrough-mtls|<svc>.<ns>``):
+    an UpstreamTlsContext for every host it makes (they carry no metadata a match could read), or
+    none (plaintext)."""
+    if not cluster_msg.HasField("transport_socket"):
+        return None
+    return _upstream_tls_context(cluster_msg.transport_socket, http2, where)
+
+
+def _upstream_tls_context(ts, http2: bool, where: str) -> UpstreamTlsConfig:
+    """A transport socket ``envoy.transport_sockets.tls`` with an UpstreamTlsContext as
+    docs/identity.md writes it -> :class:`UpstreamTlsConfig`."""
     only(ts, ("name", "typed_config"), f"{where} transport_socket")
     if ts.typed_config.type_url != UPSTREAM_TLS_CONTEXT:
         raise XdsError(f"{where}: transport_socket must be {TLS_TRANSPORT_SOCKET} with an UpstreamTlsContext")

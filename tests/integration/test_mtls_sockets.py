@@ -383,3 +383,63 @@ def test_a_tcp_service_behind_strict_mtls_reached_by_a_tcp_proxy(loop, ca):
         via_a.close()
 
     with_mesh(loop, ca, test, mode=TLS_STRICT, tcp=True)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+@pytest.mark.parametrize("tcp", [False, True], ids=["http", "tcp"])
+def test_an_original_dst_cluster_with_tls_reaches_a_strict_instance_by_its_address(loop, ca, tcp):
+    """Transparent mode's ``passthrough-mtls|<svc>.<ns>``: an app that dialled b's address itself
+    (Dubbo/thrift style) reaches STRICT b through a's ORIGINAL_DST cluster with a TLS
+    transport_socket, by a's HTTP connection manager or tcp_proxy; the plaintext one is closed."""
+    import random
+
+    from sidecar.interception.dispatch import Target
+    from sidecar.l4 import TcpProxyConfig, TcpProxyRuntime
+
+    secure, plain = "passthrough-mtls|b.default", "passthrough|b.default"
+
+    async def test(mesh: Mesh) -> None:
+        mesh.a.apply_clusters({
+            secure: ClusterConfig(secure, discovery="ORIGINAL_DST",
+                                  tls=UpstreamTlsConfig(san=spiffe("b"), alpn=("http/1.1",), sni="outbound_.b.default")),
+            plain: ClusterConfig(plain, discovery="ORIGINAL_DST"),
+        })
+        dst = ("127.0.0.1", mesh.b_port)  # what SO_ORIGINAL_DST would have said
+        loop_ = asyncio.get_running_loop()
+
+        async def through(cluster: str) -> Client:
+            if tcp:
+                target = Target(cluster, tcp=((TcpProxyRuntime(TcpProxyConfig("t", cluster), mesh.a.clusters), 1),))
+            else:
+                mesh.a.apply_listeners({"outbound": ListenerConfig(name="outbound", route_config=routes("outbound", cluster))})
+                target = Target(cluster, http=mesh.a.listener_contexts["outbound"])
+            server = await loop_.create_server(lambda: target.protocol(dst, random.random), "127.0.0.1", 0)
+            servers.append(server)
+            return await Client.open(server.sockets[0].getsockname()[1])
+
+        servers: list[asyncio.AbstractServer] = []
+        try:
+            client = await through(secure)
+            status, _, body = await client.get("/direct")
+            assert status == 200 and json.loads(body)["path"] == "/direct"
+            if not tcp:
+                assert json.loads(body)["headers"]["x-forwarded-client-cert"] == [f"By={spiffe('b')};URI={spiffe('a')}"]
+            client.close()
+            c = mesh.a.clusters.get(secure)
+            assert c.stats.ssl_handshake == 1 and mesh.b_stats.ssl_handshake == 1
+            if not tcp:  # HTTP lists the destination as a host of the cluster, with its TLS mode
+                assert [ep["tls_mode"] for ep in c.admin_view()["endpoints"]] == ["mutual"]
+            # the plaintext passthrough: STRICT b closes it
+            client = await through(plain)
+            try:
+                status, _, _ = await client.get("/plain")
+                assert status == 502  # UC: the bug this cluster fixes
+            except (asyncio.IncompleteReadError, ConnectionError):
+                assert tcp
+            client.close()
+            assert mesh.b_stats.no_filter_chain_match >= 1
+        finally:
+            for server in servers:
+                server.close()
+
+    with_mesh(loop, ca, test, mode=TLS_STRICT, tcp=tcp)

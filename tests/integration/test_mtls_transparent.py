@@ -4,8 +4,9 @@ holding bootstrap tokens, a control plane with a CA.
 
 Pods: ``a`` (frontend: a plain urllib client calling ``http://catalog:8080`` by its mesh name),
 ``b`` (catalog: the demo app on 8080), both captured, sidecars as uid 1337 with
-``MESHKEEPER_IDENTITY_TOKEN``; ``x`` a pod with neither capture nor sidecar (a caller outside the
-mesh). ZooKeeper and the control plane run on the host, on the bridge. Needs root; skipped where
+``MESHKEEPER_IDENTITY_TOKEN``; ``g`` a grpc service (inventory, STRICT); ``t`` a thrift service
+(orders, protocol tcp, PERMISSIVE); ``x`` a pod with neither capture nor sidecar (a caller outside
+the mesh). ZooKeeper and the control plane run on the host, on the bridge. Needs root; skipped where
 pods cannot be made. The pod network removes its namespaces, veths and rules at close, whatever
 the test did (tests/harness/pods.py).
 """
@@ -26,6 +27,7 @@ from meshkeeper.demo.process import app_argv, wait_until
 from meshkeeper.registry import Paths, ServiceRecord
 from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_reason
 from tests.harness.processes import ProcessGroup
+from tests.harness.thrift_apps import call_argv, serve_argv
 from tests.integration.test_identity import TD, write_ca
 
 pytestmark = pytest.mark.integration
@@ -34,6 +36,7 @@ NS = "mtls-shop"
 APP_UID = 1000
 APP_PORT = 8080
 GRPC_PORT = 9090
+THRIFT_PORT = 9191
 
 # A grpcio server for pod g (service inventory, protocol grpc): the health service (SERVING) and
 # /meshkeeper.test.Echo/Who, whose answer is the x-* metadata it got, as JSON.
@@ -121,6 +124,13 @@ def mesh(tmp_path_factory) -> Iterator[SimpleNamespace]:
         g.start([sys.executable, "-c", GRPC_SERVER, str(GRPC_PORT)], role="app", uid=APP_UID, name="g-app")
         g.sidecar("inventory", GRPC_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
                   protocol="grpc", env={"MESHKEEPER_IDENTITY_TOKEN": issuer.mint_token(NS, "inventory")})
+        # a thrift service in pod t (orders, protocol tcp), PERMISSIVE
+        t = pods["t"] = net.add_pod("t")
+        t.set_resolv_conf([net.host_ip])
+        t.capture()
+        t.start(serve_argv("t", THRIFT_PORT), role="app", uid=APP_UID, name="t-app")
+        t.sidecar("orders", THRIFT_PORT, cp=cp_addr, zk=zk.hosts, namespace=NS, interception="redirect",
+                  protocol="tcp", env={"MESHKEEPER_IDENTITY_TOKEN": issuer.mint_token(NS, "orders")})
         pods["x"] = net.add_pod("x")  # outside the mesh: no capture, no sidecar
         kz = KazooClient(hosts=zk.hosts, timeout=5.0)
         kz.start(timeout=10)
@@ -259,18 +269,44 @@ def test_an_unmodified_grpc_client_calls_a_strict_grpc_service_over_mtls_with_h2
             pass
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: a meshed app dialling a STRICT instance's pod IP:port directly gets 502 UC. The "
-    "virtual_outbound instance chain routes to passthrough|<svc>.<ns>, an ORIGINAL_DST cluster that "
-    "controlplane/transparent.py (original_dst_cluster) builds without transport_socket_matches and "
-    "that sidecar/xds/convert.py (_original_dst_cluster) would NACK with them; ORIGINAL_DST hosts "
-    "carry no tlsMode metadata either, so the caller's sidecar always sends plaintext and the STRICT "
-    "listener closes it"))
 def test_a_meshed_app_dialling_a_strict_instance_address_goes_through_mtls(mesh):
     """The Dubbo/thrift style (test_transparent.py): an app that read ZooKeeper dials b's pod IP
-    and app port; its sidecar takes it (passthrough|catalog) and must originate mTLS to b."""
+    and app port; its sidecar takes it (the instance chain: b registered with ``mtls``, so
+    ``passthrough-mtls|catalog``, an ORIGINAL_DST cluster with a TLS transport_socket) and
+    originates mTLS to b, as a call by name would."""
     a, b = mesh.pods["a"], mesh.pods["b"]
+    secure = f"passthrough-mtls|catalog.{NS}"
     strict(mesh)
-    got = urllib_get(a, f"http://{b.ip}:{APP_PORT}/headers")
-    assert got.get("status") == 200, got
+    handshakes = stat(b, "meshkeeper_listener_ssl_handshake", listener="inbound")
+    got = wait_until(lambda: (r := urllib_get(a, f"http://{b.ip}:{APP_PORT}/headers")).get("status") == 200 and r,
+                     20, 0.1, message="b's address reachable from a under STRICT")
     assert json.loads(got["body"])["x-forwarded-client-cert"] == f"By={spiffe('catalog')};URI={spiffe('frontend')}"
+    assert stat(a, "meshkeeper_ssl_handshake", cluster=secure) > 0
+    assert stat(b, "meshkeeper_listener_ssl_handshake", listener="inbound") > handshakes
+    dump = json.loads(admin(a, "/config_dump"))["configs"]["clusters"]["resources"]
+    [cfg] = [r for r in dump if r.get("name") == secure]
+    ctx = cfg["transport_socket"]["typed_config"]
+    assert ctx["sni"] == f"outbound_.catalog.{NS}" and ctx["common_tls_context"]["alpn_protocols"] == ["http/1.1"]
+    [host] = next(c for c in json.loads(admin(a, "/clusters"))["clusters"] if c["name"] == secure)["endpoints"]
+    assert host["tls_mode"] == "mutual", host
+
+
+def test_a_thrift_client_dialling_an_instance_address_goes_through_mtls(mesh):
+    """A tcp (thrift) service dialled by address: a's tcp_proxy to ``passthrough-mtls|orders``
+    originates mTLS to t, PERMISSIVE too (a call by name would), where it used to arrive in plaintext."""
+    a, t = mesh.pods["a"], mesh.pods["t"]
+    secure = f"passthrough-mtls|orders.{NS}"
+
+    def whoami() -> str:
+        try:
+            return a.check_output(call_argv(t.ip, THRIFT_PORT, "whoami"), uid=APP_UID, timeout=60).strip()
+        except Exception as exc:  # not reachable yet: the client exits 1
+            return repr(exc)
+
+    wait_until(lambda: whoami() == "t", 30, 0.2,
+               message="t's address reachable from a's thrift client")
+    handshakes = stat(t, "meshkeeper_listener_ssl_handshake", listener="inbound")
+    before = stat(a, "meshkeeper_ssl_handshake", cluster=secure)
+    assert whoami() == "t"
+    assert stat(a, "meshkeeper_ssl_handshake", cluster=secure) == before + 1
+    assert stat(t, "meshkeeper_listener_ssl_handshake", listener="inbound") == handshakes + 1

@@ -371,3 +371,67 @@ def test_the_control_planes_transparent_inbound_listener_converts(mode, default)
     assert cfg.tls == DownstreamTlsConfig(mode=mode, san_prefix=TD)
     assert cfg.transparent.explicit_port == 8080 and cfg.transparent.original_dst
     assert (cfg.transparent.default_chain is not None) is default
+
+
+# --- ORIGINAL_DST clusters with a transport socket (transparent mode's passthrough-mtls|<svc>.<ns>) ---------
+
+
+def original_dst_dict(ctx: dict | None = None) -> dict:
+    return {"name": "passthrough-mtls|b.default", "type": "ORIGINAL_DST", "lb_policy": "CLUSTER_PROVIDED",
+            "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": ctx or upstream_ctx()}}
+
+
+def test_an_original_dst_cluster_with_a_transport_socket_has_tls_for_every_destination():
+    cfg = convert.cluster(cluster(original_dst_dict()))
+    assert cfg.discovery == "ORIGINAL_DST"
+    assert cfg.tls == UpstreamTlsConfig(san=TD + "ns/default/sa/b", alpn=("http/1.1",), sni="outbound_.b.default")
+    d = original_dst_dict()
+    del d["transport_socket"]
+    assert convert.cluster(cluster(d)).tls is None
+
+
+@pytest.mark.parametrize("mutate, reason", [
+    (lambda d: d.update(transport_socket_matches=[{"name": "tlsMode-mutual", "match": {"tlsMode": "mutual"},
+                                                   "transport_socket": d["transport_socket"]}]),
+     "transport_socket_matches"),  # ORIGINAL_DST hosts carry no metadata to match
+    (lambda d: d["transport_socket"].update(typed_config=downstream_ctx()), "UpstreamTlsContext"),
+    (lambda d: d["transport_socket"]["typed_config"].update(common_tls_context=common({"prefix": TD}, ["http/1.1"])),
+     "only exact"),
+    (lambda d: d["transport_socket"]["typed_config"].update(common_tls_context=common({"exact": TD + "x"}, ["h2"])),
+     "do not offer the cluster's protocol"),
+    (lambda d: d["transport_socket"]["typed_config"].update(sni="a b"), "not a host"),
+])
+def test_other_original_dst_tls_shapes_are_nacked(mutate, reason):
+    d = original_dst_dict()
+    mutate(d)
+    with pytest.raises(XdsError, match=reason):
+        convert.cluster(cluster(d))
+
+
+def test_an_eds_cluster_still_refuses_a_cluster_wide_transport_socket():
+    d = cluster_dict()
+    d["transport_socket"] = original_dst_dict()["transport_socket"]
+    with pytest.raises(XdsError, match="transport_socket"):
+        convert.cluster(cluster(d))
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc", "tcp"])
+def test_the_control_planes_passthrough_clusters_convert(protocol):
+    from types import MappingProxyType
+
+    from controlplane import transparent
+    from controlplane.snapshot import RegistrySnapshot, ServiceSnapshot
+    from meshkeeper.registry import InstanceRecord, ServiceRecord
+
+    _, _, _, MeshIdentity = _cp()
+    insts = (InstanceRecord(address="10.0.0.1", port=8080, mtls=True), InstanceRecord(address="10.0.0.2", port=8080))
+    svc = ServiceSnapshot(name="b", namespace="default", record=ServiceRecord(protocol=protocol),
+                          instances=MappingProxyType({i.key: i for i in insts}))
+    snap = RegistrySnapshot(1, MappingProxyType({"default": MappingProxyType({"b": svc})}))
+    out = transparent.namespace_resources(snap, "default", MeshIdentity("meshkeeper.local"))
+    clusters = out["type.googleapis.com/envoy.config.cluster.v3.Cluster"]
+    secure = convert.cluster(clusters["passthrough-mtls|b.default"])
+    assert secure.discovery == "ORIGINAL_DST" and not secure.http2
+    assert secure.tls == UpstreamTlsConfig(san=TD + "ns/default/sa/b", alpn=("http/1.1",), sni="outbound_.b.default")
+    assert convert.cluster(clusters["passthrough|b.default"]).tls is None
+    listeners.listener(out["type.googleapis.com/envoy.config.listener.v3.Listener"]["virtual_outbound"])

@@ -444,3 +444,19 @@ def test_config_validation() -> None:
     with pytest.raises(ValueError):
         TcpProxyConfig("t", "c", idle_timeout=-1)
     assert TcpProxyConfig("t", "c").buffer_limit == 1024 * 1024
+
+
+
+async def test_original_destination_of_a_tls_cluster_gets_an_mtls_pool() -> None:
+    from sidecar.config import UpstreamTlsConfig
+    from sidecar.tls import TlsIdentity
+
+    connector = FakeConnector()
+    clusters = ClusterManager(connector=connector, identity=TlsIdentity())
+    tls = UpstreamTlsConfig(san="spiffe://meshkeeper.local/ns/default/sa/b")
+    clusters.update_clusters({"c": ClusterConfig("c", discovery="ORIGINAL_DST", tls=tls)})
+    runtime = TcpProxyRuntime(TcpProxyConfig("t", "c"), clusters, connector=connector)
+    proxy, down = await accept(runtime, original_dst=("192.0.2.7", 5432))
+    assert proxy._pool.tls.config is tls  # mTLS once the sidecar has a certificate
+    port, _ = connector.made[-1]  # none yet: plaintext, as Istio's auto mTLS
+    assert port == 5432 and down.reading

@@ -77,3 +77,19 @@ def test_the_first_certificate_closes_idle_plaintext_connections_of_mtls_pools_o
     identity.set_pending_key(rotated.key_pem)
     identity.apply_secrets({"default": SecretConfig("default", certificate_chain=rotated.chain_pem)})
     assert closed == ["10.0.0.1:80"]  # a rotation leaves pooled connections alone
+
+
+def test_every_destination_of_an_original_dst_cluster_with_tls_gets_an_mtls_pool():
+    secure = Cluster(ClusterConfig("passthrough-mtls|b.default", discovery="ORIGINAL_DST", tls=TLS), identity=TlsIdentity())
+    ep = secure.original_dst_host("10.0.0.1", 8080)
+    assert ep.pool.tls.config is TLS and secure.admin_view()["endpoints"][0]["tls_mode"] == "mutual"
+    assert secure.upstream_tls().config is TLS  # a tcp_proxy's own pool to the original destination
+    plain = Cluster(ClusterConfig("passthrough|b.default", discovery="ORIGINAL_DST"), identity=TlsIdentity())
+    assert plain.original_dst_host("10.0.0.1", 8080).pool.tls is None and plain.upstream_tls() is None
+    no_identity = Cluster(ClusterConfig("passthrough-mtls|b.default", discovery="ORIGINAL_DST", tls=TLS))
+    assert no_identity.original_dst_host("10.0.0.1", 8080).pool.tls is None and no_identity.upstream_tls() is None
+    assert cluster().upstream_tls() is None  # an EDS cluster's TLS is per endpoint (its metadata)
+    # a CDS update that drops the TLS: new plaintext pools
+    before = ep.pool
+    secure.set_config(ClusterConfig("passthrough-mtls|b.default", discovery="ORIGINAL_DST"))
+    assert before.closed and secure.endpoints["10.0.0.1:8080"].pool.tls is None and secure.upstream_tls() is None

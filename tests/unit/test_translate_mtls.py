@@ -397,3 +397,129 @@ def test_a_cache_without_identity_ignores_peer_authentication():
     cache.set_snapshot(snapshot(catalog, ns_mode="STRICT", version=2))
     after = cache.resources(NODE)
     assert all(after[t][n] is r for t in before for n, r in before[t].items())
+
+
+# --------------------------------------------------------------------------- calls by instance address (transparent)
+
+SECURE, PLAIN = "passthrough-mtls|catalog.default", "passthrough|catalog.default"
+
+
+def instance_chains(out) -> dict[str, tuple[str, str]]:
+    """virtual_outbound's instance chains of catalog -> (the cluster they go to, the route config or tcp_proxy)."""
+    got = {}
+    for chain in out[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER].filter_chains:
+        if not chain.name.startswith("catalog.default|") or chain.name.endswith("|vip"):
+            continue
+        f = chain.filters[0]
+        if f.name == tr.TCP_PROXY_FILTER:
+            proxy = tcp_proxy_pb2.TcpProxy()
+            assert f.typed_config.Unpack(proxy)
+            got[chain.name] = (proxy.cluster, "tcp_proxy")
+        else:
+            hcm = hcm_of(chain)
+            (route,) = hcm.route_config.virtual_hosts[0].routes
+            got[chain.name] = (route.route.cluster, hcm.route_config.name)
+    return got
+
+
+def mixed(mode: str | None = "STRICT", protocol: str = "http", ns_mode: str | None = None) -> RegistrySnapshot:
+    """catalog: one instance with a sidecar identity (mtls), one registered without (meshkeeper register)."""
+    return snapshot(service("catalog", inst("10.0.0.1", mtls=True), inst("10.0.0.2"), protocol=protocol, mode=mode),
+                    service("web", inst("10.0.0.9", mtls=True)), ns_mode=ns_mode)
+
+
+@pytest.mark.parametrize("mode", ["STRICT", "PERMISSIVE"])
+def test_an_instance_address_of_an_mtls_instance_goes_to_the_passthrough_mtls_cluster(mode):
+    out = transparent.translate(mixed(mode), REDIRECT, IDENTITY)
+    assert instance_chains(out) == {
+        "catalog.default|10.0.0.1:15006": (SECURE, "catalog.default|direct-mtls"),
+        "catalog.default|10.0.0.2:15006": (PLAIN, "catalog.default|direct"),
+    }
+    secure, plain = out[xds.CLUSTER][SECURE], out[xds.CLUSTER][PLAIN]
+    assert secure.type == cluster_pb2.Cluster.ORIGINAL_DST and secure.lb_policy == cluster_pb2.Cluster.CLUSTER_PROVIDED
+    assert not secure.transport_socket_matches and not plain.HasField("transport_socket")
+    # the service's policy as on the plaintext one, plus the transport socket
+    rest = cluster_pb2.Cluster()
+    rest.CopyFrom(secure)
+    rest.ClearField("transport_socket")
+    rest.name = PLAIN
+    assert rest == plain
+    # the very UpstreamTlsContext of outbound|catalog.default's tlsMode-mutual match
+    assert secure.transport_socket.name == "envoy.transport_sockets.tls"
+    ctx = tls_pb2.UpstreamTlsContext()
+    assert secure.transport_socket.typed_config.Unpack(ctx)
+    assert ctx == upstream_tls(out[xds.CLUSTER]["outbound|catalog.default"])
+    assert ctx.sni == "outbound_.catalog.default"
+    assert list(ctx.common_tls_context.alpn_protocols) == ["http/1.1"]
+
+
+def test_a_tcp_service_by_address_gets_tcp_proxy_to_the_passthrough_mtls_cluster():
+    out = transparent.translate(mixed(protocol="tcp"), REDIRECT, IDENTITY)
+    assert instance_chains(out) == {"catalog.default|10.0.0.1:15006": (SECURE, "tcp_proxy"),
+                                    "catalog.default|10.0.0.2:15006": (PLAIN, "tcp_proxy")}
+    ctx = tls_pb2.UpstreamTlsContext()
+    assert out[xds.CLUSTER][SECURE].transport_socket.typed_config.Unpack(ctx)
+    assert list(ctx.common_tls_context.alpn_protocols) == ["http/1.1"]
+
+
+def test_a_grpc_service_by_address_offers_the_protocol_its_passthrough_cluster_speaks():
+    # passthrough|<svc>.<ns> has no HTTP/2 options (HTTP/1.1 to the instance): ALPN http/1.1, not
+    # the h2 of outbound|<svc>.<ns>, or the sidecar would refuse the cluster
+    out = transparent.translate(mixed(protocol="grpc"), REDIRECT, IDENTITY)
+    secure = out[xds.CLUSTER][SECURE]
+    assert not secure.typed_extension_protocol_options
+    ctx = tls_pb2.UpstreamTlsContext()
+    assert secure.transport_socket.typed_config.Unpack(ctx)
+    assert list(ctx.common_tls_context.alpn_protocols) == ["http/1.1"]
+    assert ctx.common_tls_context.combined_validation_context.default_validation_context.match_typed_subject_alt_names[
+        0].matcher.exact == "spiffe://example.org/ns/default/sa/catalog"
+
+
+@pytest.mark.parametrize("case", ["disable", "namespace-disable", "no-ca", "no-mtls-instance", "loopback-only"])
+def test_instance_addresses_stay_plaintext_when_a_call_by_name_would(case):
+    snap, identity = mixed(), IDENTITY
+    if case == "disable":
+        snap = mixed("DISABLE")
+    elif case == "namespace-disable":
+        snap = mixed(None, ns_mode="DISABLE")
+    elif case == "no-ca":
+        identity = None
+    elif case == "no-mtls-instance":
+        snap = snapshot(service("catalog", inst("10.0.0.1"), inst("10.0.0.2"), mode="STRICT"))
+    else:  # explicit-mode registrations: no chain to route anywhere
+        snap = snapshot(service("catalog", inst("127.0.0.1", mtls=True), mode="STRICT"))
+    out = transparent.translate(snap, REDIRECT, identity)
+    assert SECURE not in out[xds.CLUSTER] and PLAIN in out[xds.CLUSTER]
+    assert {c for c, _ in instance_chains(out).values()} <= {PLAIN}
+
+
+def test_explicit_mode_nodes_get_no_passthrough_clusters():
+    out = transparent.translate(mixed(), NODE, IDENTITY)
+    assert SECURE not in out[xds.CLUSTER] and PLAIN not in out[xds.CLUSTER]
+
+
+def test_the_cache_serves_the_passthrough_mtls_cluster_and_keeps_unchanged_resources():
+    cache = SnapshotCache(identity=IDENTITY)
+
+    def held(snap):
+        cache.set_snapshot(snap)
+        return cache.resources(REDIRECT)
+
+    first = held(mixed())
+    want = transparent.translate(mixed(), REDIRECT, IDENTITY)
+    assert {n: r.any.value for n, r in first[xds.CLUSTER].items()} == {
+        n: m.SerializeToString(deterministic=True) for n, m in want[xds.CLUSTER].items()}
+    assert SECURE in first[xds.CLUSTER]
+    # the same inputs in a new snapshot: the same packed resources
+    again = held(mixed())
+    assert again[xds.CLUSTER][SECURE] is first[xds.CLUSTER][SECURE]
+    assert again[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER] is first[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER]
+    # the service's mode goes DISABLE: the cluster goes, its chain turns plaintext; the rest stays
+    disabled = held(mixed("DISABLE"))
+    assert SECURE not in disabled[xds.CLUSTER]
+    assert disabled[xds.CLUSTER][PLAIN] is first[xds.CLUSTER][PLAIN]
+    assert disabled[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER].digest != first[xds.LISTENER][xds.VIRTUAL_OUTBOUND_LISTENER].digest
+    # a cache without a CA: no passthrough-mtls cluster whatever the records say
+    plain = SnapshotCache()
+    plain.set_snapshot(mixed())
+    assert SECURE not in plain.resources(REDIRECT)[xds.CLUSTER]
