@@ -24,7 +24,7 @@ from kazoo.client import KazooClient
 
 from controlplane.ca import Issuer
 from meshkeeper.demo.process import app_argv, wait_until
-from meshkeeper.registry import Paths, ServiceRecord
+from meshkeeper.registry import InstanceRecord, Paths, ServiceRecord
 from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_reason
 from tests.harness.processes import ProcessGroup
 from tests.harness.thrift_apps import call_argv, serve_argv
@@ -310,3 +310,27 @@ def test_a_thrift_client_dialling_an_instance_address_goes_through_mtls(mesh):
     assert whoami() == "t"
     assert stat(a, "meshkeeper_ssl_handshake", cluster=secure) == before + 1
     assert stat(t, "meshkeeper_listener_ssl_handshake", listener="inbound") == handshakes + 1
+
+
+def test_an_instance_registered_without_an_identity_is_still_dialled_in_plaintext(mesh):
+    """A mixed service: catalog also has an instance registered without a sidecar identity (as
+    ``meshkeeper register`` writes it, no ``mtls``): the app in pod x, which has no sidecar. By its
+    address a's sidecar calls it in plaintext (``passthrough|catalog``), while b's address keeps
+    going over mTLS."""
+    a, b, x = mesh.pods["a"], mesh.pods["b"], mesh.pods["x"]
+    x.start(app_argv("--name", "catalog", "--version", "vx", "--host", "0.0.0.0", "--port", str(APP_PORT)),
+            role="app", uid=APP_UID, name="x-app")
+    record = InstanceRecord(address=x.ip, port=APP_PORT, app_port=APP_PORT)
+    path = Paths(NS).instance("catalog", record.key)
+    mesh.kz.create(path, record.encode(), ephemeral=True, makepath=True)
+    try:
+        got = wait_until(lambda: (r := urllib_get(a, f"http://{x.ip}:{APP_PORT}/headers")).get("status") == 200 and r,
+                         20, 0.1, message="x's address reachable from a")
+        assert "x-forwarded-client-cert" not in json.loads(got["body"])
+        wait_until(lambda: stat(a, "meshkeeper_upstream_rq_total", cluster=f"passthrough|catalog.{NS}") >= 1, 5, 0.05,
+                   message="counted under the plaintext passthrough cluster")
+        got = urllib_get(a, f"http://{b.ip}:{APP_PORT}/headers")
+        assert got.get("status") == 200, got
+        assert json.loads(got["body"])["x-forwarded-client-cert"] == f"By={spiffe('catalog')};URI={spiffe('frontend')}"
+    finally:
+        mesh.kz.delete(path)
