@@ -364,6 +364,23 @@ FIELDS: dict[str, dict[str, st.SearchStrategy[Any]]] = {
     "WatchEvents": {"kinds": _KINDS},
 }
 REQUESTS = {name: getattr(pb, f"{name}Request") for name in FIELDS}
+# Half the requests take these for the fields they have (a request that could be accepted: only its
+# JSON, values, numbers or mode are fuzzed), so that accepted writes are checked too.
+PLAIN: dict[str, st.SearchStrategy[Any]] = {
+    "service": st.sampled_from(("catalog", "catalog", "db", "legacy")),
+    "address": st.sampled_from((*INSTANCES, GHOST)),
+    "name": st.sampled_from(("high-errors", "new-rule")),
+    "weight": st.integers(0, 10_000) | _INT32,
+    "split": st.sampled_from(({"v1": 50, "v2": 50}, {"v1": 100}, {}, {"v2": 100, "v1": 0})) | _SPLITS,
+    "values": st.dictionaries(st.sampled_from(("color", "feature.x", "retries")), st.text(max_size=8), min_size=1,
+                              max_size=3) | _VALUES,
+    "key": st.sampled_from(("color", "feature.x")),
+    "mode": st.sampled_from(("STRICT", "PERMISSIVE", "DISABLE")) | _MODES,
+    "expected_version": st.none() | st.none() | _versions(),
+}
+_VALID_JSON = st.sampled_from((POLICY, AUTHZ, ALERT, {"action": "DENY", "rules": [{"paths": ["/admin"]}]},
+                               {"service": "db", "condition": "p99_latency_ms", "threshold": 250},
+                               {"retry": {"attempts": 3, "on": ["5xx"]}}, {})).map(json.dumps)
 
 
 @st.composite
@@ -372,13 +389,19 @@ def requests(draw: st.DrawFn, ns: str) -> tuple[str, Any, str | None]:
     rpc = draw(st.sampled_from(sorted(FIELDS)))
     cls = REQUESTS[rpc]
     kwargs: dict[str, Any] = {}
+    plain = draw(st.booleans())
     if "namespace" in cls.DESCRIPTOR.fields_by_name:
-        kwargs["namespace"] = draw(namespaces(ns))
+        kwargs["namespace"] = ns if plain else draw(namespaces(ns))
     for name, strategy in FIELDS[rpc].items():
+        if plain and name == "json":
+            strategy = _VALID_JSON | strategy
+        elif plain and name in PLAIN:
+            strategy = PLAIN[name]
         value = draw(strategy)
         if value is not None:
             kwargs[name] = value
-    role = draw(st.sampled_from(("admin",) * 6 + ("operator", "viewer", None, "not-a-token-0123456789")))
+    role = "admin" if plain else draw(st.sampled_from(("admin",) * 3 + ("operator", "viewer", None,
+                                                                         "not-a-token-0123456789")))
     return rpc, cls(**kwargs), role
 
 
