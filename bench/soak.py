@@ -490,7 +490,9 @@ class Observer:
         self.mesh, self.t0 = mesh, t0
         self.events: list[dict] = []
         self.stream: list[dict] = []  # the event stream's own history: subscribed / ended (code)
-        self.series: dict[str, dict[str, list[tuple[float, float]]]] = {}  # source: series: [(t, value)]
+        # source: series: [(t, value, pid)], a point kept when the value or the process changes
+        self.series: dict[str, dict[str, list[tuple[float, float, int]]]] = {}
+        self.fresh: dict[str, dict[str, float]] = {}  # each series' first value (the mesh just started)
         self.scrape_failures: dict[str, list[float]] = {}
         self.certs: dict[str, list[tuple[float, int, str]]] = {}  # sidecar: [(t, pid, serial)] on change
         self.node_ids: dict[str, str] = {}
@@ -543,9 +545,10 @@ class Observer:
         cp_url = f"http://127.0.0.1:{self.mesh.cp.port('http_port')}/metrics"
         while not self._stop.wait(SCRAPE_EVERY):
             t = self.now()
-            self._take("controlplane", cp_url, CP_SERIES, t)
+            self._take("controlplane", cp_url, CP_SERIES, t, self.mesh.cp.pid)
             for inst in list(self.mesh.instances):
-                self._take(inst.sidecar.name, self.mesh.admin(inst) + "/stats/prometheus", SIDECAR_SERIES, t)
+                self._take(inst.sidecar.name, self.mesh.admin(inst) + "/stats/prometheus", SIDECAR_SERIES, t,
+                           inst.sidecar.pid)
                 with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
                     page = json.loads(http_get(self.mesh.admin(inst) + "/certs", timeout=2)[2])
                     serial = cert_serial(page)
@@ -553,7 +556,7 @@ class Observer:
                     if serial and (not seen or seen[-1][2] != serial):
                         seen.append((t, inst.sidecar.pid, serial, self.issued(page)))
 
-    def _take(self, source: str, url: str, keep: tuple[str, ...], t: float) -> None:
+    def _take(self, source: str, url: str, keep: tuple[str, ...], t: float, pid: int) -> None:
         try:
             status, _, body = http_get(url, timeout=2)
             if status != 200:
@@ -565,24 +568,31 @@ class Observer:
         if source != "controlplane" and source not in self.node_ids and 'node_id="' in text:
             self.node_ids[source] = text.split('node_id="', 1)[1].split('"', 1)[0]
         store = self.series.setdefault(source, {})
+        fresh = self.fresh.setdefault(source, {})
         for key, value in parse_series(text, keep).items():
             points = store.setdefault(key, [])
-            if not points or points[-1][1] != value:
-                points.append((t, value))
+            fresh.setdefault(key, value)
+            if not points or points[-1][1] != value or points[-1][2] != pid:  # a restart starts a new run
+                points.append((t, value, pid))
 
     # -- queries
     def moved(self, source: str, match: Callable[[str], bool], start: float, end: float) -> list[str]:
-        """Series of ``source`` matching ``match`` whose value changed within [start, end] (from the
-        value they had before ``start``)."""
+        """Series of ``source`` matching ``match`` whose value changed within [start, end]: from the
+        point before in the same process, or, for the first point of a restarted process, from what
+        the series read when the mesh had just started (a restart resets counters: one that already
+        reads more than a fresh process did has counted something)."""
         out = []
         for key, points in self.series.get(source, {}).items():
             if not match(key):
                 continue
-            before = [v for t, v in points if t < start]
-            during = [(t, v) for t, v in points if start <= t <= end]
-            if during and before:  # points are kept on change only: during[0] differs from before[-1]
-                out.append(f"{source} {key} {before[-1]:g} -> {during[0][1]:g} at t {during[0][0]}"
-                           + (f", {during[-1][1]:g} at t {during[-1][0]}" if len(during) > 1 else ""))
+            base = self.fresh.get(source, {}).get(key)
+            for (_, v0, pid0), (t, v, pid) in itertools.pairwise(points):
+                if start <= t <= end and (v != v0 if pid == pid0 else v != base):
+                    later = [q for q in points if t < q[0] <= end]
+                    out.append(f"{source} {key} {v0 if pid == pid0 else base:g} -> {v:g} at t {t}"
+                               + (" (restarted)" if pid != pid0 else "")
+                               + (f", {later[-1][1]:g} at t {later[-1][0]}" if later else ""))
+                    break
         return out
 
     def issued(self, page: dict) -> float | None:
@@ -1031,10 +1041,12 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
         f["injected"] += 1
         f["in_events"] += v["visible_events"]
         f["in_metrics"] += v["visible_metrics"]
-    invisible = sorted({f"{v['fault']} ({'events' if not v['visible_events'] else ''}"
-                        f"{' and ' if not v['visible_events'] and not v['visible_metrics'] else ''}"
-                        f"{'metrics' if not v['visible_metrics'] else ''})"
-                        for v in seen if not (v["visible_events"] and v["visible_metrics"])})
+    missing: dict[str, set[str]] = {}
+    for v in seen:
+        for kind in ("events", "metrics"):
+            if not v[f"visible_{kind}"]:
+                missing.setdefault(v["fault"], set()).add(kind)
+    invisible = sorted(f"{f} ({' and '.join(sorted(kinds))})" for f, kinds in missing.items())
     # Certificate rotations (serial changes of a running sidecar) and the failures around them.
     rotations = observer.rotations()
     # A rotation is the new certificate's signing time (to the second); a failure it caused would
