@@ -29,6 +29,7 @@ from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_re
 from tests.harness.processes import ProcessGroup
 from tests.harness.thrift_apps import call_argv, serve_argv
 from tests.integration.test_identity import TD, write_ca
+from tests.integration.test_transparent import admin, stat
 
 pytestmark = pytest.mark.integration
 
@@ -157,23 +158,6 @@ except Exception as exc:
     print(json.dumps({{"error": type(exc).__name__ + ": " + str(exc)}}))
 """
     return json.loads(pod.check_output([sys.executable, "-c", code], uid=APP_UID, timeout=60))
-
-
-def admin(pod, path: str) -> str:
-    status, _, body = pod.http_get(f"http://127.0.0.1:15000{path}")
-    assert status == 200, (path, status)
-    return body.decode()
-
-
-def stat(pod, name: str, **labels: str) -> float:
-    """The sum of the samples of ``name`` (or ``name_total``) with these labels."""
-    names = (name, name + "_total")
-    total = 0.0
-    for line in admin(pod, "/stats/prometheus").splitlines():
-        sample = line.split("{", 1)[0].split(" ", 1)[0]
-        if sample in names and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def plaintext_answer(connect, host: str, port: int) -> bytes:
