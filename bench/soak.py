@@ -932,8 +932,8 @@ def visibility(occ: dict, obs: Observer, mesh: SoakMesh, next_start: float | Non
         seen_metrics += [f"controlplane scrape failed (t {t})" for t in obs.scrape_failures.get("controlplane", [])
                          if start <= t <= end][:1]
     elif fault == "zookeeper-leader-sigkill":
-        # No event kind says anything about ZooKeeper (controlplane/events.py KINDS): a registry event
-        # here would be another fault's, so none is taken.
+        # The control plane's ``zookeeper`` events (its connection SUSPENDED, then CONNECTED); a
+        # registry event here would be another fault's, so none is taken.
         seen_events = [e for e in evs if e["kind"] == "zookeeper"]
         seen_metrics = moved("controlplane", "zookeeper_events_total", "zookeeper_resyncs_total", "zookeeper_connected",
                              match=lambda k: "CHILD" not in k and "CHANGED" not in k and "CREATED" not in k

@@ -3,7 +3,8 @@
 Events are ``meshkeeper.admin.v1.Event`` messages: ``registry`` (a service's record, instances,
 overrides, policy or runtime config changed between two published snapshots; one event per
 service), ``push`` (a response sent to a proxy), ``nack`` (a proxy refused one), ``admin_write``
-and ``alert`` (a rule fired or resolved; controlplane.alerts.evaluate). Producers call :meth:`EventBus.publish`; building an event is skipped while
+``alert`` (a rule fired or resolved; controlplane.alerts.evaluate) and ``zookeeper`` (the control
+plane's ZooKeeper connection went SUSPENDED, LOST or CONNECTED: a leader change, an outage). Producers call :meth:`EventBus.publish`; building an event is skipped while
 nobody watches (``bus.active``), so pushes to many sidecars cost nothing extra.
 
 Each subscriber has a bounded queue. One that falls :data:`QUEUE_LIMIT` events behind is dropped
@@ -24,7 +25,7 @@ from meshkeeper.admin.v1 import admin_pb2
 from meshkeeper.registry import RuntimeValues
 
 QUEUE_LIMIT = 1000
-KINDS = ("registry", "push", "nack", "admin_write", "alert")
+KINDS = ("registry", "push", "nack", "admin_write", "alert", "zookeeper")
 
 
 class Overflow(Exception):
@@ -104,6 +105,11 @@ class EventBus:
         self.published += 1
         for sub in list(self._subs):
             sub.offer(event)
+
+    def zookeeper_state(self, state: str) -> None:
+        """The control plane's ZooKeeper connection changed state (``SUSPENDED``: lost, sidecars keep
+        the last snapshot; ``CONNECTED``: back, the tree is read again; ``LOST``: the session expired)."""
+        self.publish("zookeeper", state=state, summary=f"ZooKeeper {state}")
 
     def registry_changed(self, old: RegistrySnapshot | None, new: RegistrySnapshot) -> None:
         """One ``registry`` event per service that differs between two published snapshots."""

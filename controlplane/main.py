@@ -176,7 +176,8 @@ async def serve(args: argparse.Namespace, stop: asyncio.Event | None = None) -> 
         cache.set_snapshot(snapshot)
         vips.on_snapshot(snapshot)
 
-    watch = RegistryWatch(source, publish, metrics=metrics, debounce=args.debounce_ms / 1000)
+    watch = RegistryWatch(source, publish, metrics=metrics, debounce=args.debounce_ms / 1000,
+                          on_state=events.zookeeper_state)
 
     load = LoadStore(args.load_report_interval)
 

@@ -121,9 +121,13 @@ class RegistryWatch:
     """
 
     def __init__(self, source: ZkSource, on_snapshot: Callable[[RegistrySnapshot], None],
-                 *, metrics: Metrics | None = None, debounce: float = DEFAULT_DEBOUNCE) -> None:
+                 *, metrics: Metrics | None = None, debounce: float = DEFAULT_DEBOUNCE,
+                 on_state: Callable[[str], None] | None = None) -> None:
         self._source = source
         self._on_snapshot = on_snapshot
+        # Told each connection state (CONNECTED / SUSPENDED / LOST): the control plane's event stream
+        # says when ZooKeeper went away and came back (a leader change, an outage).
+        self._on_state_change = on_state or (lambda state: None)
         self._metrics = metrics or Metrics()
         self._debounce = debounce
         self._tree = RegistryTree(on_bad=self._count_bad)
@@ -163,6 +167,7 @@ class RegistryWatch:
         self._metrics.zk_event(state)
         self._state = state
         self._metrics.set_zk_state(state)
+        self._on_state_change(state)
         self._gen += 1  # whatever is in flight belongs to the old connection
         self._running.clear()
         self._again.clear()

@@ -25,7 +25,7 @@ from controlplane.events import EventBus, Overflow
 from meshkeeper.httpd import Reply, Stream
 
 EVENT_STREAM = "text/event-stream; charset=utf-8"
-KINDS = ("registry", "nack", "admin_write", "alert")
+KINDS = ("registry", "nack", "admin_write", "alert", "zookeeper")
 RETRY_MS = 2000
 
 

@@ -24,7 +24,7 @@ from meshkeeper.ctl import render
 from meshkeeper.ctl.client import DEFAULT_CP, Client, CtlError, Target
 from meshkeeper.registry import MAX_WEIGHT
 
-EVENT_KINDS = ("registry", "push", "nack", "admin_write", "alert")
+EVENT_KINDS = ("registry", "push", "nack", "admin_write", "alert", "zookeeper")
 ALERT_CONDITIONS = (("error_ratio", "--error-ratio", float), ("p99_latency_ms", "--p99-latency-ms", float),
                     ("serving_instances", "--instances-below", int), ("nacks", "--nacks-above", int))
 PROXY_TYPES = ("cds", "eds", "lds", "rds", "rtds")

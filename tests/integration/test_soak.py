@@ -3,8 +3,8 @@ a CA in the control plane, a bootstrap token per sidecar, catalog and inventory 
 certificates), load and fault schedule, the faults denser (each of the nine once, back to back after
 a 6 s warm-up), and the verdict asserted: no failed request a retry
 could have saved, no RSS growth past 10% after warm-up, no descriptor growth, every fault recovered
-from, every fault seen in the metrics and in the control plane's event stream but for the one known
-gap (a ZooKeeper leader change has no event: :data:`KNOWN_INVISIBLE`). Every process (and the cgroup
+from, every fault seen in the metrics and in the control plane's event stream (exceptions:
+:data:`KNOWN_INVISIBLE`, none now). Every process (and the cgroup
 and iptables rules of the session-expiry and partition faults) is removed in ``run``'s ``finally``
 and the faults' context managers, whatever happened. Load: 50 req/s (the 10-minute bench runs 100).
 """
@@ -21,10 +21,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 SOAK = Path(__file__).resolve().parents[2] / "bench" / "soak.py"
-# Nothing on the event stream says ZooKeeper lost its leader: the control plane's registry watch
-# sees it (meshkeeper_zookeeper_connected, meshkeeper_zookeeper_resyncs_total) but publishes no
-# event (bench/RESULTS.md, "Soak"). Remove it from here when the watch publishes one.
-KNOWN_INVISIBLE = {"zookeeper-leader-sigkill (events)"}
+# Faults allowed to go unseen: none since the control plane publishes ``zookeeper`` events (a
+# leader change was seen only in the metrics before; bench/RESULTS.md, "Soak").
+KNOWN_INVISIBLE: set[str] = set()
 
 
 def load_soak():

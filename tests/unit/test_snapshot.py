@@ -655,3 +655,23 @@ def test_namespace_peer_authentication_leaves_with_its_namespace_and_survives_a_
         h.zk.delete("/meshkeeper/prod")
         await h.until(lambda: "prod" not in h.published[-1].peer_authentication)
     run(main())
+
+
+def test_every_connection_state_is_told_to_the_event_stream():
+    from controlplane.events import EventBus
+
+    async def main():
+        bus = EventBus()
+        sub = bus.subscribe()
+        zk = FakeZk()
+        watch = RegistryWatch(zk, lambda s: None, metrics=Metrics(), debounce=DEBOUNCE, on_state=bus.zookeeper_state)
+        watch.start()
+        seed(zk)
+        for state in ("CONNECTED", "SUSPENDED", "CONNECTED", "LOST"):
+            zk.on_state(state)
+        events = [sub.queue.get_nowait() for _ in range(4)]
+        assert [(e.kind, e.state, e.summary) for e in events] == [
+            ("zookeeper", s, f"ZooKeeper {s}") for s in ("CONNECTED", "SUSPENDED", "CONNECTED", "LOST")]
+        await watch.stop()
+
+    asyncio.run(main())
