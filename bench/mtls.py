@@ -13,9 +13,9 @@ nginx, all four running at once beside one upstream:
   ``--identity-token-file`` (``Issuer.mint_token``), catalog's mode ``STRICT``. Before anything is
   measured the script proves that TLS is used: both sidecars' ``/certs`` show a chain with their SPIFFE
   URI SAN, a plaintext connection to catalog's inbound port is closed unanswered, a TLS client with a
-  certificate from the same CA gets a 200 there (its protocol and cipher are printed), and after the
-  warm-up catalog counted inbound connections (and TLS handshakes, when its /stats/prometheus has a
-  handshake counter).
+  certificate from the same CA gets a 200 there (its protocol and cipher are printed) and one without a
+  certificate gets nothing, and catalog's inbound listener counts TLS handshakes
+  (``meshkeeper_listener_ssl_handshake_total``), as many as the connections it accepted.
 * ``haproxy-plain``: HAProxy A -> HAProxy B -> nginx, both in plaintext (bench/haproxy-mtls-a.cfg,
   bench/haproxy-mtls-b.cfg; one thread each, keep-alive on every hop, ``http-reuse always``).
 * ``haproxy-tls``: A originates TLS with a client certificate and verifies B's chain against the CA;
@@ -34,10 +34,14 @@ CPU, one worker or thread each. Measured in rounds, the order of the targets rot
 * latency at a fixed rate: bench/run.py's ``h2load --h1 -c 10 --rps <rate-per-client>`` for
   ``--latency-duration`` s per target per round -> p50/p99 from ``--log-file`` (per round, and over
   every request of every round);
-* connections accepted by B during each run (the catalog sidecar's inbound listener
-  ``downstream_cx_total``; HAProxy B's ``CumConns`` / ``CumSslConns`` from its stats socket): with
-  keep-alive on both hops A's pool is filled in the warm-up and a run should open none, so this is
-  the number of TLS handshakes per run (pool reuse).
+* connections accepted and TLS handshakes by B during each run (the catalog sidecar's inbound
+  listener ``downstream_cx_total`` and ``ssl_handshake_total``; HAProxy B's ``CumConns`` /
+  ``CumSslConns`` from its stats socket): with keep-alive on both hops A's pool is filled in the
+  warm-up and a run reopens only what the previous one lost. When wrk stops it closes its
+  connections with requests in flight, and the sidecar then closes the upstream connections that
+  carried them (an HTTP/1.1 request cannot be cancelled otherwise; Envoy does the same), so the next
+  run reopens up to ``--connections`` of them. HAProxy A reopened up to 51 per 5-s run too (bench/RESULTS.md,
+  "mTLS cost").
 
 Then ``--close-rounds`` rounds of ``wrk -H 'Connection: close'``: the client opens a connection per
 request to A (plaintext, as an app to its sidecar); what matters is whether A's pooled upstream
