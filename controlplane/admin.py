@@ -360,7 +360,7 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             self.store.get_many([paths.authz(n) for n in names]),
             self.store.get_many([paths.peer_authentication(n) for n in names]),
             self.store.get_many([paths.peer_authentication()]))
-        ns_mode = _peer_auth_mode(ns_peer_auth)
+        ns_mode = _field(ns_peer_auth, PeerAuthentication, "mode")
         states = await asyncio.gather(*(self._service_state(ns, n) for n in names), return_exceptions=True)
         out = admin_pb2.ListServicesResponse()
         for name, state, policy, authz, peer_auth in zip(names, states, policies, authzs, peer_auths, strict=True):
@@ -372,8 +372,8 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
                           if is_serving(inst, state.overrides.get(k, (None, 0))[0]))
             out.services.add(namespace=ns, name=name, protocol=state.record.protocol,
                              instances=len(state.instances), serving=serving, has_policy=policy is not None,
-                             mtls_mode=_peer_auth_mode(peer_auth) or ns_mode or DEFAULT_MODE,
-                             authz=_authz_action(authz))
+                             mtls_mode=_field(peer_auth, PeerAuthentication, "mode") or ns_mode or DEFAULT_MODE,
+                             authz=_field(authz, AuthzPolicy, "action"))
         return out
 
     @rpc(Role.VIEWER)
@@ -787,21 +787,13 @@ class AdminService(admin_pb2_grpc.AdminServiceServicer):
             sub.close()
 
 
-def _peer_auth_mode(zn: Any) -> str:
-    """A peer_authentication znode's mode; "" when absent or invalid (the watch skips it too)."""
+def _field(zn: Any, record: Any, name: str) -> str:
+    """Field ``name`` of a znode decoded as ``record`` (peer_authentication's mode, authz's action);
+    "" when the znode is absent or invalid (the watch skips it too)."""
     if zn is None:
         return ""
     try:
-        return PeerAuthentication.decode(zn.data).mode
-    except RecordError:
-        return ""
-
-
-def _authz_action(zn: Any) -> str:
-    if zn is None:
-        return ""
-    try:
-        return AuthzPolicy.decode(zn.data).action
+        return getattr(record.decode(zn.data), name)
     except RecordError:
         return ""
 
