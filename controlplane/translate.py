@@ -198,8 +198,9 @@ def outlier_detection(o: Outlier) -> outlier_detection_pb2.OutlierDetection:
 
 
 def circuit_breakers(cb: CircuitBreaker) -> circuit_breaker_pb2.CircuitBreakers:
-    """One DEFAULT-priority threshold, always written (the policy's defaults are Envoy's). With a
-    retry budget, Envoy ignores ``max_retries``; it is still written, for the config dump."""
+    """One DEFAULT-priority threshold, always written: the policy's defaults are Envoy's but for
+    ``max_retries`` (2^32-1, no cap, as Istio writes). With a retry budget, Envoy ignores
+    ``max_retries``; it is still written, for the config dump."""
     t = circuit_breaker_pb2.CircuitBreakers.Thresholds(
         priority=base_pb2.DEFAULT,
         max_connections=_u32(cb.max_connections),

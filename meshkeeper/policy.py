@@ -28,6 +28,8 @@ RETRY_ON = ("5xx", "gateway-error", "connect-failure", "reset", "retriable-statu
             "cancelled", "deadline-exceeded", "internal", "resource-exhausted", "unavailable")  # gRPC statuses
 _HASH_ON_RE = re.compile(r"^(header:[A-Za-z0-9-]+|cookie:[A-Za-z0-9_-]+|source_ip)$")
 _MAX_MS = 24 * 3600 * 1000
+# Istio's default for DestinationRule connectionPool.http.maxRetries (uint32's largest): no cap.
+UNCAPPED_RETRIES = 2**32 - 1
 _HEADER_RE = re.compile(r"^[a-z0-9!#$%&'*+.^_`|~-]+$")  # a lower-case header name (an HTTP token)
 # Request headers a route cannot match on: the sidecar consumes them instead of forwarding them
 # (Host routes by domain; hop-by-hop headers; trace and request-id headers). A match on one would be
@@ -97,15 +99,19 @@ class RetryBudget:
 
 @dataclass(frozen=True, slots=True)
 class CircuitBreaker:
-    """Envoy's DEFAULT-priority thresholds. Unlike Envoy, a retry budget is on by default, so retries
-    cannot amplify an outage; ``"retry_budget": null`` turns it off and ``max_retries`` applies (in
-    Envoy a retry budget overrides ``max_retries``, so a policy may set only one of them)."""
+    """Envoy's DEFAULT-priority thresholds, with Istio's default for retries: concurrent retries are
+    not capped (``max_retries`` 2^32-1, as DestinationRule's ``connectionPool.http.maxRetries``), the
+    route's ``retry.attempts`` bounds the amplification. Envoy's own default (3 retries at once per
+    cluster, or a budget of 20%/min 3) refuses retries exactly when an instance dies: the retries
+    waiting out their back-off count against a budget that the requests in flight size
+    (bench/RESULTS.md, "The retry budget"). A ``retry_budget`` is opt-in; Envoy lets it override
+    ``max_retries``, so a policy may set only one of them."""
 
     max_connections: int = _int_field(1024, 1, 10_000_000)
     max_pending: int = _int_field(1024, 1, 10_000_000)
     max_requests: int = _int_field(1024, 1, 10_000_000)
-    max_retries: int = _int_field(3, 0, 10_000_000)
-    retry_budget: RetryBudget | None = RetryBudget()
+    max_retries: int = _int_field(UNCAPPED_RETRIES, 0, UNCAPPED_RETRIES)
+    retry_budget: RetryBudget | None = None
 
 
 @dataclass(frozen=True, slots=True)

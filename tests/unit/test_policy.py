@@ -9,7 +9,7 @@ def test_empty_policy_is_envoys_defaults():
     p = decode_policy(b"")
     assert p is DEFAULT_POLICY
     assert (p.lb.policy, p.timeout_ms, p.connect_timeout_ms, p.panic_threshold_percent) == ("round_robin", 15000, 1000, 50)
-    assert (p.circuit_breaker.max_connections, p.circuit_breaker.max_retries) == (1024, 3)
+    assert p.circuit_breaker.max_connections == 1024
     assert p.outlier is None and p.retry is None
 
 
@@ -39,7 +39,8 @@ def test_sections_take_their_defaults():
      "policy.circuit_breaker.retry_budget.min_concurrency"),
     ({"circuit_breaker": {"retry_budget": {"percentage": 20}}}, "policy.circuit_breaker.retry_budget.percentage: unknown"),
     ({"circuit_breaker": {"retry_budget": 20}}, "policy.circuit_breaker.retry_budget: expected an object"),
-    ({"circuit_breaker": {"max_retries": 5}}, "policy.circuit_breaker.max_retries: has no effect while retry_budget"),
+    ({"circuit_breaker": {"max_retries": 5, "retry_budget": {}}},
+     "policy.circuit_breaker.max_retries: has no effect while retry_budget"),
     ({"outlier": {"consecutive_5xx": -1}}, "policy.outlier.consecutive_5xx"),
     ({"outlier": {"interval_ms": 0}}, "policy.outlier.interval_ms"),
     ({"outlier": {"base_ejection_ms": 60000, "max_ejection_ms": 30000}}, "policy.outlier.max_ejection_ms"),
@@ -68,19 +69,30 @@ def test_encoding_lists_only_what_differs_and_round_trips():
     assert encode_policy(DEFAULT_POLICY) == b"{}"
 
 
-def test_retry_budget_is_on_by_default_and_null_turns_it_off():
-    assert (DEFAULT_POLICY.circuit_breaker.retry_budget.percent,
-            DEFAULT_POLICY.circuit_breaker.retry_budget.min_concurrency) == (20, 3)
-    off = decode_policy({"circuit_breaker": {"retry_budget": None, "max_retries": 5}})
-    assert off.circuit_breaker.retry_budget is None and off.circuit_breaker.max_retries == 5
-    assert encode_policy(off) == b'{"circuit_breaker": {"max_retries": 5, "retry_budget": null}}'
-    assert decode_policy(encode_policy(off)) == off
+def test_concurrent_retries_are_not_capped_by_default_as_in_istio():
+    # Istio's DestinationRule maxRetries default (2^32-1), not Envoy's 3 nor a 20%/3 budget: those
+    # refuse retries when an instance dies (docs/contracts.md, "Retry defaults").
+    cb = DEFAULT_POLICY.circuit_breaker
+    assert (cb.max_retries, cb.retry_budget) == (2**32 - 1, None)
+    capped = decode_policy({"circuit_breaker": {"max_retries": 3}})  # DESIGN's example: Envoy's cap
+    assert capped.circuit_breaker.max_retries == 3 and capped.circuit_breaker.retry_budget is None
+    assert encode_policy(capped) == b'{"circuit_breaker": {"max_retries": 3}}'
+    assert decode_policy(encode_policy(capped)) == capped
+    # Policies written before the default changed still decode: a null budget is the default now.
+    assert decode_policy({"circuit_breaker": {"retry_budget": None, "max_retries": 5}}) == \
+        decode_policy({"circuit_breaker": {"max_retries": 5}})
+
+
+def test_a_retry_budget_is_opt_in_and_overrides_max_retries():
     tuned = decode_policy({"circuit_breaker": {"retry_budget": {"percent": 50}}})
-    assert tuned.circuit_breaker.retry_budget.min_concurrency == 3
+    assert (tuned.circuit_breaker.retry_budget.percent, tuned.circuit_breaker.retry_budget.min_concurrency) == (50, 3)
     assert encode_policy(tuned) == b'{"circuit_breaker": {"retry_budget": {"percent": 50}}}'
     assert decode_policy(encode_policy(tuned)) == tuned
-    # max_retries at its default is no conflict: DESIGN's example lists it beside the default budget.
-    assert decode_policy({"circuit_breaker": {"max_retries": 3}}) == DEFAULT_POLICY
+    assert decode_policy({"circuit_breaker": {"retry_budget": {}}}).circuit_breaker.retry_budget.percent == 20
+    with pytest.raises(PolicyError, match="policy.circuit_breaker.max_retries: has no effect"):
+        decode_policy({"circuit_breaker": {"retry_budget": {}, "max_retries": 3}})
+    with pytest.raises(PolicyError, match="policy.circuit_breaker.max_retries"):
+        decode_policy({"circuit_breaker": {"max_retries": 2**32}})
 
 
 def test_every_section_round_trips():

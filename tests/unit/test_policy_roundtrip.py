@@ -71,7 +71,7 @@ def test_default_policy():
     cluster, route, outbound, inbound = sidecar_view({})
     assert cluster == ClusterConfig(
         name="outbound|catalog.default", lb_policy="round_robin", connect_timeout=1.0, outlier=None,
-        circuit_breakers=CircuitBreakerConfig(retry_budget_percent=20.0, min_retry_concurrency=3),
+        circuit_breakers=CircuitBreakerConfig(max_retries=2**32 - 1),  # no cap on retries, as Istio
         healthy_panic_threshold=50.0, idle_timeout=3600.0)
     assert route == Route(prefix="/", cluster="outbound|catalog.default", timeout=15.0)
     assert outbound == ListenerConfig(name="outbound", rds_name="outbound", fault_filter=True,
@@ -109,7 +109,7 @@ def test_every_resilience_field():
             failure_percentage_threshold=40, failure_percentage_minimum_hosts=5, failure_percentage_request_volume=50,
             enforcing_failure_percentage=100),
         circuit_breakers=CircuitBreakerConfig(max_connections=11, max_pending_requests=12, max_requests=13,
-                                              max_retries=3, retry_budget_percent=30.0, min_retry_concurrency=1),
+                                              max_retries=2**32 - 1, retry_budget_percent=30.0, min_retry_concurrency=1),
         healthy_panic_threshold=0.0)
     assert route == Route(
         prefix="/", cluster="outbound|catalog.default", timeout=3.0,
