@@ -18,9 +18,10 @@ STRICT (``services/<svc>/peer_authentication``), so every call between sidecars 
 frontend stays PERMISSIVE: the load generator is a plaintext client from outside, as at an ingress.
 
 Retries: ``DEFAULT_POLICY.retry`` is None (Envoy's default: no retries), so, as an operator
-would, the soak writes ``services/<svc>/policy`` for each service with :data:`RETRY_POLICY`
-(``--min-retry-concurrency 3`` writes the product's default budget instead, ``--retry-budget-percent``
-another percent).
+would, the soak writes ``services/<svc>/policy`` for each service with :data:`RETRY_POLICY`: the
+product's retry defaults and a per-try timeout, the circuit breakers left at the product's defaults
+(``--policy JSON`` writes another policy, e.g. ``'{"retry": {}}'`` without the per-try timeout, or
+``'{"retry": {...}, "circuit_breaker": {"retry_budget": {}}}'`` with Envoy's budget).
 
 Alert rules (:data:`ALERT_RULES`, evaluated every second, LRS every 2 s): serving instances of
 catalog and inventory, their error ratio, inventory's p99; an operator would keep such rules, and
@@ -110,7 +111,7 @@ from meshkeeper.demo.process import (  # noqa: E402
     terminate_all,
     wait_until,
 )
-from meshkeeper.policy import DEFAULT_POLICY  # noqa: E402
+from meshkeeper.policy import PolicyError, decode_policy  # noqa: E402
 from meshkeeper.registry import Paths, ServiceRecord  # noqa: E402
 from tests.harness.loopback_partition import LoopbackPartition  # noqa: E402
 from tests.harness.zk_blackhole import ZooKeeperBlackhole  # noqa: E402
@@ -118,12 +119,13 @@ from tests.harness.zk_blackhole import unavailable_reason as blackhole_unavailab
 
 NAMESPACE = "soak"
 TOPOLOGY = (("inventory", 2, None), ("catalog", 3, "http://inventory/"), ("frontend", 1, "http://catalog/"))
-# The retry policy an operator writes for this load: retries on what a lost instance causes, and a
-# retry budget sized for it. With the default budget (at most max(20%, 3) retries at once) the
-# 10-minute runs at 100 req/s lost 6 and 16 requests to rq_retry_overflow while one catalog
-# instance of three was down (bench/RESULTS.md, "Soak"); the budget's floor is raised to 10.
-RETRY_POLICY = {"retry": {"attempts": 2, "on": ["5xx", "connect-failure", "reset"], "per_try_timeout_ms": 3000},
-                "circuit_breaker": {"retry_budget": {"percent": 20, "min_concurrency": 10}}}
+# The policy written for every service: retries on, with the product's defaults (2 attempts on 5xx,
+# gateway-error, connect-failure and reset; circuit breakers untouched, so concurrent retries are not
+# capped, as in Istio) and one setting more, a per-try timeout: without one a request sent into a
+# partitioned pod waits the route's 15 s (past the client's 10 s) and no retry can save it. (Until
+# the product's breakers stopped capping retries, its default budget of 20%/min 3 lost 6 and 16
+# requests to rq_retry_overflow in 10-minute runs: bench/RESULTS.md, "The retry budget".)
+RETRY_POLICY = {"retry": {"per_try_timeout_ms": 3000}}
 TRUST_DOMAIN = "meshkeeper.local"
 STRICT = ("catalog", "inventory")  # mTLS only; the frontend takes the plaintext load, as an ingress would
 # Alert rules an operator would keep (docs/alerts.md): they make a lost instance and a slow upstream
@@ -1060,7 +1062,7 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
     verdict["pass"] = all(verdict.values())
     return {
         "seconds": seconds, "rate": rate, "warmup_s": warmup,
-        "retry_policy": mesh.retry_policy, "default_retry": repr(DEFAULT_POLICY.retry),
+        "retry_policy": mesh.retry_policy, "in_force": in_force(mesh.retry_policy),
         "mtls": mesh.issuer is not None, "cert_ttl_s": mesh.cert_ttl if mesh.issuer is not None else None,
         "strict": list(STRICT) if mesh.issuer is not None else [],
         "rotations": {n: len(ts) for n, ts in sorted(rotations.items())}, "rotation_times": rotations,
@@ -1081,11 +1083,17 @@ def report(load: Load, sampler: Sampler, faults: Faults, observer: Observer, mes
     }
 
 
+def in_force(policy: dict) -> str:
+    """What the written policy means for retries, defaults included."""
+    p = decode_policy(policy)
+    return f"retry {p.retry}, circuit breaker {p.circuit_breaker}"
+
+
 def markdown(r: dict) -> str:
     v = r["verdict"]
     lines = [f"# Soak: {r['seconds']:.0f} s at {r['rate']:.0f} req/s — {'PASS' if v['pass'] else 'FAIL'}", "",
-             f"Retry policy written for every service: `{json.dumps(r['retry_policy'])}` "
-             f"(DEFAULT_POLICY.retry is {r['default_retry']}).", "",
+             f"Policy written for every service: `{json.dumps(r['retry_policy'])}`; in force: "
+             f"{r['in_force']}.", "",
              (f"mTLS: STRICT for {', '.join(r['strict'])}, workload certificates of {r['cert_ttl_s']} s; "
               f"rotations seen (serial changes of a running sidecar, /certs): "
               + ", ".join(f"{n.removeprefix('sidecar-')} {k}" for n, k in r["rotations"].items())
@@ -1193,15 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
                         "STRICT (default: yes; --no-mtls: plaintext)")
     p.add_argument("--cert-ttl", type=int, help="workload certificate lifetime, seconds (default: a tenth "
                    "of the run, 20 to 60)")
-    p.add_argument("--min-retry-concurrency", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
-                   ["min_concurrency"], help="the retry budget's floor in the policy written (default "
-                   "%(default)s; the product's default is 3)")
-    p.add_argument("--retry-budget-percent", type=int, default=RETRY_POLICY["circuit_breaker"]["retry_budget"]
-                   ["percent"], help="the retry budget's percent in the policy written (default %(default)s, "
-                   "the product's default)")
-    p.add_argument("--no-retry-cap", action="store_true",
-                   help="no cap on concurrent retries, as Istio's default (connectionPool.http.maxRetries "
-                        "2^32-1): retry_budget null and max_retries 10,000,000 (the policy's largest)")
+    p.add_argument("--policy", type=json.loads, default=RETRY_POLICY,
+                   help="the traffic policy written for every service, JSON (default: %(default)s)")
     p.add_argument("--workdir", type=Path, help="logs of every process (default: a temp dir, kept)")
     args = p.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -1210,13 +1211,12 @@ def main(argv: list[str] | None = None) -> int:
     # kazoo's reconnection warnings (the soak's own client, during ZooKeeper faults) go to a file.
     logging.basicConfig(filename=workdir / "soak.log", level=logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    policy = json.loads(json.dumps(RETRY_POLICY))
-    policy["circuit_breaker"]["retry_budget"].update(min_concurrency=args.min_retry_concurrency,
-                                                     percent=args.retry_budget_percent)
-    if args.no_retry_cap:
-        policy["circuit_breaker"] = {"retry_budget": None, "max_retries": 10_000_000}
+    try:
+        decode_policy(args.policy)
+    except PolicyError as exc:
+        p.error(f"--policy: {exc}")
     result = run(args.minutes * 60, args.rate, workdir, partition=args.partition, mtls=args.mtls,
-                 cert_ttl=args.cert_ttl, retry_policy=policy)
+                 cert_ttl=args.cert_ttl, retry_policy=args.policy)
     result["workdir"] = str(workdir)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1))
