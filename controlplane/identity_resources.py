@@ -136,7 +136,8 @@ def secure_inbound(listener: listener_pb2.Listener, identity: MeshIdentity | Non
 
 def set_client_cert_details(hcm: hcm_pb2.HttpConnectionManager) -> None:
     """``x-forwarded-client-cert``: a caller's is always removed; on an mTLS connection the app gets
-    ``By=<own SPIFFE ID>;URI=<caller's>`` (SANITIZE_SET, Istio's setting)."""
+    ``By=<own SPIFFE ID>;Hash=<SHA-256 of the caller's certificate>;URI=<caller's>`` (SANITIZE_SET,
+    Istio's setting but for ``subject``, which the sidecar does not take)."""
     hcm.forward_client_cert_details = hcm_pb2.HttpConnectionManager.SANITIZE_SET
     hcm.set_current_client_cert_details.uri = True
 

@@ -343,7 +343,8 @@ class ListenerConfig:
     # mTLS (docs/identity.md): the inbound listener's tls_inspector and its mTLS chain; None: plaintext only.
     tls: DownstreamTlsConfig | None = None
     # HCM forward_client_cert_details SANITIZE_SET (with set_current_client_cert_details.uri): a
-    # caller's x-forwarded-client-cert is removed and, on mTLS, By=<own ID>;URI=<caller ID> set.
+    # caller's x-forwarded-client-cert is removed and, on mTLS, By=<own ID>;Hash=<caller cert
+    # SHA-256>;URI=<caller ID> set.
     xfcc_sanitize_set: bool = False
     xfcc_uri: bool = False
     # The HCM's envoy.filters.http.rbac, evaluated before routing; None: no filter, all allowed.

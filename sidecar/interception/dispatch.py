@@ -63,14 +63,16 @@ class Target:
 
     def protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float]) -> asyncio.Protocol:
         if self.tls is not None:
-            return TlsInspector(self.tls, lambda peer_id: self._protocol(dst, rand, peer_id))
+            return TlsInspector(self.tls, lambda peer_id, cert_hash: self._protocol(dst, rand, peer_id, cert_hash))
         return self._protocol(dst, rand)
 
-    def _protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float], peer_id: str = "") -> asyncio.Protocol:
+    def _protocol(self, dst: tuple[str, int] | None, rand: Callable[[], float], peer_id: str = "",
+                  peer_cert_hash: str = "") -> asyncio.Protocol:
         if self.http is not None:
             hcm = ConnectionManager(self.http)
             hcm.original_dst = dst
             hcm.peer_id = peer_id
+            hcm.peer_cert_hash = peer_cert_hash
             return hcm
         runtime = self._choose(rand)
         # Whether the cluster sends to the original destination is read per connection (the

@@ -6,7 +6,11 @@ without them pays one attribute test per request). For each request, in Envoy's 
 
 1. ``forward_client_cert_details: SANITIZE_SET``: a caller's ``x-forwarded-client-cert`` is always
    removed; on an mTLS connection (``set_current_client_cert_details.uri``)
-   ``x-forwarded-client-cert: By=<own SPIFFE ID>;URI=<caller SPIFFE ID>`` is added.
+   ``x-forwarded-client-cert: By=<own SPIFFE ID>;Hash=<caller cert SHA-256>;URI=<caller SPIFFE ID>``
+   is added, in Envoy's element order (:func:`xfcc_value`). ``Hash`` is the SHA-256 of the caller's
+   certificate (DER, lower-case hex), computed once per connection by the tls_inspector
+   (:mod:`sidecar.tls.inspector`). ``Subject``, ``Cert``, ``Chain`` and ``DNS`` are not produced:
+   the xDS conversion accepts only ``uri`` among the details (:func:`sidecar.xds.security.xfcc`).
 2. ``envoy.filters.http.rbac``: :meth:`sidecar.config.AuthzConfig.allows` with the request's
    method, path and the caller's SPIFFE ID ("" for plaintext, which matches only ``any``
    principals); refused: 403 ``RBAC`` (gRPC: PERMISSION_DENIED), counted ``rbac_denied``, else
@@ -51,13 +55,15 @@ class HttpPolicy:
     def __hash__(self) -> int:
         return hash((self.sanitize, self.set_uri, self.rbac))
 
-    def admit(self, stream: Stream, peer_id: str, stats) -> bool:
-        """Sanitize/set XFCC, then RBAC; False: refused (the caller answers 403 RBAC)."""
+    def admit(self, stream: Stream, peer_id: str, stats, peer_cert_hash: str = "") -> bool:
+        """Sanitize/set XFCC, then RBAC; False: refused (the caller answers 403 RBAC).
+
+        ``peer_id`` and ``peer_cert_hash``: the caller's SPIFFE ID and the SHA-256 (hex) of its
+        certificate on an mTLS connection, both "" on plaintext."""
         if self.sanitize:
             sanitize_xfcc(stream)
             if self.set_uri and peer_id:
-                own = self.identity.spiffe_id
-                value = f"By={own};URI={peer_id}" if own else f"URI={peer_id}"
+                value = xfcc_value(self.identity.spiffe_id, peer_cert_hash, peer_id)
                 stream.headers += (XFCC, b": ", value.encode("latin-1"), b"\r\n")
         rbac = self.rbac
         if rbac is None:
@@ -67,6 +73,19 @@ class HttpPolicy:
             return True
         stats.rbac_denied += 1
         return False
+
+
+def xfcc_value(own: str, peer_cert_hash: str, peer_id: str) -> str:
+    """The XFCC element Envoy sets under SANITIZE_SET with ``uri``: ``By`` (this sidecar's URI SAN),
+    ``Hash`` (the caller's certificate's SHA-256), then the details asked for, here ``URI`` (the
+    caller's URI SAN); an element is left out when there is nothing for it, as in Envoy."""
+    if own and peer_cert_hash:
+        return f"By={own};Hash={peer_cert_hash};URI={peer_id}"
+    parts = [f"By={own}"] if own else []
+    if peer_cert_hash:
+        parts.append(f"Hash={peer_cert_hash}")
+    parts.append(f"URI={peer_id}")
+    return ";".join(parts)
 
 
 def sanitize_xfcc(stream: Stream) -> None:

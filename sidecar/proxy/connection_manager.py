@@ -43,8 +43,8 @@ _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"  # the HTTP/2 client connection p
 class ConnectionManager(asyncio.Protocol):
     """One downstream connection."""
 
-    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "peer_id", "_timer", "_timer_at",
-                 "_sniffed", "_begun", "_swept", "_swept_at")
+    __slots__ = ("_rt", "_loop", "transport", "codec", "streams", "original_dst", "peer_id", "peer_cert_hash",
+                 "_timer", "_timer_at", "_sniffed", "_begun", "_swept", "_swept_at")
 
     def __init__(self, context: ListenerContext) -> None:
         self._rt = context
@@ -58,6 +58,7 @@ class ConnectionManager(asyncio.Protocol):
         self.streams: set[Stream] = set()  # streams not yet accounted for
         self.original_dst: tuple[str, int] | None = None  # transparent mode: where the app dialled
         self.peer_id = ""  # the caller's SPIFFE ID on an mTLS connection (sidecar.tls.inspector); "": plaintext
+        self.peer_cert_hash = ""  # the SHA-256 (hex) of the caller's certificate, for XFCC's Hash; "": plaintext
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
 
@@ -137,7 +138,7 @@ class ConnectionManager(asyncio.Protocol):
         rt = self._rt
         telemetry.begin(rt, stream)
         policy = rt.http_policy
-        if policy is not None and not policy.admit(stream, self.peer_id, rt.stats):
+        if policy is not None and not policy.admit(stream, self.peer_id, rt.stats, self.peer_cert_hash):
             self.local_reply(stream, errors.RBAC_DENIED)
             return
         limiter = rt.rate_limit

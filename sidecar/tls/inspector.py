@@ -7,8 +7,9 @@ tls_inspector does (a TLS handshake record starts with 0x16; no HTTP request doe
 * TLS: the bytes already read are fed to a TLS server protocol (``SSLProtocol``, uvloop's when
   the loop is uvloop's) made with :meth:`TlsIdentity.server_context`, which requires a client
   certificate from the trust bundle. After the handshake the caller's URI SAN must start with the
-  chain's prefix; then the connection manager (``peer_id``: the caller's SPIFFE ID) or the
-  tcp_proxy takes the decrypted stream and the inspector is gone: nothing of it stays on the data path.
+  chain's prefix; then the connection manager (``peer_id``: the caller's SPIFFE ID;
+  ``peer_cert_hash``: the SHA-256 of its certificate's DER, lower-case hex, computed once per
+  connection for XFCC's ``Hash``) or the tcp_proxy takes the decrypted stream and the inspector is gone: nothing of it stays on the data path.
 * plaintext: PERMISSIVE hands the connection, bytes included, to the connection manager as
   without TLS; STRICT closes it (no chain matches).
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import asyncio.sslproto
+import hashlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -100,9 +102,11 @@ class TlsInspector(asyncio.Protocol):
 
     __slots__ = ("_tls", "_make", "_transport", "_timer")
 
-    def __init__(self, tls: InboundTls, make: Callable[[str], asyncio.Protocol]) -> None:
+    def __init__(self, tls: InboundTls, make: Callable[[str, str], asyncio.Protocol]) -> None:
         self._tls = tls
-        self._make = make  # the listener's protocol (HCM or tcp_proxy) for a caller's SPIFFE ID ("": plaintext)
+        # The listener's protocol (HCM or tcp_proxy) for a caller's SPIFFE ID and the SHA-256 of
+        # its certificate (both "": plaintext).
+        self._make = make
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -130,7 +134,7 @@ class TlsInspector(asyncio.Protocol):
                 tls.stats.no_filter_chain_match += 1
                 transport.close()
                 return
-            proto = self._make("")
+            proto = self._make("", "")
             transport.set_protocol(proto)
             proto.connection_made(transport)
             proto.data_received(data)
@@ -182,7 +186,7 @@ class _Verified(asyncio.Protocol):
 
     __slots__ = ("_tls", "_make")
 
-    def __init__(self, tls: InboundTls, make: Callable[[str], asyncio.Protocol]) -> None:
+    def __init__(self, tls: InboundTls, make: Callable[[str, str], asyncio.Protocol]) -> None:
         self._tls = tls
         self._make = make
 
@@ -195,7 +199,8 @@ class _Verified(asyncio.Protocol):
             transport.abort()
             return
         tls.stats.ssl_handshake += 1
-        proto = self._make(sans[0])
+        der = ssl_object.getpeercert(binary_form=True)  # verified above: the SAN came from it
+        proto = self._make(sans[0], hashlib.sha256(der).hexdigest() if der else "")
         transport.set_protocol(proto)
         proto.connection_made(transport)
 

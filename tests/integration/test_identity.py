@@ -9,6 +9,7 @@ with a certificate from another CA, dialling catalog's inbound listener directly
 
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import socket
@@ -25,6 +26,7 @@ from controlplane.ca import Issuer
 from meshkeeper.registry import Paths
 from tests.harness import http_get, wait_until
 from tests.harness.load import paced
+from tests.support.pki import cert_sha256
 
 pytestmark = pytest.mark.integration
 TD = "meshkeeper.local"
@@ -75,6 +77,11 @@ class SecureMesh:
         assert status == 200
         return json.loads(body)
 
+    def cert_hash(self, sidecar) -> str:
+        status, _, body = http_get(f"{sidecar.admin_url}/config_dump")
+        assert status == 200
+        return served_cert_sha256(json.loads(body))
+
 
 def get(sidecar, path: str = "/", host: str = "catalog") -> tuple[int, dict[str, str], bytes]:
     conn = http.client.HTTPConnection("127.0.0.1", sidecar.port("outbound_port"), timeout=10)
@@ -89,6 +96,13 @@ def get(sidecar, path: str = "/", host: str = "catalog") -> tuple[int, dict[str,
 def serial(sidecar_certs: dict) -> str:
     chains = sidecar_certs["certificates"]
     return chains[0]["cert_chain"][0]["serial_number"] if chains and chains[0]["cert_chain"] else ""
+
+
+def served_cert_sha256(config_dump: dict) -> str:
+    """XFCC's ``Hash`` of a sidecar's workload certificate: :func:`cert_sha256` of the chain it was
+    given over SDS (the ``default`` secret in its ``/config_dump``)."""
+    [secret] = [r for r in config_dump["configs"]["secrets"]["resources"] if r.get("name") == "default"]
+    return cert_sha256(base64.b64decode(secret["tls_certificate"]["certificate_chain"]["inline_bytes"]))
 
 
 def start_secure_mesh(procs, zk_server, zk_client, namespace, tmp_path, ttl: int = 3600) -> SecureMesh:
@@ -165,7 +179,8 @@ def test_strict_refuses_plaintext_and_foreign_certificates_and_tells_the_app_who
     assert status == 200, body
     headers = json.loads(body)
     # The caller's forged header is gone; the sidecar says who called, as Envoy's XFCC.
-    assert headers["x-forwarded-client-cert"] == f"By={spiffe('catalog', m.ns)};URI={spiffe('frontend', m.ns)}"
+    assert headers["x-forwarded-client-cert"] == \
+        f"By={spiffe('catalog', m.ns)};Hash={m.cert_hash(m.frontend)};URI={spiffe('frontend', m.ns)}"
 
     certs = m.certs(m.catalog)["certificates"][0]
     assert certs["cert_chain"][0]["subject_alt_names"] == [{"uri": spiffe("catalog", m.ns)}]

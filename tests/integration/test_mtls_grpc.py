@@ -26,7 +26,7 @@ from controlplane.ca import Issuer
 from meshkeeper.registry import Paths, ServiceRecord
 from tests.harness import ProcessGroup, http_get, wait_until
 from tests.harness.grpc_rich import BIDI, CLIENT_STREAM, SERVER_STREAM, UNARY, RichServer
-from tests.integration.test_identity import TD, write_ca
+from tests.integration.test_identity import TD, served_cert_sha256, write_ca
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +140,8 @@ def test_grpc_over_strict_mtls_negotiates_h2_and_a_deny_gives_permission_denied(
     assert answer["name"] == "a"
     # the server sidecar terminated mTLS and told the app who called (x-* metadata echoed back)
     assert answer["metadata"].get("x-forwarded-client-cert") == \
-        f"By={m.spiffe('catalog')};URI={m.spiffe('frontend')}", answer["metadata"]
+        f"By={m.spiffe('catalog')};Hash={served_cert_sha256(admin_json(m.frontend, '/config_dump'))};" \
+        f"URI={m.spiffe('frontend')}", answer["metadata"]
     # the other call kinds, with HTTP/2 flow control across both TLS hops (5 MB each way)
     messages = list(m.channel.unary_stream(SERVER_STREAM)(json.dumps({"count": 80, "size": 65536}).encode(),
                                                          timeout=CALL_TIMEOUT))

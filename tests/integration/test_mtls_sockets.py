@@ -38,7 +38,7 @@ from sidecar.config import (
 from sidecar.proxy.listener import bind_socket
 from sidecar.server import Server
 from sidecar.tls import TlsIdentity
-from tests.support.pki import Ca, Workload, new_key, spiffe
+from tests.support.pki import Ca, Workload, cert_sha256, new_key, spiffe
 from tests.support.polling import until
 
 TD_PREFIX = "spiffe://meshkeeper.local/"
@@ -155,6 +155,11 @@ class Mesh:
         await self.a.start_listeners(a_out, bind_socket("127.0.0.1", 0))
 
     @property
+    def xfcc(self) -> str:
+        """What b's app is told of a call from a: Hash is the SHA-256 of the certificate a holds."""
+        return f"By={spiffe('b')};Hash={cert_sha256(self.a.tls.certificate_chain)};URI={spiffe('a')}"
+
+    @property
     def b_stats(self):
         return self.b.listener_contexts["inbound"].stats
 
@@ -219,7 +224,7 @@ def test_permissive_takes_mtls_and_plaintext_and_sets_xfcc(loop, ca):
         status, _, body = await via_a.get("/x", extra="x-forwarded-client-cert: By=forged\r\n")
         assert status == 200
         seen = json.loads(body)["headers"]
-        assert seen["x-forwarded-client-cert"] == [f"By={spiffe('b')};URI={spiffe('a')}"]
+        assert seen["x-forwarded-client-cert"] == [mesh.xfcc]
         assert mesh.a_cluster.stats.ssl_handshake == 1 and mesh.b_stats.ssl_handshake == 1
         # plaintext straight to b's inbound listener: served, and a forged XFCC removed
         plain = await Client.open(mesh.b_port)
@@ -283,7 +288,7 @@ def test_h2_is_negotiated_by_alpn(loop, ca):
         via_a = await Client.open(mesh.a_port)
         status, _, body = await via_a.get("/h2")
         assert status == 200
-        assert json.loads(body)["headers"]["x-forwarded-client-cert"] == [f"By={spiffe('b')};URI={spiffe('a')}"]
+        assert json.loads(body)["headers"]["x-forwarded-client-cert"] == [mesh.xfcc]
         pool = next(iter(mesh.a_cluster.endpoints.values())).pool
         (conn,) = pool._h2
         assert conn._transport.get_extra_info("ssl_object").selected_alpn_protocol() == "h2"
@@ -299,7 +304,13 @@ def test_rotation_keeps_open_connections_and_new_ones_use_the_new_certificate(lo
         give_identity(caller, ca, ca.workload("a"))
         ctx = caller.client_context(("http/1.1",))
         old = await Client.open(mesh.b_port, ctx)
-        assert (await old.get())[0] == 200
+        status, _, body = await old.get()
+        assert status == 200
+        # XFCC's Hash is this connection's client certificate (not a's sidecar's, the same SPIFFE ID)
+        digest = cert_sha256(caller.certificate_chain)
+        assert digest != cert_sha256(mesh.a.tls.certificate_chain)
+        assert json.loads(body)["headers"]["x-forwarded-client-cert"] == \
+            [f"By={spiffe('b')};Hash={digest};URI={spiffe('a')}"]
         old_serial = old.writer.get_extra_info("ssl_object").getpeercert()["serialNumber"]
         assert int(old_serial, 16) == mesh.b_workload.cert.serial_number
         key = new_key()
@@ -332,7 +343,7 @@ def test_without_an_identity_the_caller_sends_plaintext(loop, ca):
         give_identity(mesh.a.tls, ca, ca.workload("a"))
         give_identity(mesh.b.tls, ca, ca.workload("b"))
         status, _, body = await via_a.get()
-        assert status == 200 and json.loads(body)["headers"]["x-forwarded-client-cert"]
+        assert status == 200 and json.loads(body)["headers"]["x-forwarded-client-cert"] == [mesh.xfcc]
         via_a.close()
 
     with_mesh(loop, ca, test, identities=False)
@@ -423,7 +434,7 @@ def test_an_original_dst_cluster_with_tls_reaches_a_strict_instance_by_its_addre
             status, _, body = await client.get("/direct")
             assert status == 200 and json.loads(body)["path"] == "/direct"
             if not tcp:
-                assert json.loads(body)["headers"]["x-forwarded-client-cert"] == [f"By={spiffe('b')};URI={spiffe('a')}"]
+                assert json.loads(body)["headers"]["x-forwarded-client-cert"] == [mesh.xfcc]
             client.close()
             c = mesh.a.clusters.get(secure)
             assert c.stats.ssl_handshake == 1 and mesh.b_stats.ssl_handshake == 1

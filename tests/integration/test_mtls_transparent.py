@@ -28,7 +28,7 @@ from meshkeeper.registry import InstanceRecord, Paths, ServiceRecord
 from tests.harness.pods import PodNetwork, PodNetworkUnavailable, unavailable_reason
 from tests.harness.processes import ProcessGroup
 from tests.harness.thrift_apps import call_argv, serve_argv
-from tests.integration.test_identity import TD, write_ca
+from tests.integration.test_identity import TD, served_cert_sha256, write_ca
 from tests.integration.test_transparent import admin, stat
 
 pytestmark = pytest.mark.integration
@@ -76,6 +76,13 @@ with grpc.insecure_channel("inventory:" + sys.argv[1]) as ch:
 
 def spiffe(svc: str) -> str:
     return f"spiffe://{TD}/ns/{NS}/sa/{svc}"
+
+
+def xfcc(own: str, caller_pod, caller: str) -> str:
+    """The XFCC the app behind ``own``'s sidecar gets from ``caller`` in ``caller_pod``: Hash is the
+    SHA-256 of the certificate the caller's sidecar holds (from its ``/config_dump``)."""
+    digest = served_cert_sha256(json.loads(admin(caller_pod, "/config_dump")))
+    return f"By={spiffe(own)};Hash={digest};URI={spiffe(caller)}"
 
 
 @pytest.fixture(autouse=True)
@@ -198,7 +205,7 @@ def test_strict_catalog_is_called_over_mtls_and_refuses_plaintext_callers(mesh):
     got = urllib_get(a, url)
     assert got.get("status") == 200, got
     headers = json.loads(got["body"])
-    assert headers["x-forwarded-client-cert"] == f"By={spiffe('catalog')};URI={spiffe('frontend')}", headers
+    assert headers["x-forwarded-client-cert"] == xfcc("catalog", a, "frontend"), headers
 
     # server side: the caller's handshake counted on b's inbound listener; client side on a's cluster
     # (under STRICT the request could only have come in over mTLS)
@@ -236,7 +243,7 @@ def test_an_unmodified_grpc_client_calls_a_strict_grpc_service_over_mtls_with_h2
 
     got = wait_until(lambda: (r := call()).get("ok") is not None and r, 20, 0.1,
                      message="inventory reachable by name from a's grpc client")
-    assert got["ok"].get("x-forwarded-client-cert") == f"By={spiffe('inventory')};URI={spiffe('frontend')}", got
+    assert got["ok"].get("x-forwarded-client-cert") == xfcc("inventory", a, "frontend"), got
     assert stat(g, "meshkeeper_listener_ssl_handshake", listener="inbound") > 0
     assert stat(a, "meshkeeper_ssl_handshake", cluster=cluster) > 0
     dump = json.loads(admin(a, "/config_dump"))["configs"]["clusters"]["resources"]
@@ -264,7 +271,7 @@ def test_a_meshed_app_dialling_a_strict_instance_address_goes_through_mtls(mesh)
     handshakes = stat(b, "meshkeeper_listener_ssl_handshake", listener="inbound")
     got = wait_until(lambda: (r := urllib_get(a, f"http://{b.ip}:{APP_PORT}/headers")).get("status") == 200 and r,
                      20, 0.1, message="b's address reachable from a under STRICT")
-    assert json.loads(got["body"])["x-forwarded-client-cert"] == f"By={spiffe('catalog')};URI={spiffe('frontend')}"
+    assert json.loads(got["body"])["x-forwarded-client-cert"] == xfcc("catalog", a, "frontend")
     assert stat(a, "meshkeeper_ssl_handshake", cluster=secure) > 0
     assert stat(b, "meshkeeper_listener_ssl_handshake", listener="inbound") > handshakes
     dump = json.loads(admin(a, "/config_dump"))["configs"]["clusters"]["resources"]
@@ -319,6 +326,6 @@ def test_an_instance_registered_without_an_identity_is_still_dialled_in_plaintex
         assert "x-forwarded-client-cert" not in json.loads(got["body"])
         got = urllib_get(a, f"http://{b.ip}:{APP_PORT}/headers")
         assert got.get("status") == 200, got
-        assert json.loads(got["body"])["x-forwarded-client-cert"] == f"By={spiffe('catalog')};URI={spiffe('frontend')}"
+        assert json.loads(got["body"])["x-forwarded-client-cert"] == xfcc("catalog", a, "frontend")
     finally:
         mesh.kz.delete(path)

@@ -18,6 +18,11 @@ def spiffe(svc: str, ns: str = "default") -> str:
     return f"spiffe://{TRUST_DOMAIN}/ns/{ns}/sa/{svc}"
 
 
+def cert_sha256(chain_pem: bytes) -> str:
+    """XFCC's ``Hash`` for a chain: the SHA-256 of its leaf certificate's DER, lower-case hex."""
+    return x509.load_pem_x509_certificates(chain_pem)[0].fingerprint(hashes.SHA256()).hex()
+
+
 def new_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 

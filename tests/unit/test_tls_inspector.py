@@ -21,6 +21,7 @@ class App(asyncio.Protocol):
     def __init__(self) -> None:
         self.got = b""
         self.made = False
+        self.peer: tuple[str, str] | None = None
 
     def connection_made(self, transport) -> None:
         self.made = True
@@ -33,8 +34,9 @@ def inspector(mode: str):
     stats = ListenerStats()
     apps: list[App] = []
 
-    def make(peer_id: str) -> App:
+    def make(peer_id: str, peer_cert_hash: str) -> App:
         apps.append(App())
+        apps[-1].peer = (peer_id, peer_cert_hash)
         return apps[-1]
 
     insp = TlsInspector(InboundTls(DownstreamTlsConfig(mode, "spiffe://td/"), TlsIdentity(), stats), make)
@@ -48,6 +50,7 @@ async def test_permissive_plaintext_goes_to_the_connection_manager_with_its_byte
     insp.data_received(b"GET / HTTP/1.1\r\n")
     (app,) = apps
     assert transport.protocol is app and app.made and app.got == b"GET / HTTP/1.1\r\n"
+    assert app.peer == ("", "")  # plaintext: no caller identity, no certificate hash
     assert not transport.closed and stats.no_filter_chain_match == 0
 
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 from types import SimpleNamespace
 
 from sidecar.config import AuthzConfig, AuthzPolicy, PermissionMatch, PrincipalMatch, SecretConfig
-from sidecar.proxy.authz import policy_for
+from sidecar.proxy.authz import policy_for, xfcc_value
 from sidecar.proxy.context import ListenerStats
 from sidecar.tls import TlsIdentity
-from tests.support.pki import Ca, spiffe
+from tests.support.pki import Ca, cert_sha256, spiffe
 
 
 def stream(*pairs: tuple[bytes, bytes], method: bytes = b"GET", path: bytes = b"/"):
@@ -46,12 +47,37 @@ def test_sanitize_removes_every_callers_xfcc_in_any_case():
 def test_set_uri_on_mtls_only():
     ident = identity()
     policy = policy_for(True, True, None, ident)
+    digest = cert_sha256(Ca().workload("a").chain_pem)
     s = stream((b"x-forwarded-client-cert", b"forged"))
-    policy.admit(s, spiffe("a"), ListenerStats())
-    assert s.headers == [b"x-forwarded-client-cert", b": ", f"By={spiffe('b')};URI={spiffe('a')}".encode(), b"\r\n"]
+    policy.admit(s, spiffe("a"), ListenerStats(), digest)
+    value = f"By={spiffe('b')};Hash={digest};URI={spiffe('a')}"
+    assert s.headers == [b"x-forwarded-client-cert", b": ", value.encode(), b"\r\n"]
     plain = stream((b"x-forwarded-client-cert", b"forged"), (b"c", b"3"))
     policy.admit(plain, "", ListenerStats())
     assert names(plain) == [b"c"]
+
+
+def test_xfcc_value_is_by_hash_uri_in_envoys_order():
+    der = b"not really a certificate, but hashed as its DER would be"
+    digest = hashlib.sha256(der).hexdigest()
+    assert xfcc_value(spiffe("b"), digest, spiffe("a")) == f"By={spiffe('b')};Hash={digest};URI={spiffe('a')}"
+    # an element with nothing to say is left out, as Envoy leaves By out without a local URI SAN
+    assert xfcc_value("", digest, spiffe("a")) == f"Hash={digest};URI={spiffe('a')}"
+    assert xfcc_value(spiffe("b"), "", spiffe("a")) == f"By={spiffe('b')};URI={spiffe('a')}"
+
+
+def test_a_forged_xfcc_is_replaced_by_one_with_the_hash():
+    policy = policy_for(True, True, None, identity())
+    digest = hashlib.sha256(b"caller").hexdigest()
+    s = stream((b"X-Forwarded-Client-Cert", f"By={spiffe('b')};Hash={'0' * 64};URI=spiffe://evil".encode()),
+               (b"a", b"1"), (b"x-forwarded-client-cert", b"Hash=forged"))
+    assert policy.admit(s, spiffe("a"), ListenerStats(), digest)
+    assert names(s) == [b"a", b"x-forwarded-client-cert"]
+    assert s.headers[-2] == f"By={spiffe('b')};Hash={digest};URI={spiffe('a')}".encode()
+    # plaintext: the forged ones removed, none set (no certificate, so no Hash either)
+    plain = stream((b"x-forwarded-client-cert", f"Hash={digest}".encode()))
+    assert policy.admit(plain, "", ListenerStats())
+    assert plain.headers == []
 
 
 def test_a_stream_without_xfcc_keeps_its_header_list():
