@@ -79,13 +79,9 @@ def xfcc_value(own: str, peer_cert_hash: str, peer_id: str) -> str:
     """The XFCC element Envoy sets under SANITIZE_SET with ``uri``: ``By`` (this sidecar's URI SAN),
     ``Hash`` (the caller's certificate's SHA-256), then the details asked for, here ``URI`` (the
     caller's URI SAN); an element is left out when there is nothing for it, as in Envoy."""
-    if own and peer_cert_hash:
-        return f"By={own};Hash={peer_cert_hash};URI={peer_id}"
-    parts = [f"By={own}"] if own else []
-    if peer_cert_hash:
-        parts.append(f"Hash={peer_cert_hash}")
-    parts.append(f"URI={peer_id}")
-    return ";".join(parts)
+    by = f"By={own};" if own else ""
+    digest = f"Hash={peer_cert_hash};" if peer_cert_hash else ""
+    return f"{by}{digest}URI={peer_id}"
 
 
 def sanitize_xfcc(stream: Stream) -> None:
