@@ -131,9 +131,9 @@ TOPOLOGY = (("inventory", 2, None), ("catalog", 3, "http://inventory/"), ("front
 # capped, as in Istio) and one setting more, a per-try timeout of 3 s: a request sent into a
 # partitioned pod is retried elsewhere after 3 s instead of waiting for the partition to heal (up to
 # 7.3 s in a 10-minute run with '{"retry": {}}', which lost nothing either, but close to the
-# client's 10 s: bench/RESULTS.md, "Soak"). (Until
-# the product's breakers stopped capping retries, its default budget of 20%/min 3 lost 6 and 16
-# requests to rq_retry_overflow in 10-minute runs: bench/RESULTS.md, "The retry budget".)
+# client's 10 s: bench/RESULTS.md, "Soak"). (Until the product's breakers stopped capping retries,
+# its default budget of 20%/min 3 lost 6 and 16 requests to rq_retry_overflow in 10-minute runs:
+# bench/RESULTS.md, "The retry budget".)
 RETRY_POLICY = {"retry": {"per_try_timeout_ms": 3000}}
 TRUST_DOMAIN = "meshkeeper.local"
 STRICT = ("catalog", "inventory")  # mTLS only; the frontend takes the plaintext load, as an ingress would
