@@ -59,6 +59,12 @@ def cluster(d: dict) -> cluster_pb2.Cluster:
     return json_format.ParseDict(d, cluster_pb2.Cluster())
 
 
+def assert_nacked(d: dict, reason: str) -> None:
+    """The cluster ``d`` is refused (a NACK) with ``reason`` in the message."""
+    with pytest.raises(XdsError, match=reason):
+        convert.cluster(cluster(d))
+
+
 def downstream_ctx(**over) -> dict:
     d = {"@type": security.DOWNSTREAM_TLS_CONTEXT, "require_client_certificate": True,
          "common_tls_context": common({"prefix": TD}, ["h2", "http/1.1"])}
@@ -136,8 +142,7 @@ def test_a_cluster_without_matches_converts_as_today():
 def test_other_upstream_tls_shapes_are_nacked(mutate, reason):
     d = cluster_dict()
     mutate(d)
-    with pytest.raises(XdsError, match=reason):
-        convert.cluster(cluster(d))
+    assert_nacked(d, reason)
 
 
 def test_endpoint_metadata_marks_mtls():
@@ -404,15 +409,13 @@ def test_an_original_dst_cluster_with_a_transport_socket_has_tls_for_every_desti
 def test_other_original_dst_tls_shapes_are_nacked(mutate, reason):
     d = original_dst_dict()
     mutate(d)
-    with pytest.raises(XdsError, match=reason):
-        convert.cluster(cluster(d))
+    assert_nacked(d, reason)
 
 
 def test_an_eds_cluster_still_refuses_a_cluster_wide_transport_socket():
     d = cluster_dict()
     d["transport_socket"] = original_dst_dict()["transport_socket"]
-    with pytest.raises(XdsError, match="transport_socket"):
-        convert.cluster(cluster(d))
+    assert_nacked(d, "transport_socket")
 
 
 @pytest.mark.parametrize("protocol", ["http", "grpc", "tcp"])
