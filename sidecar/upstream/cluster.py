@@ -122,10 +122,12 @@ class Cluster:
         endpoint = self.endpoints[key] = Endpoint(cfg, self._pool(cfg))
         return endpoint
 
-    def upstream_tls(self) -> UpstreamTls | None:
-        """An ORIGINAL_DST cluster's mTLS for a connection to its original destination (a
-        tcp_proxy's, which makes its own pool); None: plaintext."""
-        if self.config.tls is None or self._identity is None or not self.original_dst:
+    def upstream_tls(self, mtls: bool = False) -> UpstreamTls | None:
+        """mTLS for a connection of this cluster: when it has an UpstreamTlsContext, the sidecar an
+        identity, and the host is marked ``mtls`` (auto mTLS) or the cluster is ORIGINAL_DST (its
+        transport_socket applies to every host: also a tcp_proxy's own pool to its original
+        destination); None: plaintext."""
+        if self.config.tls is None or self._identity is None or not (mtls or self.original_dst):
             return None
         from sidecar.tls.upstream import UpstreamTls
 
@@ -211,18 +213,11 @@ class Cluster:
         self._rebuild()
 
     def _pool(self, cfg: EndpointConfig) -> ConnectionPool:
-        """A new pool to an endpoint: mTLS when the cluster has an UpstreamTlsContext and the
-        endpoint is marked mtls (auto mTLS) or the cluster is ORIGINAL_DST (its transport_socket
-        applies to every host), else plaintext."""
+        """A new pool to an endpoint, mTLS or plaintext as :meth:`upstream_tls` says."""
         config = self.config
-        tls = None
-        if config.tls is not None and (cfg.mtls or self.original_dst) and self._identity is not None:
-            from sidecar.tls.upstream import UpstreamTls
-
-            tls = UpstreamTls(config.tls, self._identity)
         return ConnectionPool(cfg.address, cfg.port, connect_timeout=config.connect_timeout, limits=self,
                               max_idle=self._max_idle, http2=config.http2, idle_timeout=config.idle_timeout,
-                              connector=self._connector, tls=tls)
+                              connector=self._connector, tls=self.upstream_tls(cfg.mtls))
 
     def close_idle_tls(self) -> None:
         """The sidecar just got its first certificate: idle connections of mTLS pools were made in
