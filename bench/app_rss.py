@@ -47,6 +47,8 @@ import threading
 import time
 from pathlib import Path
 
+from meshkeeper.demo.process import rss_kib
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -68,15 +70,6 @@ def _libc() -> ctypes.CDLL:
     libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
     libc.malloc_trim.argtypes = [ctypes.c_size_t]
     return libc
-
-
-def rss_kib(pid: int | str = "self") -> int:
-    try:
-        text = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return 0
-    m = re.search(r"^VmRSS:\s+(\d+)", text, re.M)
-    return int(m.group(1)) if m else 0
 
 
 def threads_of(pid: int) -> int:
@@ -160,7 +153,7 @@ def child(out: Path, every: float, warmup: float, traced: bool, app_args: list[s
             t = time.monotonic() - t0
             mi = libc.mallinfo2()
             heaps = arenas(libc)
-            rec = {"kind": "detail", "t": round(t, 1), "rss_kib": rss_kib(), "threads": threading.active_count(),
+            rec = {"kind": "detail", "t": round(t, 1), "rss_kib": rss_kib(os.getpid()), "threads": threading.active_count(),
                    "malloc_in_use": mi.uordblks, "malloc_free": mi.fordblks, "malloc_arena": mi.arena,
                    "malloc_mmapped": mi.hblkhd, "n_arenas": len(heaps), "arenas": heaps}
             if traced:
@@ -179,9 +172,9 @@ def child(out: Path, every: float, warmup: float, traced: bool, app_args: list[s
             write(rec)
 
     def trim(signum: int, frame: object) -> None:
-        before = rss_kib()
+        before = rss_kib(os.getpid())
         libc.malloc_trim(0)
-        write({"kind": "trim", "t": round(time.monotonic() - t0, 1), "rss_before_kib": before, "rss_after_kib": rss_kib()})
+        write({"kind": "trim", "t": round(time.monotonic() - t0, 1), "rss_before_kib": before, "rss_after_kib": rss_kib(os.getpid())})
 
     signal.signal(signal.SIGUSR1, trim)
     threading.Thread(target=detail, daemon=True, name="app-rss-detail").start()
